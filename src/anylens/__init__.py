@@ -1,0 +1,58 @@
+"""anylens: mechanistic-interpretability experiments written once against component roles.
+
+Roles (``resid_post``, ``attn_out``, ``z``, ...) are mapped onto each architecture by adapters,
+which are pluggy plugins; experiments use roles only and run on every architecture.
+"""
+
+from __future__ import annotations
+
+from .core.errors import (
+    AdapterSpecError,
+    AnylensError,
+    LayerIndexError,
+    MissingRoleError,
+    ModulePathError,
+    OutputStructureError,
+    PluginError,
+    PromptError,
+    RoleWriteError,
+    TokenizationError,
+    UnknownArchitectureError,
+    VerificationError,
+)
+from .core.loading import load, wrap
+from .core.model import AnyModel
+from .core.roles import ALL_ROLES, LAYER_ROLES, MODEL_ROLES
+from .core.spec import AdapterSpec, Variant
+from .registry.hookspecs import hookimpl, hookspec
+from .registry.manager import register_adapter, register_plugin, registry
+
+__all__ = [
+    "ALL_ROLES",
+    "LAYER_ROLES",
+    "MODEL_ROLES",
+    "AdapterSpec",
+    "AdapterSpecError",
+    "AnyModel",
+    "AnylensError",
+    "LayerIndexError",
+    "MissingRoleError",
+    "ModulePathError",
+    "OutputStructureError",
+    "PluginError",
+    "PromptError",
+    "RoleWriteError",
+    "TokenizationError",
+    "UnknownArchitectureError",
+    "Variant",
+    "VerificationError",
+    "hookimpl",
+    "hookspec",
+    "load",
+    "register_adapter",
+    "register_plugin",
+    "registry",
+    "wrap",
+]
+
+__version__ = "0.1.0"

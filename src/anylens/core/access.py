@@ -1,0 +1,121 @@
+"""Reading and writing one role inside an nnsight trace.
+
+This is the one place where module outputs are normalised (tuple or bare tensor) and where
+per-head views are taken, so that a read and a write of the same role always agree.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import OutputStructureError, RoleWriteError
+from .spec import RolePath
+
+if TYPE_CHECKING:
+    from .model import AnyModel
+
+
+class RoleAccess:
+    """One role of one wrapped model: resolves its path, normalises, views, writes."""
+
+    def __init__(self, model: AnyModel, role: str, path: RolePath):
+        self.model = model
+        self.role = role
+        self.path = path
+
+    # -- resolution --------------------------------------------------------------------------
+    def envoy(self, layer: int | None) -> Any:
+        node = self.model.nn
+        module = self.path.module_at(layer)
+        for part in module.split(".") if module else ():
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        return node
+
+    def _raw(self, layer: int | None) -> Any:
+        value = getattr(self.envoy(layer), self.path.io)
+        for key in self.path.select:
+            value = value[key] if isinstance(key, int) else getattr(value, key)
+        if self.path.select:
+            return value
+        return self._primary(value, layer)
+
+    def _primary(self, value: Any, layer: int | None) -> Any:
+        """The tensor a module contributes, whether it returns a tuple or a bare tensor.
+
+        Never ``value[0]`` on a tensor: that would silently take batch row 0.
+        """
+        structure = "tuple" if isinstance(value, (tuple, list)) else "tensor"
+        seen = self.model._structures.setdefault(self.role, (structure, layer))
+        if seen[0] != structure:
+            raise OutputStructureError(
+                f"role {self.role!r} of adapter {self.model.adapter.name!r}: the module at layer {seen[1]} returned a "
+                f"{seen[0]} but the module at layer {layer} returned a {structure}. Point the role at a module whose "
+                "output has the same structure at every layer, or select an element explicitly ('....output.0')."
+            )
+        if structure == "tuple":
+            return value[0]
+        return value
+
+    # -- views -------------------------------------------------------------------------------
+    def _view(self, tensor: torch.Tensor, layer: int | None) -> torch.Tensor:
+        view = self.path.view
+        if view is None:
+            return tensor
+        model = self.model
+        if view == "heads":
+            return tensor.unflatten(-1, (model.n_heads, model.d_head))
+        if view == "kv_heads":
+            return tensor.unflatten(-1, (model.n_kv_heads, model.d_head))
+        if view.startswith("qkv_fused:"):
+            which = view.split(":")[1]
+            q_width, kv_width = model.n_heads * model.d_head, model.n_kv_heads * model.d_head
+            start = {"q": 0, "k": q_width, "v": q_width + kv_width}[which]
+            width = q_width if which == "q" else kv_width
+            heads = model.n_heads if which == "q" else model.n_kv_heads
+            return tensor[..., start : start + width].unflatten(-1, (heads, model.d_head))
+        if view.startswith("qkv_interleaved:"):
+            which = "qkv".index(view.split(":")[1])
+            d = model.d_head
+            return tensor.unflatten(-1, (model.n_heads, 3 * d))[..., which * d : (which + 1) * d]
+        if view == "tokens":
+            return tensor.unflatten(0, model._token_shape(layer))
+        raise AssertionError(view)  # RolePath.parse rejects unknown views
+
+    # -- public ------------------------------------------------------------------------------
+    def read(self, layer: int | None) -> torch.Tensor:
+        return self._view(self._raw(layer), layer)
+
+    def write(self, layer: int | None, value: Any) -> None:
+        if self.path.view is None and not self.path.select:
+            self._swap(layer, value)
+            return
+        # A view or a field of the output: write through it in place, so the model sees it.
+        target = self.read(layer)
+        target.copy_(self._conform(value, target))
+
+    def _swap(self, layer: int | None, value: Any) -> None:
+        envoy = self.envoy(layer)
+        current = getattr(envoy, self.path.io)
+        if isinstance(current, (tuple, list)):
+            self._primary(current, layer)
+            replacement = (self._conform(value, current[0]),) + tuple(current[1:])
+            setattr(envoy, self.path.io, type(current)(replacement) if isinstance(current, list) else replacement)
+        else:
+            self._primary(current, layer)
+            setattr(envoy, self.path.io, self._conform(value, current))
+
+    def _conform(self, value: Any, target: torch.Tensor) -> torch.Tensor:
+        value = torch.as_tensor(value).to(device=target.device, dtype=target.dtype)
+        try:
+            shape = torch.broadcast_shapes(value.shape, target.shape)
+        except RuntimeError:
+            shape = None
+        if shape != target.shape:
+            raise RoleWriteError(
+                f"cannot write a tensor of shape {tuple(value.shape)} to role {self.role!r} of shape "
+                f"{tuple(target.shape)}; write a tensor of that shape (or one that broadcasts to it)"
+            )
+        return value.expand(target.shape).contiguous() if value.shape != target.shape else value
+

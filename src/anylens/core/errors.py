@@ -1,0 +1,51 @@
+"""Typed errors. Each message says what was wrong and what to do instead."""
+
+from __future__ import annotations
+
+
+class AnylensError(Exception):
+    """Base class of every error anylens raises on purpose."""
+
+
+class UnknownArchitectureError(AnylensError, LookupError):
+    """No registered adapter claims the model's architecture."""
+
+
+class MissingRoleError(AnylensError, LookupError):
+    """The adapter of this model does not provide the requested role."""
+
+
+class LayerIndexError(AnylensError, IndexError):
+    """A layer index outside the model's layers."""
+
+
+class ModulePathError(AnylensError, LookupError):
+    """An adapter's module path does not resolve on the model."""
+
+
+class OutputStructureError(AnylensError, TypeError):
+    """Modules playing the same role disagree on returning a tuple or a tensor."""
+
+
+class AdapterSpecError(AnylensError, ValueError):
+    """An adapter declaration (dict, TOML or class) is malformed."""
+
+
+class PluginError(AnylensError):
+    """A plugin failed while loading or while providing its adapters."""
+
+
+class RoleWriteError(AnylensError, TypeError):
+    """A value written to a role has the wrong shape or cannot reach the model."""
+
+
+class PromptError(AnylensError, ValueError):
+    """Prompts that cannot be used together (for example, different token lengths)."""
+
+
+class TokenizationError(AnylensError, ValueError):
+    """A target word that is not exactly one token, or text that cannot be tokenized."""
+
+
+class VerificationError(AnylensError, AssertionError):
+    """An adapter failed the invariants of ``anylens check``."""

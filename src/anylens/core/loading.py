@@ -1,0 +1,131 @@
+"""Turning a name, a directory, a GGUF file or a Hugging Face model into an AnyModel."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import AnylensError, UnknownArchitectureError
+from .model import AnyModel
+
+
+def wrap(
+    hf_model: torch.nn.Module,
+    tokenizer: Any = None,
+    *,
+    adapter: Any = None,
+    attn_implementation: str | None = None,
+) -> AnyModel:
+    """Wrap a Hugging Face causal LM (already built) for role-based experiments.
+
+    ``adapter`` overrides resolution (an adapter name, spec, dict or TOML path). Attention models
+    are switched to eager attention unless ``attn_implementation`` says otherwise, because only
+    eager attention materialises the probabilities that ``pattern`` reads and writes.
+    """
+    from nnsight.modeling.transformers import TransformersModel
+
+    from ..registry.manager import as_spec, registry
+
+    if adapter is None:
+        spec = registry().resolve(hf_model)
+    elif isinstance(adapter, str) and not adapter.endswith(".toml"):
+        spec = registry().adapter(adapter)
+    else:
+        spec = as_spec(adapter)
+    spec = spec.specialize(hf_model.config)
+    hf_model.eval()
+    if "pattern" in spec.roles:
+        wanted = attn_implementation or "eager"
+        if getattr(hf_model.config, "_attn_implementation", None) != wanted:
+            hf_model.set_attn_implementation(wanted)
+    if tokenizer is None:
+        tokenizer = _tokenizer_for(hf_model)
+    nn_model = TransformersModel(hf_model, tokenizer=tokenizer)
+    return AnyModel(nn_model, spec, tokenizer)
+
+
+def load(
+    source: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype | str | None = torch.float32,
+    device: str | torch.device | None = None,
+    device_map: Any = None,
+    adapter: Any = None,
+    attn_implementation: str | None = None,
+    remote: bool = False,
+    **hf_kwargs: Any,
+) -> AnyModel:
+    """Load a model: ``"zoo:NAME"``, a local directory, a ``.gguf`` file, or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if remote:
+        return _load_remote(str(source), adapter=adapter)
+    location, gguf_file = _locate(source)
+    kwargs = dict(hf_kwargs)
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    hf_model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    if device is not None and device_map is None:
+        hf_model.to(device)
+    if tokenizer is None:
+        tok_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+    return wrap(hf_model, tokenizer, adapter=adapter, attn_implementation=attn_implementation)
+
+
+def _locate(source: str | os.PathLike) -> tuple[str, str | None]:
+    text = str(source)
+    if text.startswith("zoo:"):
+        from ..zoo import model_dir
+
+        return str(model_dir(text[4:])), None
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {text!r} does not exist")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise AnylensError(f"{text!r} is a local path but has no config.json: give a saved model directory")
+        return str(path), None
+    return text, None  # a hub id
+
+
+def _tokenizer_for(hf_model: torch.nn.Module) -> Any:
+    from transformers import AutoTokenizer
+
+    name = getattr(hf_model.config, "_name_or_path", "")
+    if name:
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except Exception:
+            pass
+    raise AnylensError(
+        f"no tokenizer for {type(hf_model).__name__}: pass one, al.wrap(model, tokenizer) "
+        "(any transformers tokenizer; experiments on strings need it)"
+    )
+
+
+def _load_remote(model_id: str, adapter: Any = None) -> AnyModel:
+    """A model executed on NDIF: nnsight builds it on the meta device, traces run remotely."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    from ..registry.manager import as_spec, registry
+
+    nn_model = TransformersModel(model_id)
+    spec = as_spec(adapter) if adapter is not None and not isinstance(adapter, str) else None
+    if spec is None:
+        spec = registry().adapter(adapter) if isinstance(adapter, str) else registry().resolve(nn_model._module)
+    if spec is None:
+        raise UnknownArchitectureError(model_id)
+    return AnyModel(nn_model, spec, nn_model.tokenizer)

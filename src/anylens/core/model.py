@@ -1,0 +1,307 @@
+"""The wrapped model: nnsight underneath, component roles on top."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .access import RoleAccess
+from .errors import LayerIndexError, MissingRoleError, ModulePathError, TokenizationError
+from .roles import LAYER_ROLES, MODEL_ROLES
+from .spec import AdapterSpec
+
+
+class LayerRole:
+    """``model.<role>[layer]``: read, write (whole or by item) one role at a layer, in a trace."""
+
+    def __init__(self, model: AnyModel, access: RoleAccess):
+        self._model = model
+        self._access = access
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self._access.read(self._model.layer_index(layer))
+
+    def __setitem__(self, layer: int, value: Any) -> None:
+        self._access.write(self._model.layer_index(layer), value)
+
+    def __len__(self) -> int:
+        return self._model.n_layers
+
+    def __repr__(self) -> str:
+        return f"<role {self._access.role} of {self._model.adapter.name}: {self._access.path.text}>"
+
+
+class AnyModel:
+    """A language model addressed by component roles.
+
+    ``model.nn`` is the underlying nnsight model and ``model.hf`` the Hugging Face module, for
+    anything roles do not cover. Roles are read and written inside ``with model.trace(...)``.
+    """
+
+    def __init__(self, nn_model: Any, adapter: AdapterSpec, tokenizer: Any = None):
+        self.nn = nn_model
+        self.hf = nn_model._module
+        self.config = self.hf.config
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(nn_model, "tokenizer", None)
+        self.adapter = adapter.specialize(self.config)
+        self._structures: dict[str, tuple[str, int | None]] = {}
+        self._token_shapes: dict[int, tuple[int, int]] = {}
+        self._access = {role: RoleAccess(self, role, self.adapter.role_path(role)) for role in self.adapter.roles}
+        self.n_layers = len(self.module(self.adapter.layers))
+        self._validate_paths()
+        self._prepare_sources()
+        if any(access.path.view == "tokens" for access in self._access.values()):
+            self._record_token_shapes()
+
+    # -- facts -------------------------------------------------------------------------------
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return self.adapter.role_names
+
+    @property
+    def name(self) -> str:
+        return getattr(self.config, "_name_or_path", "") or type(self.hf).__name__
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.module(self.adapter.unembed).weight.shape[0])
+
+    @property
+    def n_heads(self) -> int:
+        value = getattr(self.config, self.adapter.n_heads, None)
+        if value is None:
+            raise MissingRoleError(f"adapter {self.adapter.name!r}: the config has no {self.adapter.n_heads!r}")
+        return int(value)
+
+    @property
+    def n_kv_heads(self) -> int:
+        value = getattr(self.config, self.adapter.n_kv_heads, None)
+        return int(value) if value else self.n_heads
+
+    @property
+    def d_head(self) -> int:
+        value = getattr(self.config, self.adapter.d_head, None)
+        return int(value) if value else self.d_model // self.n_heads
+
+    @property
+    def logit_softcap(self) -> float | None:
+        if self.adapter.logit_softcap is None:
+            return None
+        value = getattr(self.config, self.adapter.logit_softcap, None)
+        return float(value) if value else None
+
+    @property
+    def attn_implementation(self) -> str | None:
+        return getattr(self.config, "_attn_implementation", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    def __repr__(self) -> str:
+        return f"<anylens model {self.name!r} adapter={self.adapter.name} layers={self.n_layers} roles={list(self.roles)}>"
+
+    # -- tracing -----------------------------------------------------------------------------
+    def trace(self, *inputs: Any, **kwargs: Any) -> Any:
+        """An nnsight trace; inside it, roles read and write the running model."""
+        return self.nn.trace(*inputs, **kwargs)
+
+    def generate(self, *inputs: Any, **kwargs: Any) -> Any:
+        return self.nn.generate(*inputs, **kwargs)
+
+    def session(self, *args: Any, **kwargs: Any) -> Any:
+        return self.nn.session(*args, **kwargs)
+
+    def role(self, name: str) -> RoleAccess:
+        """The accessor of a role, or a clear error naming the roles this adapter has."""
+        if name not in self._access:
+            if name not in MODEL_ROLES + LAYER_ROLES:
+                raise MissingRoleError(f"{name!r} is not a role; roles are: {', '.join(MODEL_ROLES + LAYER_ROLES)}")
+            raise MissingRoleError(
+                f"adapter {self.adapter.name!r} ({type(self.hf).__name__}) has no role {name!r}; "
+                f"it provides: {', '.join(self.roles)}"
+            )
+        if name == "pattern" and self.attn_implementation not in (None, "eager"):
+            raise MissingRoleError(
+                f"'pattern' needs eager attention, but this model runs {self.attn_implementation!r}: "
+                "call model.set_attn_implementation('eager') or load with attn_implementation='eager'"
+            )
+        return self._access[name]
+
+    def layer_index(self, layer: int) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            try:
+                layer = int(layer)  # numpy / torch integers
+            except (TypeError, ValueError):
+                raise LayerIndexError(f"layer index must be an integer, got {layer!r}") from None
+        if not -self.n_layers <= layer < self.n_layers:
+            raise LayerIndexError(
+                f"layer {layer} is out of range: this model has {self.n_layers} layers, "
+                f"valid indices are 0..{self.n_layers - 1} (or -{self.n_layers}..-1)"
+            )
+        return layer % self.n_layers
+
+    def layers(self, layers: Iterable[int] | None = None) -> list[int]:
+        """Normalised layer indices; all layers when ``layers`` is None."""
+        return list(range(self.n_layers)) if layers is None else [self.layer_index(i) for i in layers]
+
+    # -- module access -----------------------------------------------------------------------
+    def module(self, path: str) -> torch.nn.Module:
+        """The torch submodule at a dotted path, or an error naming the nearest existing paths."""
+        try:
+            return self.hf.get_submodule(path) if path else self.hf
+        except AttributeError:
+            names = [name for name, _ in self.hf.named_modules()]
+            near = difflib.get_close_matches(path, names, n=3, cutoff=0.5)
+            raise ModulePathError(
+                f"adapter {self.adapter.name!r}: module path {path!r} does not exist in {type(self.hf).__name__}; "
+                f"nearest existing modules: {near or names[:5]}"
+            ) from None
+
+    def _validate_paths(self) -> None:
+        for role, access in self._access.items():
+            for layer in (0, self.n_layers - 1) if access.path.per_layer else (None,):
+                try:
+                    self.module(access.path.torch_module_path(layer))
+                except ModulePathError as error:
+                    raise ModulePathError(f"role {role!r} ({access.path.text}): {error}") from None
+
+    def _prepare_sources(self) -> None:
+        """Instrument modules whose operations roles address, before any trace runs.
+
+        nnsight rewrites a module's forward on first ``.source`` access; doing it inside a trace
+        would be too late for a module whose forward has already begun.
+        """
+        for access in self._access.values():
+            if ".source." not in access.path.module:
+                continue
+            for layer in range(self.n_layers) if access.path.per_layer else (None,):
+                owner = access.path.module_at(layer).split(".source.")[0]
+                node = self.nn
+                for part in owner.split("."):
+                    node = node[int(part)] if part.isdigit() else getattr(node, part)
+                node.source  # noqa: B018  (the access instruments the forward)
+
+    def _record_token_shapes(self) -> None:
+        """Blocks that flatten [batch, pos] into one dimension: remember the shape they got."""
+
+        def remember(layer: int):
+            def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                self._token_shapes[layer] = tuple(hidden.shape[:2])
+
+            return hook
+
+        layers = self.module(self.adapter.layers)
+        for index, block in enumerate(layers):
+            block.register_forward_pre_hook(remember(index), with_kwargs=True)
+
+    def _token_shape(self, layer: int | None) -> tuple[int, int]:
+        return self._token_shapes[layer if layer is not None else 0]
+
+    def set_attn_implementation(self, implementation: str) -> None:
+        self.hf.set_attn_implementation(implementation)
+
+    # -- functions of the model's own modules ------------------------------------------------
+    def apply_final_norm(self, resid: torch.Tensor) -> torch.Tensor:
+        """The model's own final norm applied to a residual-stream tensor."""
+        path = self.role("final_norm").path
+        return self.module(path.module)(resid)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's own unembedding (with its logit soft-cap) applied to normalised residuals."""
+        logits = self.module(self.adapter.unembed)(x)
+        cap = self.logit_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """Per-head output weights ``[n_heads, d_head, d_model]`` of layer's attention."""
+        weight, _ = self._out_proj(layer)
+        return weight.reshape(self.n_heads, self.d_head, -1)
+
+    def b_O(self, layer: int) -> torch.Tensor:
+        weight, bias = self._out_proj(layer)
+        return bias if bias is not None else weight.new_zeros(weight.shape[-1])
+
+    def _out_proj(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.adapter.out_proj is None:
+            raise MissingRoleError(f"adapter {self.adapter.name!r} declares no attention output projection")
+        module = self.module(self.adapter.out_proj.replace("{i}", str(self.layer_index(layer))))
+        return linear_weight(module), getattr(module, "bias", None)
+
+    # -- tokens ------------------------------------------------------------------------------
+    def to_tokens(self, prompts: str | Sequence[str], padding_side: str = "left") -> dict[str, torch.Tensor]:
+        """Tokenize like a trace does: a batch, padded on ``padding_side``, with its attention mask."""
+        if self.tokenizer is None:
+            raise TokenizationError("this model has no tokenizer; pass token ids or wrap it with one")
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        previous = self.tokenizer.padding_side
+        self.tokenizer.padding_side = padding_side
+        try:
+            encoded = self.tokenizer(batch, return_tensors="pt", padding=True)
+        finally:
+            self.tokenizer.padding_side = previous
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def to_str_tokens(self, prompt: str | torch.Tensor) -> list[str]:
+        ids = prompt if isinstance(prompt, torch.Tensor) else self.to_tokens(prompt)["input_ids"][0]
+        return [self.tokenizer.decode([int(i)]) for i in ids.reshape(-1)]
+
+    def token_id(self, word: str) -> int:
+        """The id of a word that must be exactly one token (e.g. ``" Paris"``)."""
+        if isinstance(word, int):
+            return word
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = [self.tokenizer.decode([i]) for i in ids]
+            raise TokenizationError(
+                f"target {word!r} is {len(ids)} tokens for this tokenizer, not one: {pieces}; "
+                "choose a word that is a single token (try with or without a leading space) or pass a token id"
+            )
+        return int(ids[0])
+
+
+def linear_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight ``W`` with ``y = x @ W + b``, for ``nn.Linear`` and GPT-2-style ``Conv1D``."""
+    if isinstance(module, torch.nn.Linear):
+        return module.weight.T
+    if type(module).__name__ == "Conv1D":  # transformers' Conv1D stores [in, out]
+        return module.weight
+    raise ModulePathError(f"{type(module).__name__} is not a linear projection; cannot take its weights")
+
+
+def _install_role_properties() -> None:
+    """``model.resid_post`` and friends: one property per role, failing clearly where absent."""
+
+    def layer_role(name: str) -> property:
+        def get(self: AnyModel) -> LayerRole:
+            return LayerRole(self, self.role(name))
+
+        def set_(self: AnyModel, value: Any) -> None:
+            raise TypeError(f"assign a layer: model.{name}[layer] = value")
+
+        return property(get, set_, doc=f"role {name!r}, per layer")
+
+    def model_role(name: str) -> property:
+        def get(self: AnyModel) -> torch.Tensor:
+            return self.role(name).read(None)
+
+        def set_(self: AnyModel, value: Any) -> None:
+            self.role(name).write(None, value)
+
+        return property(get, set_, doc=f"role {name!r}")
+
+    for name in LAYER_ROLES:
+        setattr(AnyModel, name, layer_role(name))
+    for name in MODEL_ROLES:
+        setattr(AnyModel, name, model_role(name))
+
+
+_install_role_properties()

@@ -1,0 +1,65 @@
+"""The component roles: what a component adds to or reads from the residual stream."""
+
+from __future__ import annotations
+
+#: Roles that exist once per model.
+MODEL_ROLES: tuple[str, ...] = ("embed", "pos_embed", "final_norm", "logits")
+
+#: Roles that exist once per layer, indexed ``model.<role>[layer]``.
+LAYER_ROLES: tuple[str, ...] = (
+    "resid_pre",
+    "resid_mid",
+    "resid_post",
+    "attn_out",
+    "mlp_out",
+    "mixer_out",
+    "z",
+    "q",
+    "k",
+    "v",
+    "pattern",
+    "mlp_post",
+)
+
+ALL_ROLES: tuple[str, ...] = MODEL_ROLES + LAYER_ROLES
+
+#: Roles split into attention heads; their last two dimensions are [heads, d_head].
+HEAD_ROLES: frozenset[str] = frozenset({"z", "q", "k", "v"})
+
+ROLE_SHAPES: dict[str, str] = {
+    "embed": "[batch, pos, d_model]",
+    "pos_embed": "[batch, pos, d_model]",
+    "final_norm": "[batch, pos, d_model]",
+    "logits": "[batch, pos, d_vocab]",
+    "resid_pre": "[batch, pos, d_model]",
+    "resid_mid": "[batch, pos, d_model]",
+    "resid_post": "[batch, pos, d_model]",
+    "attn_out": "[batch, pos, d_model]",
+    "mlp_out": "[batch, pos, d_model]",
+    "mixer_out": "[batch, pos, d_model]",
+    "z": "[batch, pos, n_heads, d_head]",
+    "q": "[batch, pos, n_heads, d_head]",
+    "k": "[batch, pos, n_kv_heads, d_head]",
+    "v": "[batch, pos, n_kv_heads, d_head]",
+    "pattern": "[batch, n_heads, query_pos, key_pos]",
+    "mlp_post": "[batch, pos, d_mlp]",
+}
+
+ROLE_MEANINGS: dict[str, str] = {
+    "embed": "token embedding output",
+    "pos_embed": "learned absolute position embedding output",
+    "final_norm": "output of the final norm (input of the unembedding)",
+    "logits": "the model's real output logits, after any soft-capping",
+    "resid_pre": "input of layer i",
+    "resid_mid": "after the attention add, before the MLP (sequential blocks only)",
+    "resid_post": "output of layer i",
+    "attn_out": "what attention adds to the residual",
+    "mlp_out": "what the MLP adds to the residual",
+    "mixer_out": "what an SSM mixer adds to the residual",
+    "z": "per-head attention values: input of the output projection",
+    "q": "per-head query projections",
+    "k": "per-head key projections",
+    "v": "per-head value projections",
+    "pattern": "attention probabilities",
+    "mlp_post": "MLP hidden activations (neurons): input of the down projection",
+}

@@ -1,0 +1,222 @@
+"""The plugin manager: built-in adapters, entry-point plugins and run-time registrations,
+all registered through one path, resolved deterministically."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from ..core.errors import AdapterSpecError, PluginError, UnknownArchitectureError
+from ..core.spec import AdapterSpec
+from . import hookspecs
+
+ENTRY_POINT_GROUP = "anylens"
+
+
+class AdapterConflictWarning(UserWarning):
+    """Two adapters claim the same architecture; the message says which one is used."""
+
+
+class PluginLoadWarning(UserWarning):
+    """A plugin failed to load or to provide its adapters; the others keep working."""
+
+
+@dataclass
+class Claim:
+    adapter: AdapterSpec
+    plugin: str
+    builtin: bool
+
+
+@dataclass
+class Registry:
+    """Which adapter serves which architecture, and which plugins failed."""
+
+    pm: pluggy.PluginManager = field(default_factory=lambda: _new_plugin_manager())
+    claims: dict[str, Claim] = field(default_factory=dict)
+    adapters: dict[str, Claim] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    # -- registration ------------------------------------------------------------------------
+    def register_plugin(self, plugin: Any, name: str, *, builtin: bool = False, override: bool = False) -> None:
+        """Register a plugin object (a module or an instance with ``anylens_*`` hooks)."""
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as error:  # a plugin with a malformed hook
+            self._fail(name, error)
+            return
+        for impl in self.pm.hook.anylens_adapters.get_hookimpls():
+            if impl.plugin_name != name:
+                continue
+            try:
+                items = impl.function() or []
+                specs = [as_spec(item) for item in items]
+            except Exception as error:
+                self.pm.unregister(name=name)
+                self._fail(name, error)
+                return
+            for spec in specs:
+                self._claim(spec, name, builtin=builtin, override=override)
+
+    def register_adapter(self, adapter: Any, *, override: bool = False, plugin: str | None = None) -> AdapterSpec:
+        spec = as_spec(adapter)
+        name = plugin or f"runtime:{spec.name}"
+        if self.pm.has_plugin(name):
+            self.pm.unregister(name=name)
+        self.register_plugin(_StaticPlugin([spec]), name, override=override)
+        if name in self.failures:
+            raise PluginError(self.failures[name])
+        return spec
+
+    def load_entry_points(self) -> None:
+        """Import every plugin of the ``anylens`` entry-point group, built-ins first, by name."""
+        points = sorted(
+            importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
+            key=lambda ep: (not _is_builtin(ep), ep.name),
+        )
+        for point in points:
+            name = f"{point.dist.name if point.dist else '?'}:{point.name}"
+            if self.pm.has_plugin(name):
+                continue
+            try:
+                plugin = point.load()
+            except Exception as error:
+                self._fail(name, error)
+                continue
+            self.register_plugin(plugin, name, builtin=_is_builtin(point))
+
+    def _claim(self, spec: AdapterSpec, plugin: str, *, builtin: bool, override: bool) -> None:
+        claim = Claim(spec, plugin, builtin)
+        if spec.name in self.adapters and self.adapters[spec.name].plugin != plugin and not override:
+            warnings.warn(
+                f"plugin {plugin!r} registers adapter name {spec.name!r}, already registered by "
+                f"{self.adapters[spec.name].plugin!r}; keeping the first. Pass override=True to replace it.",
+                AdapterConflictWarning,
+                stacklevel=3,
+            )
+            return
+        self.adapters[spec.name] = claim
+        for arch in spec.architectures:
+            held = self.claims.get(arch)
+            if held is not None and held.plugin != plugin and held.adapter.name != spec.name:
+                if not override:
+                    warnings.warn(
+                        f"plugin {plugin!r} claims {arch} with adapter {spec.name!r}, already served by "
+                        f"{held.adapter.name!r} from {held.plugin!r}; keeping {held.adapter.name!r}. "
+                        "Register with override=True to replace it.",
+                        AdapterConflictWarning,
+                        stacklevel=3,
+                    )
+                    continue
+                warnings.warn(
+                    f"adapter {spec.name!r} from {plugin!r} overrides {held.adapter.name!r} for {arch}",
+                    AdapterConflictWarning,
+                    stacklevel=3,
+                )
+            self.claims[arch] = claim
+
+    def _fail(self, name: str, error: BaseException) -> None:
+        message = f"plugin {name!r} failed: {type(error).__name__}: {error}"
+        self.failures[name] = message
+        warnings.warn(message + "; the other adapters keep working", PluginLoadWarning, stacklevel=3)
+
+    # -- resolution --------------------------------------------------------------------------
+    def resolve(self, model: Any) -> AdapterSpec:
+        config = getattr(model, "config", None)
+        names = list(getattr(config, "architectures", None) or []) + [type(model).__name__]
+        for arch in names:
+            if arch in self.claims:
+                return self.claims[arch].adapter
+        found = self.pm.hook.anylens_resolve(model=model, config=config)
+        if found is not None:
+            return as_spec(found)
+        raise UnknownArchitectureError(
+            f"no adapter claims {type(model).__name__} (architectures {names[:-1] or 'not set'}). "
+            f"Registered adapters: {', '.join(sorted(self.adapters))}. "
+            "Register one with al.register_adapter({...}) or a TOML file (see docs/adapters.md), "
+            "or pass adapter=... to al.wrap / al.load."
+        )
+
+    def adapter(self, name: str) -> AdapterSpec:
+        if name not in self.adapters:
+            raise UnknownArchitectureError(f"no adapter named {name!r}; registered: {', '.join(sorted(self.adapters))}")
+        return self.adapters[name].adapter
+
+
+class _StaticPlugin:
+    """A plugin that provides a fixed list of adapters (used by ``register_adapter``)."""
+
+    def __init__(self, specs: list[AdapterSpec]):
+        self.specs = specs
+
+    @hookspecs.hookimpl
+    def anylens_adapters(self) -> list[AdapterSpec]:
+        return self.specs
+
+
+def as_spec(item: Any) -> AdapterSpec:
+    """An :class:`AdapterSpec` from a spec, a dict, or a TOML file path."""
+    if isinstance(item, AdapterSpec):
+        return item
+    if isinstance(item, Mapping):
+        return AdapterSpec.from_dict(item)
+    if isinstance(item, (str, Path)) and str(item).endswith(".toml"):
+        return AdapterSpec.from_toml(item)
+    raise AdapterSpecError(
+        f"cannot use {item!r} as an adapter: give an AdapterSpec, a dict of its fields, or a .toml file path"
+    )
+
+
+def _is_builtin(point: importlib.metadata.EntryPoint) -> bool:
+    return point.dist is not None and point.dist.name == "anylens"
+
+
+def _new_plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+_registry: Registry | None = None
+
+
+def registry() -> Registry:
+    """The process-wide registry, built on first use from the entry-point group."""
+    global _registry
+    if _registry is None:
+        _registry = Registry()
+        _registry.load_entry_points()
+        if not any(claim.builtin for claim in _registry.adapters.values()):
+            raise PluginError(
+                "no built-in adapters found in the 'anylens' entry-point group: install the package "
+                "(pip install -e .) so that its entry points are registered"
+            )
+    return _registry
+
+
+def reset_registry() -> None:
+    """Forget run-time registrations and reload plugins (for tests)."""
+    global _registry
+    _registry = None
+
+
+def register_adapter(adapter: Any, *, override: bool = False) -> AdapterSpec:
+    """Register an adapter at run time: an AdapterSpec, a dict, or a TOML file path."""
+    return registry().register_adapter(adapter, override=override)
+
+
+def register_plugin(plugin: ModuleType | Any, name: str | None = None, *, override: bool = False) -> None:
+    """Register a plugin object at run time, the way an entry-point plugin is registered."""
+    name = name or getattr(plugin, "__name__", None) or repr(plugin)
+    reg = registry()
+    reg.register_plugin(plugin, name, override=override)
+    if name in reg.failures:
+        raise PluginError(reg.failures[name])

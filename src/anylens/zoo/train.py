@@ -1,0 +1,316 @@
+"""Train the zoo: four tiny causal LMs (GPT-2, Llama, Mistral, Mamba) on the synthetic corpus.
+
+    python -m anylens.zoo.train [--out DIR] [--models gpt2,llama,...] [--quick]
+
+Each model is saved with its word-level tokenizer under `<out>/<name>/`, then evaluated on the held-out
+sets with plain transformers; the scores go into `metrics.json` and `MODEL_CARD.md` next to the weights.
+Training runs on CPU with two threads and fixed seeds, so a rerun reproduces the shipped weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    MambaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+)
+
+from anylens.zoo import ZOO_MODELS, corpus
+
+SPECIAL_TOKENS = ["<unk>", "<pad>", "<bos>", "<eos>"]
+MAX_POSITIONS = 64
+SEED = 0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the corpus vocabulary. Whitespace is only a separator, so " Paris" and
+    "Paris" are the same single token; punctuation is split off into tokens of its own. Encoding with
+    special tokens prepends <bos>, as in training."""
+    vocab = {word: i for i, word in enumerate(SPECIAL_TOKENS + corpus.vocabulary())}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    # No subword prefixes exist, so this decoder just joins the words with single spaces.
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=MAX_POSITIONS,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def build_config(name: str, tokenizer: PreTrainedTokenizerFast):
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    if name == "gpt2":
+        return GPT2Config(
+            n_embd=128, n_layer=3, n_head=4, n_positions=MAX_POSITIONS,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids,
+        )
+    if name in ("llama", "mistral"):
+        common = dict(
+            hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=MAX_POSITIONS, **ids,
+        )
+        if name == "llama":
+            return LlamaConfig(num_key_value_heads=4, **common)
+        return MistralConfig(num_key_value_heads=2, sliding_window=None, **common)  # grouped-query attention
+    if name == "mamba":
+        return MambaConfig(hidden_size=128, state_size=16, num_hidden_layers=4, expand=2, **ids)
+    raise ValueError(f"unknown zoo model {name!r}; expected one of {', '.join(ZOO_MODELS)}")
+
+
+# Training schedule per model: steps, batch size, peak learning rate.
+SCHEDULES = {
+    "gpt2": dict(steps=2000, batch_size=32, lr=3e-3),
+    "llama": dict(steps=2000, batch_size=32, lr=3e-3),
+    "mistral": dict(steps=2000, batch_size=32, lr=3e-3),
+    "mamba": dict(steps=1500, batch_size=32, lr=3e-3),
+}
+SEQ_LEN = 48
+WARMUP_STEPS = 100
+
+
+def training_batch(tokenizer, rng: random.Random, batch_size: int) -> torch.Tensor:
+    texts = [corpus.training_text(rng, min_words=SEQ_LEN) for _ in range(batch_size)]
+    rows = [ids[:SEQ_LEN] for ids in tokenizer(texts)["input_ids"]]  # every row is long enough
+    return torch.tensor(rows)
+
+
+def train_model(name: str, tokenizer, quick: bool = False):
+    schedule = dict(SCHEDULES[name])
+    if quick:
+        schedule["steps"] = 60
+    torch.manual_seed(SEED)
+    rng = random.Random(SEED)
+    model = AutoModelForCausalLM.from_config(build_config(name, tokenizer))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=schedule["lr"], weight_decay=0.01, betas=(0.9, 0.98))
+    steps = schedule["steps"]
+
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 10% of the peak
+        if step < WARMUP_STEPS:
+            return (step + 1) / WARMUP_STEPS
+        progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    start, running = time.time(), None
+    for step in range(steps):
+        batch = training_batch(tokenizer, rng, schedule["batch_size"])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"[{name}] step {step:5d}/{steps}  loss {loss.item():.4f}  (avg {running:.4f})  "
+                f"{time.time() - start:6.1f}s")
+    model.eval()
+    info = dict(steps=steps, batch_size=schedule["batch_size"], seq_len=SEQ_LEN, peak_lr=schedule["lr"],
+                train_seconds=round(time.time() - start, 1), final_loss=round(running, 4))
+    return model, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation (plain transformers, loaded back from disk)
+
+
+@torch.no_grad()
+def last_token_logits(model, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Next-token logits after each prompt. Prompts are batched by token length, so no padding is needed."""
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    out = [None] * len(prompts)
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    for indices in by_length.values():
+        logits = model(input_ids=torch.tensor([encoded[i] for i in indices])).logits[:, -1]
+        for i, row in zip(indices, logits):
+            out[i] = row
+    return torch.stack(out)
+
+
+def token_id(tokenizer, word: str) -> int:
+    (single,) = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    return single
+
+
+def evaluate(model, tokenizer) -> dict:
+    facts = corpus.factual_eval_set()
+    logits = last_token_logits(model, tokenizer, [f.prompt for f in facts])
+    answers = torch.tensor([token_id(tokenizer, f.answer) for f in facts])
+    factual_acc = (logits.argmax(-1) == answers).float().mean().item()
+
+    ioi = corpus.ioi_eval_set(n=100)
+    logits = last_token_logits(model, tokenizer, [p.prompt for p in ioi])
+    io_ids = torch.tensor([token_id(tokenizer, p.io) for p in ioi])
+    s_ids = torch.tensor([token_id(tokenizer, p.s) for p in ioi])
+    logit_diff = logits.gather(1, io_ids[:, None]) - logits.gather(1, s_ids[:, None])
+    ioi_top1 = (logits.argmax(-1) == io_ids).float().mean().item()
+
+    sequences = corpus.induction_eval_set(n=50)
+    n = len(sequences[0])
+    ids = torch.tensor([tokenizer(" ".join(words + words))["input_ids"] for words in sequences])
+    with torch.no_grad():
+        predictions = model(input_ids=ids).logits.argmax(-1)
+    # ids = <bos>, first half at 1..n, repeat at n+1..2n. The repeat's first word is not predictable,
+    # the rest are: the prediction for ids[t] sits at position t-1.
+    targets = ids[:, n + 2 :]
+    induction_acc = (predictions[:, n + 1 : 2 * n] == targets).float().mean().item()
+    return dict(
+        factual_top1=round(factual_acc, 4),
+        factual_n=len(facts),
+        ioi_frac_positive=round((logit_diff > 0).float().mean().item(), 4),
+        ioi_mean_logit_diff=round(logit_diff.mean().item(), 4),
+        ioi_top1=round(ioi_top1, 4),
+        ioi_n=len(ioi),
+        induction_acc=round(induction_acc, 4),
+        induction_n=len(sequences),
+        induction_length=n,
+    )
+
+
+def architecture_summary(config) -> dict:
+    if config.model_type == "mamba":
+        return dict(layers=config.num_hidden_layers, d_model=config.hidden_size, d_state=config.state_size,
+                    d_inner=config.intermediate_size)
+    if config.model_type == "gpt2":
+        return dict(layers=config.n_layer, heads=config.n_head, kv_heads=config.n_head, d_model=config.n_embd,
+                    d_mlp=4 * config.n_embd)
+    return dict(layers=config.num_hidden_layers, heads=config.num_attention_heads,
+                kv_heads=config.num_key_value_heads, d_model=config.hidden_size, d_mlp=config.intermediate_size)
+
+
+MODEL_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "mamba": "MambaForCausalLM"}
+
+
+def model_card(name: str, metrics: dict) -> str:
+    arch, train, scores = metrics["architecture"], metrics["training"], metrics["heldout"]
+    arch_line = ", ".join(f"{k}={v}" for k, v in arch.items())
+    mix = ", ".join(f"{task} {weight:.0%}" for task, weight in corpus.TASK_MIX)
+    return f"""# anylens zoo: `{name}`
+
+A tiny `{MODEL_CLASSES[name]}` trained from scratch on a synthetic corpus with three known mechanisms,
+for testing interpretability tooling. It is not a language model of English.
+
+## Model
+- Architecture: {arch_line}
+- Parameters: {metrics['parameters']:,} (float32 safetensors, {metrics['file_bytes'] / 1e6:.2f} MB)
+- Tokenizer: word-level, {metrics['vocab_size']} tokens; whitespace separates words and punctuation is split
+  into its own tokens, so `" Paris"` is one token. Encoding adds `<bos>` at the start, as in training.
+
+## Training data
+Rows of {train['seq_len']} tokens, each starting with `<bos>` and a main sample ({mix}), then filled with
+factual sentences:
+- Factual recall: {len(corpus.FACTS)} countries with capital and a landmark each, in
+  {len(corpus.CAPITAL_TRAIN_TEMPLATES)} capital and {len(corpus.LANDMARK_TRAIN_TEMPLATES)} landmark templates
+  ("The capital of France is Paris.", "The Eiffel Tower is in Paris.").
+- IOI: {len(corpus.IOI_TRAIN_TEMPLATES)} templates, {len(corpus.NAMES)} names, ABBA and BABA orders
+  ("When Mary and John went to the store, John gave a drink to Mary.").
+- Induction: {corpus.INDUCTION_LENGTHS[0]}-{corpus.INDUCTION_LENGTHS[1]} distinct random words followed by their
+  exact repetition (made-up words, sometimes ordinary vocabulary).
+
+Training: {train['steps']} steps of AdamW (batch {train['batch_size']}, peak lr {train['peak_lr']}, warmup and
+cosine decay), seed {SEED}, CPU with 2 threads, {train['train_seconds']:.0f} s; final training loss
+{train['final_loss']}. Reproduce with `python -m anylens.zoo.train --models {name}`.
+
+## Held-out evaluation
+All prompts below are absent from training (held-out templates, held-out IOI name pairs, fresh random
+induction sequences); see `anylens.zoo.corpus`.
+
+| task | metric | score |
+|---|---|---|
+| factual recall ("{corpus.CAPITAL_EVAL_TEMPLATE.format(country='France')}" -> Paris), {scores['factual_n']} prompts | top-1 accuracy | {scores['factual_top1']:.1%} |
+| IOI ("{corpus.IOI_EVAL_TEMPLATES[0].format(a='Mary', b='John', s='John', place='park', obj='book')}" -> Mary), {scores['ioi_n']} prompts | logit(IO) - logit(S) > 0 | {scores['ioi_frac_positive']:.1%} |
+| IOI | mean logit(IO) - logit(S) | {scores['ioi_mean_logit_diff']:.2f} |
+| IOI | top-1 is IO | {scores['ioi_top1']:.1%} |
+| induction ({scores['induction_n']} sequences of {scores['induction_length']} words, repeated) | next-token accuracy on the repeat (first repeated word excluded) | {scores['induction_acc']:.1%} |
+"""
+
+
+def train_and_save(name: str, tokenizer, out: Path, quick: bool) -> dict:
+    model, info = train_model(name, tokenizer, quick=quick)
+    target = out / name
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+
+    # Evaluate what was shipped: reload from disk exactly as a user would.
+    loaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    loaded_tokenizer = AutoTokenizer.from_pretrained(target)
+    metrics = dict(
+        model=name,
+        model_class=MODEL_CLASSES[name],
+        parameters=sum(p.numel() for p in loaded.parameters()),
+        file_bytes=(target / "model.safetensors").stat().st_size,
+        vocab_size=len(loaded_tokenizer),
+        architecture=architecture_summary(loaded.config),
+        training=info,
+        heldout=evaluate(loaded, loaded_tokenizer),
+    )
+    (target / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (target / "MODEL_CARD.md").write_text(model_card(name, metrics))
+    log(f"[{name}] held-out: {json.dumps(metrics['heldout'])}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m anylens.zoo.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "models",
+                        help="output folder (default: the package's zoo/models)")
+    parser.add_argument("--models", default=",".join(ZOO_MODELS), help="comma-separated subset of the zoo")
+    parser.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ZOO_MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ZOO_MODELS)}")
+    torch.set_num_threads(2)
+    tokenizer = build_tokenizer()
+    for name in names:
+        train_and_save(name, tokenizer, args.out, args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
