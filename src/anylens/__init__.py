@@ -26,6 +26,7 @@ from .core.roles import ALL_ROLES, LAYER_ROLES, MODEL_ROLES
 from .core.spec import AdapterSpec, Variant
 from .registry.hookspecs import hookimpl, hookspec
 from .registry.manager import register_adapter, register_plugin, registry
+from .registry.verify import CheckReport, check
 
 __all__ = [
     "ALL_ROLES",
@@ -34,6 +35,7 @@ __all__ = [
     "AdapterSpec",
     "AdapterSpecError",
     "AnyModel",
+    "CheckReport",
     "AnylensError",
     "LayerIndexError",
     "MissingRoleError",
@@ -46,6 +48,7 @@ __all__ = [
     "UnknownArchitectureError",
     "Variant",
     "VerificationError",
+    "check",
     "hookimpl",
     "hookspec",
     "load",

@@ -63,3 +63,21 @@ ROLE_MEANINGS: dict[str, str] = {
     "pattern": "attention probabilities",
     "mlp_post": "MLP hidden activations (neurons): input of the down projection",
 }
+
+#: The order in which a forward pass produces roles; reads in one trace must follow it.
+LAYER_ROLE_ORDER: tuple[str, ...] = (
+    "resid_pre",
+    "q",
+    "k",
+    "v",
+    "pattern",
+    "z",
+    "attn_out",
+    "resid_mid",
+    "mlp_post",
+    "mlp_out",
+    "mixer_out",
+    "resid_post",
+)
+MODEL_ROLES_BEFORE_LAYERS: tuple[str, ...] = ("embed", "pos_embed")
+MODEL_ROLES_AFTER_LAYERS: tuple[str, ...] = ("final_norm", "logits")

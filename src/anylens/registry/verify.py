@@ -1,0 +1,212 @@
+"""``anylens check``: the invariants every adapter must pass, measured on a real trace.
+
+Each invariant is computed in float32 from role values read through the adapter and compared
+with what the model itself computes. A tolerance is absolute, scaled by the magnitude of the
+reference (``atol * max(1, |reference|)``), because residual norms grow with depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..core.errors import AnylensError
+from ..core.model import AnyModel
+
+#: Absolute tolerance, relative to the reference magnitude, for float32 equalities.
+ATOL = 1e-4
+#: A write of zeros must move the logits by more than this to count as having reached the model.
+MIN_EFFECT = 1e-6
+
+
+@dataclass
+class CheckRow:
+    invariant: str
+    layer: int | None
+    error: float
+    tolerance: float
+    passed: bool
+    detail: str = ""
+
+
+@dataclass
+class CheckReport:
+    """The outcome of ``al.check``: one row per invariant and layer."""
+
+    adapter: str
+    model: str
+    rows: list[CheckRow] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(row.passed for row in self.rows)
+
+    @property
+    def failures(self) -> list[CheckRow]:
+        return [row for row in self.rows if not row.passed]
+
+    def to_frame(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame([row.__dict__ for row in self.rows])
+
+    def __str__(self) -> str:
+        header = f"anylens check: {self.model} (adapter {self.adapter})"
+        lines = [header, "", "| invariant | layer | max abs error | tolerance | result | detail |", "|---|---|---|---|---|---|"]
+        for row in self.rows:
+            layer = "-" if row.layer is None else str(row.layer)
+            result = "pass" if row.passed else "FAIL"
+            lines.append(f"| {row.invariant} | {layer} | {row.error:.2e} | {row.tolerance:.1e} | {result} | {row.detail} |")
+        verdict = "all invariants pass" if self.passed else f"{len(self.failures)} of {len(self.rows)} checks FAIL"
+        return "\n".join(lines + ["", verdict])
+
+
+def check(model: AnyModel, inputs: Any = None, *, write_layers: list[int] | None = None) -> CheckReport:
+    """Run the seven invariants of the adapter on ``model``; never raises for a failing adapter."""
+    report = CheckReport(adapter=model.adapter.name, model=model.name)
+    ids = _default_inputs(model) if inputs is None else inputs
+    with torch.no_grad():
+        values, errors = _read_all(model, ids)
+        for role, message in errors.items():
+            report.rows.append(CheckRow(f"read {role}", None, float("nan"), 0.0, False, message))
+        _structural(model, values, report)
+        _writes(model, ids, values, report, write_layers)
+    return report
+
+
+# -- reading --------------------------------------------------------------------------------
+def _default_inputs(model: AnyModel) -> torch.Tensor:
+    """Two random sequences: batch > 1 exposes roles that silently take batch row 0."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(model.d_vocab, int(getattr(model.config, "vocab_size", model.d_vocab)))
+    return torch.randint(4, vocab, (2, 12), generator=generator).to(model.device)
+
+
+def _read_role(model: AnyModel, ids: torch.Tensor, role: str) -> Any:
+    """All layers of one role, in its own trace (so no role order is assumed)."""
+    layers = model.layers() if role in _layer_roles(model) else [None]
+    saved: list[torch.Tensor] = []
+    access = model.role(role)
+    with model.trace(ids):
+        for layer in layers:
+            saved.append(access.read(layer).float().clone().save())
+    return saved if layers != [None] else saved[0]
+
+
+def _read_all(model: AnyModel, ids: torch.Tensor) -> tuple[dict[str, Any], dict[str, str]]:
+    values: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for role in model.roles:
+        try:
+            values[role] = _read_role(model, ids, role)
+        except Exception as error:  # a broken mapping is a failed check, not a crash
+            errors[role] = f"{type(error).__name__}: {error}".replace("\n", " ")[:300]
+    return values, errors
+
+
+def _layer_roles(model: AnyModel) -> set[str]:
+    from ..core.roles import LAYER_ROLES
+
+    return {role for role in model.roles if role in LAYER_ROLES}
+
+
+# -- invariants 1-6 --------------------------------------------------------------------------
+def _compare(report: CheckRow | CheckReport, name: str, layer: int | None, got: torch.Tensor, want: torch.Tensor) -> None:
+    tolerance = ATOL * max(1.0, float(want.abs().max()))
+    if got.shape != want.shape:
+        report.rows.append(CheckRow(name, layer, float("inf"), tolerance, False, f"shape {tuple(got.shape)} != {tuple(want.shape)}"))
+        return
+    error = float((got - want).abs().max())
+    report.rows.append(CheckRow(name, layer, error, tolerance, error <= tolerance))
+
+
+def _structural(model: AnyModel, v: dict[str, Any], report: CheckReport) -> None:
+    n = model.n_layers
+    if {"resid_pre", "resid_post"} <= v.keys():
+        for i in range(n - 1):
+            _compare(report, "1 resid_post[i] == resid_pre[i+1]", i, v["resid_post"][i], v["resid_pre"][i + 1])
+    components = [role for role in ("attn_out", "mlp_out", "mixer_out") if role in v]
+    if {"resid_pre", "resid_post"} <= v.keys() and components:
+        label = "2 resid_pre + " + " + ".join(components) + " == resid_post"
+        for i in range(n):
+            total = v["resid_pre"][i]
+            for role in components:
+                total = total + v[role][i]
+            _compare(report, label, i, total, v["resid_post"][i])
+    if {"resid_mid", "resid_pre", "attn_out"} <= v.keys():
+        for i in range(n):
+            _compare(report, "3 resid_mid == resid_pre + attn_out", i, v["resid_mid"][i], v["resid_pre"][i] + v["attn_out"][i])
+    if {"resid_post", "logits"} <= v.keys() and "final_norm" in model.roles:
+        normed = model.apply_final_norm(v["resid_post"][-1].to(model.hf.dtype))
+        _compare(report, "4 unembed(final_norm(resid_post[-1])) == logits", None, model.unembed(normed).float(), v["logits"])
+        if "final_norm" in v:
+            _compare(report, "4 final_norm role == final_norm(resid_post[-1])", None, v["final_norm"], normed.float())
+    if {"z", "attn_out"} <= v.keys() and model.adapter.z_feeds_residual and model.adapter.out_proj:
+        for i in range(n):
+            W_O, b_O = model.W_O(i).float(), model.b_O(i).float()
+            per_head = torch.einsum("bphd,hdm->bphm", v["z"][i], W_O)
+            _compare(report, "5 sum_h z[h] @ W_O[h] + b_O == attn_out", i, per_head.sum(2) + b_O, v["attn_out"][i])
+    if "pattern" in v:
+        for i in range(n):
+            pattern = v["pattern"][i]
+            _compare(report, "6 pattern rows sum to 1", i, pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
+            future = torch.triu(torch.ones(pattern.shape[-2:], dtype=torch.bool, device=pattern.device), diagonal=1)
+            leak = float(pattern[..., future].abs().max()) if future.any() else 0.0
+            report.rows.append(CheckRow("6 pattern is causal", i, leak, ATOL, leak <= ATOL))
+            if {"v", "z"} <= v.keys():
+                values = v["v"][i]  # [batch, pos, kv_heads, d_head]
+                expanded = values.repeat_interleave(model.n_heads // values.shape[2], dim=2)
+                mixed = torch.einsum("bhqk,bkhd->bqhd", pattern, expanded)
+                _compare(report, "6 pattern @ v == z", i, mixed, v["z"][i])
+
+
+# -- invariant 7: writes reach the model ------------------------------------------------------
+def _writes(model: AnyModel, ids: torch.Tensor, v: dict[str, Any], report: CheckReport, layers: list[int] | None) -> None:
+    if "logits" not in v:
+        report.rows.append(CheckRow("7 writes", None, float("nan"), 0.0, False, "adapter has no 'logits' role"))
+        return
+    base = v["logits"]
+    per_layer = _layer_roles(model)
+    chosen = sorted({0, model.n_layers // 2, model.n_layers - 1}) if layers is None else model.layers(layers)
+    for role in model.roles:
+        if role not in v:
+            continue
+        for layer in chosen if role in per_layer else [None]:
+            try:
+                same = _logits_after_write(model, ids, role, layer, zero=False)
+                zeroed = _logits_after_write(model, ids, role, layer, zero=True)
+            except Exception as error:
+                message = f"{type(error).__name__}: {error}".replace("\n", " ")[:300]
+                report.rows.append(CheckRow(f"7 write {role}", layer, float("nan"), 0.0, False, message))
+                continue
+            _compare(report, f"7 write own value to {role}: logits unchanged", layer, same, base)
+            effect = float((zeroed - base).abs().max())
+            report.rows.append(
+                CheckRow(f"7 write zeros to {role}: logits change", layer, effect, MIN_EFFECT, effect > MIN_EFFECT)
+            )
+
+
+def _logits_after_write(model: AnyModel, ids: torch.Tensor, role: str, layer: int | None, zero: bool) -> torch.Tensor:
+    access = model.role(role)
+    logits_access = model.role("logits")
+    with model.trace(ids):
+        current = access.read(layer)
+        access.write(layer, torch.zeros_like(current) if zero else current.clone())
+        logits = logits_access.read(None).float().clone().save()
+    return logits
+
+
+def require(model: AnyModel, **kwargs: Any) -> CheckReport:
+    """Like :func:`check`, but raise :class:`VerificationError` listing the failures."""
+    from ..core.errors import VerificationError
+
+    report = check(model, **kwargs)
+    if not report.passed:
+        failed = "; ".join(f"{row.invariant} (layer {row.layer}): {row.detail or row.error}" for row in report.failures[:8])
+        raise VerificationError(f"adapter {model.adapter.name!r} fails anylens check: {failed}")
+    return report
+
+
+__all__ = ["ATOL", "AnylensError", "CheckReport", "CheckRow", "check", "require"]
