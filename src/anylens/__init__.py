@@ -59,3 +59,29 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+from .experiments import metrics  # noqa: E402
+from .experiments.results import Result  # noqa: E402
+
+#: Experiments, imported on first use so that ``import anylens`` stays light.
+_LAZY = {
+    "cache": "anylens.experiments.extraction",
+    "stack": "anylens.experiments.extraction",
+    "decompose_resid": "anylens.experiments.extraction",
+    "logit_lens": "anylens.experiments.logit_lens",
+    "direct_logit_attribution": "anylens.experiments.dla",
+    "attention_patterns": "anylens.experiments.patterns",
+    "head_scores": "anylens.experiments.patterns",
+    "patch": "anylens.experiments.patching",
+    "ablate": "anylens.experiments.ablation",
+    "attribute": "anylens.experiments.attribution",
+    "run": "anylens.sweep.runner",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'anylens' has no attribute {name!r}")

@@ -1,0 +1,150 @@
+"""Metrics on model outputs: scalars per prompt, computed from logits at the last position.
+
+A metric is built from words (``logit_diff(" Paris", " Rome")``) and bound to a model's
+tokenizer when it is evaluated; each word must be one token. Targets may be one word for the
+whole batch or one word per prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ..core.model import AnyModel
+
+Target = str | int | Sequence[str | int]
+
+
+def target_ids(model: AnyModel, target: Target, batch: int) -> torch.Tensor:
+    """Token ids ``[batch]`` for one target or one target per prompt (each must be one token)."""
+    if isinstance(target, (str, int)):
+        return torch.full((batch,), model.token_id(target), dtype=torch.long)
+    ids = [model.token_id(word) for word in target]
+    if len(ids) != batch:
+        from ..core.errors import PromptError
+
+        raise PromptError(f"{len(ids)} targets for {batch} prompts: give one target, or one per prompt")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _last(logits: torch.Tensor) -> torch.Tensor:
+    return logits[:, -1, :] if logits.dim() == 3 else logits
+
+
+def _gather(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return values.gather(-1, ids.to(values.device)[:, None])[:, 0]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """Base class: ``metric(logits, model, clean_logits=None) -> Tensor[batch]`` (float32)."""
+
+    name = "metric"
+    #: True when larger values mean "more of the clean behaviour"; used to read patching scores.
+    higher_is_clean = True
+
+    def __call__(
+        self, logits: torch.Tensor, model: AnyModel, clean_logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LogitDiff(Metric):
+    answer: Target
+    distractor: Target
+    name = "logit_diff"
+
+    def __call__(self, logits, model, clean_logits=None):
+        last = _last(logits).float()
+        batch = last.shape[0]
+        return _gather(last, target_ids(model, self.answer, batch)) - _gather(
+            last, target_ids(model, self.distractor, batch)
+        )
+
+
+@dataclass(frozen=True)
+class Prob(Metric):
+    target: Target
+    name = "prob"
+
+    def __call__(self, logits, model, clean_logits=None):
+        last = _last(logits).float()
+        return _gather(last.softmax(-1), target_ids(model, self.target, last.shape[0]))
+
+
+@dataclass(frozen=True)
+class LogProb(Metric):
+    target: Target
+    name = "log_prob"
+
+    def __call__(self, logits, model, clean_logits=None):
+        last = _last(logits).float()
+        return _gather(last.log_softmax(-1), target_ids(model, self.target, last.shape[0]))
+
+
+@dataclass(frozen=True)
+class Rank(Metric):
+    """0 when the target is the top prediction."""
+
+    target: Target
+    name = "rank"
+    higher_is_clean = False
+
+    def __call__(self, logits, model, clean_logits=None):
+        last = _last(logits).float()
+        chosen = _gather(last, target_ids(model, self.target, last.shape[0]))
+        return (last > chosen[:, None]).sum(-1).float()
+
+
+@dataclass(frozen=True)
+class KL(Metric):
+    """KL(clean || run) over the next-token distribution; 0 means the clean distribution."""
+
+    name = "kl"
+    higher_is_clean = False
+
+    def __call__(self, logits, model, clean_logits=None):
+        if clean_logits is None:
+            raise ValueError("the KL metric needs the clean run's logits (experiments pass them)")
+        run = _last(logits).float().log_softmax(-1)
+        clean = _last(clean_logits).float().log_softmax(-1).to(run.device)
+        if clean.shape[0] == 1 and run.shape[0] > 1:
+            clean = clean.expand_as(run)
+        return (clean.exp() * (clean - run)).sum(-1)
+
+
+def logit_diff(answer: Target, distractor: Target) -> LogitDiff:
+    """logit(answer) - logit(distractor) at the last position."""
+    return LogitDiff(answer, distractor)
+
+
+def prob(target: Target) -> Prob:
+    return Prob(target)
+
+
+def log_prob(target: Target) -> LogProb:
+    return LogProb(target)
+
+
+def rank(target: Target) -> Rank:
+    return Rank(target)
+
+
+def kl() -> KL:
+    return KL()
+
+
+def normalized(patched: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor) -> torch.Tensor:
+    """(patched - corrupt) / (clean - corrupt): 0 = corrupt behaviour, 1 = clean behaviour."""
+    gap = clean - corrupt
+    if torch.any(gap.abs() < 1e-8):
+        raise ValueError("clean and corrupt runs give the same metric value: the normalised score is undefined")
+    return (patched - corrupt) / gap
+
+
+__all__ = ["KL", "LogProb", "LogitDiff", "Metric", "Prob", "Rank", "kl", "log_prob", "logit_diff", "normalized", "prob", "rank"]

@@ -1,0 +1,155 @@
+"""Experiment results: a tidy frame plus what is needed to plot and reload it.
+
+One row per (model, layer, head, position, ...) with the measured ``value``. ``plot`` draws a
+heatmap over two of the result's dimensions, labelling positions with the prompt's tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+#: Dimensions a result may be indexed by, in the order axes are chosen for a plot.
+DIMENSIONS = ("layer", "head", "pos", "component", "neuron", "prompt", "rank")
+
+
+@dataclass
+class Result:
+    """The outcome of an experiment: ``to_frame()``, ``plot()``, ``save()`` / ``Result.load()``."""
+
+    experiment: str
+    frame: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+    value: str = "value"
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame.copy()
+
+    @property
+    def dims(self) -> list[str]:
+        """The dimensions this result varies over (e.g. ``["layer", "pos"]``)."""
+        over = self.meta.get("over")
+        if over:
+            return list(over)
+        return [d for d in DIMENSIONS if d in self.frame.columns and self.frame[d].nunique() > 1]
+
+    def pivot(self, index: str | None = None, columns: str | None = None, aggfunc: str = "mean") -> pd.DataFrame:
+        index, columns = self._axes(index, columns)
+        return self.frame.pivot_table(index=index, columns=columns, values=self.value, aggfunc=aggfunc)
+
+    def _axes(self, index: str | None, columns: str | None) -> tuple[str, str]:
+        dims = [d for d in self.dims if d in self.frame.columns]
+        if index is None:
+            index = dims[0] if dims else "layer"
+        if columns is None:
+            rest = [d for d in dims if d != index]
+            columns = rest[0] if rest else index
+        return index, columns
+
+    def plot(
+        self,
+        index: str | None = None,
+        columns: str | None = None,
+        ax: Any = None,
+        title: str | None = None,
+        cmap: str | None = None,
+    ) -> Any:
+        """A heatmap of ``value`` with labelled axes; positions are labelled with tokens."""
+        import matplotlib
+
+        if ax is None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        index, columns = self._axes(index, columns)
+        table = self.pivot(index, columns)
+        if ax is None:
+            width = min(16, 2.5 + 0.55 * max(len(table.columns), 4))
+            height = min(12, 1.8 + 0.35 * max(len(table.index), 4))
+            fig, ax = plt.subplots(figsize=(width, height))
+        else:
+            fig = ax.figure
+        data = table.to_numpy(dtype=float)
+        bound = float(abs(data[~pd.isna(data)]).max()) if data.size and (~pd.isna(data)).any() else 1.0
+        diverging = (data[~pd.isna(data)] < 0).any() if data.size else False
+        image = ax.imshow(
+            data,
+            aspect="auto",
+            cmap=cmap or ("RdBu_r" if diverging else "viridis"),
+            vmin=-bound if diverging else None,
+            vmax=bound if diverging else None,
+            interpolation="nearest",
+        )
+        fig.colorbar(image, ax=ax, label=self.meta.get("value_label", self.value))
+        ax.set_xticks(range(len(table.columns)))
+        ax.set_xticklabels(self._labels(columns, table.columns), rotation=60 if columns == "pos" else 0, ha="right" if columns == "pos" else "center", fontsize=8)
+        ax.set_yticks(range(len(table.index)))
+        ax.set_yticklabels(self._labels(index, table.index), fontsize=8)
+        ax.set_xlabel(columns)
+        ax.set_ylabel(index)
+        ax.set_title(title or self.title)
+        fig.tight_layout()
+        return fig
+
+    def _labels(self, dim: str, values: Any) -> list[str]:
+        tokens = self.meta.get("tokens")
+        if dim == "pos" and tokens:
+            return [f"{tokens[int(p)]!r} {int(p)}" if 0 <= int(p) < len(tokens) else str(p) for p in values]
+        return [str(v) for v in values]
+
+    @property
+    def title(self) -> str:
+        parts = [self.experiment, self.meta.get("model", ""), self.meta.get("role", ""), self.meta.get("metric", "")]
+        return " · ".join(str(p) for p in parts if p)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the result as one JSON file (meta + rows); ``Result.load`` reads it back."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "experiment": self.experiment,
+            "value": self.value,
+            "meta": self.meta,
+            "columns": list(self.frame.columns),
+            "rows": json.loads(self.frame.to_json(orient="values")),
+            "dtypes": {c: str(t) for c, t in self.frame.dtypes.items()},
+        }
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, default=_jsonable))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Result:
+        payload = json.loads(Path(path).read_text())
+        frame = pd.DataFrame(payload["rows"], columns=payload["columns"])
+        for column, dtype in payload.get("dtypes", {}).items():
+            if dtype.startswith(("int", "float", "bool")):
+                frame[column] = frame[column].astype(dtype)
+        return cls(payload["experiment"], frame, payload.get("meta", {}), payload.get("value", "value"))
+
+    def __repr__(self) -> str:
+        return f"<Result {self.title}: {len(self.frame)} rows over {self.dims}>"
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def concat(results: list[Result]) -> Result:
+    """Results of the same experiment on several models as one (the frames stacked)."""
+    if not results:
+        raise ValueError("no results to combine")
+    frame = pd.concat([r.frame for r in results], ignore_index=True)
+    meta = dict(results[0].meta)
+    meta["models"] = [r.meta.get("model") for r in results]
+    return Result(results[0].experiment, frame, meta, results[0].value)
