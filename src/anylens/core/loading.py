@@ -59,7 +59,8 @@ def load(
     remote: bool = False,
     **hf_kwargs: Any,
 ) -> AnyModel:
-    """Load a model: ``"zoo:NAME"``, a local directory, a ``.gguf`` file, or a hub id."""
+    """Load a model: ``"zoo:NAME"``, a named source (``"smollm2-135m"``), a local directory,
+    a ``.gguf`` file, or a hub id (honouring ``HF_HUB_OFFLINE``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if remote:
@@ -89,6 +90,10 @@ def _locate(source: str | os.PathLike) -> tuple[str, str | None]:
         from ..zoo import model_dir
 
         return str(model_dir(text[4:])), None
+    from .sources import NAMED_SOURCES, materialize
+
+    if text in NAMED_SOURCES:
+        return str(materialize(text)), None
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
         if not path.is_file():
