@@ -88,10 +88,13 @@ class RoleAccess:
         return self._view(self._raw(layer), layer)
 
     def write(self, layer: int | None, value: Any) -> None:
-        if self.path.view is None and not self.path.select:
+        if self.path.view is None and not self.path.select and self.path.io == "output":
             self._swap(layer, value)
             return
-        # A view or a field of the output: write through it in place, so the model sees it.
+        # A view, a field of the output, or a module's input: write through it in place, so the
+        # model sees it. An input must be written in place because other code may hold the same
+        # tensor: ``resid_mid`` is ``ln_2``'s input *and* the residual the MLP output is added to;
+        # swapping it would change only what the norm sees.
         target = self.read(layer)
         target.copy_(self._conform(value, target))
 
