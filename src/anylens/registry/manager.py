@@ -48,6 +48,7 @@ class Registry:
     # -- registration ------------------------------------------------------------------------
     def register_plugin(self, plugin: Any, name: str, *, builtin: bool = False, override: bool = False) -> None:
         """Register a plugin object (a module or an instance with ``anylens_*`` hooks)."""
+        self.failures.pop(name, None)  # a fixed plugin registered again is no longer failing
         try:
             self.pm.register(plugin, name=name)
         except Exception as error:  # a plugin with a malformed hook
@@ -71,6 +72,7 @@ class Registry:
         name = plugin or f"runtime:{spec.name}"
         if self.pm.has_plugin(name):
             self.pm.unregister(name=name)
+            self._forget(name)
         self.register_plugin(_StaticPlugin([spec]), name, override=override)
         if name in self.failures:
             raise PluginError(self.failures[name])
@@ -122,6 +124,11 @@ class Registry:
                     stacklevel=3,
                 )
             self.claims[arch] = claim
+
+    def _forget(self, plugin: str) -> None:
+        """Drop what a plugin claimed, so that registering it again replaces its claims."""
+        self.adapters = {name: claim for name, claim in self.adapters.items() if claim.plugin != plugin}
+        self.claims = {arch: claim for arch, claim in self.claims.items() if claim.plugin != plugin}
 
     def _fail(self, name: str, error: BaseException) -> None:
         message = f"plugin {name!r} failed: {type(error).__name__}: {error}"
