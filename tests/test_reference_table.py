@@ -1,0 +1,208 @@
+"""The role x architecture reference table and the committed docs/reference.md."""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import importlib.metadata
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import anylens as al
+from anylens.adapters.llama import LLAMA
+from anylens.core.roles import ALL_ROLES
+from anylens.registry.manager import as_spec, registry, reset_registry
+from anylens.registry.table import (
+    COLUMNS,
+    REGENERATE_COMMAND,
+    apply_variant,
+    markdown_table,
+    reference_markdown,
+    render,
+    table_rows,
+    version_stamp,
+    versions,
+)
+
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry():
+    reset_registry()
+    yield
+    reset_registry()
+
+
+def builtin_adapter_names() -> set[str]:
+    """Adapter names straight from the package's entry points, not through the registry."""
+    names = set()
+    for point in importlib.metadata.entry_points(group="anylens"):
+        if point.dist is not None and point.dist.name == "anylens":
+            names |= {as_spec(item).name for item in point.load().anylens_adapters()}
+    return names
+
+
+def add_runtime_adapter_with_variant() -> None:
+    """A plugin row whose paths use views (``|``) and whose variant changes roles and facts."""
+    declaration = {
+        **LLAMA.to_dict(),
+        "name": "tabletest",
+        "architectures": ["TableTestLM", "TableTestLM2"],
+        "logit_softcap": "final_logit_softcapping",
+        "variants": [{"when": {"parallel_block": True}, "drop": ["resid_mid"], "facts": {"parallel": True}}],
+    }
+    al.register_adapter(declaration)
+
+
+# -- contents ----------------------------------------------------------------------------------
+def test_every_builtin_adapter_has_a_row():
+    builtins = builtin_adapter_names()
+    assert {"gpt2", "llama"} <= builtins
+    base_rows = [row for row in table_rows() if not row.variant]
+    assert {row.adapter for row in base_rows if row.source == "built-in"} == builtins
+    assert all(row.kind == "hand-written" for row in table_rows())
+
+
+def test_rows_carry_the_adapters_role_paths_and_facts():
+    for row in table_rows():
+        if row.variant:
+            continue
+        spec = registry().adapter(row.adapter)
+        assert row.architectures == spec.architectures
+        cells = row.cells()
+        for role in ALL_ROLES:
+            assert cells[role] == spec.roles.get(role, ""), (row.adapter, role)
+        assert cells["parallel"] == ("true" if spec.parallel else "false")
+        assert cells["layers"] == spec.layers
+
+
+def test_a_variant_gets_its_own_row_with_the_variant_applied():
+    add_runtime_adapter_with_variant()
+    rows = [row for row in table_rows() if row.adapter == "tabletest"]
+    assert [row.variant for row in rows] == ["", "when parallel_block=true"]
+    base, variant = rows
+    assert base.source == variant.source == "runtime:tabletest"
+    assert "resid_mid" in base.roles and "resid_mid" not in variant.roles
+    assert (base.parallel, variant.parallel) == (False, True)
+    assert variant.cells()["resid_mid"] == ""
+    assert base.cells()["architectures"] == "TableTestLM TableTestLM2"
+    assert base.cells()["soft_cap"] == "final_logit_softcapping"
+
+
+def test_apply_variant_applies_only_that_variant():
+    spec = as_spec(
+        {
+            **LLAMA.to_dict(),
+            "name": "two_variants",
+            "variants": [
+                {"when": {"a": 1}, "drop": ["z"]},
+                {"when": {"b": 1}, "drop": ["q"]},
+            ],
+        }
+    )
+    first = apply_variant(spec, spec.variants[0])
+    assert "z" not in first.roles and "q" in first.roles
+    assert first.variants == ()
+
+
+def test_builtin_rows_come_first_sorted_by_name():
+    add_runtime_adapter_with_variant()
+    rows = [row for row in table_rows() if not row.variant]
+    sources = [row.source == "built-in" for row in rows]
+    assert sources == sorted(sources, reverse=True)
+    builtin_names = [row.adapter for row in rows if row.source == "built-in"]
+    assert builtin_names == sorted(builtin_names)
+    assert rows[-1].adapter == "tabletest"
+
+
+# -- formats -------------------------------------------------------------------------------------
+def markdown_cells(document: str) -> list[dict[str, str]]:
+    """Parse the adapters table of a markdown document back into cells."""
+    lines = [line for line in document.splitlines() if line.startswith("| adapter |")]
+    assert len(lines) == 1, "the document has exactly one adapters table"
+    body = document.splitlines()
+    start = body.index(lines[0])
+    header = _split_md_row(body[start])
+    assert body[start + 1].startswith("|---|")
+    rows = []
+    for line in body[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, _split_md_row(line), strict=True)))
+    return rows
+
+
+def _split_md_row(line: str) -> list[str]:
+    cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+    return [cell.strip().removeprefix("`").removesuffix("`").replace("\\|", "|") for cell in cells]
+
+
+def test_markdown_json_and_csv_agree():
+    add_runtime_adapter_with_variant()  # exercises '|' in paths, a plugin source and a variant
+    rows = table_rows()
+    expected = [row.cells() for row in rows]
+
+    from_markdown = markdown_cells(render(rows, "markdown"))
+    from_csv = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
+    payload = json.loads(render(rows, "json"))
+
+    assert from_markdown == expected
+    assert from_csv == expected
+    assert payload["columns"] == list(COLUMNS)
+    assert payload["versions"] == versions()
+    assert [entry["adapter"] for entry in payload["rows"]] == [row.adapter for row in rows]
+    for entry, cells in zip(payload["rows"], expected, strict=True):
+        assert " ".join(entry["architectures"]) == cells["architectures"]
+        assert {role: entry["roles"].get(role, "") for role in ALL_ROLES} == {role: cells[role] for role in ALL_ROLES}
+        assert entry["parallel"] is (cells["parallel"] == "true")
+        assert (entry["soft_cap"] or "") == cells["soft_cap"]
+        assert entry["kind"] == cells["kind"] == "hand-written"
+
+
+def test_markdown_escapes_the_view_separator_in_cells():
+    table = markdown_table(table_rows())
+    assert "`model.layers.{i}.self_attn.o_proj.input\\|heads`" in table
+    assert "input|heads" not in table
+
+
+def test_unknown_format_is_refused():
+    with pytest.raises(ValueError, match="unknown table format 'xml'; choose one of markdown, json, csv"):
+        render(table_rows(), "xml")
+
+
+def test_version_stamp_names_the_libraries_without_local_build_tags():
+    stamp = version_stamp()
+    for package in ("anylens", "transformers", "nnsight", "torch"):
+        assert f"{package} {versions()[package]}" in stamp
+    assert versions()["anylens"] == al.__version__
+    assert "+" not in stamp  # 2.13.0+cpu and 2.13.0+cu128 are the same release
+
+
+# -- docs/reference.md -------------------------------------------------------------------------
+def test_reference_lists_builtins_only():
+    add_runtime_adapter_with_variant()
+    assert "| tabletest |" in render(table_rows(), "markdown")
+    assert "| tabletest |" not in reference_markdown()
+    assert "| llama |" in reference_markdown()
+
+
+def test_docs_reference_is_current():
+    fresh = reference_markdown()
+    committed = REFERENCE.read_text(encoding="utf-8") if REFERENCE.exists() else ""
+    if committed != fresh:
+        diff = "".join(
+            list(
+                difflib.unified_diff(
+                    committed.splitlines(keepends=True),
+                    fresh.splitlines(keepends=True),
+                    "docs/reference.md (committed)",
+                    "docs/reference.md (generated now)",
+                )
+            )[:40]
+        )
+        pytest.fail(f"docs/reference.md is stale; regenerate it with `{REGENERATE_COMMAND}`\n{diff}")
