@@ -1,0 +1,25 @@
+"""Sweeps: one experiment over many models and prompts, written to disk chunk by chunk.
+
+>>> import anylens as al
+>>> sweep = al.run("logit_lens", models=["zoo:gpt2", "zoo:llama"], dataset="factual", out="results/lens")
+>>> sweep.frame            # one tidy frame for every model
+>>> sweep.aggregate()      # mean, std, count and 95% interval over prompts per component
+
+Rerunning the same call resumes it; see ``docs/sweeps.md``.
+"""
+
+from .runner import SweepModelError, SweepResult, aggregate, run
+from .store import SweepBusyError, SweepConfigError, SweepError, SweepIntegrityError, SweepWarning, load_results
+
+__all__ = [
+    "SweepBusyError",
+    "SweepConfigError",
+    "SweepError",
+    "SweepIntegrityError",
+    "SweepModelError",
+    "SweepResult",
+    "SweepWarning",
+    "aggregate",
+    "load_results",
+    "run",
+]

@@ -1,0 +1,255 @@
+"""What the sweep runner knows about each experiment: where it lives and how it eats a chunk.
+
+A sweep feeds an experiment *items*: a prompt, or a clean/corrupt pair with its answer and
+distractor. Experiments are called once per item, so every row of the sweep belongs to one
+prompt (the ``prompt`` column): prompts of different token lengths never have to share a batch,
+positions keep their meaning within each prompt, and :func:`anylens.sweep.aggregate` can report
+the spread over prompts, not only a mean.
+
+A metric given by name (``metric="logit_diff"``) is built per item from its answer and
+distractor, which is how one sweep runs over a dataset whose answers differ prompt to prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from .store import SweepConfigError
+
+if TYPE_CHECKING:
+    from ..core.model import AnyModel
+    from ..experiments.results import Result
+
+
+# -- items --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    """One prompt, or one clean/corrupt pair, with the words a metric may need."""
+
+    clean: str
+    corrupt: str | None = None
+    answer: str | None = None
+    distractor: str | None = None
+    #: Any other fields of the pair (template, relation, ...), recorded for the prompt hash.
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def record(self) -> dict[str, Any]:
+        return {"clean": self.clean, "corrupt": self.corrupt, "answer": self.answer, "distractor": self.distractor, **self.extra}
+
+
+def as_item(value: Any) -> Item:
+    """A prompt string, a ``(clean, corrupt[, answer[, distractor]])`` tuple, a dict, or a pair
+    object such as :class:`anylens.datasets.IOIPair` / :class:`~anylens.datasets.FactPair`."""
+    if isinstance(value, Item):
+        return value
+    if isinstance(value, str):
+        return Item(value)
+    if isinstance(value, (tuple, list)):
+        if not 1 <= len(value) <= 4 or not all(isinstance(v, str) or v is None for v in value):
+            raise SweepConfigError(f"a pair given as a tuple is (clean, corrupt[, answer[, distractor]]) strings, not {value!r}")
+        return Item(*value)
+    if isinstance(value, dict):
+        fields = dict(value)
+    elif dataclasses.is_dataclass(value):
+        fields = dataclasses.asdict(value)
+    elif hasattr(value, "clean"):
+        fields = dict(vars(value))
+    else:
+        raise SweepConfigError(f"cannot use {value!r} as a prompt: give strings, (clean, corrupt) tuples or pairs with .clean/.corrupt")
+    clean = fields.pop("clean", None) or fields.pop("prompt", None)
+    if not isinstance(clean, str):
+        raise SweepConfigError(f"a pair needs a 'clean' prompt string; got fields {sorted(fields)}")
+    corrupt = fields.pop("corrupt", None)
+    answer = fields.pop("answer", None)
+    # IOI pairs name the competing word 'distractor'; factual pairs only have the corrupt answer.
+    distractor = fields.pop("distractor", None) or fields.get("corrupt_answer")
+    extra = {k: v if isinstance(v, (str, int, float, bool)) or v is None else repr(v) for k, v in fields.items()}
+    return Item(clean, corrupt, answer, distractor, extra)
+
+
+def as_items(prompts: Sequence[Any]) -> list[Item]:
+    if isinstance(prompts, (str, bytes)):
+        prompts = [prompts]
+    items = [as_item(p) for p in prompts]
+    if not items:
+        raise SweepConfigError("no prompts to sweep: give prompts=[...] or dataset='ioi' / 'factual'")
+    return items
+
+
+# -- metrics named per item -----------------------------------------------------------------------
+#: metric name -> the item fields it is built from
+METRIC_FIELDS: dict[str, tuple[str, ...]] = {
+    "logit_diff": ("answer", "distractor"),
+    "prob": ("answer",),
+    "log_prob": ("answer",),
+    "rank": ("answer",),
+    "kl": (),
+}
+
+
+def item_metric(value: Any, item: Item) -> Any:
+    """``value`` itself, or for a metric name the metric built from this item's words."""
+    if not isinstance(value, str):
+        return value
+    from ..experiments import metrics
+
+    if value not in METRIC_FIELDS:
+        raise SweepConfigError(f"unknown metric {value!r}; by name: {', '.join(METRIC_FIELDS)} (or pass a metric object)")
+    words = [getattr(item, name) for name in METRIC_FIELDS[value]]
+    if any(w is None for w in words):
+        raise SweepConfigError(
+            f"metric {value!r} is built from each prompt's {' and '.join(METRIC_FIELDS[value])}, and prompt "
+            f"{item.clean!r} has none: sweep pairs that carry them (a dataset, or (clean, corrupt, answer, distractor) "
+            "tuples), or pass a metric object such as al.metrics.logit_diff(' Paris', ' Rome')"
+        )
+    return getattr(metrics, value)(*words)
+
+
+# -- calling an experiment on items ---------------------------------------------------------------
+@dataclass
+class ChunkOutput:
+    """The tidy rows of a chunk (``prompt`` = index within the chunk) and each call's meta."""
+
+    frame: pd.DataFrame
+    metas: list[dict[str, Any]]
+
+
+Caller = Callable[[Callable[..., Any], "AnyModel", Item, dict[str, Any]], "Result"]
+
+
+def _call_prompt(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any]) -> Result:
+    return function(model, item.clean, **options)
+
+
+def _call_pair(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any]) -> Result:
+    options = dict(options)
+    if "metric" in options:
+        options["metric"] = item_metric(options["metric"], item)
+    return function(model, item.clean, item.corrupt, **options)
+
+
+def _call_prompt_with_metric(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any]) -> Result:
+    options = dict(options)
+    if "metric" in options:
+        options["metric"] = item_metric(options["metric"], item)
+    return function(model, item.clean, **options)
+
+
+def _call_logit_lens(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any]) -> Result:
+    # Over a dataset the interesting targets are each prompt's own answer (and distractor).
+    options = dict(options)
+    if "targets" not in options:
+        targets = [w for w in (item.answer, item.distractor) if w is not None]
+        if targets:
+            options["targets"] = targets
+    return function(model, item.clean, **options)
+
+
+def _call_dla(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any]) -> Result:
+    options = dict(options)
+    chosen = options.pop("metric", None)
+    chosen = options.pop("metric_or_targets", chosen)
+    if chosen is None:
+        if item.answer is None:
+            raise SweepConfigError(
+                f"direct logit attribution needs a target: pass metric='logit_diff' or a word, or sweep pairs with answers "
+                f"(prompt {item.clean!r} has none)"
+            )
+        chosen = (item.answer, item.distractor) if item.distractor is not None else item.answer
+    else:
+        chosen = item_metric(chosen, item)
+    return function(model, item.clean, chosen, **options)
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """An experiment as the sweep sees it."""
+
+    name: str
+    module: str
+    attribute: str
+    #: True when each item must be a clean/corrupt pair (patching, attribution).
+    needs_pairs: bool
+    caller: Caller
+    #: Options the sweep itself interprets rather than passing through unchanged.
+    handled: tuple[str, ...] = ()
+
+    def function(self) -> Callable[..., Any]:
+        # Looked up on every use, so that a monkeypatched experiment is the one that runs.
+        return getattr(importlib.import_module(self.module), self.attribute)
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Refuse options the experiment does not take, before any model is loaded."""
+        try:
+            parameters = inspect.signature(self.function()).parameters
+        except (ImportError, AttributeError) as error:
+            raise SweepConfigError(f"experiment {self.name!r} is not available: {error}") from None
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return
+        inputs = 3 if self.needs_pairs else 2  # model and the prompt(s) come from the sweep
+        accepted = set(list(parameters)[inputs:]) | set(self.handled)
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise SweepConfigError(
+                f"{self.name} does not take {', '.join(map(repr, unknown))}; its options are: {', '.join(sorted(accepted))}"
+            )
+
+    def run_chunk(self, model: AnyModel, items: Sequence[Item], options: dict[str, Any]) -> ChunkOutput:
+        function = self.function()
+        frames, metas = [], []
+        for index, item in enumerate(items):
+            if self.needs_pairs and item.corrupt is None:
+                raise SweepConfigError(f"{self.name} compares a clean and a corrupt prompt; {item.clean!r} has no corrupt prompt")
+            result = self.caller(function, model, item, options)
+            frames.append(tidy(result, index, item))
+            metas.append(dict(result.meta))
+        return ChunkOutput(pd.concat(frames, ignore_index=True), metas)
+
+
+def tidy(result: Result, prompt: int, item: Item) -> pd.DataFrame:
+    """One call's frame with the sweep's columns: ``prompt``, ``value``, ``pos_from_end``, ``target_role``."""
+    # One prompt per call: an experiment's own prompt index is always 0 here, the sweep's is global.
+    frame = result.to_frame().drop(columns=["model", "prompt"], errors="ignore")
+    frame.insert(0, "prompt", prompt)
+    if result.value != "value" and result.value in frame.columns:
+        frame["value"] = frame[result.value]
+    tokens = result.meta.get("tokens")
+    if "pos" in frame.columns and isinstance(tokens, list):
+        # Prompts differ in length; the distance from the end lines up their last tokens.
+        frame["pos_from_end"] = frame["pos"] - len(tokens)
+    if "target" in frame.columns and item.answer is not None:
+        roles = {item.answer: "answer", item.distractor: "distractor"}
+        frame["target_role"] = [roles.get(t, "other") for t in frame["target"]]
+    return frame
+
+
+EXPERIMENTS: dict[str, ExperimentSpec] = {
+    spec.name: spec
+    for spec in (
+        ExperimentSpec("logit_lens", "anylens.experiments.logit_lens", "logit_lens", False, _call_logit_lens),
+        ExperimentSpec("patch", "anylens.experiments.patching", "patch", True, _call_pair),
+        ExperimentSpec("attribute", "anylens.experiments.attribution", "attribute", True, _call_pair),
+        ExperimentSpec("ablate", "anylens.experiments.ablation", "ablate", False, _call_prompt_with_metric),
+        ExperimentSpec("attention_patterns", "anylens.experiments.patterns", "attention_patterns", False, _call_prompt),
+        ExperimentSpec("head_scores", "anylens.experiments.patterns", "head_scores", False, _call_prompt),
+        ExperimentSpec("dla", "anylens.experiments.dla", "direct_logit_attribution", False, _call_dla, ("metric",)),
+    )
+}
+ALIASES = {"direct_logit_attribution": "dla", "logit-lens": "logit_lens", "attention-patterns": "attention_patterns", "head-scores": "head_scores"}
+
+
+def experiment(name: str) -> ExperimentSpec:
+    spec = EXPERIMENTS.get(ALIASES.get(name, name))
+    if spec is None:
+        raise SweepConfigError(f"unknown experiment {name!r}; a sweep runs one of: {', '.join(EXPERIMENTS)}")
+    return spec
+
+
+__all__ = ["EXPERIMENTS", "ChunkOutput", "ExperimentSpec", "Item", "as_item", "as_items", "experiment", "item_metric", "tidy"]

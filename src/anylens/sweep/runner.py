@@ -1,0 +1,537 @@
+"""One experiment over many models and prompts, written to disk as it goes and resumable.
+
+``run`` splits the prompts of each model into chunks, computes the chunks one by one and writes
+each as soon as it is done (see :mod:`anylens.sweep.store` for the layout). Run it again with
+the same arguments and it skips every chunk whose file still matches its checksum, recomputes
+damaged ones with a warning, and finishes the rest; run it with different arguments into the
+same directory and it refuses, naming what differs.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import math
+import platform
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from . import experiments as experiments_
+from .experiments import Item, as_items
+from .store import (
+    FORMAT,
+    Store,
+    SweepConfigError,
+    SweepError,
+    SweepWarning,
+    canonical_json,
+    chunk_key,
+    frame_to_payload,
+    load_results,
+    model_dirname,
+    remove_stale_temporaries,
+    sha256_bytes,
+)
+
+if TYPE_CHECKING:
+    from ..core.model import AnyModel
+
+DATASETS = ("ioi", "factual")
+#: z value of a two-sided 95% interval under the normal approximation.
+Z95 = 1.959963984540054
+#: Columns that name a component; ``aggregate`` groups by those present unless told otherwise.
+COMPONENT_COLUMNS = ("model", "layer", "head", "pos", "component", "kind", "query_pos", "key_pos", "neuron", "target_role")
+
+
+class SweepModelError(SweepError):
+    """A model of the sweep could not be loaded."""
+
+
+# -- the result --------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    """What ``run`` did, and the way to its results: ``frame`` / ``aggregate()``."""
+
+    out: Path
+    experiment: str
+    models: list[str]
+    computed: list[str] = field(default_factory=list)  # chunk keys computed by this call
+    skipped: list[str] = field(default_factory=list)  # finished earlier, checksum verified
+    recomputed: list[str] = field(default_factory=list)  # found damaged and computed again
+    _frame: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """Every model's rows as one tidy frame (read from disk once, then kept)."""
+        if self._frame is None:
+            self._frame = load_results(self.out)
+        return self._frame
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame.copy()
+
+    def aggregate(self, by: Sequence[str] | None = None, value: str = "value") -> pd.DataFrame:
+        return aggregate(self.frame, by=by, value=value)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return Store(self.out).read_manifest()
+
+
+def aggregate(frame: pd.DataFrame, by: Sequence[str] | None = None, value: str = "value") -> pd.DataFrame:
+    """Per component: ``mean``, ``std`` (sample, ddof=1), ``count`` and a 95% interval over prompts.
+
+    The interval is the normal approximation ``mean ± 1.96 · std / √count``: fine for a few
+    dozen prompts or more, optimistic for a handful (it ignores the t-distribution's wider
+    tails); with one prompt ``std`` and the interval are NaN. ``by`` defaults to the component
+    columns present (model, layer, head, pos, ...); NaN values are left out of every statistic.
+    """
+    if value not in frame.columns:
+        raise KeyError(f"no column {value!r} to aggregate; columns: {list(frame.columns)}")
+    if by is None:
+        by = [c for c in COMPONENT_COLUMNS if c in frame.columns and frame[c].notna().any()]
+    by = [by] if isinstance(by, str) else list(by)
+    missing = [c for c in by if c not in frame.columns]
+    if missing:
+        raise KeyError(f"cannot group by {missing}: not columns of the frame ({list(frame.columns)})")
+    values = frame[value].astype(float)
+    if not by:
+        grouped = values.agg(["mean", "std", "count"]).to_frame().T
+    else:
+        grouped = values.groupby([frame[c] for c in by], dropna=False, sort=True).agg(["mean", "std", "count"]).reset_index()
+    grouped["count"] = grouped["count"].astype(int)
+    half = Z95 * grouped["std"] / grouped["count"].pow(0.5)
+    grouped["ci_low"] = grouped["mean"] - half
+    grouped["ci_high"] = grouped["mean"] + half
+    return grouped.reset_index(drop=True)
+
+
+# -- configuration ------------------------------------------------------------------------------
+def describe(value: Any) -> Any:
+    """A JSON description of an option that is equal exactly when the options are equal:
+    metrics by their class and fields, callables by their qualified name, tensors by hash."""
+    import dataclasses
+
+    import torch
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted((describe(v) for v in value), key=repr)
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous()
+        return {"tensor": list(data.shape), "dtype": str(data.dtype), "sha256": sha256_bytes(data.numpy().tobytes())}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"type": type(value).__qualname__, **fields}
+    if callable(value):
+        return {"callable": f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"}
+    return repr(value)
+
+
+def differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Human-readable differences between two JSON values, one line per differing leaf."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        lines: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in old:
+                lines.append(f"{where}: absent on disk, {new[key]!r} now")
+            elif key not in new:
+                lines.append(f"{where}: {old[key]!r} on disk, absent now")
+            else:
+                lines.extend(differences(old[key], new[key], where))
+        return lines
+    return [] if old == new else [f"{path or 'value'}: {old!r} on disk, {new!r} now"]
+
+
+def environment() -> dict[str, str]:
+    """Library versions the results were computed with."""
+    import anylens
+
+    versions = {"anylens": getattr(anylens, "__version__", "?"), "python": platform.python_version()}
+    for package in ("torch", "transformers", "nnsight"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+def _normalize(value: Any) -> Any:
+    # What the manifest will hold after a JSON round trip (tuples become lists, ...).
+    import json
+
+    return json.loads(canonical_json(value))
+
+
+def _prompts_sha256(items: Sequence[Item]) -> str:
+    return sha256_bytes(canonical_json([item.record() for item in items]))
+
+
+# -- models -------------------------------------------------------------------------------------
+def load_source(source: str, dtype: str | None = "float32", device: str | None = None) -> AnyModel:
+    """``tiny:FAMILY`` (a random test model from :mod:`anylens.testing`) or anything ``al.load`` takes."""
+    import torch
+
+    try:
+        if source.startswith("tiny:"):
+            from ..testing import TINY_BUILDERS, tiny
+
+            family = source.removeprefix("tiny:")
+            if family not in TINY_BUILDERS:
+                raise SweepModelError(f"no tiny model family {family!r}; families: {', '.join(TINY_BUILDERS)}")
+            model = tiny(family)
+            if dtype is not None or device is not None:
+                model.hf.to(device=device, dtype=getattr(torch, dtype) if dtype else None)
+            return model
+        from ..core.loading import load
+
+        return load(source, dtype=dtype, device=device)
+    except SweepError:
+        raise
+    except Exception as error:
+        raise SweepModelError(
+            f"cannot load model {source!r}: {type(error).__name__}: {error}. Finished chunks are kept; fix the source and rerun"
+        ) from error
+
+
+def model_identity(model: AnyModel, source: str) -> dict[str, Any]:
+    """What tells two loads of a source apart: adapter, architecture, size, and a config hash."""
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    return {
+        "source": source,
+        "adapter": model.adapter.name,
+        "architecture": type(model.hf).__name__,
+        "parameters": int(sum(p.numel() for p in model.hf.parameters())),
+        "config_sha256": sha256_bytes(canonical_json(config)),
+    }
+
+
+def _release(model: Any) -> None:
+    del model
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # releasing memory must never fail a sweep
+        pass
+
+
+def _dataset_items(name: str, model: AnyModel, n: int | None, options: dict[str, Any]) -> list[Item]:
+    from .. import datasets
+
+    if name == "ioi":
+        pairs = datasets.ioi_pairs(model.tokenizer, 50 if n is None else n, **options)
+    else:
+        pairs = datasets.factual_pairs(model.tokenizer, **options)
+        pairs = pairs if n is None else pairs[:n]
+    return as_items(pairs)
+
+
+# -- the sweep ----------------------------------------------------------------------------------
+def run(
+    experiment: str,
+    models: Sequence[str],
+    prompts: Sequence[Any] | None = None,
+    *,
+    dataset: str | None = None,
+    n: int | None = None,
+    dataset_options: dict[str, Any] | None = None,
+    out: str | Path = "sweep",
+    chunk_size: int = 8,
+    quiet: bool = False,
+    dtype: str | None = "float32",
+    device: str | None = None,
+    **experiment_options: Any,
+) -> SweepResult:
+    """Run ``experiment`` on every model of ``models`` over ``prompts`` (or a ``dataset``), into ``out``.
+
+    * ``models``: sources for :func:`anylens.load` (``"zoo:gpt2"``, ``"smollm2-135m"``, a directory)
+      or ``"tiny:FAMILY"``; loaded one at a time and released before the next.
+    * ``prompts``: strings, or clean/corrupt pairs (tuples, dicts, dataset pairs); or
+      ``dataset="ioi"`` / ``"factual"`` to generate ``n`` pairs for each model's tokenizer
+      (``dataset_options`` go to the generator, e.g. ``{"corruption": "random_names"}``).
+    * ``chunk_size`` prompts are computed and written together; a chunk is the unit of resumption.
+    * other keyword arguments go to the experiment (``role``, ``over``, ``metric``, ...); a metric
+      given by name (``metric="logit_diff"``) is built per prompt from its answer and distractor.
+
+    Raises :class:`SweepConfigError` when ``out`` holds a sweep with another configuration.
+    """
+    spec = experiments_.experiment(experiment)
+    models = _check_models(models)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise SweepConfigError(f"chunk_size must be a positive integer, not {chunk_size!r}")
+    spec.check_options(experiment_options)
+    dataset_options = dict(dataset_options or {})
+    explicit = _explicit_items(spec, prompts, dataset, n)
+    config = {
+        "experiment": spec.name,
+        "options": describe(experiment_options),
+        "models": list(models),
+        "prompts": (
+            {"kind": "explicit", "count": len(explicit), "sha256": _prompts_sha256(explicit)}
+            if explicit is not None
+            else {"kind": "dataset", "dataset": dataset, "n": n, "options": describe(dataset_options)}
+        ),
+        "chunk_size": chunk_size,
+        "dtype": dtype,
+    }
+    config = _normalize(config)
+    store = Store(out)
+    with store.locked():
+        sweep = _Sweep(spec, store, config, explicit, experiment_options, dataset_options, quiet, dtype, device)
+        return sweep.run()
+
+
+def _check_models(models: Sequence[str]) -> list[str]:
+    if isinstance(models, str):
+        models = [models]
+    models = list(models)
+    if not models:
+        raise SweepConfigError("no models to sweep: give models=['zoo:gpt2', ...]")
+    bad = [m for m in models if not isinstance(m, str)]
+    if bad:
+        raise SweepConfigError(
+            f"models are given by source string (what al.load takes, or 'tiny:FAMILY'), not {type(bad[0]).__name__}: "
+            "a sweep reloads them one at a time and records where each came from"
+        )
+    repeated = sorted({m for m in models if models.count(m) > 1})
+    if repeated:
+        raise SweepConfigError(f"models listed twice: {repeated}; list each once")
+    return models
+
+
+def _explicit_items(spec: experiments_.ExperimentSpec, prompts: Any, dataset: str | None, n: int | None) -> list[Item] | None:
+    if (prompts is None) == (dataset is None):
+        raise SweepConfigError("give either prompts=[...] or dataset='ioi' / 'factual', and not both")
+    if dataset is not None:
+        if dataset not in DATASETS:
+            raise SweepConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise SweepConfigError(f"n must be a positive number of pairs, not {n!r}")
+        return None
+    items = as_items(prompts)
+    if n is not None:
+        items = items[:n]
+    if spec.needs_pairs:
+        lone = [item.clean for item in items if item.corrupt is None]
+        if lone:
+            raise SweepConfigError(
+                f"{spec.name} compares clean and corrupt prompts, but {len(lone)} prompts have no corrupt partner "
+                f"(first: {lone[0]!r}); give (clean, corrupt[, answer, distractor]) pairs or dataset='ioi'"
+            )
+    return items
+
+
+@dataclass
+class _ModelPlan:
+    index: int
+    source: str
+    dirname: str
+    n_chunks: int | None  # None: a dataset not generated yet for this model
+    pending: list[int]
+
+
+class _Sweep:
+    """One invocation of ``run``: open or create the manifest, then compute what is missing."""
+
+    def __init__(self, spec, store, config, explicit, options, dataset_options, quiet, dtype, device):
+        self.spec = spec
+        self.store = store
+        self.config = config
+        self.explicit = explicit
+        self.options = options
+        self.dataset_options = dataset_options
+        self.quiet = quiet
+        self.dtype = dtype
+        self.device = device
+        self.result = SweepResult(store.root, spec.name, list(config["models"]))
+
+    # manifest
+    def open_manifest(self) -> dict[str, Any]:
+        now = _now()
+        env = dict(environment(), device=str(self.device or "default"))
+        if not self.store.exists():
+            if self.store.root.exists() and any(p.name != ".lock" for p in self.store.root.iterdir()):
+                raise SweepConfigError(
+                    f"{self.store.root} already holds files but no sweep manifest; choose another out or empty the directory"
+                )
+            manifest = {"format": FORMAT, "config": self.config, "models": {}, "chunks": {}, "runs": [], "created": now, "complete": False}
+        else:
+            manifest = self.store.read_manifest()
+            lines = differences(manifest.get("config"), self.config)
+            if lines:
+                raise SweepConfigError(
+                    f"{self.store.root} holds a sweep with a different configuration:\n  " + "\n  ".join(lines) +
+                    f"\nResume it with its own arguments, choose another out, or delete {self.store.root} to start over."
+                )
+            remove_stale_temporaries(self.store.root)
+            previous = manifest["runs"][-1]["environment"] if manifest.get("runs") else None
+            if previous is not None:
+                changed = {k: (previous.get(k), v) for k, v in env.items() if k != "device" and previous.get(k) != v}
+                if changed:
+                    shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                    warnings.warn(
+                        f"resuming {self.store.root} with other library versions ({shown}): finished chunks are kept, "
+                        "so results may mix versions (each chunk records the run that computed it)",
+                        SweepWarning,
+                        stacklevel=4,
+                    )
+        manifest["complete"] = False  # until every chunk of this invocation is written
+        manifest["runs"].append({"started": now, "environment": env})
+        self.run_index = len(manifest["runs"]) - 1
+        self.store.write_manifest(manifest)
+        return manifest
+
+    def save(self) -> None:
+        self.manifest["updated"] = _now()
+        self.store.write_manifest(self.manifest)
+
+    # planning
+    def plan(self) -> list[_ModelPlan]:
+        plans = []
+        for index, source in enumerate(self.config["models"]):
+            dirname = model_dirname(index, source)
+            entry = self.manifest["models"].get(dirname)
+            n_chunks = None
+            if self.explicit is not None:
+                n_chunks = math.ceil(len(self.explicit) / self.config["chunk_size"])
+            elif entry is not None:
+                n_chunks = entry["n_chunks"]
+            pending = [] if n_chunks is None else [j for j in range(n_chunks) if not self._finished(dirname, j)]
+            plans.append(_ModelPlan(index, source, dirname, n_chunks, pending))
+        return plans
+
+    def _finished(self, dirname: str, chunk: int) -> bool:
+        key = chunk_key(dirname, chunk)
+        entry = self.manifest["chunks"].get(key)
+        if entry is None:
+            return False
+        problem = self.store.check_chunk(entry)
+        if problem is None:
+            self.result.skipped.append(key)
+            return True
+        warnings.warn(f"chunk {entry['file']} is damaged ({problem}); recomputing it", SweepWarning, stacklevel=5)
+        self.result.recomputed.append(key)
+        del self.manifest["chunks"][key]
+        return False
+
+    # running
+    def run(self) -> SweepResult:
+        from tqdm.auto import tqdm
+
+        self.manifest = self.open_manifest()
+        plans = self.plan()
+        estimate = self._chunks_per_model_estimate()
+        total = sum(len(p.pending) if p.n_chunks is not None else estimate for p in plans)
+        done = len(self.result.skipped)
+        overall = tqdm(
+            total=total, desc=f"{self.spec.name} sweep", unit="chunk", disable=self.quiet, position=0,
+            postfix={"done before": done} if done else None,
+        )
+        try:
+            for plan in plans:
+                if plan.n_chunks is not None and not plan.pending:
+                    continue  # everything verified: the model is not even loaded
+                self.run_model(plan, overall, estimate)
+        finally:
+            overall.close()
+        self.manifest["complete"] = True
+        self.manifest["runs"][self.run_index]["finished"] = _now()
+        self.save()
+        return self.result
+
+    def _chunks_per_model_estimate(self) -> int:
+        n = self.config["prompts"].get("n")
+        return math.ceil((50 if n is None else n) / self.config["chunk_size"])
+
+    def run_model(self, plan: _ModelPlan, overall: Any, estimate: int) -> None:
+        from tqdm.auto import tqdm
+
+        model = load_source(plan.source, self.dtype, self.device)
+        try:
+            items = self.register_model(plan, model)
+            if plan.n_chunks is None:  # now the dataset is known: fix the overall estimate
+                plan.n_chunks = math.ceil(len(items) / self.config["chunk_size"])
+                plan.pending = [j for j in range(plan.n_chunks) if not self._finished(plan.dirname, j)]
+                overall.total += len(plan.pending) - estimate
+                overall.refresh()
+            bar = tqdm(total=len(plan.pending), desc=plan.source, unit="chunk", leave=False, disable=self.quiet, position=1)
+            try:
+                for chunk in plan.pending:
+                    self.run_chunk(plan, model, items, chunk)
+                    bar.update()
+                    overall.update()
+            finally:
+                bar.close()
+        finally:
+            _release(model)
+
+    def register_model(self, plan: _ModelPlan, model: AnyModel) -> list[Item]:
+        """Record the model's identity and prompts, or refuse if they changed since the chunks on disk."""
+        identity = model_identity(model, plan.source)
+        if self.explicit is not None:
+            items = self.explicit
+        else:
+            items = _dataset_items(self.config["prompts"]["dataset"], model, self.config["prompts"]["n"], self.dataset_options)
+        identity.update(n_prompts=len(items), prompts_sha256=_prompts_sha256(items), n_chunks=math.ceil(len(items) / self.config["chunk_size"]))
+        recorded = self.manifest["models"].get(plan.dirname)
+        if recorded is not None:
+            lines = differences({k: recorded.get(k) for k in identity}, identity)
+            if lines:
+                raise SweepConfigError(
+                    f"model {plan.source!r} is not the model the finished chunks in {self.store.root} were computed with:\n  "
+                    + "\n  ".join(lines)
+                    + f"\nchoose another out, or delete {self.store.root} to start over."
+                )
+        else:
+            self.manifest["models"][plan.dirname] = identity
+            self.save()
+        return items
+
+    def run_chunk(self, plan: _ModelPlan, model: AnyModel, items: Sequence[Item], chunk: int) -> None:
+        size = self.config["chunk_size"]
+        start, stop = chunk * size, min((chunk + 1) * size, len(items))
+        began = time.perf_counter()
+        output = self.spec.run_chunk(model, items[start:stop], self.options)
+        frame = output.frame
+        frame["prompt"] = frame["prompt"] + start
+        frame.insert(0, "chunk", chunk)
+        frame.insert(0, "model", plan.source)
+        key = chunk_key(plan.dirname, chunk)
+        payload = {
+            "model": plan.source,
+            "model_index": plan.index,
+            "chunk": chunk,
+            "prompts": [start, stop],
+            "frame": frame_to_payload(frame),
+            "meta": output.metas,
+        }
+        entry = self.store.write_chunk(key, payload)
+        entry.update(
+            model=plan.source, model_index=plan.index, chunk=chunk, prompts=[start, stop], rows=len(frame),
+            seconds=round(time.perf_counter() - began, 3), run=self.run_index,
+        )
+        self.manifest["chunks"][key] = entry
+        self.save()
+        self.result.computed.append(key)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+__all__ = ["SweepModelError", "SweepResult", "aggregate", "describe", "differences", "environment", "load_source", "model_identity", "run"]
