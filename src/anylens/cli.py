@@ -1,0 +1,226 @@
+"""The ``anylens`` command line.
+
+Every subcommand is one entry of :data:`COMMANDS`: a help line, a function that adds its
+arguments to an argparse parser, and a function that runs it and returns the exit status.
+A subcommand that lives in its own module is added with :func:`module_command`; one that parses
+its own arguments (like ``zoo``) sets ``forward`` and receives the raw argument list.
+
+Exit status: 0 success, 1 the command ran and found a failure (``check``), 2 a usage or load
+error, reported on stderr in one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with the command line or with the model it names (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    setup: Callable[[argparse.ArgumentParser], None] | None = None
+    run: Callable[[argparse.Namespace], int] | None = None
+    #: Parses its own arguments: receives the raw list after the command name.
+    forward: Callable[[list[str]], int] | None = None
+
+
+def module_command(module: str, help: str) -> Command:
+    """A subcommand implemented in ``module`` by ``add_arguments(parser)`` and ``run(args) -> int``.
+
+    The module is imported when the parser is built; keep heavy imports inside its ``run``.
+    """
+
+    def setup(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(module).add_arguments(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        return int(importlib.import_module(module).run(args) or 0)
+
+    return Command(help, setup, run)
+
+
+# -- loading a MODEL argument --------------------------------------------------------------------
+MODEL_HELP = "zoo:NAME, tiny:FAMILY (a tiny random model), a model directory, a .gguf file, or a hub id"
+
+
+def load_model(source: str) -> Any:
+    """The model a command line names, or a :class:`UsageError` saying why it cannot be loaded."""
+    if source.startswith("tiny:"):
+        return _load_tiny(source.removeprefix("tiny:"))
+    from .core.loading import load
+
+    try:
+        return load(source)
+    except Exception as error:  # whatever the loaders raise, the user gets one clear line
+        raise UsageError(f"cannot load {source!r}: {_one_line(error)}") from None
+
+
+def _load_tiny(family: str) -> Any:
+    from .testing import TINY_BUILDERS, tiny
+
+    if family not in TINY_BUILDERS:
+        raise UsageError(f"no tiny model family {family!r}; families: {', '.join(TINY_BUILDERS)}")
+    try:
+        return tiny(family)
+    except Exception as error:
+        raise UsageError(f"cannot build tiny:{family}: {_one_line(error)}") from None
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+# -- anylens table -------------------------------------------------------------------------------
+def _table_setup(parser: argparse.ArgumentParser) -> None:
+    from .registry.table import FORMATS
+
+    parser.add_argument("--format", choices=FORMATS, default="markdown", help="output format (default: markdown)")
+    parser.add_argument("--write", metavar="PATH", type=Path, help="write to PATH instead of printing")
+    parser.add_argument("--builtin", action="store_true", help="built-in adapters only (what docs/reference.md shows)")
+
+
+def _table_run(args: argparse.Namespace) -> int:
+    from .registry.table import render, table_rows
+
+    rows = table_rows(builtin_only=args.builtin)
+    text = render(rows, args.format)
+    if args.write is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        args.write.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"cannot write {args.write}: {_one_line(error)}") from None
+    print(f"wrote {args.write} ({len(rows)} rows)", file=sys.stderr)
+    return EXIT_OK
+
+
+# -- anylens check -------------------------------------------------------------------------------
+def _check_setup(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("--prompt", metavar="TEXT", help="check on this text (default: two random token sequences)")
+
+
+def _check_run(args: argparse.Namespace) -> int:
+    from .registry.verify import check
+
+    model = load_model(args.model)
+    inputs = None
+    if args.prompt is not None:
+        try:
+            inputs = model.to_tokens(args.prompt)["input_ids"].to(model.device)
+        except Exception as error:
+            raise UsageError(f"cannot tokenize --prompt: {_one_line(error)}") from None
+    report = check(model, inputs)
+    print(report)
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+# -- anylens roles -------------------------------------------------------------------------------
+def _roles_setup(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+
+
+def _roles_run(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    adapter = model.adapter
+    print(f"model: {model.name}")
+    print(f"adapter: {adapter.name} ({', '.join(adapter.architectures)}), {model.n_layers} layers")
+    width = max(len(role) for role in model.roles)
+    for role in model.roles:
+        print(f"  {role:<{width}} -> {adapter.roles[role]}")
+    return EXIT_OK
+
+
+# -- anylens zoo ---------------------------------------------------------------------------------
+def _zoo_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anylens zoo", description="The tiny trained models shipped with anylens.")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("train", help="train the zoo models; arguments go to python -m anylens.zoo.train")
+    return parser
+
+
+def _zoo_forward(argv: list[str]) -> int:
+    if argv[:1] == ["train"]:
+        # Imported only here: training pulls in the corpus and its tokenizer.
+        from .zoo import train
+
+        return _exit_code(lambda: train.main(argv[1:]))
+
+    def explain() -> int:  # --help, or anything but 'train': argparse reports it and exits
+        _zoo_parser().parse_args(argv)
+        return EXIT_USAGE
+
+    return _exit_code(explain)
+
+
+COMMANDS: dict[str, Command] = {
+    "table": Command("print the role x architecture reference table", _table_setup, _table_run),
+    "check": Command("verify an adapter's invariants on a model", _check_setup, _check_run),
+    "roles": Command("show which module plays each role in a model", _roles_setup, _roles_run),
+    "zoo": Command("the tiny trained models: anylens zoo train [...]", forward=_zoo_forward),
+}
+
+
+# -- entry point ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anylens", description="Mechanistic interpretability on any architecture, through component roles."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        # A forwarding command is dispatched before parsing; it is listed here for --help only.
+        sub = commands.add_parser(name, help=command.help, description=command.help, add_help=not command.forward)
+        if command.setup is not None:
+            command.setup(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def _exit_code(call: Callable[[], Any]) -> int:
+    """Run ``call``, turning argparse's ``SystemExit`` into a returned status."""
+    try:
+        return int(call() or 0)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (EXIT_OK if stop.code is None else EXIT_USAGE)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (the console script exits with it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS and COMMANDS[argv[0]].forward is not None:
+        return COMMANDS[argv[0]].forward(argv[1:])
+    parser = build_parser()
+    args: argparse.Namespace | None = None
+
+    def parse() -> int:
+        nonlocal args
+        args = parser.parse_args(argv)
+        return EXIT_OK
+
+    status = _exit_code(parse)
+    if args is None:  # --help, or a usage error argparse has already reported
+        return status
+    try:
+        return args.run(args)
+    except UsageError as error:
+        print(f"anylens {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
