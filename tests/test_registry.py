@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import sys
 import textwrap
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -154,6 +157,26 @@ def test_hand_written_toml_file_is_read(tmp_path):
     assert spec.variants[0].when == {"tie_word_embeddings": True}
     assert "z" not in spec.specialize(SimpleNamespace(tie_word_embeddings=True)).roles
     assert "z" in spec.specialize(SimpleNamespace(tie_word_embeddings=False)).roles
+
+
+class MyLlamaForCausalLM(LlamaForCausalLM):
+    """The custom class of the example in docs/adapters.md."""
+
+
+def test_the_toml_example_in_the_docs_works(tmp_path):
+    docs = Path(__file__).resolve().parents[1] / "docs" / "adapters.md"
+    blocks = re.findall(r"```toml\n(.*?)```", docs.read_text(), flags=re.S)
+    example = next(block for block in blocks if block.startswith("[adapter]"))
+    path = tmp_path / "myllama.toml"
+    path.write_text(example)
+    al.register_adapter(path)
+    assert registry().adapter("myllama").roles == LLAMA.roles  # the example is the full LLaMA table
+    model, tokenizer = custom_llama(MyLlamaForCausalLM)
+    wrapped = al.wrap(model, tokenizer)
+    assert wrapped.adapter.name == "myllama"
+    with wrapped.trace(ids()):
+        z = wrapped.z[0].save()
+    assert z.shape == (2, 6, 4, 16)
 
 
 def test_to_toml_round_trips_through_from_toml(tmp_path):
@@ -307,7 +330,7 @@ def test_broken_entry_point_plugins_warn_by_name_and_the_rest_keep_working(tmp_p
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     for module in ("thirdparty_lens_good", "thirdparty_lens_raising"):
-        monkeypatch.delitem(__import__("sys").modules, module, raising=False)
+        monkeypatch.delitem(sys.modules, module, raising=False)
     reset_registry()
 
     with recorded_warnings() as caught:
