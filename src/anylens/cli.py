@@ -196,7 +196,10 @@ def _exit_code(call: Callable[[], Any]) -> int:
     try:
         return int(call() or 0)
     except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else (EXIT_OK if stop.code is None else EXIT_USAGE)
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or EXIT_OK
+        print(stop.code, file=sys.stderr)  # sys.exit("message"): the message is the report
+        return EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
