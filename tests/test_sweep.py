@@ -19,6 +19,7 @@ import pytest
 from pandas.testing import assert_frame_equal
 
 import anylens as al
+from anylens.datasets import factual_pairs
 from anylens.sweep import (
     SweepBusyError,
     SweepConfigError,
@@ -27,7 +28,8 @@ from anylens.sweep import (
     aggregate,
     load_results,
 )
-from anylens.sweep.cli import add_run_parser, run_cli
+from anylens.sweep.cli import add_run_parser, read_prompts, run_cli
+from anylens.sweep.experiments import as_items
 from anylens.sweep.store import MANIFEST, Store, frame_to_payload, payload_to_frame, sha256_bytes, write_atomic
 from anylens.testing import tiny
 
@@ -256,6 +258,25 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_directory(tmp_path
         sweep(tmp_path)
 
 
+# -- datasets generated per model ------------------------------------------------------------
+def test_a_dataset_sweep_tracks_each_prompts_own_answer(tmp_path, monkeypatch):
+    result = al.run("logit_lens", models=MODELS, dataset="factual", n=3, out=tmp_path, chunk_size=2, quiet=True)
+    manifest = result.manifest
+    assert manifest["config"]["prompts"] == {"kind": "dataset", "dataset": "factual", "n": 3, "options": {}}
+    pairs = factual_pairs(tiny("gpt2").tokenizer)[:3]
+    for identity in manifest["models"].values():
+        assert identity["n_prompts"] == 3 and identity["n_chunks"] == 2 and len(identity["prompts_sha256"]) == 64
+    frame = result.frame
+    for index, pair in enumerate(pairs):
+        rows = frame[(frame["prompt"] == index) & (frame["model"] == "tiny:gpt2")]
+        assert dict(zip(rows["target_role"], rows["target"])) == {"answer": pair.answer, "distractor": pair.corrupt_answer}
+
+    import anylens.sweep.runner as runner
+
+    monkeypatch.setattr(runner, "load_source", lambda *a, **k: pytest.fail("a finished model was loaded again"))
+    assert al.run("logit_lens", models=MODELS, dataset="factual", n=3, out=tmp_path, chunk_size=2, quiet=True).computed == []
+
+
 # -- patching over pairs, with the metric built per pair ------------------------------------------
 def test_patch_sweep_builds_each_pairs_metric_from_its_answer_and_distractor(tmp_path):
     pairs = [
@@ -363,19 +384,33 @@ def test_cli_resumes_a_sweep_and_refuses_a_changed_one(tmp_path, reference, caps
     assert error.startswith("anylens run: error:") and "options.targets" in error
 
 
-def test_cli_reads_pairs_and_reports_bad_arguments(tmp_path, capsys):
-    pairs = tmp_path / "pairs.tsv"
-    pairs.write_text("The capital of France is\tThe capital of Italy is\t Paris\t Rome\n")
+def test_cli_patches_over_a_dataset_and_reports_bad_arguments(tmp_path, capsys):
     out = tmp_path / "patch"
-    argv = ["run", "patch", "--models", "tiny:gpt2", "--prompts", str(pairs), "--out", str(out), "--quiet"]
-    args = _parse([*argv, "--metric", "logit_diff", "--role", "resid_pre", "--over", "layer,pos"])
-    assert run_cli(args) == 0
+    argv = ["run", "patch", "--models", "tiny:gpt2", "--dataset", "factual", "--n", "2", "--out", str(out), "--quiet"]
+    assert run_cli(_parse([*argv, "--metric", "logit_diff", "--role", "resid_pre", "--over", "layer,pos"])) == 0
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["config"]["options"] == {"metric": "logit_diff", "role": "resid_pre", "over": ["layer", "pos"]}
-    n_tokens = len(tiny("gpt2").to_str_tokens("The capital of France is"))
-    assert len(load_results(out)) == 3 * n_tokens  # one row per (layer, pos) of the one pair
+    assert manifest["config"]["prompts"] == {"kind": "dataset", "dataset": "factual", "n": 2, "options": {}}
+    assert manifest["models"]["00-tiny-gpt2"]["n_prompts"] == 2
+    frame = load_results(out)
+    pair = factual_pairs(tiny("gpt2").tokenizer)[1]
+    direct = al.patch(tiny("gpt2"), pair.clean, pair.corrupt, metric=al.metrics.logit_diff(pair.answer, pair.corrupt_answer)).frame
+    np.testing.assert_array_equal(frame[frame["prompt"] == 1]["metric"].to_numpy(), direct["metric"].to_numpy())
 
-    assert run_cli(_parse([*argv[:-1], "--set", "oops"])) == 2
+    assert run_cli(_parse([*argv, "--set", "oops"])) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
-    assert run_cli(_parse(["run", "logit_lens", "--models", "tiny:nope", "--prompts", str(pairs), "--out", str(tmp_path / "x"), "--quiet"])) == 2
+    assert run_cli(_parse([*argv, "--set", "directoin=noise"])) == 2
+    assert "does not take 'directoin'" in capsys.readouterr().err
+    bad_model = ["run", "logit_lens", "--models", "tiny:nope", "--dataset", "factual", "--out", str(tmp_path / "x"), "--quiet"]
+    assert run_cli(_parse(bad_model)) == 2
     assert "no tiny model family 'nope'" in capsys.readouterr().err
+
+
+def test_prompt_files_give_prompts_or_tab_separated_pairs(tmp_path):
+    text = tmp_path / "pairs.tsv"
+    text.write_text("The capital of France is\tThe capital of Italy is\t Paris\t Rome\n\nThe cat sat on the\n")
+    assert read_prompts(text) == [("The capital of France is", "The capital of Italy is", " Paris", " Rome"), "The cat sat on the"]
+    listed = tmp_path / "prompts.json"
+    listed.write_text(json.dumps([{"clean": "a", "corrupt": "b", "answer": " c"}, "d"]))
+    items = as_items(read_prompts(listed))
+    assert items[0].corrupt == "b" and items[0].answer == " c" and items[1].clean == "d" and items[1].corrupt is None
