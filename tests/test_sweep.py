@@ -206,6 +206,19 @@ def test_a_damaged_chunk_is_detected_and_recomputed(tmp_path, reference, calls, 
     assert chunk_hashes(out) == chunk_hashes(reference[0])
 
 
+# -- progress -----------------------------------------------------------------------------------
+def test_progress_bars_show_the_sweep_and_each_model_unless_quiet(tmp_path, reference, capsys):
+    out = copy_of(reference, tmp_path)
+    for chunk in ("00-tiny-gpt2/00002", "01-tiny-llama/00002"):
+        (out / "chunks" / f"{chunk}.json").unlink()
+    with pytest.warns(SweepWarning):
+        sweep(out, quiet=False)
+    shown = capsys.readouterr().err
+    assert "logit_lens sweep" in shown and "2/2" in shown and "tiny:gpt2" in shown and "tiny:llama" in shown
+    sweep(out, quiet=True)
+    assert capsys.readouterr().err == ""
+
+
 # -- (d) a different configuration is refused ------------------------------------------------------
 @pytest.mark.parametrize(
     ("change", "named"),
