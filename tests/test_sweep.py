@@ -342,6 +342,13 @@ def test_aggregate_of_a_sweep_groups_over_prompts(reference):
     values = frame[(frame["model"] == row["model"]) & (frame["layer"] == row["layer"]) & (frame["pos_from_end"] == -1)]["value"]
     assert row["mean"] == pytest.approx(values.astype(float).mean())
 
+    per_model = reference[1].results(by=["model", "layer", "pos_from_end"])
+    assert list(per_model) == MODELS
+    llama = per_model["tiny:llama"]
+    mean = got[(got["model"] == "tiny:llama")]["mean"].to_numpy()
+    np.testing.assert_array_equal(llama.frame["value"].to_numpy(), mean)
+    assert llama.pivot("layer", "pos_from_end").shape == (3, frame[frame["model"] == "tiny:llama"]["pos_from_end"].nunique())
+
 
 # -- storage ------------------------------------------------------------------------------------
 def test_chunk_frames_round_trip_exactly():

@@ -83,6 +83,26 @@ class SweepResult:
     def manifest(self) -> dict[str, Any]:
         return Store(self.out).read_manifest()
 
+    def results(self, by: Sequence[str] | None = None) -> dict[str, Any]:
+        """Per model, the mean over prompts as an :class:`anylens.Result` (``.plot()`` draws its heatmap).
+
+        The frame keeps the aggregate's columns, with ``value`` = ``mean``.
+        """
+        from ..experiments.results import Result
+
+        summary = self.aggregate(by=by)
+        options = self.manifest["config"]["options"]
+        over = options.get("over") if isinstance(options, dict) else None
+        results = {}
+        for source in self.models:
+            frame = summary[summary["model"] == source].drop(columns=["model"]).reset_index(drop=True)
+            frame["value"] = frame["mean"]
+            meta = {"model": source, "metric": f"mean over prompts of {self.experiment}", "sweep": str(self.out)}
+            if isinstance(over, list) and all(d in frame.columns for d in over):
+                meta["over"] = over
+            results[source] = Result(self.experiment, frame, meta)
+        return results
+
 
 def aggregate(frame: pd.DataFrame, by: Sequence[str] | None = None, value: str = "value") -> pd.DataFrame:
     """Per component: ``mean``, ``std`` (sample, ddof=1), ``count`` and a 95% interval over prompts.
