@@ -288,7 +288,9 @@ def run(
     * other keyword arguments go to the experiment (``role``, ``over``, ``metric``, ...); a metric
       given by name (``metric="logit_diff"``) is built per prompt from its answer and distractor.
 
-    Raises :class:`SweepConfigError` when ``out`` holds a sweep with another configuration.
+    Raises :class:`SweepConfigError` when ``out`` holds a sweep with another configuration (or the
+    arguments are inconsistent), :class:`SweepBusyError` when another process is writing ``out``,
+    and :class:`SweepModelError` when a model does not load.
     """
     spec = experiments_.experiment(experiment)
     models = _check_models(models)
@@ -368,7 +370,18 @@ class _ModelPlan:
 class _Sweep:
     """One invocation of ``run``: open or create the manifest, then compute what is missing."""
 
-    def __init__(self, spec, store, config, explicit, options, dataset_options, quiet, dtype, device):
+    def __init__(
+        self,
+        spec: experiments_.ExperimentSpec,
+        store: Store,
+        config: dict[str, Any],
+        explicit: list[Item] | None,
+        options: dict[str, Any],
+        dataset_options: dict[str, Any],
+        quiet: bool,
+        dtype: str | None,
+        device: str | None,
+    ):
         self.spec = spec
         self.store = store
         self.config = config
