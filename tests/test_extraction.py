@@ -233,6 +233,11 @@ def test_cache_interface(model: al.AnyModel) -> None:
     with pytest.raises(KeyError, match="index it with a layer"):
         cache["resid_post"]
 
+    # Equal lengths: no padding, and roles the model computes once per batch broadcast.
+    same = al.cache(model, [PROMPTS[0], PROMPTS[0]])
+    components, _ = same.decompose_resid()
+    torch.testing.assert_close(components.sum(0), same["resid_post", -1], atol=ATOL, rtol=0)
+
     missing = [role for role in ALL_ROLES if role not in model.roles]
     if missing:
         with pytest.raises(MissingRoleError, match="provides"):

@@ -381,9 +381,12 @@ def decompose_resid(cache: ActivationCache, layer: int = -1, per_head: bool = Fa
             components.append(cache[role, i])
             labels.append(f"{role.removesuffix('_out')} {i}")
     if bias is not None:
-        components.append(bias.expand_as(components[0]))
+        components.append(bias)
         labels.append("attn bias")
-    return Decomposition(torch.stack(components), labels, cache)
+    # Some roles are computed once for the whole batch (GPT-2's position embedding of an unpadded
+    # batch is [1, pos, d]) and broadcast by the model; broadcast them here too.
+    shape = cache["resid_post", last].shape if ("resid_post", last) in cache._values else first.shape
+    return Decomposition(torch.stack([c.expand(shape) for c in components]), labels, cache)
 
 
 def _has_heads(model: AnyModel) -> bool:
