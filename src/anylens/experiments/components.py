@@ -1,0 +1,350 @@
+"""Components of a role, and many patched runs in one forward pass.
+
+A *component* is one place in a role that an experiment patches: a layer, optionally one
+position and optionally one head. :func:`enumerate_components` lists them over the dimensions
+an experiment sweeps (``over``); :func:`run_plan` applies one component per batch row, with the
+prompt repeated along the batch, so a sweep of hundreds of patches costs a few forwards.
+
+Nothing here knows an architecture: roles say where activations live and how they are laid out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..core.errors import AnylensError, PromptError
+from ..core.roles import HEAD_ROLES, LAYER_ROLES
+
+if TYPE_CHECKING:
+    from ..core.model import AnyModel
+
+#: Dimensions a sweep may run over.
+DIMS = ("layer", "head", "pos")
+#: Roles whose heads are a dimension: the head roles plus ``pattern`` ([batch, head, query, key]).
+HEADED_ROLES = frozenset(HEAD_ROLES | {"pattern"})
+#: Fallback memory budget when the free memory cannot be measured (psutil missing).
+FIXED_BUDGET_BYTES = 2 * 2**30
+#: Share of the free memory a sweep may use by default.
+BUDGET_FRACTION = 0.25
+#: Most rows per forward on a CPU: past this, bigger batches stop paying (cache effects).
+MAX_CPU_ROWS = 64
+#: Most rows per forward on an accelerator.
+MAX_DEVICE_ROWS = 1024
+
+
+class OverError(AnylensError, ValueError):
+    """An ``over`` that the role cannot be swept over (e.g. heads of the residual stream)."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """A layer, and optionally one position and one head; ``None`` means all of them."""
+
+    layer: int
+    pos: int | None = None
+    head: int | None = None
+
+
+# -- enumeration ------------------------------------------------------------------------------
+def check_over(model: AnyModel, role: str, over: str | Sequence[str]) -> tuple[str, ...]:
+    """``over`` as a tuple of known dimensions valid for ``role``, or a clear error."""
+    model.role(role)  # a role this model lacks fails here, naming the roles it has
+    if role not in LAYER_ROLES:
+        raise OverError(f"role {role!r} is not per-layer; sweep one of: {', '.join(r for r in LAYER_ROLES if r in model.roles)}")
+    over = (over,) if isinstance(over, str) else tuple(over)
+    unknown = [d for d in over if d not in DIMS]
+    if unknown or len(set(over)) != len(over) or "layer" not in over:
+        raise OverError(
+            f"over={over!r}: give distinct dimensions from {DIMS}, including 'layer', "
+            "e.g. ('layer', 'pos'), ('layer', 'head'), ('layer', 'head', 'pos') or ('layer',)"
+        )
+    if "head" in over and role not in HEADED_ROLES:
+        raise OverError(
+            f"role {role!r} has no heads; sweep heads over one of {sorted(HEADED_ROLES & set(model.roles))}, "
+            "or drop 'head' from over"
+        )
+    return over
+
+
+def n_heads_of(model: AnyModel, role: str) -> int:
+    """Heads along the head dimension of ``role`` (key/value heads for ``k``/``v`` under GQA)."""
+    return model.n_kv_heads if role in ("k", "v") else model.n_heads
+
+
+def enumerate_components(
+    model: AnyModel,
+    role: str,
+    over: tuple[str, ...],
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+) -> list[Component]:
+    """Every component of ``role`` over ``over``, layer-major; unswept dimensions stay ``None``."""
+    over = check_over(model, role, over)
+    head_list: list[int | None] = [None]
+    if "head" in over:
+        head_list = list(range(n_heads_of(model, role))) if heads is None else list(heads)
+    pos_list: list[int | None] = [None]
+    if "pos" in over:
+        if positions is None:
+            raise ValueError("sweeping 'pos' needs the positions to sweep")
+        pos_list = list(positions)
+    return [Component(layer, pos, head) for layer in model.layers(layers) for head in head_list for pos in pos_list]
+
+
+def normalize_positions(positions: Sequence[int], length: int, what: str) -> list[int]:
+    """Positions in ``0..length-1`` (negative ones count from the end), or a clear error."""
+    out = []
+    for p in positions:
+        if not -length <= int(p) < length:
+            raise PromptError(f"{what} position {p} is out of range for a prompt of {length} tokens")
+        out.append(int(p) % length)
+    return out
+
+
+# -- the plan of a batched sweep --------------------------------------------------------------
+@dataclass
+class PatchPlan:
+    """Patched runs, one per row: which input it runs, which component it patches, from where.
+
+    ``sources[layer]`` holds the activations written in, laid out like the role, with one row per
+    source (a prompt, or a single mean). A component with ``pos=None`` is patched at every
+    ``target_positions`` entry, reading the matching ``source_positions`` entry.
+    """
+
+    role: str
+    inputs: torch.Tensor  # [n_inputs, T] token ids of the runs being patched
+    components: list[Component]
+    input_rows: torch.Tensor  # [n_rows] which input each row runs
+    source_rows: torch.Tensor  # [n_rows] which source row each row reads
+    sources: dict[int, torch.Tensor]
+    target_positions: list[int]
+    source_positions: list[int]
+
+    def __post_init__(self) -> None:
+        self.input_rows = torch.as_tensor(self.input_rows, dtype=torch.long)
+        self.source_rows = torch.as_tensor(self.source_rows, dtype=torch.long)
+        if not len(self.components) == len(self.input_rows) == len(self.source_rows):
+            raise ValueError("a patch plan needs one input row and one source row per component")
+        if len(self.target_positions) != len(self.source_positions):
+            raise ValueError("target and source positions must pair up one to one")
+        self._source_of = dict(zip(self.target_positions, self.source_positions))
+
+    def __len__(self) -> int:
+        return len(self.components)
+
+    def source_pos(self, pos: int) -> int:
+        if pos not in self._source_of:
+            raise PromptError(f"position {pos} has no source position to patch from (see align=)")
+        return self._source_of[pos]
+
+
+@dataclass
+class PlanStats:
+    """How a plan ran: patches, forwards and rows per forward."""
+
+    patches: int = 0
+    forwards: int = 0
+    rows_per_forward: int = 0
+
+    @property
+    def patches_per_forward(self) -> float:
+        return self.patches / self.forwards if self.forwards else 0.0
+
+
+def run_plan(
+    model: AnyModel,
+    plan: PatchPlan,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+) -> tuple[torch.Tensor, PlanStats]:
+    """Run every patched row of ``plan``, many rows per forward; ``score`` each chunk.
+
+    ``score(last_logits [k, vocab], rows [k]) -> [k]`` turns a chunk's final-position logits into
+    metric values, so full logits of every row never have to be kept. Returns ``[n_rows]`` scores.
+    """
+    n = len(plan)
+    rows_per_forward = batch_size or rows_for_budget(model, plan.inputs.shape[1], memory_budget)
+    if rows_per_forward < 1:
+        raise ValueError(f"batch_size must be a positive number of rows, got {batch_size!r}")
+    scores = torch.empty(n)
+    stats = PlanStats(patches=n, rows_per_forward=min(rows_per_forward, n))
+    for start in range(0, n, rows_per_forward):
+        rows = torch.arange(start, min(start + rows_per_forward, n))
+        last = _patched_forward(model, plan, rows)
+        scores[rows] = score(last, rows).detach().float().cpu()
+        stats.forwards += 1
+    return scores, stats
+
+
+def _patched_forward(model: AnyModel, plan: PatchPlan, rows: torch.Tensor) -> torch.Tensor:
+    """One forward over ``rows`` of the plan, each row carrying its own patch."""
+    access = model.role(plan.role)
+    device = model.device
+    ids = plan.inputs[plan.input_rows[rows]].to(device)
+    writes = _writes_by_layer(plan, rows, device)
+    with torch.no_grad(), model.trace(ids):
+        for layer in sorted(writes):  # ascending layers: reads must follow the forward order
+            target = access.read(layer)
+            for target_index, source_index in writes[layer]:
+                target[target_index] = plan.sources[layer][source_index].to(target.dtype)
+        last = model.logits[:, -1].save()
+    return last
+
+
+def _writes_by_layer(plan: PatchPlan, rows: torch.Tensor, device: torch.device) -> dict[int, list[tuple[tuple, tuple]]]:
+    """Per layer, (target index, source index) pairs, one per group of alike components.
+
+    Rows whose components have the same shape (position given or not, head given or not) are
+    written with one vectorised index, so a layer costs one write per group, not one per row.
+    """
+    groups: dict[tuple[int, bool, bool], list[int]] = {}
+    for local, row in enumerate(rows.tolist()):
+        c = plan.components[row]
+        groups.setdefault((c.layer, c.pos is None, c.head is None), []).append(local)
+    writes: dict[int, list[tuple[tuple, tuple]]] = {}
+    headed = plan.role in HEADED_ROLES
+    head_first = plan.role == "pattern"  # [batch, head, query, key]; the others are [batch, pos, ...]
+    for (layer, all_pos, all_heads), locals_ in groups.items():
+        chosen = [int(rows[i]) for i in locals_]
+        batch_rows = torch.tensor(locals_, device=device)
+        source_rows = plan.source_rows[chosen].to(device)
+        if all_pos:
+            target_pos = torch.tensor(plan.target_positions, device=device)[None, :]
+            source_pos = torch.tensor(plan.source_positions, device=device)[None, :]
+            batch_rows, source_rows = batch_rows[:, None], source_rows[:, None]
+        else:
+            target_pos = torch.tensor([plan.components[r].pos for r in chosen], device=device)
+            source_pos = torch.tensor([plan.source_pos(plan.components[r].pos) for r in chosen], device=device)
+        if plan.sources[layer].shape[1 if not head_first else 2] == 1:
+            source_pos = torch.zeros_like(source_pos)  # one value for every position (a mean)
+        head: Any = slice(None)
+        if headed and not all_heads:
+            head = torch.tensor([plan.components[r].head for r in chosen], device=device)
+            if all_pos:
+                head = head[:, None]
+        target = _index(batch_rows, target_pos, head, headed, head_first)
+        source = _index(source_rows, source_pos, head, headed, head_first)
+        writes.setdefault(layer, []).append((target, source))
+    return writes
+
+
+def _index(rows: Any, pos: Any, head: Any, headed: bool, head_first: bool) -> tuple:
+    if head_first:
+        return (rows, head, pos)
+    if headed and not isinstance(head, slice):
+        return (rows, pos, head)
+    return (rows, pos)
+
+
+# -- sizing -----------------------------------------------------------------------------------
+def bytes_per_row(model: AnyModel, seq_len: int) -> int:
+    """A rough upper estimate of the memory one patched row needs during a no-grad forward.
+
+    Per token: a few residual-width tensors, the MLP (or SSM) hidden width, attention scores for
+    every head, and the logits; doubled for temporaries.
+    """
+    config = model.config
+    d = model.d_model
+    d_hidden = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d)
+    heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1)
+    state = int(getattr(config, "state_size", 0) or 0)
+    per_token = 8 * d + 3 * d_hidden + heads * seq_len + d_hidden * state + model.d_vocab
+    element = torch.finfo(next(model.hf.parameters()).dtype).bits // 8
+    return 2 * element * per_token * seq_len
+
+
+def default_budget(model: AnyModel) -> int:
+    """A share of the free memory of the model's device; a fixed cap when it cannot be measured."""
+    device = model.device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * BUDGET_FRACTION * 2)
+    try:
+        import psutil
+    except ImportError:
+        return FIXED_BUDGET_BYTES
+    return int(psutil.virtual_memory().available * BUDGET_FRACTION)
+
+
+def rows_for_budget(model: AnyModel, seq_len: int, memory_budget: int | None = None) -> int:
+    """Rows per forward that fit ``memory_budget`` bytes (default: :func:`default_budget`)."""
+    budget = default_budget(model) if memory_budget is None else int(memory_budget)
+    cap = MAX_CPU_ROWS if model.device.type == "cpu" else MAX_DEVICE_ROWS
+    return max(1, min(cap, budget // bytes_per_row(model, seq_len)))
+
+
+# -- recording ------------------------------------------------------------------------------
+def record(model: AnyModel, role: str, ids: torch.Tensor, layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Activations of ``role`` at ``layers`` and the final-position logits, in one no-grad trace."""
+    access = model.role(role)
+    saved: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), model.trace(ids.to(model.device)):
+        for layer in sorted(layers):
+            saved[layer] = access.read(layer).clone().save()
+        last = model.logits[:, -1].save()
+    return saved, last
+
+
+# -- metrics over rows ------------------------------------------------------------------------
+def metric_for_rows(metric: Any, prompt_of_row: torch.Tensor, n_prompts: int) -> Any:
+    """``metric`` with per-prompt targets re-indexed so there is one target per batch row.
+
+    A metric's targets may be one word, or one word per prompt; a sweep runs each prompt many
+    times, so a per-prompt list must follow the rows. Metrics without such fields pass unchanged.
+    """
+    if not dataclasses.is_dataclass(metric):
+        return metric
+    changes = {}
+    for field in dataclasses.fields(metric):
+        value = getattr(metric, field.name)
+        if isinstance(value, (str, bytes, int)) or not isinstance(value, Sequence):
+            continue
+        if len(value) != n_prompts:
+            raise PromptError(
+                f"metric {getattr(metric, 'name', type(metric).__name__)!r} has {len(value)} {field.name} targets "
+                f"for {n_prompts} prompts: give one target, or one per prompt"
+            )
+        changes[field.name] = [value[int(i)] for i in prompt_of_row]
+    return dataclasses.replace(metric, **changes) if changes else metric
+
+
+def score_rows(
+    metric: Any,
+    model: AnyModel,
+    last: torch.Tensor,
+    prompt_of_row: torch.Tensor,
+    n_prompts: int,
+    reference_last: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The metric on final-position logits ``[k, vocab]`` whose rows run the given prompts.
+
+    ``reference_last[prompt]`` is the logits a comparing metric (KL) measures against.
+    """
+    reference = None if reference_last is None else reference_last[prompt_of_row.to(reference_last.device)]
+    return metric_for_rows(metric, prompt_of_row, n_prompts)(last, model, reference)
+
+
+__all__ = [
+    "Component",
+    "OverError",
+    "PatchPlan",
+    "PlanStats",
+    "bytes_per_row",
+    "check_over",
+    "default_budget",
+    "enumerate_components",
+    "metric_for_rows",
+    "n_heads_of",
+    "normalize_positions",
+    "record",
+    "rows_for_budget",
+    "run_plan",
+    "score_rows",
+]

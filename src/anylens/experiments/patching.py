@@ -1,0 +1,279 @@
+"""Activation patching: copy one component's activation between a clean and a corrupt run.
+
+Denoising patches clean activations into the corrupt run (which components restore the clean
+behaviour?); noising patches corrupt activations into the clean run (which ones break it?).
+Every patched run is a row of a batch: the run's prompt is repeated along the batch and each row
+carries its own patch, so a sweep costs a few forwards, not one per patch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+
+from ..core.errors import PromptError
+from . import metrics as metrics_
+from .components import PatchPlan, check_over, enumerate_components, normalize_positions, record, run_plan, score_rows
+from .prompts import Prompts, paired
+from .results import Result
+
+if TYPE_CHECKING:
+    from ..core.model import AnyModel
+
+DIRECTIONS = ("denoise", "noise")
+
+
+@dataclass(repr=False)
+class PatchResult(Result):
+    """A patching (or attribution) sweep: one row per component, with the metric and its score.
+
+    Columns: the swept dimensions (``layer``, ``head``, ``pos``), ``token`` at ``pos`` in the run
+    being patched, ``metric`` (the patched run's metric, averaged over prompt pairs) and
+    ``normalized`` = (metric - corrupt) / (clean - corrupt): 0 is corrupt behaviour, 1 clean.
+    """
+
+    @property
+    def clean_metric(self) -> float:
+        return self.meta["clean_metric"]
+
+    @property
+    def corrupt_metric(self) -> float:
+        return self.meta["corrupt_metric"]
+
+
+@dataclass
+class PairedRuns:
+    """Clean and corrupt token ids, which one is patched, and which positions pair up."""
+
+    clean: torch.Tensor  # [n_pairs, T_clean]
+    corrupt: torch.Tensor  # [n_pairs, T_corrupt]
+    direction: str
+    target_positions: list[int]  # positions of the patched run
+    source_positions: list[int]  # the matching positions of the run activations come from
+
+    @property
+    def patched(self) -> torch.Tensor:
+        """The run that receives patches: corrupt when denoising, clean when noising."""
+        return self.corrupt if self.direction == "denoise" else self.clean
+
+    @property
+    def source(self) -> torch.Tensor:
+        return self.clean if self.direction == "denoise" else self.corrupt
+
+    @property
+    def n_pairs(self) -> int:
+        return self.clean.shape[0]
+
+
+def prepare_pairs(
+    model: AnyModel,
+    clean: Prompts,
+    corrupt: Prompts,
+    direction: str = "denoise",
+    align: tuple[Sequence[int], Sequence[int]] | None = None,
+    positions: Sequence[int] | None = None,
+) -> PairedRuns:
+    """Tokenize prompt pairs and work out which positions are patched from where."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}: use 'denoise' (clean into corrupt) or 'noise' (corrupt into clean)")
+    clean_ids, corrupt_ids = paired(model, clean, corrupt, align=align)
+    n_pairs = max(clean_ids.shape[0], corrupt_ids.shape[0])
+    clean_ids = clean_ids.expand(n_pairs, -1)
+    corrupt_ids = corrupt_ids.expand(n_pairs, -1)
+    t_clean, t_corrupt = clean_ids.shape[1], corrupt_ids.shape[1]
+    if align is None:
+        clean_pos = corrupt_pos = list(range(t_clean))
+    else:
+        clean_pos, corrupt_pos = _check_align(align, t_clean, t_corrupt)
+    target, source = (corrupt_pos, clean_pos) if direction == "denoise" else (clean_pos, corrupt_pos)
+    if positions is not None:
+        t_target = corrupt_ids.shape[1] if direction == "denoise" else t_clean
+        wanted = normalize_positions(positions, t_target, "patched-run")
+        missing = [p for p in wanted if p not in target]
+        if missing:
+            raise PromptError(f"positions {missing} are not aligned to any source position; aligned positions: {target}")
+        keep = [target.index(p) for p in wanted]
+        target, source = [target[i] for i in keep], [source[i] for i in keep]
+    return PairedRuns(clean_ids, corrupt_ids, direction, target, source)
+
+
+def _check_align(align: Any, t_clean: int, t_corrupt: int) -> tuple[list[int], list[int]]:
+    try:
+        clean_pos, corrupt_pos = align
+    except (TypeError, ValueError):
+        raise PromptError("align must be a pair (clean_positions, corrupt_positions) of equal-length lists") from None
+    if len(clean_pos) != len(corrupt_pos):
+        raise PromptError(f"align pairs {len(clean_pos)} clean positions with {len(corrupt_pos)} corrupt positions: give as many of each")
+    clean_pos = normalize_positions(clean_pos, t_clean, "clean")
+    corrupt_pos = normalize_positions(corrupt_pos, t_corrupt, "corrupt")
+    for name, pos in (("clean", clean_pos), ("corrupt", corrupt_pos)):
+        if len(set(pos)) != len(pos):
+            raise PromptError(f"align lists a {name} position twice: {pos}")
+    return clean_pos, corrupt_pos
+
+
+def patch(
+    model: AnyModel,
+    clean: Prompts,
+    corrupt: Prompts,
+    role: str = "resid_pre",
+    over: Sequence[str] = ("layer", "pos"),
+    metric: Any = None,
+    direction: str = "denoise",
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    align: tuple[Sequence[int], Sequence[int]] | None = None,
+    normalize: bool = True,
+    per_prompt: bool = False,
+) -> PatchResult:
+    """Patch every component of ``role`` over ``over`` and measure ``metric`` at the last position.
+
+    ``metric`` defaults to KL divergence from the clean run. ``clean`` and ``corrupt`` are one
+    prompt each or lists of pairs (the metric is averaged over pairs; ``per_prompt=True`` keeps a
+    row per pair). Prompts must have the same number of tokens unless ``align=(clean_positions,
+    corrupt_positions)`` pairs positions up; ``pos`` is then a position of the patched run.
+    ``batch_size`` sets the patched runs per forward; otherwise they are sized to
+    ``memory_budget`` bytes (default: a share of the free memory).
+    """
+    over = check_over(model, role, over)
+    metric = metrics_.kl() if metric is None else metric
+    runs = prepare_pairs(model, clean, corrupt, direction, align, positions)
+    layer_list = model.layers(layers)
+    components = enumerate_components(model, role, over, layer_list, runs.target_positions)
+
+    sources, source_last = record(model, role, runs.source, layer_list)
+    _, patched_last = record(model, role, runs.patched, [])
+    clean_last, corrupt_last = (source_last, patched_last) if direction == "denoise" else (patched_last, source_last)
+    n_pairs = runs.n_pairs
+    every_pair = torch.arange(n_pairs)
+    clean_values = score_rows(metric, model, clean_last, every_pair, n_pairs, clean_last).float().cpu()
+    corrupt_values = score_rows(metric, model, corrupt_last, every_pair, n_pairs, clean_last).float().cpu()
+
+    # Rows are component-major: row = component * n_pairs + pair.
+    plan = PatchPlan(
+        role=role,
+        inputs=runs.patched,
+        components=[c for c in components for _ in range(n_pairs)],
+        input_rows=every_pair.repeat(len(components)),
+        source_rows=every_pair.repeat(len(components)),
+        sources=sources,
+        target_positions=runs.target_positions,
+        source_positions=runs.source_positions,
+    )
+
+    def score(last: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return score_rows(metric, model, last, plan.input_rows[rows], n_pairs, clean_last)
+
+    values, stats = run_plan(model, plan, score, batch_size=batch_size, memory_budget=memory_budget)
+    values = values.reshape(len(components), n_pairs)
+
+    frame = sweep_frame(model, components, over, runs.patched[0], values, clean_values, corrupt_values, normalize, per_prompt)
+    meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
+    meta.update(patches=stats.patches, forwards=stats.forwards, patches_per_forward=stats.patches_per_forward)
+    return PatchResult("patch", frame, meta, value="normalized" if normalize else "metric")
+
+
+# -- tidy output, shared with attribution -----------------------------------------------------
+def sweep_frame(
+    model: AnyModel,
+    components: list,
+    over: tuple[str, ...],
+    patched_ids: torch.Tensor,
+    values: torch.Tensor,
+    clean_values: torch.Tensor,
+    corrupt_values: torch.Tensor,
+    normalize: bool,
+    per_prompt: bool,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> pd.DataFrame:
+    """One row per component (or per component and prompt pair), with the metric and its score.
+
+    ``values`` is ``[n_components, n_pairs]``; averaged over pairs unless ``per_prompt``.
+    ``extra`` columns are laid out like ``values``.
+    """
+    tokens = model.to_str_tokens(patched_ids)
+    extra = extra or {}
+    if per_prompt:
+        metric_cols = {"metric": values}
+        metric_cols.update(extra)
+        clean, corrupt = clean_values[None, :], corrupt_values[None, :]
+    else:
+        metric_cols = {"metric": values.mean(1, keepdim=True)}
+        metric_cols.update({k: v.mean(1, keepdim=True) for k, v in extra.items()})
+        clean, corrupt = clean_values.mean().reshape(1, 1), corrupt_values.mean().reshape(1, 1)
+    if normalize:
+        metric_cols["normalized"] = _normalized(metric_cols["metric"], clean, corrupt)
+    rows = []
+    for index, component in enumerate(components):
+        for pair in range(metric_cols["metric"].shape[1]):
+            row: dict[str, Any] = {"layer": component.layer}
+            if "head" in over:
+                row["head"] = component.head
+            if "pos" in over:
+                row["pos"] = component.pos
+                row["token"] = tokens[component.pos]
+            if per_prompt:
+                row["prompt"] = pair
+            row.update({name: float(col[index, pair]) for name, col in metric_cols.items()})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _normalized(patched: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor) -> torch.Tensor:
+    """The normalised score; NaN (with a warning) where clean and corrupt do not differ."""
+    gap = (clean - corrupt).expand_as(patched)
+    flat = gap.abs() < 1e-8
+    if flat.any():
+        warnings.warn(
+            "clean and corrupt runs give the same metric value for some prompt pairs, so their normalised "
+            "score is undefined (NaN); choose prompts or a metric that tell the runs apart",
+            stacklevel=3,
+        )
+    score = (patched - corrupt) / torch.where(flat, torch.ones_like(gap), gap)
+    return torch.where(flat, torch.full_like(score, float("nan")), score)
+
+
+def sweep_meta(
+    model: AnyModel,
+    role: str,
+    over: tuple[str, ...],
+    metric: Any,
+    runs: PairedRuns,
+    clean_values: torch.Tensor,
+    corrupt_values: torch.Tensor,
+    align: Any,
+) -> dict[str, Any]:
+    return {
+        "model": model.name,
+        "adapter": model.adapter.name,
+        "role": role,
+        "over": list(over),
+        "metric": getattr(metric, "name", type(metric).__name__),
+        "metric_spec": repr(metric),
+        "direction": runs.direction,
+        "tokens": model.to_str_tokens(runs.patched[0]),
+        "clean_tokens": model.to_str_tokens(runs.clean[0]),
+        "corrupt_tokens": model.to_str_tokens(runs.corrupt[0]),
+        "n_prompts": runs.n_pairs,
+        "clean_metric": float(clean_values.mean()),
+        "corrupt_metric": float(corrupt_values.mean()),
+        "clean_metric_per_prompt": clean_values.tolist(),
+        "corrupt_metric_per_prompt": corrupt_values.tolist(),
+        "align": None if align is None else _align_meta(runs),
+    }
+
+
+def _align_meta(runs: PairedRuns) -> dict[str, list[int]]:
+    if runs.direction == "denoise":
+        return {"clean": runs.source_positions, "corrupt": runs.target_positions}
+    return {"clean": runs.target_positions, "corrupt": runs.source_positions}
+
+
+__all__ = ["DIRECTIONS", "PairedRuns", "PatchResult", "patch", "prepare_pairs"]

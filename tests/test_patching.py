@@ -1,0 +1,194 @@
+"""Activation patching against a one-patch-per-forward reference built from plain torch hooks."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import hook_reference as ref
+import pytest
+import torch
+
+import anylens as al
+from anylens.experiments.components import OverError
+from anylens.testing import TINY_BUILDERS, tiny
+
+TOL = 1e-5
+ANSWER, DISTRACTOR = 300, 301  # " Paris", " Rome" in the tiny tokenizer
+METRIC = al.metrics.logit_diff(ANSWER, DISTRACTOR)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with ref.one_thread():
+        yield
+
+
+@cache
+def _build(family: str):
+    try:
+        return tiny(family)
+    except ImportError as error:  # e.g. mamba-ssm, whose kernels need a CUDA build of torch
+        return error
+
+
+def model_of(family: str):
+    model = _build(family)
+    if isinstance(model, ImportError):
+        pytest.skip(f"tiny {family!r} cannot be built here: {model}")
+    return model
+
+
+def prompt_pairs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random clean prompts of 6 tokens; each corrupt prompt differs at position 2 only."""
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randint(4, 400, (2, 6), generator=generator)
+    corrupt = clean.clone()
+    corrupt[:, 2] = torch.randint(4, 400, (2,), generator=generator)
+    return clean, corrupt
+
+
+def reference_patch(hf, role, over, clean, corrupt, direction, align=None):
+    """{(layer, head?, pos?): metric averaged over pairs}, one hooked forward per patch.
+
+    Each forward runs every prompt pair as a batch row with the same single patch.
+    """
+    target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    if align is None:
+        source_of = {p: p for p in range(target.shape[1])}
+    else:
+        src_pos, tgt_pos = align if direction == "denoise" else align[::-1]
+        source_of = dict(zip(tgt_pos, src_pos))
+    heads = range(ref.n_heads(hf)) if "head" in over else [None]
+    positions = list(source_of) if "pos" in over else [None]
+    out = {}
+    with torch.no_grad():
+        source_acts, _ = ref.capture(hf, role, source)
+        for layer in range(ref.n_layers(hf)):
+            for head in heads:
+                for pos in positions:
+                    def edit(value, layer=layer, head=head, pos=pos):
+                        for tp in source_of if pos is None else [pos]:
+                            value = ref.replace(value, source_acts[layer], role, hf, tp, head, source_of[tp])
+                        return value
+
+                    logits = ref.run(hf, target, {(role, layer): edit})
+                    key = (layer,) + ((head,) if head is not None else ()) + ((pos,) if pos is not None else ())
+                    out[key] = ref.logit_diff(logits, ANSWER, DISTRACTOR).mean().item()
+        clean_metric = ref.logit_diff(ref.run(hf, clean), ANSWER, DISTRACTOR).mean().item()
+        corrupt_metric = ref.logit_diff(ref.run(hf, corrupt), ANSWER, DISTRACTOR).mean().item()
+    return out, clean_metric, corrupt_metric
+
+
+def keyed(frame, over):
+    columns = [d for d in ("layer", "head", "pos") if d in over]
+    return {tuple(int(v) for v in row[columns]): row for _, row in frame.iterrows()}
+
+
+CASES = [("resid_pre", ("layer", "pos")), ("z", ("layer", "head")), ("mlp_out", ("layer",))]
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("role,over", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+def test_patch_matches_hook_reference(family, role, over, direction):
+    model = model_of(family)
+    if role not in model.roles:
+        pytest.skip(f"{family} has no role {role!r} (its adapter provides {', '.join(model.roles)})")
+    clean, corrupt = prompt_pairs()
+    result = al.patch(model, clean, corrupt, role=role, over=over, metric=METRIC, direction=direction)
+    expected, clean_metric, corrupt_metric = reference_patch(model.hf, role, over, clean, corrupt, direction)
+
+    got = keyed(result.to_frame(), over)
+    assert set(got) == set(expected)
+    errors = [abs(got[key]["metric"] - value) for key, value in expected.items()]
+    assert max(errors) <= TOL, f"max abs error {max(errors):.2e}"
+    assert abs(result.clean_metric - clean_metric) <= TOL
+    assert abs(result.corrupt_metric - corrupt_metric) <= TOL
+    gap = clean_metric - corrupt_metric
+    for key, value in expected.items():
+        assert got[key]["normalized"] == pytest.approx((value - corrupt_metric) / gap, abs=1e-3)
+    # The patches did something: some component moves the metric off the unpatched run.
+    unpatched = corrupt_metric if direction == "denoise" else clean_metric
+    assert max(abs(v - unpatched) for v in expected.values()) > 1e-4
+    if role == "resid_pre":
+        # The prompts differ only at position 2: patching layer 0's input there swaps the whole run.
+        assert got[(0, 2)]["normalized"] == pytest.approx(1.0 if direction == "denoise" else 0.0, abs=1e-4)
+
+
+def test_patches_are_batched_into_few_forwards():
+    family = next(iter(TINY_BUILDERS))
+    model = model_of(family)
+    clean, corrupt = prompt_pairs()
+    forwards = []
+    handle = model.hf.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(1), with_kwargs=True)
+    try:
+        batched = al.patch(model, clean, corrupt, metric=METRIC)
+        n_batched = len(forwards)
+        forwards.clear()
+        chunked = al.patch(model, clean, corrupt, metric=METRIC, batch_size=5)
+        n_chunked = len(forwards)
+    finally:
+        handle.remove()
+    patched_runs = model.n_layers * clean.shape[1] * clean.shape[0]  # components x prompt pairs
+    assert batched.meta["patches"] == patched_runs
+    assert n_batched == 3  # clean run, corrupt run, and every patched run in one batch
+    assert batched.meta["patches_per_forward"] == patched_runs
+    assert n_chunked == 2 + -(-patched_runs // 5)
+    assert torch.allclose(
+        torch.tensor(batched.to_frame()["metric"].to_numpy()), torch.tensor(chunked.to_frame()["metric"].to_numpy()), atol=TOL
+    )
+    tiny_budget = al.patch(model, clean, corrupt, role="mlp_out" if "mlp_out" in model.roles else "resid_post",
+                           over=("layer",), metric=METRIC, memory_budget=1)
+    assert tiny_budget.meta["forwards"] == tiny_budget.meta["patches"]  # a budget below one row: one row per forward
+
+
+def test_different_lengths_raise_prompt_error_showing_both_tokenizations():
+    model = model_of(next(iter(TINY_BUILDERS)))
+    clean, corrupt = "The capital of France is", "The Colosseum is in"
+    with pytest.raises(al.PromptError) as error:
+        al.patch(model, clean, corrupt, metric=METRIC)
+    message = str(error.value)
+    assert str(model.to_str_tokens(clean)) in message
+    assert str(model.to_str_tokens(corrupt)) in message
+    assert "align" in message
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_align_patches_clean_position_into_corrupt_position(direction):
+    model = model_of(next(iter(TINY_BUILDERS)))
+    clean, _ = prompt_pairs(seed=1)
+    clean = clean[:1]
+    corrupt = torch.cat([clean[:, :2], torch.tensor([[42]]), clean[:, 2:]], dim=1)  # one token inserted
+    corrupt[0, 4] = 77
+    align = ([0, 1, 3, 4, 5], [0, 1, 4, 5, 6])  # clean 2 and corrupt 2, 3 pair with nothing
+    result = al.patch(model, clean, corrupt, metric=METRIC, align=align, direction=direction)
+    expected, *_ = reference_patch(model.hf, "resid_pre", ("layer", "pos"), clean, corrupt, direction, align=align)
+    got = keyed(result.to_frame(), ("layer", "pos"))
+    assert set(got) == set(expected)
+    assert max(abs(got[k]["metric"] - v) for k, v in expected.items()) <= TOL
+    assert sorted({k[1] for k in got}) == (align[1] if direction == "denoise" else align[0])
+    with pytest.raises(al.PromptError, match="not aligned"):
+        al.patch(model, clean, corrupt, metric=METRIC, align=align, positions=[2])
+
+
+def test_per_prompt_rows_average_to_the_summary():
+    model = model_of(next(iter(TINY_BUILDERS)))
+    clean, corrupt = prompt_pairs()
+    summary = al.patch(model, clean, corrupt, role="resid_pre", over=("layer",), metric=METRIC).to_frame()
+    per_prompt = al.patch(model, clean, corrupt, role="resid_pre", over=("layer",), metric=METRIC, per_prompt=True).to_frame()
+    assert sorted(per_prompt["prompt"].unique()) == [0, 1]
+    averaged = per_prompt.groupby("layer")["metric"].mean()
+    assert torch.allclose(torch.tensor(averaged.to_numpy()), torch.tensor(summary["metric"].to_numpy()), atol=TOL)
+
+
+def test_invalid_sweeps_say_what_to_do():
+    model = model_of(next(iter(TINY_BUILDERS)))
+    clean, corrupt = prompt_pairs()
+    with pytest.raises(OverError, match="no heads"):
+        al.patch(model, clean, corrupt, role="resid_pre", over=("layer", "head"), metric=METRIC)
+    with pytest.raises(OverError, match="distinct dimensions"):
+        al.patch(model, clean, corrupt, role="resid_pre", over=("layer", "neuron"), metric=METRIC)
+    with pytest.raises(ValueError, match="denoise"):
+        al.patch(model, clean, corrupt, metric=METRIC, direction="sideways")
+    with pytest.raises(al.MissingRoleError):
+        al.patch(model, clean, corrupt, role="no_such_role", metric=METRIC)
