@@ -174,7 +174,8 @@ def patch(
     values, stats = run_plan(model, plan, score, batch_size=batch_size, memory_budget=memory_budget)
     values = values.reshape(len(components), n_pairs)
 
-    frame = sweep_frame(model, components, over, runs.patched[0], values, clean_values, corrupt_values, normalize, per_prompt)
+    normalizer = (clean_values, corrupt_values) if normalize else None
+    frame = sweep_frame(model, components, over, runs.patched[0], {"metric": values}, per_prompt, normalizer)
     meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
     meta.update(patches=stats.patches, forwards=stats.forwards, patches_per_forward=stats.patches_per_forward)
     return PatchResult("patch", frame, meta, value="normalized" if normalize else "metric")
@@ -186,33 +187,25 @@ def sweep_frame(
     components: list,
     over: tuple[str, ...],
     patched_ids: torch.Tensor,
-    values: torch.Tensor,
-    clean_values: torch.Tensor,
-    corrupt_values: torch.Tensor,
-    normalize: bool,
-    per_prompt: bool,
-    extra: dict[str, torch.Tensor] | None = None,
+    columns: dict[str, torch.Tensor],
+    per_prompt: bool = False,
+    normalize: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> pd.DataFrame:
-    """One row per component (or per component and prompt pair), with the metric and its score.
+    """One row per component (or per component and prompt), with the given value columns.
 
-    ``values`` is ``[n_components, n_pairs]``; averaged over pairs unless ``per_prompt``.
-    ``extra`` columns are laid out like ``values``.
+    Each column is ``[n_components, n_prompts]`` and is averaged over prompts unless
+    ``per_prompt``. ``normalize=(clean, corrupt)`` (each ``[n_prompts]``) adds ``normalized``,
+    computed from the averages (or per prompt).
     """
     tokens = model.to_str_tokens(patched_ids)
-    extra = extra or {}
-    if per_prompt:
-        metric_cols = {"metric": values}
-        metric_cols.update(extra)
-        clean, corrupt = clean_values[None, :], corrupt_values[None, :]
-    else:
-        metric_cols = {"metric": values.mean(1, keepdim=True)}
-        metric_cols.update({k: v.mean(1, keepdim=True) for k, v in extra.items()})
-        clean, corrupt = clean_values.mean().reshape(1, 1), corrupt_values.mean().reshape(1, 1)
-    if normalize:
-        metric_cols["normalized"] = _normalized(metric_cols["metric"], clean, corrupt)
+    if not per_prompt:
+        columns = {name: value.mean(1, keepdim=True) for name, value in columns.items()}
+    if normalize is not None:
+        clean, corrupt = (v[None, :] if per_prompt else v.mean().reshape(1, 1) for v in normalize)
+        columns["normalized"] = _normalized(columns["metric"], clean, corrupt)
     rows = []
     for index, component in enumerate(components):
-        for pair in range(metric_cols["metric"].shape[1]):
+        for prompt in range(next(iter(columns.values())).shape[1]):
             row: dict[str, Any] = {"layer": component.layer}
             if "head" in over:
                 row["head"] = component.head
@@ -220,8 +213,8 @@ def sweep_frame(
                 row["pos"] = component.pos
                 row["token"] = tokens[component.pos]
             if per_prompt:
-                row["prompt"] = pair
-            row.update({name: float(col[index, pair]) for name, col in metric_cols.items()})
+                row["prompt"] = prompt
+            row.update({name: float(value[index, prompt]) for name, value in columns.items()})
             rows.append(row)
     return pd.DataFrame(rows)
 
