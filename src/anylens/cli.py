@@ -173,6 +173,8 @@ COMMANDS: dict[str, Command] = {
     "check": Command("verify an adapter's invariants on a model", _check_setup, _check_run),
     "roles": Command("show which module plays each role in a model", _roles_setup, _roles_run),
     "zoo": Command("the tiny trained models: anylens zoo train [...]", forward=_zoo_forward),
+    "run": module_command("anylens.sweep.cli", "run one experiment across models and prompts, resumable on disk"),
+    "demo": module_command("anylens.demo", "compare the zoo architectures: experiments, table, HTML report"),
 }
 
 

@@ -1,0 +1,186 @@
+"""``anylens demo``: the same experiments on four architectures, one HTML report.
+
+For every model it runs the logit lens and a layer x position residual patching sweep on a
+factual-recall prompt, and component-level patching plus attribution patching on IOI prompts.
+The component role is chosen from what the model has — per-head ``z`` where there are heads,
+``mixer_out`` per layer for an SSM — never from the architecture's name.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_MODELS: tuple[str, ...] = ("zoo:gpt2", "zoo:llama", "zoo:mistral", "zoo:mamba")
+#: Component roles for the IOI sweep, in order of preference, with the dims to sweep.
+COMPONENT_ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("z", ("layer", "head")),
+    ("mixer_out", ("layer",)),
+    ("attn_out", ("layer",)),
+)
+N_IOI = 8
+
+
+def component_role(model: Any) -> tuple[str, tuple[str, ...]]:
+    for role, over in COMPONENT_ROLES:
+        if role in model.roles:
+            return role, over
+    return "resid_post", ("layer",)
+
+
+def _factual_pair(model: Any) -> Any:
+    from .datasets import factual_pairs
+
+    pairs = factual_pairs(model.tokenizer, relations=("capital",))
+    if not pairs:
+        raise RuntimeError(f"no factual prompt works with {model.name}'s tokenizer")
+    return next((p for p in pairs if p.subject == "France"), pairs[0])
+
+
+def _component_label(row: pd.Series) -> str:
+    if "head" in row and not pd.isna(row.get("head")):
+        return f"head {int(row['layer'])}.{int(row['head'])}"
+    return f"layer {int(row['layer'])}"
+
+
+def study(source: str, progress: Any = None) -> tuple[dict[str, Any], list[tuple[Any, str]]]:
+    """Run the demo's experiments on one model: its summary row and its figures with captions."""
+    import anylens as al
+
+    from .datasets import ioi_pairs
+
+    def step(label: str) -> None:
+        if progress is not None:
+            progress.set_postfix_str(f"{source}: {label}")
+            progress.update(1)
+
+    model = al.load(source)
+    fact = _factual_pair(model)
+    ioi = ioi_pairs(model.tokenizer, N_IOI, seed=0)
+    figures: list[tuple[Any, str]] = []
+
+    lens = al.logit_lens(model, fact.clean, targets=[fact.answer])
+    step("logit lens")
+    frame = lens.to_frame()
+    at_answer = frame[(frame["pos"] == frame["pos"].max()) & (frame["target"] == fact.answer)].sort_values("layer")
+    top1_layers = at_answer.loc[at_answer["rank"] == 0, "layer"]
+    figures.append((lens.plot(), f"Logit lens on {fact.clean!r}: probability of {fact.answer!r} per layer and position"))
+
+    resid = al.patch(
+        model, fact.clean, fact.corrupt, role="resid_pre", over=("layer", "pos"),
+        metric=al.metrics.logit_diff(fact.answer, fact.corrupt_answer),
+    )
+    step("residual patching")
+    figures.append((resid.plot(), f"resid_pre patching, {fact.corrupt!r} -> {fact.clean!r}: normalised logit difference"))
+    best_resid = resid.frame.loc[resid.frame[resid.value].idxmax()]
+
+    role, over = component_role(model)
+    metric = al.metrics.logit_diff([p.answer for p in ioi], [p.distractor for p in ioi])
+    clean, corrupt = [p.clean for p in ioi], [p.corrupt for p in ioi]
+    patched = al.patch(model, clean, corrupt, role=role, over=over, metric=metric)
+    step(f"{role} patching")
+    attributed = al.attribute(model, clean, corrupt, role=role, over=over, metric=metric)
+    step(f"{role} attribution")
+    figures.append((patched.plot(), f"IOI: {role} patching over {' x '.join(over)} (normalised logit difference)"))
+    figures.append((attributed.plot(), f"IOI: attribution patching estimate for {role} over {' x '.join(over)}"))
+
+    exact = patched.frame.sort_values(list(over))["metric"].to_numpy()
+    estimate = attributed.frame.sort_values(list(over))["metric"].to_numpy()
+    correlation = float(np.corrcoef(exact, estimate)[0, 1]) if exact.std() > 0 and estimate.std() > 0 else float("nan")
+    best_component = patched.frame.loc[patched.frame[patched.value].idxmax()]
+
+    summary = {
+        "model": source,
+        "adapter": model.adapter.name,
+        "parameters": sum(p.numel() for p in model.hf.parameters()),
+        "layers": model.n_layers,
+        "fact": fact.clean,
+        "p(answer) last layer": float(at_answer["prob"].iloc[-1]),
+        "answer top-1 from layer": int(top1_layers.min()) if len(top1_layers) else None,
+        "resid patching peak": f"layer {int(best_resid['layer'])}, {best_resid['token']!r}",
+        "IOI logit diff clean": patched.clean_metric,
+        "IOI logit diff corrupt": patched.corrupt_metric,
+        "component role": role,
+        "top component": _component_label(best_component),
+        "top component score": float(best_component[patched.value]),
+        "attribution vs patching r": correlation,
+    }
+    step("summary")
+    del model
+    return summary, figures
+
+
+def versions() -> dict[str, str]:
+    import nnsight
+    import torch
+    import transformers
+
+    import anylens
+
+    return {
+        "anylens": anylens.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "nnsight": getattr(nnsight, "__version__", "?"),
+        "python": platform.python_version(),
+    }
+
+
+def run_demo(models: Sequence[str] = DEFAULT_MODELS, out: str | Path = "anylens-demo", quiet: bool = False) -> Path:
+    """Run the demo on ``models``; print the comparison table; write ``out/report.html``."""
+    from tqdm.auto import tqdm
+
+    from .viz.report import Report
+
+    start = time.perf_counter()
+    report = Report(
+        "anylens demo: one set of experiments, several architectures",
+        intro=(
+            "The same role-based experiments — logit lens, residual-stream patching, component patching and "
+            "attribution patching — run unchanged on every model below. Patching scores are normalised: "
+            "0 is the corrupt run's behaviour, 1 the clean run's."
+        ),
+    )
+    summaries, studies = [], []
+    with tqdm(total=6 * len(models), desc="anylens demo", disable=quiet, unit="step") as progress:
+        for source in models:
+            summary, figures = study(source, progress)
+            summaries.append(summary)
+            studies.append((source, summary, figures))
+    table = pd.DataFrame(summaries)
+    report.section("Across architectures", anchor="summary")
+    report.table(table, table_id="summary-table")
+    for source, summary, figures in studies:
+        report.section(f"{source} ({summary['adapter']} adapter, {summary['layers']} layers)", anchor=source)
+        for figure, caption in figures:
+            report.figure(figure, caption)
+    elapsed = time.perf_counter() - start
+    report.section("Versions")
+    report.table(pd.DataFrame([versions()]), table_id="versions")
+    report.paragraph(f"Generated in {elapsed:.1f} s.", css="note")
+    path = report.write(Path(out) / "report.html")
+    if not quiet:
+        shown = table[[c for c in table.columns if c != "fact"]]
+        print(shown.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+        print(f"\nreport: {path}  ({elapsed:.1f} s)")
+    return path
+
+
+# -- command line: anylens demo -------------------------------------------------------------------
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--out", default="anylens-demo", help="directory for report.html (default: anylens-demo)")
+    parser.add_argument(
+        "--models", nargs="+", default=list(DEFAULT_MODELS), help=f"models to compare (default: {' '.join(DEFAULT_MODELS)})"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+
+def run(args: Any) -> int:
+    run_demo(args.models, args.out, args.quiet)
+    return 0
