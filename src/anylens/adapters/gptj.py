@@ -1,0 +1,36 @@
+"""GPT-J: one ``ln_1`` feeds attention and MLP in parallel (no ``resid_mid``), partial rotary
+positions on the first ``rotary_dim`` channels, separate q/k/v projections without biases, and an
+``lm_head`` with a bias."""
+
+from anylens import AdapterSpec, hookimpl
+
+_LAYER = "transformer.h.{i}"
+
+GPTJ = AdapterSpec(
+    name="gptj",
+    architectures=("GPTJForCausalLM",),
+    layers="transformer.h",
+    out_proj=f"{_LAYER}.attn.out_proj",
+    parallel=True,
+    roles={
+        "embed": "transformer.wte.output",
+        "resid_pre": f"{_LAYER}.input",
+        "resid_post": f"{_LAYER}.output",
+        "attn_out": f"{_LAYER}.attn.output",
+        "mlp_out": f"{_LAYER}.mlp.output",
+        "z": f"{_LAYER}.attn.out_proj.input|heads",
+        "q": f"{_LAYER}.attn.q_proj.output|heads",
+        "k": f"{_LAYER}.attn.k_proj.output|heads",
+        "v": f"{_LAYER}.attn.v_proj.output|heads",
+        "pattern": f"{_LAYER}.attn.source.attention_interface_1.source.nn_functional_dropout_0.output",
+        "mlp_post": f"{_LAYER}.mlp.fc_out.input",
+        "final_norm": "transformer.ln_f.output",
+        "logits": "output.logits",
+    },
+    description="GPT-J (GPTJForCausalLM)",
+)
+
+
+@hookimpl
+def anylens_adapters():
+    return [GPTJ]
