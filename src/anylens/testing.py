@@ -44,6 +44,13 @@ VOCAB = 400
 _COMMON = dict(vocab_size=VOCAB, bos_token_id=2, eos_token_id=3, pad_token_id=1)
 
 
+#: The shape shared by the LLaMA-style tiny decoders: 3 layers, 4 query heads over 2 KV heads (GQA).
+_DECODER = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, **_COMMON,
+)
+
+
 def _gpt2() -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -53,17 +60,124 @@ def _gpt2() -> torch.nn.Module:
 def _llama() -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, **_COMMON,
+    return LlamaForCausalLM(LlamaConfig(**_DECODER))
+
+
+def _mistral() -> torch.nn.Module:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(**_DECODER))
+
+
+def _qwen2() -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**_DECODER))  # q/k/v carry biases
+
+
+def _gemma() -> torch.nn.Module:
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    return GemmaForCausalLM(GemmaConfig(**_DECODER, head_dim=16))
+
+
+def _gemma2() -> torch.nn.Module:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    # Small caps so that both soft-caps bend the values measurably, and a sliding window shorter
+    # than the test prompts so that the local layers really mask.
+    config = Gemma2Config(
+        **_DECODER, head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=3.0,
+        attn_logit_softcapping=5.0, sliding_window=6,
     )
-    return LlamaForCausalLM(config)
+    return Gemma2ForCausalLM(config)
+
+
+def _phi3() -> torch.nn.Module:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(Phi3Config(**_DECODER, original_max_position_embeddings=128))
+
+
+def _gpt_neox(parallel: bool) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        config = GPTNeoXConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=128, use_parallel_residual=parallel, **_COMMON,
+        )
+        return GPTNeoXForCausalLM(config)
+
+    return build
+
+
+def _opt() -> torch.nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    # Pre-norm, no embedding projection: the layout of every OPT but the 350m.
+    config = OPTConfig(
+        hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128,
+        do_layer_norm_before=True, word_embed_proj_dim=64, **_COMMON,
+    )
+    return OPTForCausalLM(config)
+
+
+def _gptj() -> torch.nn.Module:
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    config = GPTJConfig(n_embd=64, n_layer=3, n_head=4, n_inner=128, n_positions=128, rotary_dim=8, **_COMMON)
+    return GPTJForCausalLM(config)
+
+
+def _mamba() -> torch.nn.Module:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(hidden_size=32, state_size=4, num_hidden_layers=3, expand=2, conv_kernel=4, **_COMMON)
+    return MambaForCausalLM(config)
+
+
+def _mamba2() -> torch.nn.Module:
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    config = Mamba2Config(
+        hidden_size=32, num_heads=4, head_dim=16, expand=2, n_groups=1, state_size=8, conv_kernel=4,
+        num_hidden_layers=3, chunk_size=16, **_COMMON,
+    )
+    return Mamba2ForCausalLM(config)
+
+
+def _mamba_ssm() -> torch.nn.Module:
+    """The native mamba-ssm model; needs the package and CUDA (its kernels have no CPU path)."""
+    try:
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    except ImportError as error:
+        raise ImportError(
+            f"the tiny mamba_ssm model needs the mamba-ssm package built for CUDA (extra 'cuda'): {error}"
+        ) from error
+
+    # The released checkpoints' defaults: RMSNorm, fused add+norm kernel, fp32 residual.
+    config = MambaConfig(d_model=64, n_layer=3, vocab_size=VOCAB, pad_vocab_size_multiple=8)
+    return MambaLMHeadModel(config, device="cuda", dtype=torch.float32)
 
 
 #: family name -> builder of a tiny random model of that family
 TINY_BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
     "gpt2": _gpt2,
     "llama": _llama,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "gemma": _gemma,
+    "gemma2": _gemma2,
+    "phi3": _phi3,
+    "gpt_neox": _gpt_neox(parallel=True),
+    "gpt_neox_sequential": _gpt_neox(parallel=False),
+    "opt": _opt,
+    "gptj": _gptj,
+    "mamba": _mamba,
+    "mamba2": _mamba2,
+    "mamba_ssm": _mamba_ssm,
 }
 
 
