@@ -71,7 +71,8 @@ def reference_of(hf: torch.nn.Module) -> Reference:
 
 
 def run_by_hand(model: al.AnyModel, prompt: str, layer: int) -> dict[str, torch.Tensor]:
-    """One unpadded prompt: last-position values read with plain hooks, and the logits."""
+    """One unpadded prompt: last-position values read with plain hooks, and the logits; the
+    writer and z are those of ``layer``."""
     hf, ref = model.hf, reference_of(model.hf)
     ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
     block = hf.get_submodule(ref.layers)[layer]
@@ -134,44 +135,64 @@ def pre_cap_logits(model: al.AnyModel, resid: torch.Tensor) -> torch.Tensor:
     return logits + b_U if b_U is not None else logits
 
 
+@pytest.fixture(scope="module")
+def hand(model: al.AnyModel) -> list[dict[str, torch.Tensor]]:
+    """The hook reference of each prompt on its own, at the last layer."""
+    return [run_by_hand(model, prompt, model.n_layers - 1) for prompt in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def attribution(model: al.AnyModel) -> al.Result:
+    """Per-head attribution of logit(Paris) - logit(Rome) on the two prompts (left-padded batch)."""
+    return al.direct_logit_attribution(model, PROMPTS, al.metrics.logit_diff(" Paris", " Rome"), per_head=True)
+
+
+def values_of(result: al.Result, prompt: int) -> dict[str, float]:
+    frame = result.to_frame()
+    frame = frame[frame["prompt"] == prompt]
+    return dict(zip(frame["component"], frame["value"]))
+
+
 # -- the sum ----------------------------------------------------------------------------------
-def test_contributions_sum_to_the_real_logit_difference(model: al.AnyModel) -> None:
+def test_contributions_sum_to_the_real_logit_difference(model: al.AnyModel, hand: list, attribution: al.Result) -> None:
     paris, rome = answer_ids(model)
     cap = getattr(model.hf.config, reference_of(model.hf).softcap or "", None)
     by_hand, real = [], []
-    for prompt in PROMPTS:
-        seen = run_by_hand(model, prompt, model.n_layers - 1)
+    for seen in hand:
         logits = pre_cap_logits(model, seen["resid"])
         by_hand.append(float(logits[paris] - logits[rome]))
         real.append(float(seen["logits"][paris] - seen["logits"][rome]))
     if not cap:  # without a soft-cap the model's own logits are the pre-cap logits
         assert by_hand == pytest.approx(real, abs=ATOL)
-    for per_head in (True, False):
-        result = al.direct_logit_attribution(model, PROMPTS, (" Paris", " Rome"), per_head=per_head)
+    whole_layers = al.direct_logit_attribution(model, PROMPTS, (" Paris", " Rome"), per_head=False)
+    for result in (attribution, whole_layers):
         sums = result.to_frame().groupby("prompt")["value"].sum()
         assert sums.tolist() == pytest.approx(by_hand, abs=ATOL)
         assert result.meta["logit_diff"] == pytest.approx(by_hand, abs=ATOL)
         assert result.meta["model_logit_diff"] == pytest.approx(real, abs=ATOL)
+    # Whole layers are the sums of their heads (and the attention biases).
+    heads, layers = values_of(attribution, 0), values_of(whole_layers, 0)
+    if "attn bias" in heads:
+        attention = sum(v for k, v in heads.items() if k.startswith("head ") or k == "attn bias")
+        assert attention == pytest.approx(sum(v for k, v in layers.items() if k.startswith("attn ")), abs=ATOL)
 
 
-def test_a_single_target_attributes_its_logit(model: al.AnyModel) -> None:
+def test_a_single_target_attributes_its_logit(model: al.AnyModel, hand: list) -> None:
     paris, _ = answer_ids(model)
     result = al.direct_logit_attribution(model, PROMPTS[0], " Paris")
-    seen = run_by_hand(model, PROMPTS[0], model.n_layers - 1)
-    assert result.to_frame()["value"].sum() == pytest.approx(float(pre_cap_logits(model, seen["resid"])[paris]), abs=ATOL)
+    assert result.to_frame()["value"].sum() == pytest.approx(float(pre_cap_logits(model, hand[0]["resid"])[paris]), abs=ATOL)
 
 
 # -- single components by hand ----------------------------------------------------------------
-def test_the_bias_row_and_a_layer_component_equal_hand_computations(model: al.AnyModel) -> None:
+def test_the_bias_row_and_a_layer_component_equal_hand_computations(model: al.AnyModel, hand: list, attribution: al.Result) -> None:
     ref = reference_of(model.hf)
     layer = model.n_layers - 1
     paris, rome = answer_ids(model)
     W_U, b_U = unembedding(model)
     direction = W_U[paris] - W_U[rome]
-    seen = run_by_hand(model, PROMPTS[0], layer)
+    seen = hand[0]
     linear, bias = frozen_norm_by_hand(model, seen["resid"])
-    frame = al.direct_logit_attribution(model, PROMPTS[0], al.metrics.logit_diff(" Paris", " Rome")).to_frame()
-    values = dict(zip(frame["component"], frame["value"]))
+    values = values_of(attribution, 0)
 
     want = float(linear(seen["writer"].float()) @ direction)
     assert values[f"{ref.writer_label} {layer}"] == pytest.approx(want, abs=ATOL)
@@ -179,14 +200,14 @@ def test_the_bias_row_and_a_layer_component_equal_hand_computations(model: al.An
     assert values["bias"] == pytest.approx(float(bias_by_hand), abs=ATOL)
 
 
-def test_one_head_equals_a_hand_computation(model: al.AnyModel) -> None:
+def test_one_head_equals_a_hand_computation(model: al.AnyModel, hand: list, attribution: al.Result) -> None:
     if not ("z" in model.roles and model.adapter.z_feeds_residual and model.adapter.out_proj):
         pytest.skip(f"{model.adapter.name}: no per-head attribution (needs role 'z' feeding the residual through W_O)")
     ref = reference_of(model.hf)
     layer, head = model.n_layers - 1, 1
     paris, rome = answer_ids(model)
     W_U, _ = unembedding(model)
-    seen = run_by_hand(model, PROMPTS[0], layer)
+    seen = hand[0]
     out_proj = model.hf.get_submodule(ref.layers)[layer].get_submodule(ref.out_proj)
     weight = out_proj.weight if type(out_proj).__name__ == "Conv1D" else out_proj.weight.T  # [in, out]
     d_head = seen["z"].shape[-1] // model.n_heads
@@ -195,11 +216,8 @@ def test_one_head_equals_a_hand_computation(model: al.AnyModel) -> None:
     linear, _ = frozen_norm_by_hand(model, seen["resid"])
     want = float(linear(head_out.float()) @ (W_U[paris] - W_U[rome]))
 
-    result = al.direct_logit_attribution(model, PROMPTS[0], (" Paris", " Rome"), per_head=True)
-    frame = result.to_frame()
-    got = frame.loc[frame["component"] == f"head {layer}.{head}", "value"].item()
-    assert got == pytest.approx(want, abs=ATOL)
-    assert result.heads().shape == (model.n_layers, model.n_heads)
+    assert values_of(attribution, 0)[f"head {layer}.{head}"] == pytest.approx(want, abs=ATOL)
+    assert attribution.heads().shape == (model.n_layers, model.n_heads)
 
 
 # -- interface ----------------------------------------------------------------------------------

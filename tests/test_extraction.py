@@ -15,6 +15,7 @@ import torch
 import anylens as al
 from anylens import MissingRoleError
 from anylens.core.roles import ALL_ROLES
+from anylens.experiments.extraction import ActivationCache
 from anylens.testing import TINY_BUILDERS, tiny
 
 ATOL = 1e-5
@@ -142,9 +143,21 @@ def single_ids(model: al.AnyModel, prompt: str) -> torch.Tensor:
     return model.tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
+@pytest.fixture(scope="module")
+def batch(model: al.AnyModel) -> ActivationCache:
+    """Every role of the two prompts, as one left-padded batch."""
+    return al.cache(model, PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def references(model: al.AnyModel) -> list[dict]:
+    """The hook reference of each prompt on its own."""
+    return [reference_run(model.hf, single_ids(model, prompt)) for prompt in PROMPTS]
+
+
 # -- values ---------------------------------------------------------------------------------------
-def test_cache_matches_hooks_on_a_left_padded_batch(model: al.AnyModel) -> None:
-    cache = al.cache(model, PROMPTS)
+def test_cache_matches_hooks_on_a_left_padded_batch(model: al.AnyModel, batch: ActivationCache, references: list[dict]) -> None:
+    cache = batch
     lengths = [single_ids(model, p).shape[1] for p in PROMPTS]
     assert lengths[0] != lengths[1], "the prompts must differ in length to exercise padding"
     width = max(lengths)
@@ -156,7 +169,7 @@ def test_cache_matches_hooks_on_a_left_padded_batch(model: al.AnyModel) -> None:
         # Left padding: the prompt's real tokens are the last n, the mask says so.
         assert torch.equal(cache.tokens[row, -n:], ids[0])
         assert cache.attention_mask[row].tolist() == [0] * (width - n) + [1] * n
-        reference = reference_run(model.hf, ids)
+        reference = references[row]
         for (role, layer), want in reference.items():
             if role not in model.roles:
                 continue
@@ -177,9 +190,9 @@ def test_cache_matches_hooks_on_a_left_padded_batch(model: al.AnyModel) -> None:
     assert compared & {"attn_out", "mlp_out", "mixer_out"}, "no residual writer was checked"
 
 
-def test_decomposition_sums_back_to_resid_post(model: al.AnyModel) -> None:
-    cache = al.cache(model, PROMPTS)
-    reference = reference_run(model.hf, single_ids(model, PROMPTS[1]))  # the longer prompt: no padding
+def test_decomposition_sums_back_to_resid_post(model: al.AnyModel, batch: ActivationCache, references: list[dict]) -> None:
+    cache = batch
+    reference = references[1]  # the longer prompt: no padding in the batch
     heads = "z" in model.roles and model.adapter.z_feeds_residual and model.adapter.out_proj is not None
     for layer in sorted({0, model.n_layers - 1}):
         for per_head in (False, True):
@@ -198,25 +211,24 @@ def test_decomposition_sums_back_to_resid_post(model: al.AnyModel) -> None:
                 assert [f"{w} {layer}" for w in writers] == [lab for lab in labels if lab.endswith(f" {layer}")]
 
 
-def test_one_head_of_the_decomposition_is_z_times_its_output_weights(model: al.AnyModel) -> None:
+def test_one_head_of_the_decomposition_is_z_times_its_output_weights(model: al.AnyModel, batch: ActivationCache, references: list[dict]) -> None:
     if not ("z" in model.roles and model.adapter.z_feeds_residual and model.adapter.out_proj):
         pytest.skip(f"{model.adapter.name}: no per-head decomposition (role 'z' feeding the residual through W_O)")
     paths = modules_of(model.hf)
     layer, head = model.n_layers - 1, model.n_heads - 1
-    ids = single_ids(model, PROMPTS[0])
-    z = reference_run(model.hf, ids)[("z", layer)][0]  # [pos, heads * d_head]
+    z = references[1][("z", layer)][0]  # [pos, heads * d_head]
     out_proj = model.hf.get_submodule(f"{paths.layers}.{layer}.{paths.out_proj}")
     weight = out_proj.weight if type(out_proj).__name__ == "Conv1D" else out_proj.weight.T  # [in, out]
     d_head = z.shape[-1] // model.n_heads
     rows = slice(head * d_head, (head + 1) * d_head)
     by_hand = z[:, rows] @ weight[rows]
-    components, labels = al.cache(model, PROMPTS[0]).decompose_resid(per_head=True)
-    torch.testing.assert_close(components[labels.index(f"head {layer}.{head}")][0], by_hand, atol=ATOL, rtol=0)
+    components, labels = batch.decompose_resid(per_head=True)
+    torch.testing.assert_close(components[labels.index(f"head {layer}.{head}")][1], by_hand, atol=ATOL, rtol=0)
 
 
 # -- the cache's interface ------------------------------------------------------------------------
-def test_cache_interface(model: al.AnyModel) -> None:
-    cache = al.cache(model, PROMPTS)
+def test_cache_interface(model: al.AnyModel, batch: ActivationCache) -> None:
+    cache = batch
     assert set(cache.roles) == set(model.roles)
     n = model.n_layers
     stacked = al.stack(cache, "resid_post")
@@ -244,10 +256,10 @@ def test_cache_interface(model: al.AnyModel) -> None:
             al.cache(model, PROMPTS, roles=["resid_post", missing[0]])
 
 
-def test_pattern_positions_select_queries(model: al.AnyModel) -> None:
+def test_pattern_positions_select_queries(model: al.AnyModel, batch: ActivationCache) -> None:
     if "pattern" not in model.roles:
         pytest.skip(f"{model.adapter.name} has no role 'pattern'")
-    full = al.cache(model, PROMPTS, roles=["pattern"], layers=[0])
+    full = batch
     some = al.cache(model, PROMPTS, roles=["pattern"], layers=[0], positions=[0, -1])
     width = full.tokens.shape[1]
     assert some["pattern", 0].shape[-2:] == (2, width)
