@@ -261,6 +261,8 @@ def test_bad_arguments_are_refused_before_any_model_loads(tmp_path, calls):
         al.run("lens", models=MODELS, prompts=PROMPTS, out=tmp_path)
     with pytest.raises(SweepConfigError, match="listed twice"):
         al.run("logit_lens", models=["tiny:gpt2", "tiny:gpt2"], prompts=PROMPTS, out=tmp_path)
+    with pytest.raises(SweepConfigError, match="answer and distractor"):
+        al.run("ablate", models=MODELS, prompts=PROMPTS, out=tmp_path, metric="logit_diff")
     with pytest.raises(SweepConfigError, match="either prompts"):
         al.run("logit_lens", models=MODELS, prompts=PROMPTS, dataset="ioi", out=tmp_path)
     assert calls.count == 0 and not (tmp_path / MANIFEST).exists()
@@ -300,12 +302,31 @@ def test_patch_sweep_builds_each_pairs_metric_from_its_answer_and_distractor(tmp
     frame = result.frame
     assert (frame["value"] == frame["normalized"]).all()
     model = tiny("gpt2")
-    for index, (clean, corrupt, answer, distractor) in enumerate(pairs):
+    for index, (clean, corrupt, answer, distractor) in list(enumerate(pairs))[1:]:
         direct = al.patch(model, clean, corrupt, metric=al.metrics.logit_diff(answer, distractor)).frame
         rows = frame[frame["prompt"] == index].reset_index(drop=True)
         np.testing.assert_array_equal(rows["metric"].to_numpy(), direct["metric"].to_numpy())
     with pytest.raises(SweepConfigError, match="answer and distractor"):
         al.run("patch", models=["tiny:gpt2"], prompts=[p[:2] for p in pairs], out=tmp_path / "bare", quiet=True, metric="logit_diff")
+
+
+# -- ablation: the reference batch comes from the sweep's prompts ---------------------------------
+def test_mean_ablation_takes_its_mean_over_the_sweeps_prompts_of_the_same_length(tmp_path):
+    prompts = ["The capital of France is", "the dog sat on the log", "The capital of Italy is", "the cat sat on the mat"]
+    options = dict(method="mean", role="mlp_out", over=["layer"])
+    result = al.run("ablate", models=["tiny:gpt2"], prompts=prompts, out=tmp_path, chunk_size=1, quiet=True, **options)
+    frame = result.frame
+    model = tiny("gpt2")
+    for index, prompt in enumerate(prompts[:2]):  # one prompt of each length
+        same_length = [p for p in prompts if len(model.to_str_tokens(p)) == len(model.to_str_tokens(prompt))]
+        assert len(same_length) == 2
+        direct = al.ablate(model, prompt, reference=same_length, **options).frame
+        rows = frame[frame["prompt"] == index]
+        np.testing.assert_array_equal(rows["value"].to_numpy(), direct["value"].to_numpy())
+        assert (rows["value"] != 0).any()  # a mean over the prompt alone would change nothing
+
+    with pytest.raises(SweepConfigError, match="same token length"):
+        al.run("ablate", models=["tiny:gpt2"], prompts=prompts[:3], out=tmp_path / "lone", quiet=True, **options)
 
 
 # -- (e) aggregates -------------------------------------------------------------------------------

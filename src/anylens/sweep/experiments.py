@@ -8,6 +8,8 @@ the spread over prompts, not only a mean.
 
 A metric given by name (``metric="logit_diff"``) is built per item from its answer and
 distractor, which is how one sweep runs over a dataset whose answers differ prompt to prompt.
+Mean and resample ablation take their reference batch from the sweep's other prompts of the
+same token length (see :func:`_prepare_ablate`).
 """
 
 from __future__ import annotations
@@ -112,6 +114,13 @@ def item_metric(value: Any, item: Item) -> Any:
     return getattr(metrics, value)(*words)
 
 
+def check_metric(value: Any, items: Sequence[Item]) -> None:
+    """Refuse a metric by name that some item cannot build, before any model is loaded."""
+    if isinstance(value, str):
+        for item in items:
+            item_metric(value, item)
+
+
 # -- calling an experiment on items ---------------------------------------------------------------
 @dataclass
 class ChunkOutput:
@@ -121,28 +130,66 @@ class ChunkOutput:
     metas: list[dict[str, Any]]
 
 
-Caller = Callable[[Callable[..., Any], "AnyModel", Item, dict[str, Any]], "Result"]
+#: (experiment function, model, item, options, the model's context from ``prepare``) -> Result
+Caller = Callable[[Callable[..., Any], "AnyModel", Item, dict[str, Any], Any], "Result"]
 
 
-def _call_prompt(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any]) -> Result:
+def _call_prompt(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any) -> Result:
     return function(model, item.clean, **options)
 
 
-def _call_pair(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any]) -> Result:
+def _call_pair(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any) -> Result:
     options = dict(options)
     if "metric" in options:
         options["metric"] = item_metric(options["metric"], item)
     return function(model, item.clean, item.corrupt, **options)
 
 
-def _call_prompt_with_metric(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any]) -> Result:
+# -- ablation: mean and resample need a reference batch ---------------------------------------
+#: Ablation methods whose replacement activations come from other prompts.
+_REFERENCED = ("mean", "resample")
+
+
+def _token_length(model: AnyModel, prompt: str) -> int:
+    return len(model.tokenizer(prompt)["input_ids"])  # as the experiments tokenize one prompt
+
+
+def _prepare_ablate(model: AnyModel, items: Sequence[Item], options: dict[str, Any]) -> dict[int, list[str]] | None:
+    """Group the model's prompts by token length: the reference batch of each prompt.
+
+    Called one prompt at a time, ``ablate`` would take the mean over that prompt alone (a no-op)
+    and could not resample at all. Without an explicit ``reference``, each prompt's reference is
+    every prompt of the sweep with its token length (for ``resample``, the others), which does
+    not depend on how the prompts are chunked. Prompts left without one are refused up front.
+    """
+    if options.get("method", "zero") not in _REFERENCED or "reference" in options:
+        return None
+    groups: dict[int, list[str]] = {}
+    for item in items:
+        groups.setdefault(_token_length(model, item.clean), []).append(item.clean)
+    alone = [group[0] for group in groups.values() if len(set(group)) < 2]
+    if alone:
+        raise SweepConfigError(
+            f"ablate with method={options['method']!r} takes its replacement activations from the sweep's other prompts "
+            f"of the same token length, and {len(alone)} prompts have none (first: {alone[0]!r}, "
+            f"{_token_length(model, alone[0])} tokens): add prompts of those lengths, or pass reference=[...] prompts "
+            "of one token length"
+        )
+    return groups
+
+
+def _call_ablate(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any) -> Result:
     options = dict(options)
     if "metric" in options:
         options["metric"] = item_metric(options["metric"], item)
+    if context is not None:
+        group = context[_token_length(model, item.clean)]
+        others = [p for p in group if p != item.clean]
+        options["reference"] = group if options.get("method") == "mean" else others
     return function(model, item.clean, **options)
 
 
-def _call_logit_lens(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any]) -> Result:
+def _call_logit_lens(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any) -> Result:
     # Over a dataset the interesting targets are each prompt's own answer (and distractor).
     options = dict(options)
     if "targets" not in options:
@@ -152,7 +199,7 @@ def _call_logit_lens(function: Callable[..., Any], model: AnyModel, item: Item, 
     return function(model, item.clean, **options)
 
 
-def _call_dla(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any]) -> Result:
+def _call_dla(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any) -> Result:
     options = dict(options)
     chosen = options.pop("metric", None)
     chosen = options.pop("metric_or_targets", chosen)
@@ -180,6 +227,8 @@ class ExperimentSpec:
     caller: Caller
     #: Options the sweep itself interprets rather than passing through unchanged.
     handled: tuple[str, ...] = ()
+    #: Computes, once per model from all its items, what the caller needs beyond one item.
+    prepare: Callable[[AnyModel, Sequence[Item], dict[str, Any]], Any] | None = None
 
     def function(self) -> Callable[..., Any]:
         # Looked up on every use, so that a monkeypatched experiment is the one that runs.
@@ -201,13 +250,17 @@ class ExperimentSpec:
                 f"{self.name} does not take {', '.join(map(repr, unknown))}; its options are: {', '.join(sorted(accepted))}"
             )
 
-    def run_chunk(self, model: AnyModel, items: Sequence[Item], options: dict[str, Any]) -> ChunkOutput:
+    def context(self, model: AnyModel, items: Sequence[Item], options: dict[str, Any]) -> Any:
+        """What every call on this model needs from all of its items (see ``prepare``)."""
+        return None if self.prepare is None else self.prepare(model, items, options)
+
+    def run_chunk(self, model: AnyModel, items: Sequence[Item], options: dict[str, Any], context: Any = None) -> ChunkOutput:
         function = self.function()
         frames, metas = [], []
         for index, item in enumerate(items):
             if self.needs_pairs and item.corrupt is None:
                 raise SweepConfigError(f"{self.name} compares a clean and a corrupt prompt; {item.clean!r} has no corrupt prompt")
-            result = self.caller(function, model, item, options)
+            result = self.caller(function, model, item, options, context)
             frames.append(tidy(result, index, item))
             metas.append(dict(result.meta))
         return ChunkOutput(pd.concat(frames, ignore_index=True), metas)
@@ -236,7 +289,7 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
         ExperimentSpec("logit_lens", "anylens.experiments.logit_lens", "logit_lens", False, _call_logit_lens),
         ExperimentSpec("patch", "anylens.experiments.patching", "patch", True, _call_pair),
         ExperimentSpec("attribute", "anylens.experiments.attribution", "attribute", True, _call_pair),
-        ExperimentSpec("ablate", "anylens.experiments.ablation", "ablate", False, _call_prompt_with_metric),
+        ExperimentSpec("ablate", "anylens.experiments.ablation", "ablate", False, _call_ablate, prepare=_prepare_ablate),
         ExperimentSpec("attention_patterns", "anylens.experiments.patterns", "attention_patterns", False, _call_prompt),
         ExperimentSpec("head_scores", "anylens.experiments.patterns", "head_scores", False, _call_prompt),
         ExperimentSpec("dla", "anylens.experiments.dla", "direct_logit_attribution", False, _call_dla, ("metric",)),
@@ -252,4 +305,15 @@ def experiment(name: str) -> ExperimentSpec:
     return spec
 
 
-__all__ = ["EXPERIMENTS", "ChunkOutput", "ExperimentSpec", "Item", "as_item", "as_items", "experiment", "item_metric", "tidy"]
+__all__ = [
+    "EXPERIMENTS",
+    "ChunkOutput",
+    "ExperimentSpec",
+    "Item",
+    "as_item",
+    "as_items",
+    "check_metric",
+    "experiment",
+    "item_metric",
+    "tidy",
+]

@@ -299,6 +299,8 @@ def run(
     spec.check_options(experiment_options)
     dataset_options = dict(dataset_options or {})
     explicit = _explicit_items(spec, prompts, dataset, n)
+    if explicit is not None:
+        experiments_.check_metric(experiment_options.get("metric"), explicit)
     config = {
         "experiment": spec.name,
         "options": describe(experiment_options),
@@ -497,6 +499,7 @@ class _Sweep:
         model = load_source(plan.source, self.dtype, self.device)
         try:
             items = self.register_model(plan, model)
+            context = self.spec.context(model, items, self.options)
             if plan.n_chunks is None:  # now the dataset is known: fix the overall estimate
                 plan.n_chunks = math.ceil(len(items) / self.config["chunk_size"])
                 plan.pending = [j for j in range(plan.n_chunks) if not self._finished(plan.dirname, j)]
@@ -505,7 +508,7 @@ class _Sweep:
             bar = tqdm(total=len(plan.pending), desc=plan.source, unit="chunk", leave=False, disable=self.quiet, position=1)
             try:
                 for chunk in plan.pending:
-                    self.run_chunk(plan, model, items, chunk)
+                    self.run_chunk(plan, model, items, chunk, context)
                     bar.update()
                     overall.update()
             finally:
@@ -535,11 +538,11 @@ class _Sweep:
             self.save()
         return items
 
-    def run_chunk(self, plan: _ModelPlan, model: AnyModel, items: Sequence[Item], chunk: int) -> None:
+    def run_chunk(self, plan: _ModelPlan, model: AnyModel, items: Sequence[Item], chunk: int, context: Any) -> None:
         size = self.config["chunk_size"]
         start, stop = chunk * size, min((chunk + 1) * size, len(items))
         began = time.perf_counter()
-        output = self.spec.run_chunk(model, items[start:stop], self.options)
+        output = self.spec.run_chunk(model, items[start:stop], self.options, context)
         frame = output.frame
         frame["prompt"] = frame["prompt"] + start
         frame.insert(0, "chunk", chunk)
