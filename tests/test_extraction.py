@@ -277,3 +277,21 @@ def test_norm_frames() -> None:
     frame = parts.to_frame()
     assert list(dict.fromkeys(frame["component"])) == parts.labels
     assert len(frame) == len(parts.labels) * 2 * cache.tokens.shape[1]
+
+
+def test_reads_in_the_wrong_order_fall_back_to_one_trace_per_role(monkeypatch: pytest.MonkeyPatch) -> None:
+    from anylens.experiments import extraction
+
+    model = build(next(iter(TINY_BUILDERS)))
+    roles = ["resid_pre", "attn_out", "resid_post", "logits"]
+    in_order = al.cache(model, PROMPTS, roles=roles)
+    forward = extraction.forward_order
+    monkeypatch.setattr(extraction, "forward_order", lambda role, layer: tuple(-k for k in forward(role, layer)))
+    traces = []
+    read = extraction._read_in_one_trace
+    monkeypatch.setattr(extraction, "_read_in_one_trace", lambda *args: traces.append(args[2]) or read(*args))
+    backwards = al.cache(model, PROMPTS, roles=roles)
+    assert len(traces) == 1 + len(roles)  # the failed single trace, then one per role
+    assert in_order.keys() and set(backwards.keys()) == set(in_order.keys())
+    for key, value in in_order.items():
+        assert torch.equal(backwards[key], value)

@@ -75,7 +75,8 @@ def read_roles(
     except OutOfOrderError:
         values: dict[Key, torch.Tensor] = {}
         for role in dict.fromkeys(role for role, _ in ordered):
-            group = [key for key in ordered if key[0] == role]
+            # Within one role, earlier layers always run first.
+            group = sorted((key for key in ordered if key[0] == role), key=lambda key: -1 if key[1] is None else key[1])
             values.update(_read_in_one_trace(model, inputs, group, positions))
         return values
 

@@ -13,13 +13,16 @@ import pandas as pd
 import torch
 
 from ..core.errors import PromptError
-from ..core.roles import LAYER_ROLES
 from .extraction import normalize_positions, read_roles
 from .prompts import Prompts, tokenize
 from .results import Result
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
+
+
+#: Per-layer roles that live in the residual stream's space, so the final norm applies to them.
+RESIDUAL_SHAPED = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mixer_out")
 
 
 @dataclass(repr=False)
@@ -104,8 +107,10 @@ def logit_lens(
     Applied to ``resid_post`` of the last layer, the lens reproduces the model's own logits
     (with any soft-cap). One prompt at a time; ``positions`` restricts the positions read.
     """
-    if role not in LAYER_ROLES:
-        raise KeyError(f"the logit lens reads a per-layer role of shape [batch, pos, d_model], not {role!r}")
+    if role not in RESIDUAL_SHAPED:
+        raise KeyError(
+            f"the logit lens reads a per-layer role of shape [batch, pos, d_model] ({', '.join(RESIDUAL_SHAPED)}), not {role!r}"
+        )
     inputs = tokenize(model, prompt)
     if inputs["input_ids"].shape[0] != 1:
         raise PromptError(f"logit_lens takes one prompt; got {inputs['input_ids'].shape[0]}: call it once per prompt")
