@@ -233,3 +233,58 @@ def test_frame_plot_and_errors() -> None:
         al.direct_logit_attribution(model, PROMPTS[0], al.metrics.prob(" Paris"))
     with pytest.raises(TypeError, match="pair"):
         al.direct_logit_attribution(model, PROMPTS[0], [" Paris", " Rome", " Mary"])
+
+
+# -- the linearisation on its own: textbook norms of odd and even widths --------------------------
+class OnePlusRMSNorm(torch.nn.Module):
+    """Gemma's RMSNorm: the stored weight is an offset from a gain of 1."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(d) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+@pytest.mark.parametrize("width", [7, 8])
+@pytest.mark.parametrize("kind", ["layer", "rms", "rms_1p", "identity"])
+def test_freeze_final_norm_recovers_textbook_norms(kind: str, width: int) -> None:
+    from types import SimpleNamespace
+
+    from anylens.experiments.dla import freeze_final_norm
+
+    torch.manual_seed(0)
+    norm = {
+        "layer": lambda: torch.nn.LayerNorm(width),
+        "rms": lambda: torch.nn.RMSNorm(width, eps=1e-6),
+        "rms_1p": lambda: OnePlusRMSNorm(width),
+        "identity": lambda: torch.nn.Identity(),
+    }[kind]()
+    for parameter in norm.parameters():
+        parameter.data.add_(torch.randn_like(parameter) * 0.3)
+    x = torch.randn(2, 3, width) * 3 + 1
+    frozen = freeze_final_norm(SimpleNamespace(apply_final_norm=norm, name=kind), x)
+    assert frozen.centre == (kind == "layer")
+    with torch.no_grad():
+        if kind == "layer":
+            torch.testing.assert_close(frozen.scale, torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps))
+            torch.testing.assert_close(frozen.gain, norm.weight.detach(), atol=1e-5, rtol=0)
+            torch.testing.assert_close(frozen.bias, norm.bias.detach())
+        elif kind != "identity":
+            gain = norm.weight.detach() + (1 if kind == "rms_1p" else 0)
+            torch.testing.assert_close(frozen.scale, torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+            torch.testing.assert_close(frozen.gain, gain, atol=1e-5, rtol=0)
+        # Linear in its argument, and exact at the real input.
+        a, b = torch.randn(2, 3, width), torch.randn(2, 3, width)
+        torch.testing.assert_close(frozen.linear(a + b), frozen.linear(a) + frozen.linear(b))
+        torch.testing.assert_close(frozen.linear(x) + frozen.bias, norm(x), atol=1e-5, rtol=0)
+
+
+def test_freeze_final_norm_refuses_a_norm_of_another_form() -> None:
+    from types import SimpleNamespace
+
+    from anylens.experiments.dla import LinearisationError, freeze_final_norm
+
+    with pytest.raises(LinearisationError, match="one scale per position"):
+        freeze_final_norm(SimpleNamespace(apply_final_norm=torch.tanh, name="tanh"), torch.randn(1, 2, 8) * 3)

@@ -102,7 +102,7 @@ def _zero_mean_probe(d: int, like: torch.Tensor) -> torch.Tensor:
     values = torch.ones(d, dtype=like.dtype, device=like.device)
     values[1::2] = -1
     if d % 2:
-        values[-3:] = torch.tensor([1.0, 1.0, -2.0], dtype=like.dtype)
+        values[-3:] = torch.tensor([1.0, 1.0, -2.0], dtype=like.dtype, device=like.device)
     return values
 
 

@@ -85,13 +85,13 @@ def _read_in_one_trace(
     model: AnyModel, inputs: dict[str, torch.Tensor], keys: Sequence[Key], positions: list[int] | None
 ) -> dict[Key, torch.Tensor]:
     access = {role: model.role(role) for role, _ in keys}
-    index = None if positions is None else torch.tensor(positions, device=model.device)
+    index = None if positions is None else torch.tensor(positions)
     values: dict[Key, torch.Tensor] = {}  # created outside the trace: only saved objects survive it
     with torch.no_grad(), model.trace(dict(inputs)):
         for role, layer in keys:
             value = access[role].read(layer)
             if index is not None:
-                value = value.index_select(pos_axis(role), index)
+                value = value.index_select(pos_axis(role), index.to(value.device))
             # A copy: a later in-place operation of the model must not change what was read.
             values[(role, layer)] = value.detach().clone().save()
     return values
