@@ -9,6 +9,7 @@ tests fail with a message saying to add it: a new family must get an independent
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,7 +58,11 @@ def paths_of(hf: torch.nn.Module) -> Paths:
     name = type(hf).__name__
     if name not in PATHS:
         pytest.fail(f"tests/hook_reference.py has no module paths for {name}: add an entry to PATHS")
-    return PATHS[name]
+    paths = PATHS[name]
+    if name == "GPTNeoXForCausalLM" and not hf.config.use_parallel_residual:
+        # Sequential NeoX: the MLP's norm reads the residual after the attention add.
+        paths = dataclasses.replace(paths, mid_norm="post_attention_layernorm")
+    return paths
 
 
 def block(hf: torch.nn.Module, layer: int) -> torch.nn.Module:
@@ -76,14 +81,28 @@ def n_heads(hf: torch.nn.Module) -> int:
 Edit = Callable[[torch.Tensor], torch.Tensor | None]
 
 
+def _site(hf: torch.nn.Module, role: str, layer: int) -> tuple[torch.nn.Module, str]:
+    """The module where ``role`` lives at ``layer``, and whether it is that module's input or output."""
+    paths = paths_of(hf)
+    here = block(hf, layer)
+    if role == "resid_pre":
+        return here, "input"
+    if role == "z":
+        return here.get_submodule(paths.out_proj), "input"
+    if role == "resid_mid":
+        return here.get_submodule(paths.mid_norm), "shared input"  # also the residual: edit in place
+    if role == "mlp_out":
+        return here.get_submodule(paths.mlp), "output"
+    raise NotImplementedError(f"the hook reference does not cover role {role!r}")
+
+
 def _hook(hf: torch.nn.Module, role: str, layer: int, edit: Edit, shape: tuple[int, int]):
     """Register a hook that passes ``role`` at ``layer`` through ``edit`` (None keeps it).
 
     ``edit`` always sees ``[batch, pos, ...]``, also where the module flattens tokens.
     """
-    paths = paths_of(hf)
-    here = block(hf, layer)
-    if role in paths.flat:
+    module, side = _site(hf, role, layer)
+    if role in paths_of(hf).flat:
         inner = edit
 
         def edit(value):
@@ -95,17 +114,13 @@ def _hook(hf: torch.nn.Module, role: str, layer: int, edit: Edit, shape: tuple[i
         new = edit(value)
         if new is None:
             return None
+        if side == "shared input":
+            with torch.no_grad():
+                value.copy_(new)
+            return None
         if args:
             return (new,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": new}
-
-    def in_place_pre(module, args, kwargs):
-        # resid_mid is the norm's input and also the residual: change it where it lies.
-        value = args[0] if args else kwargs["hidden_states"]
-        new = edit(value)
-        if new is not None:
-            with torch.no_grad():
-                value.copy_(new)
 
     def post(module, args, output):
         value = output[0] if isinstance(output, tuple) else output
@@ -114,15 +129,9 @@ def _hook(hf: torch.nn.Module, role: str, layer: int, edit: Edit, shape: tuple[i
             return None
         return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
-    if role == "resid_pre":
-        return here.register_forward_pre_hook(pre, with_kwargs=True)
-    if role == "z":
-        return here.get_submodule(paths.out_proj).register_forward_pre_hook(pre, with_kwargs=True)
-    if role == "resid_mid":
-        return here.get_submodule(paths.mid_norm).register_forward_pre_hook(in_place_pre, with_kwargs=True)
-    if role == "mlp_out":
-        return here.get_submodule(paths.mlp).register_forward_hook(post)
-    raise NotImplementedError(f"the hook reference does not cover role {role!r}")
+    if side == "output":
+        return module.register_forward_hook(post)
+    return module.register_forward_pre_hook(pre, with_kwargs=True)
 
 
 def run(hf: torch.nn.Module, ids: torch.Tensor, edits: dict[tuple[str, int], Edit] | None = None) -> torch.Tensor:
@@ -135,19 +144,57 @@ def run(hf: torch.nn.Module, ids: torch.Tensor, edits: dict[tuple[str, int], Edi
             handle.remove()
 
 
-def capture(hf: torch.nn.Module, role: str, ids: torch.Tensor, grad: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """``role`` at every layer and the logits; with ``grad`` the tensors stay in the graph."""
+def capture(hf: torch.nn.Module, role: str, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``role`` at every layer (``[batch, pos, ...]``, detached copies) and the logits."""
     store: dict[int, torch.Tensor] = {}
 
     def keep(layer):
         def edit(value):
-            store[layer] = value if grad else value.detach().clone()
+            store[layer] = value.detach().clone()
 
         return edit
 
-    with torch.set_grad_enabled(grad):
+    with torch.no_grad():
         logits = run(hf, ids, {(role, layer): keep(layer) for layer in range(n_layers(hf))})
     return [store[layer] for layer in range(n_layers(hf))], logits
+
+
+def gradients(hf: torch.nn.Module, role: str, ids: torch.Tensor, metric: Callable[[torch.Tensor], torch.Tensor]):
+    """``role`` at every layer, d metric(logits).sum() / d role by ``torch.autograd.grad``, and the logits.
+
+    The gradient is taken at the very tensor the model passes on, then laid out like the role
+    (``[batch, pos, ...]``; heads split for ``z``).
+    """
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in range(n_layers(hf)):
+        module, side = _site(hf, role, layer)
+
+        def keep_input(module, args, kwargs, layer=layer):
+            store[layer] = args[0] if args else kwargs["hidden_states"]
+
+        def keep_output(module, args, output, layer=layer):
+            store[layer] = output[0] if isinstance(output, tuple) else output
+
+        if side == "output":
+            handles.append(module.register_forward_hook(keep_output))
+        else:
+            handles.append(module.register_forward_pre_hook(keep_input, with_kwargs=True))
+    try:
+        with torch.enable_grad():
+            logits = hf(input_ids=ids).logits
+            tensors = [store[layer] for layer in range(n_layers(hf))]
+            grads = torch.autograd.grad(metric(logits).sum(), tensors)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def layout(value):
+        if role in paths_of(hf).flat:
+            value = value.view(*ids.shape, *value.shape[1:])
+        return heads_view(hf, value) if role == "z" else value
+
+    return [layout(t.detach()) for t in tensors], [layout(g) for g in grads], logits.detach()
 
 
 def heads_view(hf: torch.nn.Module, value: torch.Tensor) -> torch.Tensor:

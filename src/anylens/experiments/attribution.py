@@ -1,0 +1,151 @@
+"""Attribution patching: a first-order estimate of every patch from one backward pass.
+
+The effect of patching a component is estimated as ``grad · (source - activation)``: the
+gradient of the metric on the run being patched (the corrupt run when denoising) times the
+difference the patch would make, summed over the component's features. Two forward passes
+(source and patched run) and one backward pass cover every component at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import metrics as metrics_
+from .components import HEADED_ROLES, check_over, enumerate_components, record, score_rows
+from .patching import PatchResult, prepare_pairs, sweep_frame, sweep_meta
+from .prompts import Prompts
+
+if TYPE_CHECKING:
+    from ..core.model import AnyModel
+
+
+def role_gradients(
+    model: AnyModel,
+    ids: torch.Tensor,
+    role: str,
+    metric: Any,
+    layers: Sequence[int] | None = None,
+    reference_last: torch.Tensor | None = None,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+    """Activations of ``role``, the gradient of ``metric`` (summed over prompts) with respect to
+    them, and the final-position logits: one forward and one backward pass.
+
+    The gradient is taken with respect to a zero perturbation written into the role, so every
+    use of the activation downstream counts, including roles that are views of a module's
+    input (per-head ``z``) or tensors shared with the residual stream (``resid_mid``).
+    """
+    access = model.role(role)
+    layer_list = sorted(model.layers(layers))
+    acts: dict[int, torch.Tensor] = {}
+    perturbations: dict[int, torch.Tensor] = {}
+    with torch.enable_grad():
+        with model.trace(ids.to(model.device)):
+            for layer in layer_list:  # ascending: reads follow the forward order
+                value = access.read(layer)
+                acts[layer] = value.detach().clone().save()
+                delta = torch.zeros_like(value).requires_grad_(True)
+                perturbations[layer] = delta.save()
+                access.write(layer, value + delta)
+            last = model.logits[:, -1].save()
+        n = ids.shape[0]
+        values = score_rows(metric, model, last, torch.arange(n), n, reference_last)
+        inputs = [perturbations[layer] for layer in layer_list]
+        grads = torch.autograd.grad(values.sum(), inputs, allow_unused=True)
+    gradients = {
+        layer: (torch.zeros_like(delta) if grad is None else grad).detach()
+        for layer, delta, grad in zip(layer_list, inputs, grads)
+    }
+    return acts, gradients, last.detach()
+
+
+def attribute(
+    model: AnyModel,
+    clean: Prompts,
+    corrupt: Prompts,
+    role: str = "z",
+    over: Sequence[str] = ("layer", "head"),
+    metric: Any = None,
+    direction: str = "denoise",
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    align: tuple[Sequence[int], Sequence[int]] | None = None,
+    normalize: bool = True,
+    per_prompt: bool = False,
+) -> PatchResult:
+    """Estimate :func:`anylens.patch` for every component of ``role`` from gradients.
+
+    Arguments mean what they mean for ``patch``. The frame's ``estimate`` is the estimated
+    patched metric minus the unpatched run's metric (patched - corrupt when denoising),
+    ``metric`` the estimated patched metric, and ``normalized`` its normalised score.
+    ``metric`` defaults to KL divergence from the clean run (whose gradient vanishes on the clean
+    run itself, so give a target metric when noising).
+    """
+    over = check_over(model, role, over)
+    metric = metrics_.kl() if metric is None else metric
+    runs = prepare_pairs(model, clean, corrupt, direction, align, positions)
+    layer_list = model.layers(layers)
+    components = enumerate_components(model, role, over, layer_list, runs.target_positions)
+
+    sources, source_last = record(model, role, runs.source, layer_list)
+    clean_last = source_last if direction == "denoise" else None  # the patched run is the clean run
+    acts, grads, patched_last = role_gradients(model, runs.patched, role, metric, layer_list, clean_last)
+    clean_last = patched_last if clean_last is None else clean_last
+    corrupt_last = patched_last if direction == "denoise" else source_last
+
+    n_pairs = runs.n_pairs
+    every_pair = torch.arange(n_pairs)
+    clean_values = score_rows(metric, model, clean_last, every_pair, n_pairs, clean_last).detach().float().cpu()
+    corrupt_values = score_rows(metric, model, corrupt_last, every_pair, n_pairs, clean_last).detach().float().cpu()
+    unpatched = corrupt_values if direction == "denoise" else clean_values
+
+    per_layer = {
+        layer: _contributions(role, grads[layer], acts[layer], sources[layer], runs.target_positions, runs.source_positions)
+        for layer in layer_list
+    }
+    estimate = torch.stack([_component_value(per_layer[c.layer], c, runs.target_positions) for c in components])
+    estimate = estimate.float().cpu()  # [n_components, n_pairs]
+    columns = {"metric": unpatched[None, :] + estimate, "estimate": estimate}
+    normalizer = (clean_values, corrupt_values) if normalize else None
+    frame = sweep_frame(model, components, over, runs.patched[0], columns, per_prompt, normalizer)
+    meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
+    meta.update(method="attribution patching", forwards=2, backwards=1, components=len(components))
+    return PatchResult("attribute", frame, meta, value="normalized" if normalize else "estimate")
+
+
+def _contributions(
+    role: str,
+    grad: torch.Tensor,
+    act: torch.Tensor,
+    source: torch.Tensor,
+    target_positions: list[int],
+    source_positions: list[int],
+) -> torch.Tensor:
+    """``grad · (source - act)`` at the patched positions: ``[pairs, positions, heads?]``.
+
+    Summed over features (d_model, d_head, keys of a pattern); the head dimension is kept for
+    roles that have heads, and positions are those in ``target_positions``, in that order.
+    """
+    pos_dim = 2 if role == "pattern" else 1  # pattern is [batch, head, query, key]
+    index = torch.tensor(target_positions, device=act.device)
+    source_index = torch.tensor(source_positions, device=source.device)
+    delta = source.index_select(pos_dim, source_index).to(act.device) - act.index_select(pos_dim, index)
+    terms = grad.index_select(pos_dim, index).float() * delta.float()
+    if role == "pattern":
+        terms = terms.transpose(1, 2)  # -> [batch, query, head, key]
+    keep = 3 if role in HEADED_ROLES else 2
+    return terms.flatten(keep).sum(-1) if terms.dim() > keep else terms
+
+
+def _component_value(contribution: torch.Tensor, component: Any, target_positions: list[int]) -> torch.Tensor:
+    """The estimate for one component, per prompt pair: pick or sum positions and heads."""
+    value = contribution
+    value = value.sum(1) if component.pos is None else value[:, target_positions.index(component.pos)]
+    if value.dim() > 1:  # a head dimension remains
+        value = value.sum(1) if component.head is None else value[:, component.head]
+    return value
+
+
+__all__ = ["attribute", "role_gradients"]

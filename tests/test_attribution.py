@@ -1,0 +1,148 @@
+"""Attribution patching: gradients against torch.autograd on hooked tensors, estimates against
+gradient x difference by hand, and agreement with exact patching."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import hook_reference as ref
+import pytest
+import torch
+
+import anylens as al
+from anylens.experiments.attribution import role_gradients
+from anylens.testing import TINY_BUILDERS, tiny
+
+TOL = 1e-5
+ANSWER, DISTRACTOR = 300, 301
+METRIC = al.metrics.logit_diff(ANSWER, DISTRACTOR)
+
+
+def reference_metric(logits: torch.Tensor) -> torch.Tensor:
+    return ref.logit_diff(logits, ANSWER, DISTRACTOR)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with ref.one_thread():
+        yield
+
+
+@cache
+def _build(family: str):
+    try:
+        return tiny(family)
+    except ImportError as error:  # e.g. mamba-ssm, whose kernels need a CUDA build of torch
+        return error
+
+
+def model_of(family: str):
+    model = _build(family)
+    if isinstance(model, ImportError):
+        pytest.skip(f"tiny {family!r} cannot be built here: {model}")
+    return model
+
+
+def prompt_pairs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random clean prompts of 6 tokens; each corrupt prompt differs at position 2 only."""
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randint(4, 400, (2, 6), generator=generator)
+    corrupt = clean.clone()
+    corrupt[:, 2] = torch.randint(4, 400, (2,), generator=generator)
+    return clean, corrupt
+
+
+def reference_estimates(grads, acts, sources, role, over, source_of=None):
+    """{component: mean over pairs of sum(grad * (source - act))}, by hand from hooked tensors."""
+    out = {}
+    for layer, (grad, act, source) in enumerate(zip(grads, acts, sources)):
+        diff = torch.zeros_like(act)
+        for target_pos, source_pos in (source_of or {p: p for p in range(act.shape[1])}).items():
+            diff[:, target_pos] = source[:, source_pos] - act[:, target_pos]
+        terms = grad * diff  # [pairs, pos, (heads,) features]
+        positions = range(act.shape[1]) if "pos" in over else [None]
+        heads = range(act.shape[2]) if "head" in over else [None]
+        for head in heads:
+            for pos in positions:
+                part = terms if pos is None else terms[:, pos : pos + 1]
+                part = part if head is None else part[:, :, head]
+                key = (layer,) + ((head,) if head is not None else ()) + ((pos,) if pos is not None else ())
+                out[key] = part.reshape(part.shape[0], -1).sum(1).mean().item()
+    return out
+
+
+CASES = [("z", ("layer", "head")), ("resid_pre", ("layer", "pos")), ("resid_mid", ("layer",))]
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("role,over", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+def test_attribution_matches_autograd_on_hooked_tensors(family, role, over, direction):
+    model = model_of(family)
+    if role not in model.roles:
+        pytest.skip(f"{family} has no role {role!r} (its adapter provides {', '.join(model.roles)})")
+    clean, corrupt = prompt_pairs()
+    patched, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+
+    # The gradients themselves, against torch.autograd.grad at the tensors the model passes on.
+    acts, grads, _ = role_gradients(model, patched, role, METRIC)
+    ref_acts, ref_grads, ref_logits = ref.gradients(model.hf, role, patched, reference_metric)
+    for layer in range(model.n_layers):
+        assert (acts[layer] - ref_acts[layer]).abs().max() <= TOL
+        assert (grads[layer] - ref_grads[layer]).abs().max() <= TOL, f"layer {layer}"
+    assert max(g.abs().max() for g in ref_grads) > 1e-3  # the gradients are not trivially zero
+
+    result = al.attribute(model, clean, corrupt, role=role, over=over, metric=METRIC, direction=direction)
+    source_acts, _ = ref.capture(model.hf, role, source)
+    if role == "z":
+        source_acts = [ref.heads_view(model.hf, a) for a in source_acts]
+    expected = reference_estimates(ref_grads, ref_acts, source_acts, role, over)
+    columns = [d for d in ("layer", "head", "pos") if d in over]
+    got = {tuple(int(v) for v in row[columns]): row for _, row in result.to_frame().iterrows()}
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert abs(got[key]["estimate"] - value) <= TOL, key
+    unpatched = reference_metric(ref_logits).mean().item()
+    assert abs((result.corrupt_metric if direction == "denoise" else result.clean_metric) - unpatched) <= TOL
+    for key, value in expected.items():
+        assert abs(got[key]["metric"] - (unpatched + value)) <= TOL
+
+
+def test_attribution_with_aligned_prompts():
+    model = model_of(next(iter(TINY_BUILDERS)))
+    clean, _ = prompt_pairs(seed=1)
+    clean = clean[:1]
+    corrupt = torch.cat([clean[:, :2], torch.tensor([[42]]), clean[:, 2:]], dim=1)
+    corrupt[0, 4] = 77
+    align = ([0, 1, 3, 4, 5], [0, 1, 4, 5, 6])
+    result = al.attribute(model, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=METRIC, align=align)
+    ref_acts, ref_grads, _ = ref.gradients(model.hf, "resid_pre", corrupt, reference_metric)
+    source_acts, _ = ref.capture(model.hf, "resid_pre", clean)
+    expected = reference_estimates(ref_grads, ref_acts, source_acts, "resid_pre", ("layer", "pos"), dict(zip(align[1], align[0])))
+    got = {(int(r.layer), int(r.pos)): r.estimate for r in result.to_frame().itertuples()}
+    assert sorted({pos for _, pos in got}) == align[1]
+    assert max(abs(got[key] - expected[key]) for key in got) <= TOL
+    assert max(abs(v) for v in got.values()) > 1e-4
+
+
+@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+def test_attribution_correlates_with_exact_patching(family, record_property):
+    """On tiny random models the first-order estimate tracks exact patching of sublayer outputs.
+
+    Observed Pearson r over seeds 0-3: 0.84-1.00 for z per head on the attention families, 0.76
+    and up for mixer_out per position on Mamba2 (0.96 on Mamba). Residual-stream patches are too
+    non-linear on random weights for a stable bound. The stronger claim (r >= 0.8 on a trained
+    zoo model) is tested once zoo models exist.
+    """
+    model = model_of(family)
+    role, over = ("z", ("layer", "head")) if "z" in model.roles else ("mixer_out", ("layer", "pos"))
+    if role not in model.roles:
+        pytest.skip(f"{family} has neither 'z' nor 'mixer_out'")
+    clean, corrupt = prompt_pairs()
+    estimated = al.attribute(model, clean, corrupt, role=role, over=over, metric=METRIC).to_frame()
+    exact = al.patch(model, clean, corrupt, role=role, over=over, metric=METRIC).to_frame()
+    pair = torch.stack([torch.tensor(estimated["metric"].to_numpy()), torch.tensor(exact["metric"].to_numpy())])
+    r = torch.corrcoef(pair)[0, 1].item()
+    record_property("pearson_r", r)
+    print(f"{family} {role}: Pearson r(attribution, patching) = {r:.3f}")
+    assert r > 0.5, f"Pearson r = {r:.3f}"
