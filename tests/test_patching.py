@@ -181,6 +181,18 @@ def test_per_prompt_rows_average_to_the_summary():
     assert torch.allclose(torch.tensor(averaged.to_numpy()), torch.tensor(summary["metric"].to_numpy()), atol=TOL)
 
 
+def test_targets_per_prompt_follow_their_rows():
+    model = model_of(next(iter(TINY_BUILDERS)))
+    clean, corrupt = prompt_pairs()
+    swapped = al.metrics.logit_diff([ANSWER, DISTRACTOR], [DISTRACTOR, ANSWER])  # pair 1 asks the opposite
+    both = al.patch(model, clean, corrupt, metric=swapped, per_prompt=True, batch_size=7).to_frame()
+    first = al.patch(model, clean[:1], corrupt[:1], metric=METRIC).to_frame()
+    second = al.patch(model, clean[1:], corrupt[1:], metric=al.metrics.logit_diff(DISTRACTOR, ANSWER)).to_frame()
+    for prompt, alone in ((0, first), (1, second)):
+        rows = both[both["prompt"] == prompt]
+        assert torch.allclose(torch.tensor(rows["metric"].to_numpy()), torch.tensor(alone["metric"].to_numpy()), atol=TOL)
+
+
 def test_invalid_sweeps_say_what_to_do():
     model = model_of(next(iter(TINY_BUILDERS)))
     clean, corrupt = prompt_pairs()
