@@ -170,9 +170,12 @@ def run_plan(
     metric values, so full logits of every row never have to be kept. Returns ``[n_rows]`` scores.
     """
     n = len(plan)
-    rows_per_forward = batch_size or rows_for_budget(model, plan.inputs.shape[1], memory_budget)
-    if rows_per_forward < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of rows, got {batch_size!r}")
+    rows_per_forward = batch_size or rows_for_budget(model, plan.inputs.shape[1], memory_budget)
+    if batch_size is None and n:
+        forwards = -(-n // rows_per_forward)
+        rows_per_forward = -(-n // forwards)  # even chunks: 96 rows under a cap of 64 run as 48 + 48
     scores = torch.empty(n)
     stats = PlanStats(patches=n, rows_per_forward=min(rows_per_forward, n))
     for start in range(0, n, rows_per_forward):
