@@ -56,47 +56,44 @@ def test_patterns_equal_output_attentions_or_raise_missing_role(model: al.AnyMod
     assert set(some.to_frame()["layer"]) == {model.n_layers - 1}
 
 
+def previous_token_by_hand(model: al.AnyModel, sequences: list[torch.Tensor]) -> dict[tuple[int, int], float]:
+    """Mean attention from t to t - 1 over unpadded sequences, from ``output_attentions``."""
+    steps: dict[tuple[int, int], list[float]] = {}
+    for ids in sequences:
+        for layer, pattern in enumerate(hf_attentions(model, ids[None])):
+            for head in range(model.n_heads):
+                steps.setdefault((layer, head), []).extend(float(pattern[0, head, t, t - 1]) for t in range(1, len(ids)))
+    return {key: sum(values) / len(values) for key, values in steps.items()}
+
+
 def test_head_scores_equal_a_hand_computation(model: al.AnyModel) -> None:
     needs_pattern(model)
     seq_len = 6
-    scores = al.head_scores(model, seq_len=seq_len, seed=1, batch=2)
-    tokens = torch.tensor(scores.meta["induction_tokens"])
-    offset = tokens.shape[1] - 2 * seq_len
-    assert torch.equal(tokens[:, offset : offset + seq_len], tokens[:, offset + seq_len :])
-    special = set(model.tokenizer.all_special_ids)
-    assert not special & set(tokens[:, offset:].flatten().tolist())
-    attentions = hf_attentions(model, tokens)
-
+    scores = al.head_scores(model, prompts=PROMPTS, seq_len=seq_len, seed=1, batch=2)
     frame = scores.to_frame()
     assert set(frame["kind"]) == {"previous_token", "induction"}
     assert len(frame) == 2 * model.n_layers * model.n_heads
-    for layer, pattern in enumerate(attentions):
+    score = frame.set_index(["kind", "layer", "head"])["score"]
+
+    # Induction: random tokens (no special ones) repeated, after an optional BOS.
+    tokens = torch.tensor(scores.meta["induction_tokens"])
+    offset = tokens.shape[1] - 2 * seq_len
+    assert torch.equal(tokens[:, offset : offset + seq_len], tokens[:, offset + seq_len :])
+    assert not set(model.tokenizer.all_special_ids) & set(tokens[:, offset:].flatten().tolist())
+    for layer, pattern in enumerate(hf_attentions(model, tokens)):
         for head in range(model.n_heads):
             induction = [
                 float(pattern[b, head, t, t - seq_len + 1])
                 for b in range(tokens.shape[0])
                 for t in range(offset + seq_len, offset + 2 * seq_len)
             ]
-            previous = [float(pattern[b, head, t, t - 1]) for b in range(tokens.shape[0]) for t in range(1, tokens.shape[1])]
-            row = frame[(frame["layer"] == layer) & (frame["head"] == head)].set_index("kind")["score"]
-            assert row["induction"] == pytest.approx(sum(induction) / len(induction), abs=ATOL)
-            assert row["previous_token"] == pytest.approx(sum(previous) / len(previous), abs=ATOL)
+            assert score["induction", layer, head] == pytest.approx(sum(induction) / len(induction), abs=ATOL)
 
-
-def test_previous_token_scores_on_padded_prompts(model: al.AnyModel) -> None:
-    needs_pattern(model)
-    scores = al.head_scores(model, prompts=PROMPTS, seq_len=4, batch=1)
-    frame = scores.to_frame()
-    frame = frame[frame["kind"] == "previous_token"]
-    steps: dict[tuple[int, int], list[float]] = {}
-    for prompt in PROMPTS:  # each prompt on its own: no padding in the reference
-        ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        for layer, pattern in enumerate(hf_attentions(model, ids)):
-            for head in range(model.n_heads):
-                steps.setdefault((layer, head), []).extend(float(pattern[0, head, t, t - 1]) for t in range(1, ids.shape[1]))
-    for (layer, head), values in steps.items():
-        got = frame[(frame["layer"] == layer) & (frame["head"] == head)]["score"].item()
-        assert got == pytest.approx(sum(values) / len(values), abs=ATOL)
+    # Previous-token on the prompts: the batch is left-padded, the reference runs each on its own.
+    prompts = [model.tokenizer(p, return_tensors="pt")["input_ids"][0] for p in PROMPTS]
+    assert len(prompts[0]) != len(prompts[1])
+    for (layer, head), want in previous_token_by_hand(model, prompts).items():
+        assert score["previous_token", layer, head] == pytest.approx(want, abs=ATOL)
 
 
 def test_plots_frames_and_errors() -> None:
@@ -107,6 +104,11 @@ def test_plots_frames_and_errors() -> None:
     figure = result.plot(layer=1)
     assert sum(ax.get_visible() and bool(ax.images) for ax in figure.axes) == model.n_heads
     scores = al.head_scores(model, seq_len=4, batch=1)
+    # Without prompts, previous-token scores come from the random repeated sequences.
+    tokens = torch.tensor(scores.meta["induction_tokens"])
+    score = scores.to_frame().set_index(["kind", "layer", "head"])["score"]
+    for (layer, head), want in previous_token_by_hand(model, list(tokens)).items():
+        assert score["previous_token", layer, head] == pytest.approx(want, abs=ATOL)
     assert scores.plot("previous_token").axes
     with pytest.raises(KeyError, match="kinds"):
         scores.plot("copying")

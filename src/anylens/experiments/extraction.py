@@ -372,12 +372,13 @@ def decompose_resid(cache: ActivationCache, layer: int = -1, per_head: bool = Fa
     for i in range(last + 1):
         for role in writers:
             if role == "attn_out" and heads:
-                W_O, b_O = model.W_O(i).detach(), model.b_O(i).detach()
                 z = cache["z", i]
-                per_head_out = torch.einsum("bphd,hdm->hbpm", z, W_O.to(z.dtype))
+                W_O = model.W_O(i).detach().to(z.device, z.dtype)
+                b_O = model.b_O(i).detach().to(z.device, z.dtype)
+                per_head_out = torch.einsum("bphd,hdm->hbpm", z, W_O)
                 components.extend(per_head_out)
                 labels.extend(f"head {i}.{h}" for h in range(per_head_out.shape[0]))
-                bias = b_O.to(z.dtype) if bias is None else bias + b_O.to(z.dtype)
+                bias = b_O if bias is None else bias + b_O
                 continue
             components.append(cache[role, i])
             labels.append(f"{role.removesuffix('_out')} {i}")
@@ -387,7 +388,7 @@ def decompose_resid(cache: ActivationCache, layer: int = -1, per_head: bool = Fa
     # Some roles are computed once for the whole batch (GPT-2's position embedding of an unpadded
     # batch is [1, pos, d]) and broadcast by the model; broadcast them here too.
     shape = cache["resid_post", last].shape if ("resid_post", last) in cache._values else first.shape
-    return Decomposition(torch.stack([c.expand(shape) for c in components]), labels, cache)
+    return Decomposition(torch.stack([c.to(first.device).expand(shape) for c in components]), labels, cache)
 
 
 def _has_heads(model: AnyModel) -> bool:
