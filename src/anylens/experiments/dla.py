@@ -151,7 +151,8 @@ def direct_logit_attribution(
     per_head: bool = True,
     position: int = -1,
 ) -> DLAResult:
-    """Each component's direct contribution to a logit or logit difference at ``position``.
+    """Each component's direct contribution to a logit or logit difference at ``position``
+    (an index into the left-padded batch: the default -1 is every prompt's last token).
 
     ``metric_or_targets`` is a target word or token id (its logit), a pair
     ``(answer, distractor)`` or ``al.metrics.logit_diff(answer, distractor)`` (their logit
