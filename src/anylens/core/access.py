@@ -17,6 +17,18 @@ if TYPE_CHECKING:
     from .model import AnyModel
 
 
+def child_envoy(node: Any, part: str) -> Any:
+    """The envoy of a submodule by name or index.
+
+    Looked up in the envoy's own child table first: a submodule named like an envoy property (BERT's
+    ``attention.output``) would otherwise resolve to the property (the module's output) instead.
+    """
+    if part.isdigit():
+        return node[int(part)]
+    child = getattr(node, "_child_map", {}).get(part)
+    return child if child is not None else getattr(node, part)
+
+
 class RoleAccess:
     """One role of one wrapped model: resolves its path, normalises, views, writes."""
 
@@ -30,7 +42,7 @@ class RoleAccess:
         node = self.model.nn
         module = self.path.module_at(layer)
         for part in module.split(".") if module else ():
-            node = node[int(part)] if part.isdigit() else getattr(node, part)
+            node = child_envoy(node, part)
         return node
 
     def _raw(self, layer: int | None) -> Any:

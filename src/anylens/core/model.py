@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .access import RoleAccess
+from .access import RoleAccess, child_envoy
 from .errors import LayerIndexError, MissingRoleError, ModulePathError, TokenizationError
 from .roles import LAYER_ROLES, MODEL_ROLES
 from .spec import AdapterSpec
@@ -186,7 +186,7 @@ class AnyModel:
                 owner = access.path.module_at(layer).split(".source.")[0]
                 node = self.nn
                 for part in owner.split("."):
-                    node = node[int(part)] if part.isdigit() else getattr(node, part)
+                    node = child_envoy(node, part)
                 node.source  # noqa: B018  (the access instruments the forward)
 
     def _record_token_shapes(self) -> None:
