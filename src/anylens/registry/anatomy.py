@@ -47,8 +47,8 @@ class AnatomyError(Exception):
 def close(got: torch.Tensor | None, want: torch.Tensor | None, tol: float = TOL) -> bool:
     if got is None or want is None or got.shape != want.shape:
         return False
-    want = want.float()
-    return float((got.float() - want).abs().max()) <= tol * max(1.0, float(want.abs().max()))
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).abs().max()) <= tol * max(1.0, float(want.abs().max()))
 
 
 def as_positions(value: torch.Tensor | None, batch: int, pos: int) -> tuple[torch.Tensor | None, str | None]:
@@ -156,6 +156,7 @@ class Anatomy:
     qkv_options: list[dict[str, Piece]] = field(default_factory=list)
     mlp_post: Piece | None = None
     pattern_options: list[str] = field(default_factory=list)  # op paths below the attention module
+    samples: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # layer-0 values
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -502,17 +503,24 @@ def _hint(path: str) -> str | None:
 
 
 def _heads(model: torch.nn.Module, rec: Recording, anatomy: Anatomy) -> None:
-    """Output projection (``z``) and q/k/v projections of the attention module, by widths."""
+    """Output projection (``z``) and q/k/v projections of the attention module, by widths.
+
+    The attention module is the attention component's sublayer where the residual decomposition
+    placed one; otherwise (a norm after the residual add, say) the smallest module of layer 0 that
+    holds both an output projection and the projections reading the residual width.
+    """
+    block0 = f"{anatomy.layers}.0"
+    if anatomy.attention is None and "attn" not in anatomy.components:
+        anatomy.attention = _attention_by_structure(model, rec, anatomy, block0)
     if anatomy.attention is None:
-        if "attn" not in anatomy.components and config_int(model.config, HEAD_COUNT_ATTRS):
+        if config_int(model.config, HEAD_COUNT_ATTRS):
             anatomy.notes.append("z/q/k/v/pattern: no attention module was placed in every layer")
         return
     d_model = anatomy.d_model
-    block0 = f"{anatomy.layers}.0"
     attention = f"{block0}.{anatomy.attention}"
     linears = _linears(model, rec, attention)
     attn_value = rec.get(attention).output
-    outs = [lin for lin in linears if lin[2] == d_model]
+    outs = _output_projections(linears, d_model)
     if not outs:
         anatomy.notes.append("z: the attention module has no linear output projection to d_model")
         return
@@ -534,9 +542,40 @@ def _heads(model: torch.nn.Module, rec: Recording, anatomy: Anatomy) -> None:
     anatomy.out_proj = _relative(out[0], block0)
     # z @ W_O is what attention adds only if the projection's output is the attn_out component
     # (no post-norm, gate or scale after it)
-    component = rec.get(f"{block0}.{anatomy.components['attn'].module}")
+    component = rec.get(f"{block0}.{anatomy.components['attn'].module}") if "attn" in anatomy.components else None
     anatomy.z_feeds_residual = component is not None and close(out[3].output, component.output)
     anatomy.qkv_options = _qkv_options(model, anatomy, linears, out[0], block0)
+    # layer-0 values for screening q/k/v layouts against the pattern (see infer.py)
+    anatomy.samples = {"z": out[3].input.unflatten(-1, (heads.n_heads, heads.d_head))}
+    for option in anatomy.qkv_options:
+        anatomy.samples[option["v"].module] = rec.get(f"{block0}.{option['v'].module}").output
+
+
+def _output_projections(linears: list, d_model: int) -> list:
+    """Linears to d_model that read something of their own: q/k/v projections share one input."""
+    return [
+        lin for lin in linears
+        if lin[2] == d_model and not any(other is not lin and close(other[3].input, lin[3].input) for other in linears)
+    ]
+
+
+def _attention_by_structure(model: torch.nn.Module, rec: Recording, anatomy: Anatomy, block0: str) -> str | None:
+    """The smallest module in layer 0 with an output projection to d_model and >= 1 reader of d_model."""
+    d_model = anatomy.d_model
+    found = None
+    for call in rec.inside(block0):
+        module = model.get_submodule(call.path)
+        if linear_widths(module) is not None:
+            continue
+        linears = _linears(model, rec, call.path)
+        readers = [lin for lin in linears if lin[1] == d_model]
+        outs = [lin for lin in _output_projections(linears, d_model) if _head_counts(model.config, lin[1])]
+        own_readers = [lin for lin in readers if all(lin[0] != out[0] for out in outs)]
+        if outs and own_readers and (found is None or _depth(call.path) > _depth(found)):
+            if not all(_same_linear(model, anatomy, outs[-1][0], i) for i in range(anatomy.n_layers)):
+                continue
+            found = call.path
+    return _relative(found, block0) if found else None
 
 
 def _same_linear(model: torch.nn.Module, anatomy: Anatomy, path0: str, layer: int) -> bool:
@@ -570,15 +609,57 @@ def _qkv_options(model: torch.nn.Module, anatomy: Anatomy, linears: list, out_pa
         kvs = [lin for lin in sized if lin[2] == kv_width]
         if len(qs) != 1 or len(kvs) != 2:
             return []
-        order = {"q": qs[0]}
         hinted = {_hint(lin[0]): lin for lin in kvs}
-        order.update(hinted if set(hinted) == {"k", "v"} else {"k": kvs[0], "v": kvs[1]})
+        orders = [{"q": qs[0], **hinted}] if set(hinted) == {"k", "v"} else [
+            {"q": qs[0], "k": kvs[0], "v": kvs[1]}, {"q": qs[0], "k": kvs[1], "v": kvs[0]}]
     else:
         if len(sized) != 3:
             return []
         hinted = {_hint(lin[0]): lin for lin in sized}
-        order = hinted if set(hinted) == {"q", "k", "v"} else dict(zip("qkv", sized))
-    return [{r: Piece(_relative(order[r][0], block0), view="heads" if r == "q" else "kv_heads") for r in "qkv"}]
+        # without names, the call order q, k, v first; the pattern then tells which one is v
+        orders = [hinted] if set(hinted) == {"q", "k", "v"} else [
+            dict(zip("qkv", perm)) for perm in itertools.permutations(sized)]
+    return [{r: Piece(_relative(o[r][0], block0), view="heads" if r == "q" else "kv_heads") for r in "qkv"}
+            for o in orders]
+
+
+def head_view(value: torch.Tensor, view: str | None, heads: Heads) -> torch.Tensor | None:
+    """The per-head view a q/k/v role path names (the same layouts ``anylens.core.access`` reads)."""
+    try:
+        if view == "heads":
+            return value.unflatten(-1, (heads.n_heads, heads.d_head))
+        if view == "kv_heads":
+            return value.unflatten(-1, (heads.n_kv, heads.d_head))
+        which = view.split(":")[1]
+        if view.startswith("qkv_fused:"):
+            q, kv = heads.n_heads * heads.d_head, heads.n_kv * heads.d_head
+            start, width = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[which]
+            count = heads.n_heads if which == "q" else heads.n_kv
+            return value[..., start : start + width].unflatten(-1, (count, heads.d_head))
+        d = heads.d_head
+        index = "qkv".index(which)
+        return value.unflatten(-1, (heads.n_heads, 3 * d))[..., index * d : (index + 1) * d]
+    except (RuntimeError, AttributeError, KeyError, IndexError):
+        return None
+
+
+def screen_qkv(anatomy: Anatomy, pattern: torch.Tensor) -> None:
+    """Keep the q/k/v layouts whose ``pattern @ v`` gives ``z`` on layer 0 (invariant 6, ahead of the check)."""
+    z = anatomy.samples.get("z")
+    if z is None or anatomy.heads is None:
+        return
+    kept = []
+    for option in anatomy.qkv_options:
+        raw = anatomy.samples.get(option["v"].module)
+        v = head_view(raw, option["v"].view, anatomy.heads) if raw is not None else None
+        if v is None or v.dim() != 4 or anatomy.heads.n_heads % v.shape[2]:
+            continue
+        expanded = v.float().repeat_interleave(anatomy.heads.n_heads // v.shape[2], dim=2)
+        if close(torch.einsum("bhqk,bkhd->bqhd", pattern.float(), expanded), z):
+            kept.append(option)
+    if anatomy.qkv_options and not kept:
+        anatomy.notes.append("q/k/v: no layout of the projections gives pattern @ v == z")
+    anatomy.qkv_options = kept
 
 
 # -- MLP neurons --------------------------------------------------------------------------------
@@ -656,33 +737,49 @@ def _softmax_like(name: str) -> bool:
     return "softmax" in name or "dropout" in name
 
 
-def pattern_options(nn_model: Any, attention: str, ids: torch.Tensor, n_heads: int) -> list[str]:
-    """Operations inside the attention forward (or a function it calls) whose output is the pattern.
+def pattern_options(
+    nn_model: Any, modules: list[str], block: str, ids: torch.Tensor, n_heads: int
+) -> list[tuple[str, torch.Tensor]]:
+    """Operations whose output is the attention pattern, with their values on layer 0.
 
-    Candidates are softmax and dropout operations, in the forward itself or inside the functions it
-    calls that compute a softmax (an attention implementation chosen at run time is drilled into
-    too). Each is read on a real trace and kept if it is ``[batch, heads, query, key]``, sums to 1
-    over keys and is causal; later operations (a dropout after the softmax) come first.
+    ``modules`` are searched in turn (paths relative to ``block``, e.g. the attention module and the
+    module owning its query projection). Candidates are softmax and dropout operations in each
+    forward, or inside a function it calls that computes a softmax (an attention implementation
+    chosen at run time is drilled into too). Each is read on a real trace and kept if it is
+    ``[batch, heads, query, key]``, sums to 1 over keys and is causal. Options are returned as
+    ``<module>.source.<op>[.source.<op>]`` relative to the block, later operations (a dropout
+    after the softmax) first.
     """
-    envoy = _envoy(nn_model, attention)
-    try:
-        source = envoy.source
-        names = list(source.names)
-    except Exception:
-        return []
-    options = [f"source.{n}" for n in names if _softmax_like(n)]
-    module = nn_model._module.get_submodule(attention)
-    for name in _drill_candidates(module, source, names)[:4]:
-        inner = _drill(nn_model, envoy, name, ids)
-        options += [f"source.{name}.source.{n}" for n in inner if _softmax_like(n)]
-    good = [o for o in options if _is_pattern(_read_op(nn_model, envoy, o, ids), ids.shape, n_heads)]
-    return list(reversed(good))
+    found: list[tuple[str, torch.Tensor]] = []
+    for module_path in modules:
+        envoy = _envoy(nn_model, f"{block}.{module_path}")
+        try:
+            source = envoy.source
+            names = list(source.names)
+        except Exception:
+            continue
+        options = [f"source.{n}" for n in names if _softmax_like(n)]
+        module = nn_model._module.get_submodule(f"{block}.{module_path}")
+        for name in _drill_candidates(module, source, names)[:4]:
+            inner = _drill(nn_model, envoy, name, ids)
+            options += [f"source.{name}.source.{n}" for n in inner if _softmax_like(n)]
+        good = []
+        for option in options:
+            value = _read_op(nn_model, envoy, option, ids)
+            if _is_pattern(value, ids.shape, n_heads):
+                good.append((f"{module_path}.{option}", value))
+        found += reversed(good)
+        if found:
+            break
+    return found
 
 
 def _envoy(nn_model: Any, path: str) -> Any:
+    from ..core.access import child_envoy
+
     node = nn_model
     for part in path.split("."):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
+        node = child_envoy(node, part)
     return node
 
 

@@ -26,7 +26,7 @@ import torch
 
 from ..core.errors import UnknownArchitectureError
 from ..core.spec import AdapterSpec
-from .anatomy import Anatomy, AnatomyError, Piece, pattern_options, read_anatomy, sample_ids
+from .anatomy import Anatomy, AnatomyError, Piece, pattern_options, read_anatomy, sample_ids, screen_qkv
 
 #: Stop after this many candidates: each costs a full ``anylens check``.
 MAX_ATTEMPTS = 8
@@ -88,17 +88,22 @@ def candidate_groups(anatomy: Anatomy) -> list[Group]:
     if anatomy.resid_mid:
         optional("resid_mid", [Option({"resid_mid": anatomy.resid_mid.path(layer)})])
     if anatomy.out_proj:
+        feeds = anatomy.z_feeds_residual and "attn" in anatomy.components
+        # z is verified by invariant 5 (z @ W_O == attn_out) or else by 6 (pattern @ v == z)
         optional("z", [Option({"z": Piece(anatomy.out_proj, "input", "heads").path(layer)},
-                              {"z_feeds_residual": anatomy.z_feeds_residual and bool(anatomy.components)})])
-    fused = any(p.view and p.view.startswith("qkv") for option in anatomy.qkv_options for p in option.values())
-    if anatomy.qkv_options and (not fused or (anatomy.pattern_options and anatomy.out_proj)):
-        # a fused layout is only told apart by 'pattern @ v == z', so it needs both
-        optional("qkv", [Option({r: p.path(layer) for r, p in o.items()}, label=o["v"].view or "")
-                         for o in anatomy.qkv_options])
+                              {"z_feeds_residual": feeds, "z_needs_pattern": not feeds})])
+    if anatomy.qkv_options:
+        # a fused layout, or projections whose names do not say which is which, are told apart
+        # only by 'pattern @ v == z': they come with the pattern or not at all
+        fused = any(p.view.startswith("qkv") for option in anatomy.qkv_options for p in option.values())
+        needs_pattern = fused or len(anatomy.qkv_options) > 1
+        if needs_pattern and not anatomy.pattern_options:
+            anatomy.notes.append("q/k/v: without a pattern nothing tells the projections' layout apart")
+        else:
+            optional("qkv", [Option({r: p.path(layer) for r, p in o.items()}, {"qkv_needs_pattern": needs_pattern},
+                                    label=o["v"].view or "") for o in anatomy.qkv_options])
     if anatomy.pattern_options:
-        attention = f"{layer}.{anatomy.attention}"
-        optional("pattern", [Option({"pattern": f"{attention}.{op}.output"}, label=op)
-                             for op in anatomy.pattern_options])
+        optional("pattern", [Option({"pattern": f"{layer}.{op}.output"}, label=op) for op in anatomy.pattern_options])
     if anatomy.mlp_post:
         optional("mlp_post", [Option({"mlp_post": anatomy.mlp_post.path(layer)})])
     return groups
@@ -111,8 +116,14 @@ def build_spec(anatomy: Anatomy, groups: list[Group], choice: dict[str, int]) ->
         option = group.options[choice[group.name]]
         roles.update(option.roles)
         facts.update(option.facts)
+    # roles whose only verifying invariant needs a role that this candidate lacks are left out
     if "attn_out" not in roles:
-        roles.pop("resid_mid", None)  # invariant 3 needs attn_out to verify it
+        roles.pop("resid_mid", None)  # invariant 3
+    if facts.get("qkv_needs_pattern") and "pattern" not in roles:
+        for role in "qkv":
+            roles.pop(role, None)
+    if facts.get("z_needs_pattern") and not {"pattern", "v"} <= roles.keys():
+        roles.pop("z", None)
     if "z" in roles:
         facts.setdefault("z_feeds_residual", False)
     else:
@@ -328,19 +339,29 @@ def _restore(hf_model: torch.nn.Module, previous: str | None) -> None:
 
 
 def _find_patterns(hf_model: torch.nn.Module, anatomy: Anatomy) -> None:
+    """Attention-pattern operations (needs a trace), then q/k/v layouts screened against them."""
     if anatomy.attention is None or anatomy.heads is None:
         return
     from nnsight.modeling.transformers import TransformersModel
 
     from ..testing import tiny_tokenizer
 
+    # the attention module, then the module that owns its projections (the pattern may live there)
+    modules = [anatomy.attention] + sorted(
+        {p.module.rsplit(".", 1)[0] for option in anatomy.qkv_options for p in option.values() if "." in p.module}
+        - {anatomy.attention}
+    )
     try:
         nn_model = TransformersModel(hf_model, tokenizer=tiny_tokenizer())
-        attention = f"{anatomy.layers}.0.{anatomy.attention}"
-        anatomy.pattern_options = pattern_options(nn_model, attention, sample_ids(hf_model), anatomy.heads.n_heads)
+        block = f"{anatomy.layers}.0"
+        found = pattern_options(nn_model, modules, block, sample_ids(hf_model), anatomy.heads.n_heads)
     except Exception as error:
         anatomy.notes.append(f"pattern: searching the attention forward failed ({type(error).__name__}: {error})")
-    if not anatomy.pattern_options:
+        found = []
+    anatomy.pattern_options = [option for option, _ in found]
+    if found:
+        screen_qkv(anatomy, found[0][1])
+    else:
         anatomy.notes.append("pattern: no softmax in the attention forward gives causal rows that sum to 1")
 
 
