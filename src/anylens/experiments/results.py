@@ -116,7 +116,7 @@ class Result:
             "value": self.value,
             "meta": self.meta,
             "columns": list(self.frame.columns),
-            "rows": json.loads(self.frame.to_json(orient="values")),
+            "rows": json.loads(self.frame.to_json(orient="values", double_precision=15)),
             "dtypes": {c: str(t) for c, t in self.frame.dtypes.items()},
         }
         tmp = path.with_suffix(path.suffix + ".tmp")
