@@ -170,15 +170,6 @@ FAMILIES = list(LAYOUTS)
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; several contend badly on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_every_tiny_family_is_described():
     assert set(TINY_BUILDERS) == set(LAYOUTS) == set(FULL_SIZE)
 
