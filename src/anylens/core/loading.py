@@ -26,6 +26,7 @@ def wrap(
     eager attention materialises the probabilities that ``pattern`` reads and writes.
     """
     from nnsight.modeling.transformers import TransformersModel
+    from transformers import PreTrainedModel
 
     from ..registry.manager import as_spec, registry
 
@@ -37,10 +38,16 @@ def wrap(
         spec = as_spec(adapter)
     spec = spec.specialize(hf_model.config)
     hf_model.eval()
-    if "pattern" in spec.roles:
+    if "pattern" in spec.roles and hasattr(hf_model, "set_attn_implementation"):
         wanted = attn_implementation or "eager"
         if getattr(hf_model.config, "_attn_implementation", None) != wanted:
             hf_model.set_attn_implementation(wanted)
+    if not isinstance(hf_model, PreTrainedModel):
+        # A plain torch model (e.g. mamba-ssm's MambaLMHeadModel): nnsight's generic wrapper,
+        # traced with token-id tensors; a tokenizer is optional.
+        from nnsight import NNsight
+
+        return AnyModel(NNsight(hf_model), spec, tokenizer)
     if tokenizer is None:
         tokenizer = _tokenizer_for(hf_model)
     nn_model = TransformersModel(hf_model, tokenizer=tokenizer)

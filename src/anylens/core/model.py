@@ -67,7 +67,8 @@ class AnyModel:
 
     @property
     def d_model(self) -> int:
-        return int(self.config.hidden_size)
+        width = getattr(self.config, "hidden_size", None) or getattr(self.config, "d_model", None)
+        return int(width)
 
     @property
     def d_vocab(self) -> int:
@@ -104,6 +105,10 @@ class AnyModel:
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
 
     def __repr__(self) -> str:
         return f"<anylens model {self.name!r} adapter={self.adapter.name} layers={self.n_layers} roles={list(self.roles)}>"

@@ -139,7 +139,7 @@ def _structural(model: AnyModel, v: dict[str, Any], report: CheckReport) -> None
         for i in range(n):
             _compare(report, "3 resid_mid == resid_pre + attn_out", i, v["resid_mid"][i], v["resid_pre"][i] + v["attn_out"][i])
     if {"resid_post", "logits"} <= v.keys() and "final_norm" in model.roles:
-        normed = model.apply_final_norm(v["resid_post"][-1].to(model.hf.dtype))
+        normed = model.apply_final_norm(v["resid_post"][-1].to(model.dtype))
         _compare(report, "4 unembed(final_norm(resid_post[-1])) == logits", None, model.unembed(normed).float(), v["logits"])
         if "final_norm" in v:
             _compare(report, "4 final_norm role == final_norm(resid_post[-1])", None, v["final_norm"], normed.float())
