@@ -78,6 +78,8 @@ _LAZY = {
     "run": "anylens.sweep.runner",
 }
 
+__all__ += ["Result", "metrics", *_LAZY]
+
 
 def __getattr__(name: str):
     if name in _LAZY:
@@ -85,3 +87,7 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'anylens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
