@@ -1,0 +1,170 @@
+"""The example scripts of docs/examples run on tiny models of the four families, and the numbers
+they return agree with computations made here with plain Hugging Face forwards."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+MODELS = ["tiny:gpt2", "tiny:llama", "tiny:mistral", "tiny:mamba"]
+ATOL = 1e-5
+
+
+def script(name: str) -> ModuleType:
+    """Import docs/examples/<name>.py as a module (its name starts with a digit)."""
+    spec = importlib.util.spec_from_file_location(f"anylens_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def common() -> ModuleType:
+    script("01_logit_lens_quickstart")  # puts docs/examples on sys.path
+    return sys.modules["_common"]
+
+
+def run(name: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp(name)
+    results = script(name).main(MODELS, out=str(out))
+    assert list(results) == MODELS
+    assert (out / f"{name}.txt").read_text().count("== tiny:") == len(MODELS)
+    return results, out
+
+
+def last_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """``[batch, vocab]`` logits at the last position from the Hugging Face model itself."""
+    with torch.no_grad():
+        return model.hf(ids.to(model.device)).logits[:, -1].float()
+
+
+def ids_of(model, prompts) -> torch.Tensor:
+    if isinstance(prompts, torch.Tensor):
+        return prompts
+    return model.tokenizer(list(prompts), return_tensors="pt")["input_ids"]  # equal lengths: no padding
+
+
+def logit_diff(logits: torch.Tensor, model, answers, distractors) -> torch.Tensor:
+    good = torch.tensor([model.token_id(a) for a in answers])
+    bad = torch.tensor([model.token_id(d) for d in distractors])
+    rows = torch.arange(len(good))
+    return logits[rows, good] - logits[rows, bad]
+
+
+def assert_png(path: str) -> None:
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+# -- 01 -----------------------------------------------------------------------------------------
+def test_logit_lens_quickstart(tmp_path_factory, common):
+    results, _ = run("01_logit_lens_quickstart", tmp_path_factory)
+    for source, r in results.items():
+        model = common.load(source)
+        assert len(r["probs"]) == len(r["ranks"]) == model.n_layers
+        # The lens at the last layer is the model's own next-token distribution.
+        logits = last_logits(model, torch.tensor([r["prompt_ids"]]))[0]
+        assert r["probs"][-1] == pytest.approx(float(logits.softmax(-1)[r["answer_id"]]), abs=ATOL)
+        assert r["ranks"][-1] == int((logits > logits[r["answer_id"]]).sum())
+        top1 = [layer for layer, rank in enumerate(r["ranks"]) if rank == 0]
+        assert r["first_top1_layer"] == (top1[0] if top1 else None)
+        assert_png(r["heatmap"])
+
+
+# -- 02 -----------------------------------------------------------------------------------------
+def test_extraction(tmp_path_factory, common):
+    results, _ = run("02_extraction", tmp_path_factory)
+    for source, r in results.items():
+        model = common.load(source)
+        assert r["max_error"] < 1e-4
+        assert len(set(r["n_tokens"])) > 1, "the batch should need padding"
+        n_pos = max(r["n_tokens"])
+        assert r["shapes"]["resid_post"] == [model.n_layers, r["n_prompts"], n_pos, model.config.hidden_size]
+        if "z" in model.roles:
+            assert r["shapes"]["z"] == [model.n_layers, r["n_prompts"], n_pos, model.n_heads, model.d_head]
+            assert r["per_head"]
+            # embeddings (+ positions), every head, every MLP, one row of output-projection biases
+            expected = 1 + ("pos_embed" in model.roles) + model.n_layers * (model.n_heads + 1) + 1
+        else:
+            assert "mixer_out" in r["shapes"] and not r["per_head"]
+            expected = 1 + model.n_layers
+        assert r["n_components"] == expected == len(r["labels"])
+
+
+# -- 03 -----------------------------------------------------------------------------------------
+def test_head_patching_sweep(tmp_path_factory, common):
+    module = script("03_head_patching_sweep")
+    results, _ = run("03_head_patching_sweep", tmp_path_factory)
+    for source, r in results.items():
+        model = common.load(source)
+        if "z" in model.roles:
+            assert (r["role"], r["over"]) == ("z", ["layer", "head"])
+            assert r["n_components"] == model.n_layers * model.n_heads
+        else:
+            assert (r["role"], r["over"]) == ("mixer_out", ["layer"])
+            assert r["n_components"] == model.n_layers
+        task = common.ioi_task(model, module.N_PAIRS)
+        clean = logit_diff(last_logits(model, ids_of(model, task.clean)), model, task.answers, task.distractors)
+        corrupt = logit_diff(last_logits(model, ids_of(model, task.corrupt)), model, task.answers, task.distractors)
+        assert r["clean_metric"] == pytest.approx(float(clean.mean()), abs=1e-4)
+        assert r["corrupt_metric"] == pytest.approx(float(corrupt.mean()), abs=1e-4)
+        frame = r["frame"]
+        expected = (frame["metric"] - r["corrupt_metric"]) / (r["clean_metric"] - r["corrupt_metric"])
+        assert frame["normalized"].to_numpy() == pytest.approx(expected.to_numpy(), abs=1e-4)
+        assert [score for _, score in r["top"]] == sorted(frame["normalized"], reverse=True)[: len(r["top"])]
+        assert_png(r["heatmap"])
+
+
+# -- 04 -----------------------------------------------------------------------------------------
+def test_logit_lens_topk(tmp_path_factory, common):
+    results, _ = run("04_logit_lens_topk", tmp_path_factory)
+    for source, r in results.items():
+        model = common.load(source)
+        assert len(r["top"]) == model.n_layers and all(len(cells) == 3 for cells in r["top"])
+        for cells in r["top"]:
+            probs = [p for _, _, p in cells]
+            assert probs == sorted(probs, reverse=True)
+        probs = last_logits(model, torch.tensor([r["prompt_ids"]]))[0].softmax(-1)
+        expected = probs.topk(3)
+        assert [i for _, i, _ in r["top"][-1]] == expected.indices.tolist()
+        assert [p for _, _, p in r["top"][-1]] == pytest.approx(expected.values.tolist(), abs=ATOL)
+
+
+# -- 05 -----------------------------------------------------------------------------------------
+def test_ablation_study(tmp_path_factory, common):
+    module = script("05_ablation_study")
+    results, _ = run("05_ablation_study", tmp_path_factory)
+    for source, r in results.items():
+        model = common.load(source)
+        expected_roles = ["attn_out", "mlp_out"] if "z" in model.roles else ["mixer_out"]
+        assert r["roles"] == expected_roles
+        assert set(r["effects"]) == {f"{role}/{m}" for role in expected_roles for m in ("zero", "mean")}
+        assert all(len(values) == model.n_layers for values in r["effects"].values())
+        task = common.factual_task(model, module.N_PROMPTS)
+        ids = ids_of(model, task.clean)
+        baseline = logit_diff(last_logits(model, ids), model, task.answers, task.distractors).mean()
+        assert r["baseline"] == pytest.approx(float(baseline), abs=1e-4)
+        # Each ablation by hand in a trace of its own: layer 1 of the first role replaced by zeros,
+        # or by its mean over the batch at each position.
+        role = expected_roles[0]
+        with torch.no_grad(), model.trace(ids):
+            activation = getattr(model, role)[1].clone().save()
+        for method, value in (
+            ("zero", torch.zeros_like(activation)),
+            ("mean", activation.mean(0, keepdim=True).expand_as(activation)),
+        ):
+            with torch.no_grad(), model.trace(ids):
+                getattr(model, role)[1] = value.clone()
+                logits = model.logits[:, -1].save()
+            ablated = logit_diff(logits.float(), model, task.answers, task.distractors).mean()
+            assert r["effects"][f"{role}/{method}"][1] == pytest.approx(float(ablated - baseline), abs=1e-4)
+        assert_png(r["plot"])
