@@ -109,19 +109,25 @@ def factual_task(model: Any, n: int = 8) -> Task:
 
 
 def ioi_task(model: Any, n: int = 8) -> Task:
-    """``n`` IOI pairs (clean: "..., John gave a drink to" -> " Mary"; corrupt: the subject
-    swapped), scored as logit(IO) - logit(S); random-id pairs when the tokenizer lacks names."""
+    """``n`` IOI pairs of one token length (clean: "..., John gave a drink to" -> " Mary";
+    corrupt: the subject swapped), scored as logit(IO) - logit(S); random-id pairs when the
+    tokenizer lacks single-token names."""
     from anylens import PromptError
     from anylens.datasets import ioi_pairs
 
     try:
-        pairs = ioi_pairs(model.tokenizer, n, seed=0)
+        pairs = ioi_pairs(model.tokenizer, 4 * n, seed=0)
     except PromptError:
         # The tiny test tokenizer, for one, has only two single-token names.
         return random_task(model, n)
+    # Templates differ in length; a batch of pairs must share one (positions line up).
+    by_length: dict[int, list] = {}
+    for pair in pairs:
+        by_length.setdefault(len(model.tokenizer(pair.clean)["input_ids"]), []).append(pair)
+    group = max(by_length.values(), key=len)[:n]
     return Task(
-        [p.clean for p in pairs], [p.corrupt for p in pairs],
-        [p.answer for p in pairs], [p.distractor for p in pairs], "dataset",
+        [p.clean for p in group], [p.corrupt for p in group],
+        [p.answer for p in group], [p.distractor for p in group], "dataset",
     )  # fmt: skip
 
 
