@@ -37,7 +37,7 @@ def main(models: list[str] = DEFAULT_MODELS, out: str = "docs/examples/output") 
         report(f"  prompt {task.text(model)!r} -> answer {task.label(model, answer)!r}")
         report(f"  {'layer':>5}  {'p(answer)':>9}  {'rank':>5}  top-1")
         for row in last.itertuples():
-            report(f"  {row.layer:>5}  {row.prob:>9.4f}  {row.rank:>5}  {row.top_token!r}")
+            report(f"  {row.layer:>5}  {row.prob:>9.3g}  {row.rank:>5}  {row.top_token!r}")
         report(f"  answer is top-1 first at layer {first}" if first is not None else "  answer is never top-1")
         heatmap = report.figure(lens.plot(), f"01_logit_lens_{slug(source)}")
         report()

@@ -55,7 +55,8 @@ def main(models: list[str] = DEFAULT_MODELS, out: str = "docs/examples/output") 
             f"({decomposition.labels[0]!r} ... {decomposition.labels[-1]!r})"
         )
         report(f"  largest at the last token: {', '.join(largest)}")
-        report(f"  max |sum of components - resid_post| = {error:.2e}")
+        scale = float(resid[mask].abs().max())
+        report(f"  max |sum of components - resid_post| = {error:.2e}  (float32 rounding; |resid_post| <= {scale:.3g})")
         report()
 
         results[source] = {
@@ -66,6 +67,7 @@ def main(models: list[str] = DEFAULT_MODELS, out: str = "docs/examples/output") 
             "labels": list(decomposition.labels),
             "per_head": any(label.startswith("head ") for label in decomposition.labels),
             "max_error": error,
+            "max_abs_resid": scale,
         }
     report.save()
     return results
