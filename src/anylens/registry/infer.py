@@ -1,12 +1,13 @@
 """An adapter inferred from a model's structure, accepted only when ``anylens check`` passes.
 
-:func:`infer_adapter` reads the model's anatomy (:mod:`.anatomy`), turns every placed piece into a
-group of candidate role mappings (most specific first, "absent" last for the optional ones), and
-tries candidate adapters in that fixed order: each one is wrapped and checked on a real trace of the
-model; a failing invariant rejects the mapping it blames, and the next candidate replaces only that
-mapping. The first candidate that passes every invariant is returned. When no candidate keeps the
-residual stream, :class:`InferenceError` says what was found, which invariant failed, and how to
-write the adapter as data.
+:func:`infer_adapter` reads the model's anatomy (:mod:`.anatomy`, :mod:`.heads`,
+:mod:`.attention_ops`), turns every placed piece into a group of candidate role mappings (most
+specific first, "absent" last for the optional ones), and tries candidate adapters in that fixed
+order: each one is wrapped and checked on a real trace of the model; a failing invariant rejects
+the mapping it blames, and the next candidate replaces only that mapping. The first candidate that
+passes every invariant is returned. When no candidate keeps the residual stream,
+:class:`InferenceError` says what was found, which invariant failed, and how to write the adapter
+as data.
 
 Run ``python -m anylens.registry.infer MODEL`` (or ``anylens infer MODEL``) to print the verified
 map as TOML, ready for ``al.register_adapter("model.toml")``.
@@ -26,7 +27,10 @@ import torch
 
 from ..core.errors import UnknownArchitectureError
 from ..core.spec import AdapterSpec
-from .anatomy import Anatomy, AnatomyError, Piece, pattern_options, read_anatomy, sample_ids, screen_qkv
+from .anatomy import read_anatomy
+from .attention_ops import pattern_options
+from .heads import screen_qkv
+from .structure import Anatomy, AnatomyError, Piece, sample_ids
 
 #: Stop after this many candidates: each costs a full ``anylens check``.
 MAX_ATTEMPTS = 8
@@ -303,6 +307,7 @@ class Outcome:
 def infer_outcome(hf_model: torch.nn.Module) -> Outcome:
     """Run inference without the cache (``infer_adapter`` is the cached front door)."""
     name = type(hf_model).__name__
+    hf_model.eval()  # dropout would make every value comparison noise (wrap switches to eval too)
     previous = getattr(hf_model.config, "_attn_implementation", None)
     _use_eager(hf_model)
     try:

@@ -48,7 +48,9 @@ STATE_AND_EXPERTS = {
     **_keys("state_size ssm_state_size mamba_d_state", 8),
     **_keys("mamba_n_heads n_mamba_heads", 4),
     **_keys("n_groups mamba_n_groups", 1),
+    **_keys("chunk_size mamba_chunk_size", 16),  # the reference scan pads sequences to a chunk
     "mamba_d_head": 32,  # 4 heads x 32 = expand (2) x d_model
+    "mamba_d_ssm": 128,
     "time_step_rank": 8,
     **_keys("linear_num_key_heads linear_num_value_heads linear_num_heads", 2),
     **_keys("linear_key_head_dim linear_value_head_dim linear_head_dim", 16),
