@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -419,12 +420,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", help="write the TOML here instead of printing it")
 
 
-def run(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Keep stdout for the TOML: libraries that print progress (at the OS level) go to stderr."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
     try:
-        text = infer_command(args.model)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit status: 0 printed, 1 inference failed (the message says why), 2 the model did not load."""
+    from ..core.errors import AnylensError
+
+    try:
+        with _stdout_to_stderr():
+            text = infer_command(args.model)
     except UnknownArchitectureError as error:
         print(error, file=sys.stderr)
         return 1
+    except (AnylensError, OSError, ValueError, KeyError) as error:
+        print(f"cannot load {args.model!r}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
     if args.output:
         with open(args.output, "w") as handle:
             handle.write(text)
