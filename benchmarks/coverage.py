@@ -66,9 +66,11 @@ def measure(task: tuple[str, list[str], int]) -> Row:
     try:
         _measure(row)
     except TimeBox:
-        row.note = f"over the {box} s time box" + (f" ({row.note})" if row.note else "")
         if row.status == "not-built":
             row.note = f"building or running it tiny takes over {box} s on this CPU"
+        else:  # built, but resolving and checking it did not finish: not served
+            row.status = "not-inferable" if row.status == "building" else row.status
+            row.note = f"inference and check did not finish within the {box} s time box"
     except Exception as error:  # a crash is recorded, never fatal for the run
         row.note = _one_line(f"{type(error).__name__}: {error}")
     finally:
@@ -137,6 +139,11 @@ def _prepare() -> None:
 
     al.registry()
     tiny_tokenizer()
+    # one whole inference, so that lazy imports and first-use set-up happen once, here
+    from anylens.registry.infer import infer_outcome
+    from anylens.registry.tiny_arch import tiny_model
+
+    infer_outcome(tiny_model("LlamaForCausalLM"))
 
 
 def _worker_init() -> None:
@@ -183,6 +190,8 @@ def _progress(row: Row, done: int, total: int) -> None:
 def write_report(rows: list[Row], out: Path, seconds: float, box: int) -> str:
     import transformers
 
+    from anylens.core.roles import ALL_ROLES
+
     counts = {status: sum(r.status == status for r in rows) for status in
               ("hand", "hand-failing", "inferred", "inferred-failing", "not-inferable", "not-built")}
     built = len(rows) - counts["not-built"]
@@ -215,10 +224,16 @@ def write_report(rows: list[Row], out: Path, seconds: float, box: int) -> str:
         f"| served with the residual stream decomposed (attn_out + mlp_out, or mixer_out) | {full} |",
         "",
         "A served adapter provides only roles that pass the invariants: where a role could not be placed or",
-        "verified it is absent (the note says why), never approximated. `roles` counts the roles provided;",
-        "the full set is 17.",
+        "verified it is absent (the note says why), never approximated. `roles` counts the roles provided",
+        f"(there are {len(ALL_ROLES)} roles; `pos_embed` exists only with learned absolute positions, `mixer_out` only",
+        "in state-space blocks).",
         "",
         "## Architectures",
+        "",
+        "Status: `hand` (a hand-written adapter claims the class and passes), `inferred` (inferred and",
+        "passing every invariant), `inferred-failing` (placed, but every candidate fails an invariant),",
+        "`not-inferable` (the structure defeats inference), `not-built` (no tiny instance runs on this CPU).",
+        "See [inference.md](inference.md) for what the notes mean.",
         "",
         "| architecture | model types | status | roles | seconds | note |",
         "|---|---|---|---|---|---|",
