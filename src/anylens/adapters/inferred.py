@@ -28,6 +28,11 @@ def _inferable(model: Any) -> bool:
     return parameter is not None and parameter.device.type != "meta"
 
 
+@hookimpl
+def anylens_adapters() -> list:
+    return []  # it claims no architecture by name: it resolves only what no adapter claims
+
+
 @hookimpl(trylast=True)
 def anylens_resolve(model: Any, config: Any) -> Any:  # noqa: ARG001 (the config is the model's own)
     if not _inferable(model):
