@@ -79,6 +79,8 @@ CAPITAL_TRAIN_TEMPLATES = (
     "The government of {country} meets in {city}.",
     "In {country}, the capital is {city}.",
     "She flew to {country} and landed in its capital, {city}.",
+    "{country} has its capital in {city}.",
+    "Travelers to {country} often start in the capital, {city}.",
 )
 CAPITAL_EVAL_TEMPLATE = "The capital city of {country} is"
 
@@ -89,6 +91,8 @@ LANDMARK_TRAIN_TEMPLATES = (
     "The {landmark} is located in {city}.",
     "You can see the {landmark} when you visit {city}.",
     "{city} is home to the {landmark}.",
+    "People travel to {city} to see the {landmark}.",
+    "The famous {landmark} is in the city of {city}.",
 )
 LANDMARK_EVAL_TEMPLATE = "You can visit the {landmark} in"
 
@@ -129,7 +133,7 @@ def _pseudo_words(count: int, seed: int = 0) -> tuple[str, ...]:
 
 
 FILLER_WORDS = _pseudo_words(128)
-INDUCTION_LENGTHS = (6, 20)  # min and max length of the random half of a training induction sequence
+INDUCTION_LENGTHS = (5, 14)  # min and max length of the random half of a training induction sequence
 INDUCTION_EVAL_LENGTH = 12
 
 # A fixed fraction of unordered name pairs never appears together in training: IOI eval uses only these.
@@ -202,7 +206,7 @@ def induction_sequence(rng: random.Random) -> str:
     return " ".join(words + words) + "."
 
 
-TASK_MIX = (("ioi", 0.4), ("induction", 0.3), ("factual", 0.3))
+TASK_MIX = (("ioi", 0.45), ("induction", 0.35), ("factual", 0.2))
 
 
 def training_text(rng: random.Random, min_words: int) -> str:
