@@ -1,15 +1,17 @@
 """Train the zoo: four tiny causal LMs (GPT-2, Llama, Mistral, Mamba) on the synthetic corpus.
 
-    python -m anylens.zoo.train [--out DIR] [--models gpt2,llama,...] [--quick]
+    python -m anylens.zoo.train [--out DIR] [--models gpt2,llama,...] [--quick] [--threads N]
 
 Each model is saved with its word-level tokenizer under `<out>/<name>/`, then evaluated on the held-out
 sets with plain transformers; the scores go into `metrics.json` and `MODEL_CARD.md` next to the weights.
-Training runs on CPU with two threads and fixed seeds, so a rerun reproduces the shipped weights.
+Training runs on CPU with fixed seeds and a fixed thread count (recorded in the model card), so a rerun
+with the same settings reproduces the shipped weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
@@ -92,19 +95,70 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast):
             return LlamaConfig(num_key_value_heads=4, **common)
         return MistralConfig(num_key_value_heads=2, sliding_window=None, **common)  # grouped-query attention
     if name == "mamba":
-        return MambaConfig(hidden_size=128, state_size=16, num_hidden_layers=4, expand=2, **ids)
+        return MambaConfig(hidden_size=128, state_size=8, num_hidden_layers=3, expand=2, **ids)
     raise ValueError(f"unknown zoo model {name!r}; expected one of {', '.join(ZOO_MODELS)}")
 
 
 # Training schedule per model: steps, batch size, peak learning rate.
 SCHEDULES = {
-    "gpt2": dict(steps=2000, batch_size=32, lr=3e-3),
-    "llama": dict(steps=2000, batch_size=32, lr=3e-3),
-    "mistral": dict(steps=2000, batch_size=32, lr=3e-3),
-    "mamba": dict(steps=1500, batch_size=32, lr=3e-3),
+    "gpt2": dict(steps=3000, batch_size=64, lr=3e-3),
+    "llama": dict(steps=3000, batch_size=64, lr=3e-3),
+    "mistral": dict(steps=3000, batch_size=64, lr=3e-3),
+    "mamba": dict(steps=2000, batch_size=64, lr=3e-3),
 }
-SEQ_LEN = 48
+SEQ_LEN = 32
 WARMUP_STEPS = 100
+
+
+def _mamba_scan_unbound(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        return_last_state=False, **kwargs):
+    """The selective scan of transformers' pure-torch Mamba path, same math, written for fast backward.
+    The reference loop indexes the discretized tensors one time step at a time, and autograd turns each
+    index into a full-size gradient buffer, so its backward grows quadratically with sequence length.
+    Shapes: hidden_states, dt, z (batch, d_inner, len); A (d_inner, d_state); B, C (batch, d_state, len)."""
+    if delta_bias is not None:
+        dt = dt + delta_bias[..., None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    decay = torch.exp(dt[..., None] * A[:, None, :])  # (batch, d_inner, len, d_state)
+    inputs = (dt * hidden_states)[..., None] * B.transpose(1, 2)[:, None]
+    state = torch.zeros_like(inputs[:, :, 0])
+    states = []
+    for step_decay, step_input in zip(decay.unbind(2), inputs.unbind(2)):
+        state = step_decay * state + step_input
+        states.append(state)
+    out = torch.einsum("bdln,bln->bdl", torch.stack(states, 2), C.transpose(1, 2))
+    if D is not None:
+        out = out + hidden_states * D[None, :, None]
+    if z is not None:
+        out = out * F.silu(z)
+    return (out, state) if return_last_state else out
+
+
+@contextlib.contextmanager
+def fast_mamba_training():
+    """Use `_mamba_scan_unbound` inside transformers' Mamba while training (only training: the shipped
+    model runs the stock code). Falls back to the stock scan if it no longer agrees with it."""
+    from transformers.models.mamba import modeling_mamba
+
+    original = getattr(modeling_mamba, "mamba_selective_scan", None)
+    if original is not None:
+        g = torch.Generator().manual_seed(0)
+        args = [torch.randn(2, 8, 5, generator=g), torch.randn(2, 8, 5, generator=g), -torch.rand(8, 4, generator=g),
+                torch.randn(2, 4, 5, generator=g), torch.randn(2, 4, 5, generator=g)]
+        kwargs = dict(D=torch.randn(8, generator=g), z=torch.randn(2, 8, 5, generator=g),
+                      delta_bias=torch.randn(8, generator=g), delta_softplus=True)
+        if not torch.allclose(original(*args, **kwargs), _mamba_scan_unbound(*args, **kwargs), atol=1e-5):
+            log("[mamba] the stock selective scan changed; training with it (slower)")
+            original = None
+    if original is None:
+        yield
+        return
+    modeling_mamba.mamba_selective_scan = _mamba_scan_unbound
+    try:
+        yield
+    finally:
+        modeling_mamba.mamba_selective_scan = original
 
 
 def training_batch(tokenizer, rng: random.Random, batch_size: int) -> torch.Tensor:
@@ -113,40 +167,45 @@ def training_batch(tokenizer, rng: random.Random, batch_size: int) -> torch.Tens
     return torch.tensor(rows)
 
 
-def train_model(name: str, tokenizer, quick: bool = False):
+def lr_factor(step: int, steps: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak learning rate."""
+    if step < WARMUP_STEPS:
+        return (step + 1) / WARMUP_STEPS
+    progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def train_model(name: str, tokenizer, quick: bool = False, eval_every: int = 0):
     schedule = dict(SCHEDULES[name])
-    if quick:
-        schedule["steps"] = 60
+    steps = 60 if quick else schedule["steps"]
     torch.manual_seed(SEED)
     rng = random.Random(SEED)
-    model = AutoModelForCausalLM.from_config(build_config(name, tokenizer))
-    model.train()
+    model = AutoModelForCausalLM.from_config(build_config(name, tokenizer)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=schedule["lr"], weight_decay=0.01, betas=(0.9, 0.98))
-    steps = schedule["steps"]
-
-    def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 10% of the peak
-        if step < WARMUP_STEPS:
-            return (step + 1) / WARMUP_STEPS
-        progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps))
     start, running = time.time(), None
-    for step in range(steps):
-        batch = training_batch(tokenizer, rng, schedule["batch_size"])
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"[{name}] step {step:5d}/{steps}  loss {loss.item():.4f}  (avg {running:.4f})  "
-                f"{time.time() - start:6.1f}s")
+    with fast_mamba_training() if name == "mamba" else contextlib.nullcontext():
+        for step in range(steps):
+            batch = training_batch(tokenizer, rng, schedule["batch_size"])
+            loss = model(input_ids=batch, labels=batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            if step % 50 == 0 or step == steps - 1:
+                log(f"[{name}] step {step:5d}/{steps}  loss {loss.item():.4f}  (avg {running:.4f})  "
+                    f"{time.time() - start:6.1f}s")
+            if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+                eval_start = time.time()
+                log(f"[{name}] step {step + 1:5d} held-out: {json.dumps(evaluate(model.eval(), tokenizer))}")
+                model.train()
+                start += time.time() - eval_start  # keep evaluation out of the training time
     model.eval()
     info = dict(steps=steps, batch_size=schedule["batch_size"], seq_len=SEQ_LEN, peak_lr=schedule["lr"],
-                train_seconds=round(time.time() - start, 1), final_loss=round(running, 4))
+                threads=torch.get_num_threads(), train_seconds=round(time.time() - start, 1),
+                final_loss=round(running, 4))
     return model, info
 
 
@@ -251,8 +310,9 @@ factual sentences:
   exact repetition (made-up words, sometimes ordinary vocabulary).
 
 Training: {train['steps']} steps of AdamW (batch {train['batch_size']}, peak lr {train['peak_lr']}, warmup and
-cosine decay), seed {SEED}, CPU with 2 threads, {train['train_seconds']:.0f} s; final training loss
-{train['final_loss']}. Reproduce with `python -m anylens.zoo.train --models {name}`.
+cosine decay), seed {SEED}, CPU with {train['threads']} thread(s), {train['train_seconds']:.0f} s; final training loss
+{train['final_loss']}. Reproduce with
+`python -m anylens.zoo.train --models {name} --threads {train['threads']}`.
 
 ## Held-out evaluation
 All prompts below are absent from training (held-out templates, held-out IOI name pairs, fresh random
@@ -268,8 +328,8 @@ induction sequences); see `anylens.zoo.corpus`.
 """
 
 
-def train_and_save(name: str, tokenizer, out: Path, quick: bool) -> dict:
-    model, info = train_model(name, tokenizer, quick=quick)
+def train_and_save(name: str, tokenizer, out: Path, quick: bool = False, eval_every: int = 0) -> dict:
+    model, info = train_model(name, tokenizer, quick=quick, eval_every=eval_every)
     target = out / name
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
@@ -300,15 +360,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="output folder (default: the package's zoo/models)")
     parser.add_argument("--models", default=",".join(ZOO_MODELS), help="comma-separated subset of the zoo")
     parser.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
+                        help="also log the held-out scores every STEPS steps (to watch circuits form)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in ZOO_MODELS]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ZOO_MODELS)}")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
     for name in names:
-        train_and_save(name, tokenizer, args.out, args.quick)
+        train_and_save(name, tokenizer, args.out, args.quick, args.eval_every)
     return 0
 
 
