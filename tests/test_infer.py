@@ -115,6 +115,21 @@ def test_inferred_adapter_passes_check_and_agrees_with_plain_hooks(architecture)
             torch.testing.assert_close(resid_post[i], hidden_states[i + 1], atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gemma2", "gpt_neox", "opt", "mamba"])
+def test_inference_reproduces_the_hand_written_adapters(family):
+    """Fused q/k/v with learned positions, post-norms with a logit soft-cap, a parallel block with
+    interleaved q/k/v, an MLP on flattened tokens, a state-space mixer: the inferred map is the
+    hand-written one (``kv_heads`` equals ``heads`` where there are as many kv heads as heads)."""
+    hf, _ = tiny_family(family)
+    hand = registry().resolve(hf).specialize(hf.config)
+    inferred = infer.infer_outcome(hf).spec
+    assert {r: p.replace("|kv_heads", "|heads") for r, p in inferred.roles.items()} == {
+        r: p.replace("|kv_heads", "|heads") for r, p in hand.roles.items()
+    }
+    for fact in ("layers", "unembed", "out_proj", "logit_softcap", "parallel", "z_feeds_residual"):
+        assert getattr(inferred, fact) == getattr(hand, fact), fact
+
+
 def test_hand_written_adapters_win():
     model = al.wrap(*tiny_family("llama"))
     assert model.adapter.name == "llama"
