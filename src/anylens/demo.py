@@ -43,6 +43,13 @@ def _factual_pair(model: Any) -> Any:
     return next((p for p in pairs if p.subject == "France"), pairs[0])
 
 
+def demo_ioi_pairs(tokenizer: Any) -> list:
+    """IOI pairs from one template, so that every pair has the same token positions."""
+    from .datasets import IOI_TEMPLATES, ioi_pairs
+
+    return ioi_pairs(tokenizer, N_IOI, seed=0, templates=IOI_TEMPLATES[:1])
+
+
 def _component_label(row: pd.Series) -> str:
     if "head" in row and not pd.isna(row.get("head")):
         return f"head {int(row['layer'])}.{int(row['head'])}"
@@ -53,8 +60,6 @@ def study(source: str, progress: Any = None) -> tuple[dict[str, Any], list[tuple
     """Run the demo's experiments on one model: its summary row and its figures with captions."""
     import anylens as al
 
-    from .datasets import ioi_pairs
-
     def step(label: str) -> None:
         if progress is not None:
             progress.set_postfix_str(f"{source}: {label}")
@@ -62,7 +67,7 @@ def study(source: str, progress: Any = None) -> tuple[dict[str, Any], list[tuple
 
     model = al.load(source)
     fact = _factual_pair(model)
-    ioi = ioi_pairs(model.tokenizer, N_IOI, seed=0)
+    ioi = demo_ioi_pairs(model.tokenizer)
     figures: list[tuple[Any, str]] = []
 
     lens = al.logit_lens(model, fact.clean, targets=[fact.answer])
@@ -100,7 +105,6 @@ def study(source: str, progress: Any = None) -> tuple[dict[str, Any], list[tuple
         "adapter": model.adapter.name,
         "parameters": sum(p.numel() for p in model.hf.parameters()),
         "layers": model.n_layers,
-        "fact": fact.clean,
         "p(answer) last layer": float(at_answer["prob"].iloc[-1]),
         "answer top-1 from layer": int(top1_layers.min()) if len(top1_layers) else None,
         "resid patching peak": f"layer {int(best_resid['layer'])}, {best_resid['token']!r}",
@@ -111,6 +115,10 @@ def study(source: str, progress: Any = None) -> tuple[dict[str, Any], list[tuple
         "top component score": float(best_component[patched.value]),
         "attribution vs patching r": correlation,
     }
+    summary["_prompts"] = (
+        f"Factual prompt {fact.clean!r} (answer {fact.answer!r}; counterfactual {fact.corrupt!r}). "
+        f"IOI: {len(ioi)} pairs such as {ioi[0].clean!r} -> {ioi[0].answer!r}, corrupted to {ioi[0].corrupt!r}."
+    )
     step("summary")
     del model
     return summary, figures
@@ -148,16 +156,17 @@ def run_demo(models: Sequence[str] = DEFAULT_MODELS, out: str | Path = "anylens-
         ),
     )
     summaries, studies = [], []
-    with tqdm(total=6 * len(models), desc="anylens demo", disable=quiet, unit="step") as progress:
+    with tqdm(total=5 * len(models), desc="anylens demo", disable=quiet, unit="step") as progress:
         for source in models:
             summary, figures = study(source, progress)
             summaries.append(summary)
             studies.append((source, summary, figures))
-    table = pd.DataFrame(summaries)
+    table = pd.DataFrame([{k: v for k, v in s.items() if not k.startswith("_")} for s in summaries])
     report.section("Across architectures", anchor="summary")
     report.table(table, table_id="summary-table")
     for source, summary, figures in studies:
         report.section(f"{source} ({summary['adapter']} adapter, {summary['layers']} layers)", anchor=source)
+        report.paragraph(summary.pop("_prompts"), css="note")
         for figure, caption in figures:
             report.figure(figure, caption)
     elapsed = time.perf_counter() - start
@@ -166,8 +175,7 @@ def run_demo(models: Sequence[str] = DEFAULT_MODELS, out: str | Path = "anylens-
     report.paragraph(f"Generated in {elapsed:.1f} s.", css="note")
     path = report.write(Path(out) / "report.html")
     if not quiet:
-        shown = table[[c for c in table.columns if c != "fact"]]
-        print(shown.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+        print(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
         print(f"\nreport: {path}  ({elapsed:.1f} s)")
     return path
 

@@ -88,7 +88,9 @@ def load(
     if tokenizer is None:
         tok_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
-    return wrap(hf_model, tokenizer, adapter=adapter, attn_implementation=attn_implementation)
+    model = wrap(hf_model, tokenizer, adapter=adapter, attn_implementation=attn_implementation)
+    model.source = str(source)
+    return model
 
 
 def _locate(source: str | os.PathLike) -> tuple[str, str | None]:

@@ -47,6 +47,8 @@ class AnyModel:
         self.config = self.hf.config
         self.tokenizer = tokenizer if tokenizer is not None else getattr(nn_model, "tokenizer", None)
         self.adapter = adapter.specialize(self.config)
+        #: What the model was loaded from ("zoo:llama", a path, a hub id); None when wrapped.
+        self.source: str | None = None
         self._structures: dict[str, tuple[str, int | None]] = {}
         self._token_shapes: dict[int, tuple[int, int]] = {}
         self._access = {role: RoleAccess(self, role, self.adapter.role_path(role)) for role in self.adapter.roles}
@@ -63,7 +65,7 @@ class AnyModel:
 
     @property
     def name(self) -> str:
-        return getattr(self.config, "_name_or_path", "") or type(self.hf).__name__
+        return self.source or getattr(self.config, "_name_or_path", "") or type(self.hf).__name__
 
     @property
     def d_model(self) -> int:

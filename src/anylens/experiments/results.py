@@ -39,6 +39,8 @@ class Result:
 
     def pivot(self, index: str | None = None, columns: str | None = None, aggfunc: str = "mean") -> pd.DataFrame:
         index, columns = self._axes(index, columns)
+        if index == columns:  # a result over one dimension: a single column
+            return self.frame.groupby(index)[self.value].agg(aggfunc).to_frame(self.value)
         return self.frame.pivot_table(index=index, columns=columns, values=self.value, aggfunc=aggfunc)
 
     def _axes(self, index: str | None, columns: str | None) -> tuple[str, str]:
@@ -89,7 +91,7 @@ class Result:
         ax.set_xticklabels(self._labels(columns, table.columns), rotation=60 if columns == "pos" else 0, ha="right" if columns == "pos" else "center", fontsize=8)
         ax.set_yticks(range(len(table.index)))
         ax.set_yticklabels(self._labels(index, table.index), fontsize=8)
-        ax.set_xlabel(columns)
+        ax.set_xlabel(columns if columns != index else "")
         ax.set_ylabel(index)
         ax.set_title(title or self.title)
         fig.tight_layout()
