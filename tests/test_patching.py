@@ -122,11 +122,14 @@ def test_patches_are_batched_into_few_forwards():
     forwards = []
     handle = model.hf.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(1), with_kwargs=True)
     try:
-        batched = al.patch(model, clean, corrupt, metric=METRIC)
+        batched = al.patch(model, clean, corrupt, metric=METRIC, reuse=False)
         n_batched = len(forwards)
         forwards.clear()
-        chunked = al.patch(model, clean, corrupt, metric=METRIC, batch_size=5)
+        chunked = al.patch(model, clean, corrupt, metric=METRIC, batch_size=5, reuse=False)
         n_chunked = len(forwards)
+        forwards.clear()
+        reused = al.patch(model, clean, corrupt, metric=METRIC)
+        n_reused = len(forwards)
     finally:
         handle.remove()
     patched_runs = model.n_layers * clean.shape[1] * clean.shape[0]  # components x prompt pairs
@@ -137,9 +140,16 @@ def test_patches_are_batched_into_few_forwards():
     assert torch.allclose(
         torch.tensor(batched.to_frame()["metric"].to_numpy()), torch.tensor(chunked.to_frame()["metric"].to_numpy()), atol=TOL
     )
+    # With reuse the patched rows of a tiny model still share one forward, beside the clean and
+    # corrupt runs, the probe of its cache and one run of the positions before the first patch.
+    assert reused.meta["forwards"] == 1 and n_reused <= 5
+    assert reused.meta["patches"] == patched_runs
+    tiny_budget = al.patch(model, clean, corrupt, role="mlp_out" if "mlp_out" in model.roles else "resid_post",
+                           over=("layer",), metric=METRIC, memory_budget=1, reuse=False)
+    assert tiny_budget.meta["forwards"] == tiny_budget.meta["patches"]  # a budget below one row: one row per forward
     tiny_budget = al.patch(model, clean, corrupt, role="mlp_out" if "mlp_out" in model.roles else "resid_post",
                            over=("layer",), metric=METRIC, memory_budget=1)
-    assert tiny_budget.meta["forwards"] == tiny_budget.meta["patches"]  # a budget below one row: one row per forward
+    assert tiny_budget.meta["forwards"] == tiny_budget.meta["patches"] - tiny_budget.meta["unchanged"]
 
 
 def test_different_lengths_raise_prompt_error_showing_both_tokenizations():

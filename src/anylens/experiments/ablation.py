@@ -27,12 +27,14 @@ from .components import (
     enumerate_components,
     normalize_positions,
     record,
+    rows_for_budget,
     run_plan,
     score_rows,
 )
 from .patching import sweep_frame
 from .prompts import Prompts, tokenize_aligned
 from .results import Result
+from .reuse import record_for_plan
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -65,13 +67,17 @@ def ablate(
     batch_size: int | None = None,
     memory_budget: int | None = None,
     per_prompt: bool = False,
+    reuse: bool = True,
 ) -> AblationResult:
     """Ablate every component of ``role`` over ``over``; ``value`` = ablated - unablated metric.
 
     ``metric`` defaults to KL divergence from the unablated run. ``reference`` is the batch that
     means and resampled activations come from (default: ``prompts``); without one, ``resample``
     gives every prompt the activations of a different prompt of ``prompts``. Prompts must share
-    a token length (and the reference too, unless ``mean_over="positions"``).
+    a token length (and the reference too, unless ``mean_over="positions"``). ``reuse`` (on by
+    default) skips the blocks before each ablated layer and, where an ablation leaves earlier
+    positions alone, those positions, with the same results; ``reuse=False`` runs every ablated
+    row through the whole model.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: use one of {METHODS}")
@@ -85,7 +91,12 @@ def ablate(
     targets = list(range(length)) if positions is None else normalize_positions(positions, length, "prompt")
     components = enumerate_components(model, role, over, layer_list, targets)
 
-    acts, baseline_last = record(model, role, ids, layer_list)
+    baseline_run = None
+    if reuse:
+        baseline_run = record_for_plan(model, role, ids, layer_list, {}, memory_budget, need_acts=True)
+        acts, baseline_last = baseline_run.acts, baseline_run.last
+    else:
+        acts, baseline_last = record(model, role, ids, layer_list, rows_for_budget(model, length, memory_budget))
     every_prompt = torch.arange(n_prompts)
     baseline = score_rows(metric, model, baseline_last, every_prompt, n_prompts, baseline_last).float().cpu()
     sources, source_of_prompt = _replacements(model, role, method, acts, ids, reference, mean_over, seed, layer_list)
@@ -104,7 +115,9 @@ def ablate(
     def score(last: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return score_rows(metric, model, last, plan.input_rows[rows], n_prompts, baseline_last)
 
-    values, stats = run_plan(model, plan, score, batch_size=batch_size, memory_budget=memory_budget)
+    values, stats = run_plan(
+        model, plan, score, batch_size=batch_size, memory_budget=memory_budget, reuse=reuse, baseline=baseline_run
+    )
     values = values.reshape(len(components), n_prompts)
     base = baseline[None, :].expand_as(values)
     columns = {"metric": values, "baseline": base, "value": values - base}
@@ -127,6 +140,9 @@ def ablate(
         "patches": stats.patches,
         "forwards": stats.forwards,
         "patches_per_forward": stats.patches_per_forward,
+        "reuse": reuse,
+        "unchanged": stats.unchanged,
+        "work_fraction": stats.work_fraction,
     }
     return AblationResult("ablate", frame, meta, value="value")
 

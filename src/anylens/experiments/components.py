@@ -146,11 +146,18 @@ class PatchPlan:
 
 @dataclass
 class PlanStats:
-    """How a plan ran: patches, forwards and rows per forward."""
+    """How a plan ran: patches, forwards, rows per forward, and what reuse saved.
+
+    ``unchanged`` counts rows whose patch wrote the values already there, answered from the
+    unpatched run; ``work_fraction`` is the share of block-position work the forwards did,
+    relative to running every row through every block at every position.
+    """
 
     patches: int = 0
     forwards: int = 0
     rows_per_forward: int = 0
+    unchanged: int = 0
+    work_fraction: float = 1.0
 
     @property
     def patches_per_forward(self) -> float:
@@ -163,15 +170,26 @@ def run_plan(
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     batch_size: int | None = None,
     memory_budget: int | None = None,
+    reuse: bool = True,
+    baseline: Any = None,
 ) -> tuple[torch.Tensor, PlanStats]:
     """Run every patched row of ``plan``, many rows per forward; ``score`` each chunk.
 
     ``score(last_logits [k, vocab], rows [k]) -> [k]`` turns a chunk's final-position logits into
     metric values, so full logits of every row never have to be kept. Returns ``[n_rows]`` scores.
+    With ``reuse`` (the default) work a patch cannot change is done once, not once per row (see
+    :mod:`anylens.experiments.reuse`; ``baseline`` is the unpatched run if already recorded);
+    ``reuse=False`` runs every row through the whole model.
     """
     n = len(plan)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of rows, got {batch_size!r}")
+    if reuse and n:
+        from .reuse import run_reusing  # reuse builds on this module
+
+        return run_reusing(
+            model, plan, score, lambda rows: _patched_forward(model, plan, rows), batch_size, memory_budget, baseline
+        )
     rows_per_forward = batch_size or rows_for_budget(model, plan.inputs.shape[1], memory_budget)
     if batch_size is None and n:
         forwards = -(-n // rows_per_forward)
@@ -191,7 +209,7 @@ def _patched_forward(model: AnyModel, plan: PatchPlan, rows: torch.Tensor) -> to
     access = model.role(plan.role)
     device = model.device
     ids = plan.inputs[plan.input_rows[rows]].to(device)
-    writes = _writes_by_layer(plan, rows, device)
+    writes = writes_by_layer(plan, rows, device)
     with torch.no_grad(), model.trace(ids):
         for layer in sorted(writes):  # ascending layers: reads must follow the forward order
             target = access.read(layer)
@@ -201,11 +219,15 @@ def _patched_forward(model: AnyModel, plan: PatchPlan, rows: torch.Tensor) -> to
     return last
 
 
-def _writes_by_layer(plan: PatchPlan, rows: torch.Tensor, device: torch.device) -> dict[int, list[tuple[tuple, tuple]]]:
+def writes_by_layer(
+    plan: PatchPlan, rows: torch.Tensor, device: torch.device, start: int = 0
+) -> dict[int, list[tuple[tuple, tuple]]]:
     """Per layer, (target index, source index) pairs, one per group of alike components.
 
     Rows whose components have the same shape (position given or not, head given or not) are
     written with one vectorised index, so a layer costs one write per group, not one per row.
+    ``start`` is the first position the forward runs: target positions are counted from it, and
+    writes before it are left out (the caller ensures they would not change anything).
     """
     groups: dict[tuple[int, bool, bool], list[int]] = {}
     for local, row in enumerate(rows.tolist()):
@@ -219,12 +241,17 @@ def _writes_by_layer(plan: PatchPlan, rows: torch.Tensor, device: torch.device) 
         batch_rows = torch.tensor(locals_, device=device)
         source_rows = plan.source_rows[chosen].to(device)
         if all_pos:
-            target_pos = torch.tensor(plan.target_positions, device=device)[None, :]
-            source_pos = torch.tensor(plan.source_positions, device=device)[None, :]
+            kept = [i for i, p in enumerate(plan.target_positions) if p >= start]
+            target_pos = torch.tensor([plan.target_positions[i] - start for i in kept], dtype=torch.long, device=device)
+            source_pos = torch.tensor([plan.source_positions[i] for i in kept], dtype=torch.long, device=device)
+            target_pos, source_pos = target_pos[None, :], source_pos[None, :]
             batch_rows, source_rows = batch_rows[:, None], source_rows[:, None]
         else:
-            target_pos = torch.tensor([plan.components[r].pos for r in chosen], device=device)
-            source_pos = torch.tensor([plan.source_pos(plan.components[r].pos) for r in chosen], device=device)
+            positions = [plan.components[r].pos for r in chosen]
+            if min(positions) < start:
+                raise AssertionError(f"a write at position {min(positions)} before the forward's start {start}")
+            target_pos = torch.tensor([p - start for p in positions], device=device)
+            source_pos = torch.tensor([plan.source_pos(p) for p in positions], device=device)
         if plan.sources[layer].shape[1 if not head_first else 2] == 1:
             source_pos = torch.zeros_like(source_pos)  # one value for every position (a mean)
         head: Any = slice(None)
@@ -247,20 +274,20 @@ def _index(rows: Any, pos: Any, head: Any, headed: bool, head_first: bool) -> tu
 
 
 # -- sizing -----------------------------------------------------------------------------------
-def bytes_per_row(model: AnyModel, seq_len: int) -> int:
+def bytes_per_row(model: AnyModel, seq_len: int, last_only: bool = False) -> int:
     """A rough upper estimate of the memory one patched row needs during a no-grad forward.
 
     Per token: a few residual-width tensors, the MLP (or SSM) hidden width, attention scores for
-    every head, and the logits; doubled for temporaries.
+    every head, and the logits (once per row with ``last_only``); doubled for temporaries.
     """
     config = model.config
     d = model.d_model
     d_hidden = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d)
     heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1)
     state = int(getattr(config, "state_size", 0) or 0)
-    per_token = 8 * d + 3 * d_hidden + heads * seq_len + d_hidden * state + model.d_vocab
+    per_token = 8 * d + 3 * d_hidden + heads * seq_len + d_hidden * state + (0 if last_only else model.d_vocab)
     element = torch.finfo(next(model.hf.parameters()).dtype).bits // 8
-    return 2 * element * per_token * seq_len
+    return 2 * element * (per_token * seq_len + (model.d_vocab if last_only else 0))
 
 
 def default_budget(model: AnyModel) -> int:
@@ -284,15 +311,28 @@ def rows_for_budget(model: AnyModel, seq_len: int, memory_budget: int | None = N
 
 
 # -- recording ------------------------------------------------------------------------------
-def record(model: AnyModel, role: str, ids: torch.Tensor, layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Activations of ``role`` at ``layers`` and the final-position logits, in one no-grad trace."""
+def record(
+    model: AnyModel, role: str, ids: torch.Tensor, layers: Sequence[int], rows_per_forward: int | None = None
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Activations of ``role`` at ``layers`` and the final-position logits, no-grad.
+
+    ``rows_per_forward`` inputs per trace (all at once by default), so that recording many
+    prompts stays within the memory a sweep's forwards are sized to.
+    """
     access = model.role(role)
-    saved: dict[int, torch.Tensor] = {}
-    with torch.no_grad(), model.trace(ids.to(model.device)):
-        for layer in sorted(layers):
-            saved[layer] = access.read(layer).clone().save()
-        last = model.logits[:, -1].save()
-    return saved, last
+    step = rows_per_forward or max(ids.shape[0], 1)
+    parts: list[tuple[dict[int, torch.Tensor], torch.Tensor]] = []
+    for start in range(0, ids.shape[0], step):
+        saved: dict[int, torch.Tensor] = {}
+        with torch.no_grad(), model.trace(ids[start : start + step].to(model.device)):
+            for layer in sorted(layers):
+                saved[layer] = access.read(layer).clone().save()
+            last = model.logits[:, -1].save()
+        parts.append((saved, last))
+    if len(parts) == 1:
+        return parts[0]
+    acts = {layer: torch.cat([saved[layer] for saved, _ in parts]) for layer in layers}
+    return acts, torch.cat([last for _, last in parts])
 
 
 # -- metrics over rows ------------------------------------------------------------------------
@@ -349,5 +389,6 @@ __all__ = [
     "record",
     "rows_for_budget",
     "run_plan",
+    "writes_by_layer",
     "score_rows",
 ]

@@ -18,9 +18,19 @@ import torch
 
 from ..core.errors import PromptError
 from . import metrics as metrics_
-from .components import PatchPlan, check_over, enumerate_components, normalize_positions, record, run_plan, score_rows
+from .components import (
+    PatchPlan,
+    check_over,
+    enumerate_components,
+    normalize_positions,
+    record,
+    rows_for_budget,
+    run_plan,
+    score_rows,
+)
 from .prompts import Prompts, paired
 from .results import Result
+from .reuse import record_for_plan
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -132,6 +142,7 @@ def patch(
     align: tuple[Sequence[int], Sequence[int]] | None = None,
     normalize: bool = True,
     per_prompt: bool = False,
+    reuse: bool = True,
 ) -> PatchResult:
     """Patch every component of ``role`` over ``over`` and measure ``metric`` at the last position.
 
@@ -140,7 +151,10 @@ def patch(
     row per pair). Prompts must have the same number of tokens unless ``align=(clean_positions,
     corrupt_positions)`` pairs positions up; ``pos`` is then a position of the patched run.
     ``batch_size`` sets the patched runs per forward; otherwise they are sized to
-    ``memory_budget`` bytes (default: a share of the free memory).
+    ``memory_budget`` bytes (default: a share of the free memory). ``reuse`` (on by default)
+    computes once what a patch cannot change — blocks before the patched layer, positions before
+    the patched position, patches that write the values already there — with the same results;
+    ``reuse=False`` runs every patched row through the whole model.
     """
     over = check_over(model, role, over)
     metric = metrics_.kl() if metric is None else metric
@@ -148,8 +162,14 @@ def patch(
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 
-    sources, source_last = record(model, role, runs.source, layer_list)
-    _, patched_last = record(model, role, runs.patched, [])
+    recording_rows = rows_for_budget(model, runs.source.shape[1], memory_budget)
+    sources, source_last = record(model, role, runs.source, layer_list, recording_rows)
+    baseline = None
+    if reuse:
+        baseline = record_for_plan(model, role, runs.patched, layer_list, sources, memory_budget)
+        patched_last = baseline.last
+    else:
+        _, patched_last = record(model, role, runs.patched, [], recording_rows)
     clean_last, corrupt_last = (source_last, patched_last) if direction == "denoise" else (patched_last, source_last)
     n_pairs = runs.n_pairs
     every_pair = torch.arange(n_pairs)
@@ -171,13 +191,22 @@ def patch(
     def score(last: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return score_rows(metric, model, last, plan.input_rows[rows], n_pairs, clean_last)
 
-    values, stats = run_plan(model, plan, score, batch_size=batch_size, memory_budget=memory_budget)
+    values, stats = run_plan(
+        model, plan, score, batch_size=batch_size, memory_budget=memory_budget, reuse=reuse, baseline=baseline
+    )
     values = values.reshape(len(components), n_pairs)
 
     normalizer = (clean_values, corrupt_values) if normalize else None
     frame = sweep_frame(model, components, over, runs.patched[0], {"metric": values}, per_prompt, normalizer)
     meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
-    meta.update(patches=stats.patches, forwards=stats.forwards, patches_per_forward=stats.patches_per_forward)
+    meta.update(
+        patches=stats.patches,
+        forwards=stats.forwards,
+        patches_per_forward=stats.patches_per_forward,
+        reuse=reuse,
+        unchanged=stats.unchanged,
+        work_fraction=stats.work_fraction,
+    )
     return PatchResult("patch", frame, meta, value="normalized" if normalize else "metric")
 
 

@@ -1,0 +1,142 @@
+"""How a sweep with reuse groups its patched rows into forwards, and how much memory it holds.
+
+Each row has a first block ``b`` and a first position ``p`` its patch can change. A forward that
+runs a chunk of rows starts at the chunk's smallest ``b`` and ``p``, so chunks of alike rows skip
+the most work — but every extra forward costs its own fixed share (reading every weight matrix
+it runs once more). :func:`plan_chunks` weighs the two with a rough :class:`CostModel`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .components import MAX_CPU_ROWS, MAX_DEVICE_ROWS, bytes_per_row, default_budget
+
+if TYPE_CHECKING:
+    from ..core.model import AnyModel
+
+# Rough device figures. They steer how rows are grouped (more, smaller forwards that skip more
+# work, or fewer, larger ones), never what a row computes. Every call of a weight matrix costs
+# about as much as pushing ``tokens_per_call`` tokens through it (reading the weights, launching
+# kernels), plus ``call_s`` per block and ``forward_s`` per forward.
+_CPU = {"flops": 5e10, "call_s": 2e-4, "forward_s": 3e-3, "tokens_per_call": 24}
+_ACCELERATOR = {"flops": 1e14, "call_s": 5e-4, "forward_s": 5e-3, "tokens_per_call": 1024}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Plan rows run in one forward that skips blocks before ``block`` and positions before ``pos``."""
+
+    rows: torch.Tensor
+    block: int
+    pos: int
+
+
+class CostModel:
+    """Rough seconds of a forward that runs rows from block ``b0`` and position ``p0`` on."""
+
+    def __init__(self, model: AnyModel, length: int):
+        figures = _CPU if model.device.type == "cpu" else _ACCELERATOR
+        blocks = model.module(model.adapter.layers)
+        block_params = sum(p.numel() for p in blocks[0].parameters()) or 1
+        self.n_blocks = len(blocks)
+        self.length = length
+        self.block_token_s = 2 * block_params / figures["flops"]
+        self.block_call_s = figures["call_s"] + figures["tokens_per_call"] * self.block_token_s
+        self.head_s = 2 * model.d_model * model.d_vocab / figures["flops"]  # final-position logits of a row
+        self.forward_s = figures["forward_s"] + figures["tokens_per_call"] * self.head_s
+
+    def fixed(self, b0: int) -> float:
+        """What a forward costs whatever its number of rows."""
+        return self.forward_s + (self.n_blocks - b0) * self.block_call_s
+
+    def per_row(self, b0: int, p0: int) -> float:
+        return (self.n_blocks - b0) * (self.length - p0) * self.block_token_s + self.head_s
+
+
+def plan_chunks(
+    blocks: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cap: int, cost: CostModel
+) -> list[Chunk]:
+    """Group ``rows`` (each with its first block and position) into chunks of at most ``cap`` rows.
+
+    Rows are split recursively, by block or by position, wherever a split saves more work than
+    its extra forwards cost; each group is then cut into even chunks, sorted so that each chunk
+    starts at its own earliest block and position. Chunks come ordered by position.
+    """
+    cells: dict[tuple[int, int], list[int]] = {}
+    for row, b, p in zip(rows.tolist(), blocks.tolist(), positions.tolist()):
+        cells.setdefault((b, p), []).append(row)
+
+    def group_cost(keys: list[tuple[int, int]]) -> float:
+        n = sum(len(cells[k]) for k in keys)
+        b0, p0 = min(k[0] for k in keys), min(k[1] for k in keys)
+        return math.ceil(n / cap) * cost.fixed(b0) + n * cost.per_row(b0, p0)
+
+    def split(keys: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        best_cost, best = group_cost(keys), None
+        for axis in (0, 1):
+            for value in sorted({k[axis] for k in keys})[1:]:
+                low = [k for k in keys if k[axis] < value]
+                high = [k for k in keys if k[axis] >= value]
+                total = group_cost(low) + group_cost(high)
+                if total < best_cost:
+                    best_cost, best = total, (low, high)
+        return [keys] if best is None else split(best[0]) + split(best[1])
+
+    chunks = []
+    for group in split(sorted(cells)) if cells else []:
+        members = sorted((b, p, row) for (b, p) in group for row in cells[(b, p)])
+        size = math.ceil(len(members) / math.ceil(len(members) / cap))  # even chunks
+        for start in range(0, len(members), size):
+            part = members[start : start + size]
+            chunks.append(Chunk(torch.tensor([m[2] for m in part]), min(m[0] for m in part), min(m[1] for m in part)))
+    chunks.sort(key=lambda c: (c.pos, c.block))
+    return chunks
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Bytes a sweep with reuse holds: the plan's sources, each input's unpatched run, each row."""
+
+    n_blocks: int  # block outputs kept per input, to skip blocks
+    per_input: int  # one input's unpatched run: role, block outputs, key/value cache
+    per_row: int  # one row of a forward, with its skipped blocks' outputs and its cache copy
+    free: int  # the budget left after the sources
+    cap: int  # most rows per forward on this device
+
+    @classmethod
+    def of(
+        cls,
+        model: AnyModel,
+        role: str,
+        n_blocks: int,
+        length: int,
+        sources: dict[int, torch.Tensor],
+        memory_budget: int | None,
+    ) -> Sizes:
+        n_all = len(model.module(model.adapter.layers))
+        element = torch.finfo(next(model.hf.parameters()).dtype).bits // 8
+        pos_dim = 2 if role == "pattern" else 1  # pattern is [batch, head, query, key]
+        role_size = sum(t[0].numel() // max(t.shape[pos_dim], 1) * length for t in sources.values())
+        residual = length * model.d_model
+        per_input = element * (role_size + (n_blocks + 2 * n_all) * residual)
+        per_row = bytes_per_row(model, length, last_only=True) + element * 3 * n_all * residual
+        budget = default_budget(model) if memory_budget is None else int(memory_budget)
+        held = sum(t.numel() * t.element_size() for t in sources.values())
+        cap = MAX_CPU_ROWS if model.device.type == "cpu" else MAX_DEVICE_ROWS
+        return cls(n_blocks, per_input, per_row, max(budget - held, 0), cap)
+
+    def inputs_per_group(self, n_inputs: int) -> int:
+        """Inputs whose unpatched run is held at once: as many as fit half the free budget."""
+        return max(1, min(n_inputs, self.free // 2 // max(self.per_input, 1)))
+
+    def rows_for(self, free: int) -> int:
+        """Rows per forward that fit ``free`` bytes."""
+        return max(1, min(self.cap, free // self.per_row))
+
+
+__all__ = ["Chunk", "CostModel", "Sizes", "plan_chunks"]

@@ -1,0 +1,510 @@
+"""Work a patched run shares with the unpatched run, done once instead of once per row.
+
+A patch written at block ``b`` and position ``p`` cannot change what the model computes before
+it: blocks before ``b`` see exactly the unpatched run, and in a causal model so do positions
+before ``p``, at every layer. A batched sweep with reuse therefore
+
+* answers a row whose patch writes what is already there from the unpatched run (patching a
+  position where the clean and corrupt activations are equal changes nothing);
+* groups the other rows into chunks sharing an earliest block ``b0`` and position ``p0``
+  (:func:`anylens.experiments.chunks.plan_chunks`);
+* skips the blocks before ``b0``, handing each its unpatched output (nnsight ``skip``);
+* runs only positions ``p0..``, on top of the unpatched run's key/value cache of the positions
+  before ``p0``, expanded over the chunk's rows (:func:`kv_cache_reusable` says where);
+* asks for final-position logits only, the only ones a sweep scores.
+
+Only the adapter's block-list path is used: nothing here knows an architecture. Each new
+shortcut (prompt length, ``b0``, ``p0``) is checked once per model: an unpatched guard row rides
+along in the chunk and must reproduce the unpatched logits; if it does not, reuse is turned off
+for that model with a warning and the chunk is rerun in full.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..core.access import child_envoy
+from .chunks import Chunk, CostModel, Sizes, plan_chunks
+from .components import HEADED_ROLES, PatchPlan, PlanStats, writes_by_layer
+
+if TYPE_CHECKING:
+    from ..core.model import AnyModel
+
+#: Relative tolerance of the guard row (float32; scaled up for coarser dtypes): broken mechanics
+#: miss by far more than rounding does.
+GUARD_RTOL = 1e-4
+
+_verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(length, b0, p0)}
+_disabled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why reuse is off
+_kv_reusable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool
+
+
+# -- model facts ------------------------------------------------------------------------------
+def block_envoys(model: AnyModel) -> Any:
+    """The nnsight envoy of the model's list of blocks (the adapter's ``layers`` path)."""
+    node = model.nn
+    for part in model.adapter.layers.split("."):
+        node = child_envoy(node, part)
+    return node
+
+
+def skippable_blocks(model: AnyModel, role: str, layers: list[int]) -> int:
+    """How many leading blocks a plan over ``layers`` may skip: those before its last patched
+    block (0 when a role lives outside the blocks)."""
+    owners = [block_of(model, role, layer) for layer in layers]
+    return max(owners) if owners and all(b is not None for b in owners) else 0
+
+
+def block_of(model: AnyModel, role: str, layer: int) -> int | None:
+    """Index of the block whose module holds ``role`` at ``layer``; None if outside the blocks."""
+    module = model.role(role).path.module_at(layer)
+    prefix = model.adapter.layers + "."
+    if not module.startswith(prefix):
+        return None
+    head = module[len(prefix) :].split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+def forward_kwargs(model: AnyModel) -> set[str]:
+    return set(inspect.signature(model.hf.forward).parameters)
+
+
+def last_logits_kwargs(model: AnyModel) -> dict[str, Any]:
+    """Ask the model for final-position logits only, where its forward supports it."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in forward_kwargs(model) else {}
+
+
+def _cache_name(model: AnyModel) -> str:
+    return "cache" if "cache" in forward_kwargs(model) else "past_key_values"
+
+
+def _returned_cache(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def kv_cache_reusable(model: AnyModel, probe_ids: torch.Tensor) -> bool:
+    """Whether the model's cache is plain attention keys and values, safe to continue from.
+
+    Continuing from a cache is reused only for transformers' ``DynamicCache`` made of full or
+    sliding-window key/value layers: they hold each position's keys and values, which a later
+    position never changes. SSM caches (Mamba's convolution and recurrent state) are left out:
+    transformers' Mamba continues a multi-token suffix from its state inexactly (it treats it as a
+    fresh prefill), and other state layouts are not promised to be position-exact either.
+    """
+    if model in _kv_reusable:
+        return _kv_reusable[model]
+    reusable = False
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+    except ImportError:  # pragma: no cover - transformers without the cache classes
+        DynamicCache = None  # noqa: N806
+    if DynamicCache is not None and {"attention_mask", "use_cache"} <= forward_kwargs(model):
+        with torch.no_grad():
+            output = model.hf(input_ids=probe_ids[:1, :2].to(model.device), use_cache=True, **last_logits_kwargs(model))
+        cache = _returned_cache(output)
+        layers = getattr(cache, "layers", None)
+        reusable = (
+            type(cache) is DynamicCache
+            and bool(layers)
+            and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
+        )
+    _kv_reusable[model] = reusable
+    return reusable
+
+
+
+# -- the unpatched run ------------------------------------------------------------------------
+@dataclass
+class Baseline:
+    """The unpatched run of a plan's inputs.
+
+    ``last`` is its final-position logits; ``acts[layer]`` the role's activations (to tell which
+    writes change anything) and ``blocks[i]`` the output of block ``i`` (to skip the block).
+    """
+
+    last: torch.Tensor
+    acts: dict[int, torch.Tensor] | None = None
+    blocks: list[Any] | None = None
+
+    def nbytes(self) -> int:
+        tensors = list((self.acts or {}).values()) + [_residual(b) for b in self.blocks or []]
+        return sum(t.numel() * t.element_size() for t in tensors) + self.last.numel() * self.last.element_size()
+
+
+def _residual(block_output: Any) -> torch.Tensor:
+    return block_output[0] if isinstance(block_output, (tuple, list)) else block_output
+
+
+def record_baseline(
+    model: AnyModel,
+    role: str,
+    ids: torch.Tensor,
+    layers: list[int],
+    n_blocks: int = 0,
+    rows_per_forward: int | None = None,
+    last_only: bool = True,
+) -> Baseline:
+    """Record the unpatched run of ``ids``: final logits, ``role`` at ``layers`` and the outputs
+    of the first ``n_blocks`` blocks, ``rows_per_forward`` inputs at a time.
+
+    Blocks whose output is not a residual tensor (or a tuple led by one, with no other tensors)
+    cannot be handed back by a skip, so then no block outputs are kept (``blocks`` is None).
+    """
+    access = model.role(role)
+    blocks = block_envoys(model)
+    # Reads follow the forward: a role read inside block k comes before block k's output.
+    reads = [((block_of(model, role, layer) or 0), 0, "act", layer) for layer in layers]
+    reads += [(index, 1, "block", index) for index in range(n_blocks)]
+    reads.sort()
+    step = rows_per_forward or ids.shape[0]
+    parts: list[tuple[dict[int, torch.Tensor], list[Any], torch.Tensor]] = []
+    for start in range(0, ids.shape[0], step):
+        acts: dict[int, torch.Tensor] = {}
+        outputs: list[Any] = []
+        kwargs = last_logits_kwargs(model) if last_only else {}
+        with torch.no_grad(), model.trace(ids[start : start + step].to(model.device), **kwargs):
+            for _, _, kind, index in reads:
+                if kind == "act":
+                    acts[index] = access.read(index).clone().save()
+                else:
+                    outputs.append(_clone(blocks[index].output).save())
+            last = model.logits[:, -1].save()
+        parts.append((acts, outputs, last))
+    last = torch.cat([p[2] for p in parts])
+    acts = {layer: torch.cat([p[0][layer] for p in parts]) for layer in layers} if layers else None
+    kept = _concat_blocks([p[1] for p in parts], ids.shape) if n_blocks else None
+    return Baseline(last, acts, kept)
+
+
+def record_for_plan(
+    model: AnyModel,
+    role: str,
+    ids: torch.Tensor,
+    layers: list[int],
+    sources: dict[int, torch.Tensor],
+    memory_budget: int | None = None,
+    need_acts: bool = False,
+) -> Baseline:
+    """The unpatched run of ``ids`` for a plan over ``layers``.
+
+    With the role and block outputs reuse needs if they fit half the budget left by ``sources``;
+    else the final logits only (the plan then records the rest group by group), or the role
+    without block outputs when the caller ``need_acts``.
+    """
+    layers = sorted(layers)
+    n_blocks = skippable_blocks(model, role, layers)
+    sizes = Sizes.of(model, role, n_blocks, ids.shape[1], sources, memory_budget)
+    rows = sizes.rows_for(sizes.free // 2)
+    if sizes.inputs_per_group(ids.shape[0]) == ids.shape[0]:
+        return record_baseline(model, role, ids, layers, n_blocks, rows)
+    return record_baseline(model, role, ids, layers if need_acts else [], 0, rows)
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+def _concat_blocks(parts: list[list[Any]], shape: torch.Size) -> list[Any] | None:
+    """Block outputs of the recording chunks joined along the batch; None if not skippable."""
+    joined = []
+    for outputs in zip(*parts):
+        first = outputs[0]
+        residual = [_residual(o) for o in outputs]
+        if not all(isinstance(r, torch.Tensor) and r.dim() >= 2 for r in residual):
+            return None
+        if isinstance(first, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in first[1:]):
+            return None  # other tensors in the output: unknown layout, do not hand them back
+        tensor = torch.cat(residual)
+        if tuple(tensor.shape[:2]) != tuple(shape):
+            return None  # e.g. a block that flattens tokens: positions cannot be cut
+        joined.append(type(first)((tensor, *first[1:])) if isinstance(first, (tuple, list)) else tensor)
+    return joined
+
+
+
+# -- which rows change what -------------------------------------------------------------------
+def first_changes(plan: PatchPlan, acts: dict[int, torch.Tensor], input_offset: int = 0) -> torch.Tensor:
+    """Per row, the first target position whose write differs from the unpatched value; -1 if none.
+
+    ``acts[layer]`` is the role in the unpatched run of the plan's inputs ``input_offset..``.
+    Equality is exact: a write is skipped only if it writes the very value already there.
+    """
+    n = len(plan)
+    start = torch.full((n,), -1, dtype=torch.long)
+    head_first = plan.role == "pattern"  # [batch, head, query, key]
+    headed = plan.role in HEADED_ROLES
+    targets = torch.tensor(plan.target_positions, dtype=torch.long)
+    index_of = {p: i for i, p in enumerate(plan.target_positions)}
+    by_layer: dict[int, list[int]] = {}
+    for row, component in enumerate(plan.components):
+        by_layer.setdefault(component.layer, []).append(row)
+    for layer, rows in by_layer.items():
+        act, source = acts[layer], plan.sources[layer]
+        if head_first:
+            act, source = act.transpose(1, 2), source.transpose(1, 2)  # -> [batch, pos, head, key]
+        source_pos = torch.tensor(plan.source_positions, dtype=torch.long)
+        if source.shape[1] == 1:
+            source_pos = torch.zeros_like(source_pos)  # one value for every position (a mean)
+        row_index = torch.tensor(rows)
+        pairs = torch.stack([plan.input_rows[row_index] - input_offset, plan.source_rows[row_index]], 1)
+        unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+        target_values = act[unique[:, 0].to(act.device)][:, targets.to(act.device)]
+        source_values = source[unique[:, 1].to(source.device)][:, source_pos.to(source.device)]
+        differs = target_values != source_values.to(device=act.device, dtype=act.dtype)
+        keep = 3 if headed else 2  # [pair, pos, head?] after reducing the features
+        differs = differs.flatten(keep).any(-1).cpu() if differs.dim() > keep else differs.cpu()
+        for local, row in enumerate(rows):
+            component = plan.components[row]
+            changed = differs[inverse[local]]  # [pos, head?]
+            if headed:
+                changed = changed.any(-1) if component.head is None else changed[:, component.head]
+            if component.pos is not None:
+                start[row] = component.pos if bool(changed[index_of[component.pos]]) else -1
+            elif bool(changed.any()):
+                start[row] = int(targets[changed].min())
+    return start
+
+
+
+# -- running a chunk --------------------------------------------------------------------------
+class PrefixCaches:
+    """The unpatched run's key/value cache of positions ``..p0``, one ``p0`` at a time."""
+
+    def __init__(self, model: AnyModel, ids: torch.Tensor):
+        self.model, self.ids = model, ids
+        self._pos, self._cache = -1, None
+
+    def expanded(self, p0: int, inputs: torch.Tensor) -> Any:
+        if p0 != self._pos:
+            self._cache = None  # free the previous one first
+            with torch.no_grad():
+                output = self.model.hf(
+                    input_ids=self.ids[:, :p0].to(self.model.device), use_cache=True, **last_logits_kwargs(self.model)
+                )
+            self._pos, self._cache = p0, _returned_cache(output)
+        cache = copy.deepcopy(self._cache)
+        cache.reorder_cache(inputs.to(self.model.device))  # one copy of each input's row per patched row
+        return cache
+
+
+def _cut(block_output: Any, inputs: torch.Tensor, p0: int) -> Any:
+    """A block's unpatched output for the given input rows, from position ``p0``."""
+    residual = _residual(block_output)
+    cut = residual[inputs.to(residual.device), p0:]
+    if isinstance(block_output, (tuple, list)):
+        return type(block_output)((cut, *block_output[1:]))
+    return cut
+
+
+def shortcut_forward(
+    model: AnyModel,
+    plan: PatchPlan,
+    rows: torch.Tensor,
+    chunk: Chunk,
+    baseline: Baseline,
+    caches: PrefixCaches | None,
+    input_offset: int,
+    guard: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Final-position logits of ``rows``, skipping the chunk's blocks and positions.
+
+    With ``guard``, an unpatched copy of the first row's input runs along; its logits come back
+    second, for checking against the unpatched run.
+    """
+    device = model.device
+    inputs = plan.input_rows[rows] - input_offset
+    if guard:
+        inputs = torch.cat([inputs, inputs[:1]])
+    ids = plan.inputs[inputs + input_offset].to(device)
+    kwargs: dict[str, Any] = dict(last_logits_kwargs(model))
+    p0, b0 = chunk.pos, chunk.block
+    if p0 > 0:
+        kwargs[_cache_name(model)] = caches.expanded(p0, inputs)
+        kwargs["use_cache"] = True
+        data: Any = {"input_ids": ids[:, p0:], "attention_mask": torch.ones_like(ids)}  # the mask covers the cache
+    else:
+        data = ids
+    writes = writes_by_layer(plan, rows, device, start=p0)
+    access = model.role(plan.role)
+    envoys = block_envoys(model)
+    with torch.no_grad(), model.trace(data, **kwargs):
+        for index in range(b0):
+            envoys[index].skip(_cut(baseline.blocks[index], inputs, p0))
+        for layer in sorted(writes):  # ascending layers: reads must follow the forward order
+            target = access.read(layer)
+            for target_index, source_index in writes[layer]:
+                target[target_index] = plan.sources[layer][source_index].to(target.dtype)
+        last = model.logits[:, -1].save()
+    if guard:
+        return last[:-1], last[-1]
+    return last, None
+
+
+# -- guard ------------------------------------------------------------------------------------
+def _guard_passes(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    expected = expected.to(got.device, got.dtype)
+    coarseness = max(torch.finfo(got.dtype).eps / torch.finfo(torch.float32).eps, 1.0)
+    tolerance = GUARD_RTOL * coarseness * max(1.0, float(expected.abs().max()))
+    return float((got - expected).abs().max()) <= tolerance
+
+
+def disabled_reason(model: AnyModel) -> str | None:
+    """Why reuse is off for ``model`` (a guard row failed), or None."""
+    return _disabled.get(model)
+
+
+# -- the whole plan ---------------------------------------------------------------------------
+class ReusingRun:
+    """One plan run with reuse: inputs in groups that fit the budget, each group in chunks."""
+
+    def __init__(
+        self,
+        model: AnyModel,
+        plan: PatchPlan,
+        score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        plain_forward: Callable[[torch.Tensor], torch.Tensor],
+        batch_size: int | None,
+        memory_budget: int | None,
+        baseline: Baseline | None,
+    ):
+        self.model, self.plan, self.score, self.plain_forward = model, plan, score, plain_forward
+        self.length = plan.inputs.shape[1]
+        self.layers = sorted({c.layer for c in plan.components})
+        self.owner = {layer: block_of(model, plan.role, layer) or 0 for layer in self.layers}
+        self.n_blocks = skippable_blocks(model, plan.role, self.layers)
+        self.cost = CostModel(model, self.length)
+        sizes = Sizes.of(model, plan.role, self.n_blocks, self.length, plan.sources, memory_budget)
+        n_inputs = plan.inputs.shape[0]
+        if baseline is not None and baseline.acts is not None:
+            self.baseline, self.group_size = baseline, n_inputs
+            free = sizes.free - baseline.nbytes()
+        else:
+            self.baseline, self.group_size = None, sizes.inputs_per_group(n_inputs)
+            free = sizes.free - self.group_size * sizes.per_input
+        self.cap = batch_size or sizes.rows_for(max(free, 0))
+        self.kv = kv_cache_reusable(model, plan.inputs)
+        self.scores = torch.empty(len(plan))
+        self.stats = PlanStats(patches=len(plan))
+        self._work = 0
+
+    def run(self) -> tuple[torch.Tensor, PlanStats]:
+        plan = self.plan
+        for first in range(0, plan.inputs.shape[0], self.group_size):
+            last = min(first + self.group_size, plan.inputs.shape[0])
+            rows = torch.nonzero((plan.input_rows >= first) & (plan.input_rows < last)).flatten()
+            if len(rows):
+                self._group(first, last, rows)
+        full = len(plan) * self.cost.n_blocks * self.length
+        self.stats.work_fraction = self._work / full if full else 0.0
+        return self.scores, self.stats
+
+    def _group(self, first: int, last: int, rows: torch.Tensor) -> None:
+        """Rows whose inputs are ``first..last-1``, against those inputs' unpatched run."""
+        plan, model = self.plan, self.model
+        state = self.baseline
+        if state is None:
+            state = record_baseline(model, plan.role, plan.inputs[first:last], self.layers, self.n_blocks, self.cap)
+        starts = first_changes(_subplan(plan, rows), state.acts, first)
+        unchanged = rows[starts < 0]
+        if len(unchanged):
+            unpatched = state.last[plan.input_rows[unchanged] - first]
+            self.scores[unchanged] = self.score(unpatched, unchanged).detach().float().cpu()
+            self.stats.unchanged += len(unchanged)
+        live = rows[starts >= 0]
+        n_skippable = 0 if state.blocks is None else len(state.blocks)
+        owners = [min(self.owner[plan.components[r].layer], n_skippable) for r in live.tolist()]
+        blocks = torch.tensor(owners, dtype=torch.long)
+        positions = starts[starts >= 0] if self.kv else torch.zeros(len(live), dtype=torch.long)
+        caches = PrefixCaches(model, plan.inputs[first:last]) if self.kv else None
+        for chunk in plan_chunks(blocks, positions, live, self.cap, self.cost):
+            self._chunk(chunk, state, caches, first)
+
+    def _chunk(self, chunk: Chunk, state: Baseline, caches: PrefixCaches | None, first: int) -> None:
+        model, rows = self.model, chunk.rows
+        shortcut = chunk.block > 0 or chunk.pos > 0
+        if shortcut and model in _disabled:
+            chunk, shortcut = Chunk(rows, 0, 0), False
+        key = (self.length, chunk.block, chunk.pos)
+        guard = shortcut and key not in _verified.setdefault(model, set())
+        last, guard_last = shortcut_forward(model, self.plan, rows, chunk, state, caches, first, guard)
+        self.stats.forwards += 1
+        if guard:
+            expected = state.last[self.plan.input_rows[rows[0]] - first]
+            if _guard_passes(guard_last, expected):
+                _verified[model].add(key)
+            else:
+                _disabled[model] = (
+                    f"skipping blocks before {chunk.block} and positions before {chunk.pos} did not reproduce "
+                    "the unpatched run"
+                )
+                warnings.warn(
+                    f"anylens: reuse of unpatched work is off for {model.name!r} ({_disabled[model]}); "
+                    "every patched row now runs in full",
+                    stacklevel=5,
+                )
+                last, chunk = self.plain_forward(rows), Chunk(rows, 0, 0)
+                self.stats.forwards += 1
+        self.scores[rows] = self.score(last, rows).detach().float().cpu()
+        self.stats.rows_per_forward = max(self.stats.rows_per_forward, len(rows))
+        self._work += len(rows) * (self.cost.n_blocks - chunk.block) * (self.length - chunk.pos)
+
+
+def run_reusing(
+    model: AnyModel,
+    plan: PatchPlan,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    plain_forward: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    baseline: Baseline | None = None,
+) -> tuple[torch.Tensor, PlanStats]:
+    """Run ``plan`` with reuse: the scores of running every row in full, for less work.
+
+    Inputs are taken in groups whose recorded unpatched run fits half of what ``memory_budget``
+    leaves after the plan's sources; the rest sizes the chunks (or ``batch_size`` rows).
+    ``baseline`` is the unpatched run of every input, if the caller recorded it with the role
+    (:func:`record_for_plan`). ``plain_forward(rows)`` runs rows in full, should a guard fail.
+    """
+    return ReusingRun(model, plan, score, plain_forward, batch_size, memory_budget, baseline).run()
+
+
+def _subplan(plan: PatchPlan, rows: torch.Tensor) -> PatchPlan:
+    """The rows ``rows`` of ``plan`` as a plan of their own (sharing inputs and sources)."""
+    index = rows.tolist()
+    return PatchPlan(
+        role=plan.role,
+        inputs=plan.inputs,
+        components=[plan.components[i] for i in index],
+        input_rows=plan.input_rows[rows],
+        source_rows=plan.source_rows[rows],
+        sources=plan.sources,
+        target_positions=plan.target_positions,
+        source_positions=plan.source_positions,
+    )
+
+
+__all__ = [
+    "GUARD_RTOL",
+    "Baseline",
+    "block_of",
+    "disabled_reason",
+    "first_changes",
+    "kv_cache_reusable",
+    "record_baseline",
+    "record_for_plan",
+    "run_reusing",
+    "skippable_blocks",
+]

@@ -1,0 +1,237 @@
+"""Reuse of unpatched work in patching and ablation sweeps: same results as running every row in
+full (``reuse=False``) and as a one-patch-per-forward plain-hook reference, on every tiny family."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import hook_reference as ref
+import pytest
+import torch
+from test_patching import reference_patch
+
+import anylens as al
+from anylens.experiments import reuse
+from anylens.experiments.chunks import CostModel, plan_chunks
+from anylens.experiments.components import Component, PatchPlan, _patched_forward, record
+from anylens.testing import TINY_BUILDERS, tiny
+
+TOL = 1e-5
+ANSWER, DISTRACTOR = 300, 301
+METRIC = al.metrics.logit_diff(ANSWER, DISTRACTOR)
+LENGTH = 10  # longer than the tiny Gemma 2's sliding window (6), so cached windows are exercised
+DIFFERENT = (3, 7)  # positions where clean and corrupt prompts differ
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with ref.one_thread():
+        yield
+
+
+@cache
+def _build(family: str):
+    try:
+        return tiny(family)
+    except ImportError as error:  # e.g. mamba-ssm, whose kernels need a CUDA build of torch
+        return error
+
+
+def model_of(family: str):
+    model = _build(family)
+    if isinstance(model, ImportError):
+        pytest.skip(f"tiny {family!r} cannot be built here: {model}")
+    return model
+
+
+def prompt_pairs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randint(4, 400, (2, LENGTH), generator=generator)
+    corrupt = clean.clone()
+    for pos in DIFFERENT:
+        corrupt[:, pos] = torch.randint(4, 400, (2,), generator=generator)
+    return clean, corrupt
+
+
+def metrics_of(result) -> torch.Tensor:
+    return torch.tensor(result.to_frame()["metric"].to_numpy())
+
+
+CASES = [("resid_pre", ("layer", "pos")), ("z", ("layer", "head")), ("mlp_out", ("layer",))]
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+@pytest.mark.parametrize("role,over", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+def test_reuse_matches_full_runs_and_hook_reference(family, role, over, direction):
+    model = model_of(family)
+    if role not in model.roles:
+        pytest.skip(f"{family} has no role {role!r}")
+    clean, corrupt = prompt_pairs()
+    # Small chunks: many forwards, each starting at its own block and position.
+    reused = al.patch(model, clean, corrupt, role=role, over=over, metric=METRIC, direction=direction, batch_size=5)
+    full = al.patch(model, clean, corrupt, role=role, over=over, metric=METRIC, direction=direction, reuse=False)
+    assert (metrics_of(reused) - metrics_of(full)).abs().max() <= TOL
+    assert reused.clean_metric == pytest.approx(full.clean_metric, abs=TOL)
+    assert reused.corrupt_metric == pytest.approx(full.corrupt_metric, abs=TOL)
+
+    expected, *_ = reference_patch(model.hf, role, over, clean, corrupt, direction)
+    frame = reused.to_frame()
+    columns = [d for d in ("layer", "head", "pos") if d in over]
+    got = {tuple(int(v) for v in row[columns]): row["metric"] for _, row in frame.iterrows()}
+    assert max(abs(got[key] - value) for key, value in expected.items()) <= TOL
+
+    assert reused.meta["reuse"] and not full.meta["reuse"]
+    assert full.meta["work_fraction"] == 1.0 and full.meta["unchanged"] == 0
+    assert reused.meta["work_fraction"] < 1.0  # something was skipped
+    assert reuse.disabled_reason(model) is None  # every shortcut passed its guard
+
+
+@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+def test_shortcut_forward_equals_the_full_forward(family):
+    """Skipping blocks and cached positions gives the rows' logits of a full patched forward."""
+    model = model_of(family)
+    clean, corrupt = prompt_pairs(seed=1)
+    layers = model.layers()
+    sources, _ = record(model, "resid_pre", clean, layers)
+    baseline = reuse.record_baseline(model, "resid_pre", corrupt, layers, n_blocks=model.n_layers - 1)
+    assert baseline.blocks is not None and len(baseline.blocks) == model.n_layers - 1
+    last_layer = model.n_layers - 1
+    components = [Component(1, 8), Component(last_layer, 7), Component(last_layer, 9), Component(1, None)]
+    plan = PatchPlan(
+        role="resid_pre",
+        inputs=corrupt,
+        components=components,
+        input_rows=[0, 1, 0, 1],
+        source_rows=[0, 1, 0, 1],
+        sources=sources,
+        target_positions=list(range(LENGTH)),
+        source_positions=list(range(LENGTH)),
+    )
+    rows = torch.arange(len(plan))
+    full = _patched_forward(model, plan, rows)
+    kv = reuse.kv_cache_reusable(model, corrupt)
+    positions = (0, 7) if kv else (0,)  # 7 > the sliding window of the tiny Gemma 2
+    for block in (0, 1):
+        for pos in positions:
+            if pos and model.n_layers - 1 < 1:
+                continue
+            chunk = reuse.Chunk(rows[:3], block, pos) if pos else reuse.Chunk(rows, block, pos)
+            caches = reuse.PrefixCaches(model, corrupt) if pos else None
+            got, guard = reuse.shortcut_forward(model, plan, chunk.rows, chunk, baseline, caches, 0, guard=True)
+            assert (got - full[chunk.rows]).abs().max() <= TOL, (block, pos)
+            assert (guard - baseline.last[0]).abs().max() <= TOL, (block, pos)
+
+
+def test_patches_that_write_equal_values_are_not_run():
+    model = model_of("gpt2")
+    clean, corrupt = prompt_pairs()
+    clean, corrupt = clean[:1], corrupt[:1]
+    result = al.patch(model, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=METRIC)
+    # Layer 0's input differs only where the tokens do; later layers' from the first of them on.
+    first = min(DIFFERENT)
+    assert result.meta["unchanged"] == (LENGTH - len(DIFFERENT)) + (model.n_layers - 1) * first
+    frame = result.to_frame()
+    before = frame[frame["pos"] < first]
+    assert (before["metric"] == result.corrupt_metric).all()  # answered from the unpatched run itself
+    full = al.patch(model, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=METRIC, reuse=False)
+    assert full.meta["forwards"] > 0 and result.meta["patches"] == full.meta["patches"]
+
+
+def test_key_value_caches_are_reused_for_attention_only():
+    assert reuse.kv_cache_reusable(model_of("llama"), prompt_pairs()[0])
+    assert reuse.kv_cache_reusable(model_of("gemma2"), prompt_pairs()[0])  # sliding-window layers too
+    for family in ("mamba", "mamba2"):  # SSM state is not a per-position cache
+        assert not reuse.kv_cache_reusable(model_of(family), prompt_pairs()[0])
+
+
+def test_a_failing_guard_turns_reuse_off_and_keeps_results_right(monkeypatch):
+    model = tiny("gpt2")  # a fresh model: no shortcut verified yet
+    clean, corrupt = prompt_pairs()
+    full = al.patch(model, clean, corrupt, metric=METRIC, reuse=False)
+    original = reuse._cut
+    monkeypatch.setattr(reuse, "_cut", lambda output, inputs, p0: original(output, inputs, p0) * 2)  # a broken skip
+    with pytest.warns(UserWarning, match="reuse of unpatched work is off"):
+        broken = al.patch(model, clean, corrupt, metric=METRIC, batch_size=6)
+    assert "did not reproduce the unpatched run" in reuse.disabled_reason(model)
+    assert (metrics_of(broken) - metrics_of(full)).abs().max() <= TOL
+    again = al.patch(model, clean, corrupt, metric=METRIC, batch_size=6)  # stays off, silently
+    assert (metrics_of(again) - metrics_of(full)).abs().max() <= TOL
+
+
+ABLATION_CASES = [("z", ("layer", "head")), ("resid_pre", ("layer", "pos"))]
+
+
+@pytest.mark.parametrize("method", ["zero", "mean", "resample"])
+@pytest.mark.parametrize("role,over", ABLATION_CASES, ids=[c[0] for c in ABLATION_CASES])
+@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+def test_ablation_reuse_matches_full_runs(family, role, over, method):
+    model = model_of(family)
+    if role not in model.roles:
+        pytest.skip(f"{family} has no role {role!r}")
+    ids = torch.randint(4, 400, (3, LENGTH), generator=torch.Generator().manual_seed(2))
+    ids[:, :4] = ids[0, :4]  # a shared prefix: resampled positions there change nothing
+    kwargs = dict(role=role, over=over, method=method, metric=METRIC, seed=1)
+    reused = al.ablate(model, ids, batch_size=7, **kwargs)
+    full = al.ablate(model, ids, reuse=False, **kwargs)
+    assert (metrics_of(reused) - metrics_of(full)).abs().max() <= TOL
+    assert reused.meta["work_fraction"] < 1.0
+    if method == "resample" and role == "resid_pre":
+        assert reused.meta["unchanged"] > 0
+
+
+def test_memory_budget_records_inputs_in_groups(monkeypatch):
+    model = model_of("llama")
+    generator = torch.Generator().manual_seed(4)
+    clean = torch.randint(4, 400, (6, LENGTH), generator=generator)
+    corrupt = clean.clone()
+    corrupt[:, 5] = torch.randint(4, 400, (6,), generator=generator)
+    full = al.patch(model, clean, corrupt, role="z", over=("layer", "head"), metric=METRIC, reuse=False)
+    calls = []
+    original = reuse.record_baseline
+    monkeypatch.setattr(reuse, "record_baseline", lambda *a, **k: calls.append(a[2].shape[0]) or original(*a, **k))
+    sources = 2 * model.n_layers * 6 * LENGTH * model.d_model * 4  # clean and corrupt activations, roughly
+    small = al.patch(model, clean, corrupt, role="z", over=("layer", "head"), metric=METRIC, memory_budget=sources * 2)
+    assert len(calls) > 1 and sum(calls) >= 6  # the unpatched run is recorded group by group
+    assert (metrics_of(small) - metrics_of(full)).abs().max() <= TOL
+
+
+class _Cost:
+    """A cost model with a chosen price per forward and per unit of work."""
+
+    n_blocks, length = 4, 8
+
+    def __init__(self, per_forward: float):
+        self.per_forward = per_forward
+
+    def fixed(self, b0: int) -> float:
+        return self.per_forward
+
+    def per_row(self, b0: int, p0: int) -> float:
+        return (self.n_blocks - b0) * (self.length - p0)
+
+
+def test_plan_chunks_covers_every_row_once_within_the_cap():
+    blocks = torch.tensor([b for b in range(4) for _ in range(8)])
+    positions = torch.tensor([p for _ in range(4) for p in range(8)])
+    rows = torch.arange(32) + 100
+    for per_forward, cap in ((0.0, 5), (1.0, 32), (1e9, 7)):
+        chunks = plan_chunks(blocks, positions, rows, cap, _Cost(per_forward))
+        covered = torch.cat([c.rows for c in chunks]).sort().values
+        assert covered.tolist() == rows.tolist()
+        for chunk in chunks:
+            assert len(chunk.rows) <= cap
+            members = chunk.rows - 100
+            assert chunk.block == int(blocks[members].min()) and chunk.pos == int(positions[members].min())
+    # Forwards that cost nothing: every (block, position) cell alone. Forwards that cost a
+    # fortune: as few as the cap allows.
+    assert len(plan_chunks(blocks, positions, rows, 64, _Cost(0.0))) == 32
+    assert len(plan_chunks(blocks, positions, rows, 64, _Cost(1e9))) == 1
+    assert len(plan_chunks(blocks, positions, rows, 7, _Cost(1e9))) == 5
+
+
+def test_cost_model_prefers_fewer_forwards_on_tiny_models():
+    model = model_of("gpt2")
+    cost = CostModel(model, LENGTH)
+    assert cost.fixed(0) > cost.per_row(0, 0)  # a tiny model's forward is mostly fixed cost
+    assert cost.per_row(1, 0) < cost.per_row(0, 0) and cost.per_row(0, 5) < cost.per_row(0, 0)
