@@ -89,7 +89,8 @@ def test_reuse_matches_full_runs_and_hook_reference(family, role, over, directio
 
 @pytest.mark.parametrize("family", list(TINY_BUILDERS))
 def test_shortcut_forward_equals_the_full_forward(family):
-    """Skipping blocks and cached positions gives the rows' logits of a full patched forward."""
+    """Skipping blocks and cached positions, and unembedding apart, gives the logits of a full
+    patched forward."""
     model = model_of(family)
     clean, corrupt = prompt_pairs(seed=1)
     layers = model.layers()
@@ -117,10 +118,16 @@ def test_shortcut_forward_equals_the_full_forward(family):
             if pos and model.n_layers - 1 < 1:
                 continue
             chunk = reuse.Chunk(rows[:3], block, pos) if pos else reuse.Chunk(rows, block, pos)
-            caches = reuse.PrefixCaches(model, corrupt) if pos else None
-            got, guard = reuse.shortcut_forward(model, plan, chunk.rows, chunk, baseline, caches, 0, guard=True)
-            assert (got - full[chunk.rows]).abs().max() <= TOL, (block, pos)
-            assert (guard - baseline.last[0]).abs().max() <= TOL, (block, pos)
+            # The prefix cache cut from the unpatched run's, and run afresh for the prefix alone.
+            for full_cache in (baseline.cache, None):
+                caches = reuse.PrefixCaches(model, corrupt, full_cache) if pos else None
+                got, guard = reuse.shortcut_forward(model, plan, chunk.rows, chunk, baseline, caches, 0, guard=True)
+                assert (reuse.unembed(model, got) - full[chunk.rows]).abs().max() <= TOL, (block, pos)
+                assert (reuse.unembed(model, guard)[0] - baseline.last[0]).abs().max() <= TOL, (block, pos)
+    if kv and family != "gemma2":
+        assert reuse.PrefixCaches(model, corrupt, baseline.cache).full is not None
+    if family == "gemma2":  # its sliding window dropped the first positions: prefixes are run again
+        assert reuse.PrefixCaches(model, corrupt, baseline.cache).full is None
 
 
 def test_patches_that_write_equal_values_are_not_run():

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import metrics as metrics_
-from .components import HEADED_ROLES, check_over, enumerate_components, record, score_rows
+from .components import HEADED_ROLES, check_over, enumerate_components, last_logits_kwargs, record, score_rows
 from .patching import PatchResult, prepare_pairs, sweep_frame, sweep_meta
 from .prompts import Prompts
 
@@ -42,7 +42,8 @@ def role_gradients(
     acts: dict[int, torch.Tensor] = {}
     perturbations: dict[int, torch.Tensor] = {}
     with torch.enable_grad():
-        with model.trace(ids.to(model.device)):
+        # Final-position logits only: the metric reads nothing else, so the rest is wasted both ways.
+        with model.trace(ids.to(model.device), **last_logits_kwargs(model)):
             for layer in layer_list:  # ascending: reads follow the forward order
                 value = access.read(layer)
                 acts[layer] = value.detach().clone().save()

@@ -47,8 +47,9 @@ class CostModel:
         self.length = length
         self.block_token_s = 2 * block_params / figures["flops"]
         self.block_call_s = figures["call_s"] + figures["tokens_per_call"] * self.block_token_s
-        self.head_s = 2 * model.d_model * model.d_vocab / figures["flops"]  # final-position logits of a row
-        self.forward_s = figures["forward_s"] + figures["tokens_per_call"] * self.head_s
+        # Final-position logits of a row; the unembedding runs once for many forwards' rows.
+        self.head_s = 2 * model.d_model * model.d_vocab / figures["flops"]
+        self.forward_s = figures["forward_s"]
 
     def fixed(self, b0: int) -> float:
         """What a forward costs whatever its number of rows."""

@@ -11,6 +11,7 @@ Nothing here knows an architecture: roles say where activations live and how the
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -311,20 +312,37 @@ def rows_for_budget(model: AnyModel, seq_len: int, memory_budget: int | None = N
 
 
 # -- recording ------------------------------------------------------------------------------
+def forward_kwargs(model: AnyModel) -> set[str]:
+    """Names of the keyword arguments the model's forward takes."""
+    return set(inspect.signature(model.hf.forward).parameters)
+
+
+def last_logits_kwargs(model: AnyModel) -> dict[str, Any]:
+    """Ask the model for final-position logits only, where its forward supports it."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in forward_kwargs(model) else {}
+
+
 def record(
-    model: AnyModel, role: str, ids: torch.Tensor, layers: Sequence[int], rows_per_forward: int | None = None
+    model: AnyModel,
+    role: str,
+    ids: torch.Tensor,
+    layers: Sequence[int],
+    rows_per_forward: int | None = None,
+    last_only: bool = False,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Activations of ``role`` at ``layers`` and the final-position logits, no-grad.
 
     ``rows_per_forward`` inputs per trace (all at once by default), so that recording many
-    prompts stays within the memory a sweep's forwards are sized to.
+    prompts stays within the memory a sweep's forwards are sized to; ``last_only`` asks the
+    model for final-position logits only.
     """
     access = model.role(role)
     step = rows_per_forward or max(ids.shape[0], 1)
+    kwargs = last_logits_kwargs(model) if last_only else {}
     parts: list[tuple[dict[int, torch.Tensor], torch.Tensor]] = []
     for start in range(0, ids.shape[0], step):
         saved: dict[int, torch.Tensor] = {}
-        with torch.no_grad(), model.trace(ids[start : start + step].to(model.device)):
+        with torch.no_grad(), model.trace(ids[start : start + step].to(model.device), **kwargs):
             for layer in sorted(layers):
                 saved[layer] = access.read(layer).clone().save()
             last = model.logits[:, -1].save()
@@ -383,6 +401,8 @@ __all__ = [
     "check_over",
     "default_budget",
     "enumerate_components",
+    "forward_kwargs",
+    "last_logits_kwargs",
     "metric_for_rows",
     "n_heads_of",
     "normalize_positions",

@@ -163,7 +163,7 @@ def patch(
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 
     recording_rows = rows_for_budget(model, runs.source.shape[1], memory_budget)
-    sources, source_last = record(model, role, runs.source, layer_list, recording_rows)
+    sources, source_last = record(model, role, runs.source, layer_list, recording_rows, last_only=reuse)
     baseline = None
     if reuse:
         baseline = record_for_plan(model, role, runs.patched, layer_list, sources, memory_budget)

@@ -22,7 +22,6 @@ for that model with a warning and the chunk is rerun in full.
 from __future__ import annotations
 
 import copy
-import inspect
 import warnings
 import weakref
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import torch
 
 from ..core.access import child_envoy
 from .chunks import Chunk, CostModel, Sizes, plan_chunks
-from .components import HEADED_ROLES, PatchPlan, PlanStats, writes_by_layer
+from .components import HEADED_ROLES, PatchPlan, PlanStats, forward_kwargs, last_logits_kwargs, writes_by_layer
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -48,12 +47,17 @@ _kv_reusable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -
 
 
 # -- model facts ------------------------------------------------------------------------------
-def block_envoys(model: AnyModel) -> Any:
-    """The nnsight envoy of the model's list of blocks (the adapter's ``layers`` path)."""
+def envoy_at(model: AnyModel, path: str) -> Any:
+    """The nnsight envoy of the module at a dotted path."""
     node = model.nn
-    for part in model.adapter.layers.split("."):
+    for part in path.split(".") if path else ():
         node = child_envoy(node, part)
     return node
+
+
+def block_envoys(model: AnyModel) -> Any:
+    """The nnsight envoy of the model's list of blocks (the adapter's ``layers`` path)."""
+    return envoy_at(model, model.adapter.layers)
 
 
 def skippable_blocks(model: AnyModel, role: str, layers: list[int]) -> int:
@@ -71,15 +75,6 @@ def block_of(model: AnyModel, role: str, layer: int) -> int | None:
         return None
     head = module[len(prefix) :].split(".")[0]
     return int(head) if head.isdigit() else None
-
-
-def forward_kwargs(model: AnyModel) -> set[str]:
-    return set(inspect.signature(model.hf.forward).parameters)
-
-
-def last_logits_kwargs(model: AnyModel) -> dict[str, Any]:
-    """Ask the model for final-position logits only, where its forward supports it."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in forward_kwargs(model) else {}
 
 
 def _cache_name(model: AnyModel) -> str:
@@ -134,9 +129,12 @@ class Baseline:
     last: torch.Tensor
     acts: dict[int, torch.Tensor] | None = None
     blocks: list[Any] | None = None
+    cache: Any = None  # the key/value cache of every position, where reusable
 
     def nbytes(self) -> int:
         tensors = list((self.acts or {}).values()) + [_residual(b) for b in self.blocks or []]
+        for layer in getattr(self.cache, "layers", []):
+            tensors += [layer.keys, layer.values]
         return sum(t.numel() * t.element_size() for t in tensors) + self.last.numel() * self.last.element_size()
 
 
@@ -154,7 +152,8 @@ def record_baseline(
     last_only: bool = True,
 ) -> Baseline:
     """Record the unpatched run of ``ids``: final logits, ``role`` at ``layers`` and the outputs
-    of the first ``n_blocks`` blocks, ``rows_per_forward`` inputs at a time.
+    of the first ``n_blocks`` blocks, ``rows_per_forward`` inputs at a time; with block outputs,
+    also its key/value cache where that is reusable and one forward covers every input.
 
     Blocks whose output is not a residual tensor (or a tuple led by one, with no other tensors)
     cannot be handed back by a skip, so then no block outputs are kept (``blocks`` is None).
@@ -166,11 +165,14 @@ def record_baseline(
     reads += [(index, 1, "block", index) for index in range(n_blocks)]
     reads.sort()
     step = rows_per_forward or ids.shape[0]
+    cache = _empty_cache(model) if n_blocks and step >= ids.shape[0] and kv_cache_reusable(model, ids) else None
     parts: list[tuple[dict[int, torch.Tensor], list[Any], torch.Tensor]] = []
     for start in range(0, ids.shape[0], step):
         acts: dict[int, torch.Tensor] = {}
         outputs: list[Any] = []
         kwargs = last_logits_kwargs(model) if last_only else {}
+        if cache is not None:
+            kwargs.update({_cache_name(model): cache, "use_cache": True})
         with torch.no_grad(), model.trace(ids[start : start + step].to(model.device), **kwargs):
             for _, _, kind, index in reads:
                 if kind == "act":
@@ -182,7 +184,14 @@ def record_baseline(
     last = torch.cat([p[2] for p in parts])
     acts = {layer: torch.cat([p[0][layer] for p in parts]) for layer in layers} if layers else None
     kept = _concat_blocks([p[1] for p in parts], ids.shape) if n_blocks else None
-    return Baseline(last, acts, kept)
+    return Baseline(last, acts, kept, cache)
+
+
+def _empty_cache(model: AnyModel) -> Any:
+    """A cache for the model to fill, laid out from its config as the model would lay out its own."""
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(config=model.config)
 
 
 def record_for_plan(
@@ -281,22 +290,36 @@ def first_changes(plan: PatchPlan, acts: dict[int, torch.Tensor], input_offset: 
 
 # -- running a chunk --------------------------------------------------------------------------
 class PrefixCaches:
-    """The unpatched run's key/value cache of positions ``..p0``, one ``p0`` at a time."""
+    """The unpatched run's key/value cache of positions ``..p0``, expanded over a chunk's rows.
 
-    def __init__(self, model: AnyModel, ids: torch.Tensor):
+    Cut from the cache of every position when the unpatched run kept one that still holds every
+    position (a sliding window may have dropped some); otherwise the positions before ``p0`` are
+    run once per ``p0`` (one ``p0`` kept at a time).
+    """
+
+    def __init__(self, model: AnyModel, ids: torch.Tensor, full: Any = None):
         self.model, self.ids = model, ids
+        length = ids.shape[1]
+        complete = full is not None and all(layer.keys.shape[-2] == length for layer in full.layers)
+        self.full = full if complete else None
         self._pos, self._cache = -1, None
 
     def expanded(self, p0: int, inputs: torch.Tensor) -> Any:
-        if p0 != self._pos:
-            self._cache = None  # free the previous one first
-            with torch.no_grad():
-                output = self.model.hf(
-                    input_ids=self.ids[:, :p0].to(self.model.device), use_cache=True, **last_logits_kwargs(self.model)
-                )
-            self._pos, self._cache = p0, _returned_cache(output)
-        cache = copy.deepcopy(self._cache)
-        cache.reorder_cache(inputs.to(self.model.device))  # one copy of each input's row per patched row
+        inputs = inputs.to(self.model.device)
+        if self.full is not None:
+            cache = copy.copy(self.full)  # new layer objects sharing the tensors, then cut: no copies
+            cache.layers = [copy.copy(layer) for layer in self.full.layers]
+            cache.crop(p0 - self.ids.shape[1])
+        else:
+            if p0 != self._pos:
+                self._cache = None  # free the previous one first
+                with torch.no_grad():
+                    ids = self.ids[:, :p0].to(self.model.device)
+                    output = self.model.hf(input_ids=ids, use_cache=True, **last_logits_kwargs(self.model))
+                self._pos, self._cache = p0, _returned_cache(output)
+            cache = copy.copy(self._cache)
+            cache.layers = [copy.copy(layer) for layer in self._cache.layers]
+        cache.reorder_cache(inputs)  # one copy of each input's row per patched row (new tensors)
         return cache
 
 
@@ -319,10 +342,11 @@ def shortcut_forward(
     input_offset: int,
     guard: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Final-position logits of ``rows``, skipping the chunk's blocks and positions.
+    """The unembedding's final-position input for ``rows``, skipping the chunk's blocks and positions.
 
-    With ``guard``, an unpatched copy of the first row's input runs along; its logits come back
-    second, for checking against the unpatched run.
+    The unembedding itself is skipped too: a sweep applies it to many chunks' rows at once
+    (:func:`unembed`), reading its weights once rather than once per forward. With ``guard``, an
+    unpatched copy of the first row's input runs along; it comes back second, for checking.
     """
     device = model.device
     inputs = plan.input_rows[rows] - input_offset
@@ -340,6 +364,7 @@ def shortcut_forward(
     writes = writes_by_layer(plan, rows, device, start=p0)
     access = model.role(plan.role)
     envoys = block_envoys(model)
+    head = envoy_at(model, model.adapter.unembed)
     with torch.no_grad(), model.trace(data, **kwargs):
         for index in range(b0):
             envoys[index].skip(_cut(baseline.blocks[index], inputs, p0))
@@ -347,10 +372,18 @@ def shortcut_forward(
             target = access.read(layer)
             for target_index, source_index in writes[layer]:
                 target[target_index] = plan.sources[layer][source_index].to(target.dtype)
-        last = model.logits[:, -1].save()
+        hidden = head.input
+        last = hidden[:, -1].clone().save()
+        head.skip(hidden.new_zeros(()).expand(*hidden.shape[:-1], model.d_vocab))  # logits nobody reads
     if guard:
-        return last[:-1], last[-1]
+        return last[:-1], last[-1:]
     return last, None
+
+
+def unembed(model: AnyModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Final-position logits from the unembedding's input ``hidden`` ``[rows, d_model]``."""
+    with torch.no_grad():
+        return model.unembed(hidden)
 
 
 # -- guard ------------------------------------------------------------------------------------
@@ -395,9 +428,13 @@ class ReusingRun:
             self.baseline, self.group_size = None, sizes.inputs_per_group(n_inputs)
             free = sizes.free - self.group_size * sizes.per_input
         self.cap = batch_size or sizes.rows_for(max(free, 0))
+        # Logits of many chunks' rows per unembedding call, in at most a quarter of what is free.
+        logits_bytes = 2 * model.d_vocab * next(model.hf.parameters()).element_size()
+        self.unembed_rows = max(self.cap, min(4096, max(free, 0) // 4 // logits_bytes))
         self.kv = kv_cache_reusable(model, plan.inputs)
         self.scores = torch.empty(len(plan))
         self.stats = PlanStats(patches=len(plan))
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._work = 0
 
     def run(self) -> tuple[torch.Tensor, PlanStats]:
@@ -428,38 +465,57 @@ class ReusingRun:
         owners = [min(self.owner[plan.components[r].layer], n_skippable) for r in live.tolist()]
         blocks = torch.tensor(owners, dtype=torch.long)
         positions = starts[starts >= 0] if self.kv else torch.zeros(len(live), dtype=torch.long)
-        caches = PrefixCaches(model, plan.inputs[first:last]) if self.kv else None
+        caches = PrefixCaches(model, plan.inputs[first:last], state.cache) if self.kv else None
         for chunk in plan_chunks(blocks, positions, live, self.cap, self.cost):
             self._chunk(chunk, state, caches, first)
+        self._flush()
 
     def _chunk(self, chunk: Chunk, state: Baseline, caches: PrefixCaches | None, first: int) -> None:
         model, rows = self.model, chunk.rows
-        shortcut = chunk.block > 0 or chunk.pos > 0
-        if shortcut and model in _disabled:
-            chunk, shortcut = Chunk(rows, 0, 0), False
-        key = (self.length, chunk.block, chunk.pos)
-        guard = shortcut and key not in _verified.setdefault(model, set())
-        last, guard_last = shortcut_forward(model, self.plan, rows, chunk, state, caches, first, guard)
         self.stats.forwards += 1
+        self.stats.rows_per_forward = max(self.stats.rows_per_forward, len(rows))
+        if model in _disabled:
+            self._full(rows)
+            return
+        key = (self.length, chunk.block, chunk.pos)
+        guard = key not in _verified.setdefault(model, set())
+        hidden, guard_hidden = shortcut_forward(model, self.plan, rows, chunk, state, caches, first, guard)
         if guard:
             expected = state.last[self.plan.input_rows[rows[0]] - first]
-            if _guard_passes(guard_last, expected):
-                _verified[model].add(key)
-            else:
-                _disabled[model] = (
-                    f"skipping blocks before {chunk.block} and positions before {chunk.pos} did not reproduce "
-                    "the unpatched run"
-                )
-                warnings.warn(
-                    f"anylens: reuse of unpatched work is off for {model.name!r} ({_disabled[model]}); "
-                    "every patched row now runs in full",
-                    stacklevel=5,
-                )
-                last, chunk = self.plain_forward(rows), Chunk(rows, 0, 0)
+            if not _guard_passes(unembed(model, guard_hidden)[0], expected):
+                self._disable(chunk)
                 self.stats.forwards += 1
-        self.scores[rows] = self.score(last, rows).detach().float().cpu()
-        self.stats.rows_per_forward = max(self.stats.rows_per_forward, len(rows))
+                self._full(rows)
+                return
+            _verified[model].add(key)
+        self._pending.append((rows, hidden))
         self._work += len(rows) * (self.cost.n_blocks - chunk.block) * (self.length - chunk.pos)
+
+    def _full(self, rows: torch.Tensor) -> None:
+        self.scores[rows] = self.score(self.plain_forward(rows), rows).detach().float().cpu()
+        self._work += len(rows) * self.cost.n_blocks * self.length
+
+    def _flush(self) -> None:
+        """Unembed and score the rows run so far, many chunks' rows per call."""
+        if not self._pending:
+            return
+        rows = torch.cat([r for r, _ in self._pending])
+        hidden = torch.cat([h for _, h in self._pending])
+        self._pending = []
+        for start in range(0, len(rows), self.unembed_rows):
+            part = rows[start : start + self.unembed_rows]
+            logits = unembed(self.model, hidden[start : start + self.unembed_rows])
+            self.scores[part] = self.score(logits, part).detach().float().cpu()
+
+    def _disable(self, chunk: Chunk) -> None:
+        _disabled[self.model] = (
+            f"skipping blocks before {chunk.block} and positions before {chunk.pos} did not reproduce the unpatched run"
+        )
+        warnings.warn(
+            f"anylens: reuse of unpatched work is off for {self.model.name!r} ({_disabled[self.model]}); "
+            "every patched row now runs in full",
+            stacklevel=6,
+        )
 
 
 def run_reusing(
