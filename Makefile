@@ -36,7 +36,7 @@ lint: setup
 
 ## Regenerate docs/reference.md from the adapter registry.
 reference: setup
-	$(BIN)/anylens table --builtin --format markdown --write docs/reference.md
+	$(BIN)/anylens table --reference --write docs/reference.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info anylens-demo

@@ -62,14 +62,22 @@ def test_table_csv(capsys):
     assert gpt2["pos_embed"] == "transformer.wpe.output" and gpt2["mixer_out"] == ""
 
 
-def test_table_write_builtin_gives_the_reference_file(capsys, tmp_path):
+def test_table_write_reference_gives_the_reference_file(capsys, tmp_path):
     target = tmp_path / "reference.md"
     al.register_adapter({**LLAMA.to_dict(), "name": "runtime_only", "architectures": ["RuntimeOnlyLM"]})
-    status, out, err = run(capsys, "table", "--builtin", "--write", str(target))
+    status, out, err = run(capsys, "table", "--reference", "--write", str(target))
     assert status == 0 and out == ""
     assert f"wrote {target}" in err
     assert target.read_text() == reference_markdown()
     assert "runtime_only" not in target.read_text()
+
+
+def test_table_marks_inferred_adapters_as_inferred(capsys):
+    status, out, _ = run(capsys, "table", "--builtin", "--format", "json", "--infer", "OlmoForCausalLM")
+    assert status == 0
+    rows = {row["adapter"]: row for row in json.loads(out)["rows"]}
+    assert rows["inferred:OlmoForCausalLM"]["kind"] == "inferred"
+    assert rows["llama"]["kind"] == "hand-written"
 
 
 def test_table_write_to_a_missing_folder_is_a_usage_error(capsys, tmp_path):

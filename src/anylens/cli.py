@@ -90,14 +90,19 @@ def _table_setup(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--format", choices=FORMATS, default="markdown", help="output format (default: markdown)")
     parser.add_argument("--write", metavar="PATH", type=Path, help="write to PATH instead of printing")
-    parser.add_argument("--builtin", action="store_true", help="built-in adapters only (what docs/reference.md shows)")
+    parser.add_argument("--builtin", action="store_true", help="built-in adapters only")
+    parser.add_argument(
+        "--infer", nargs="+", metavar="CLASS", default=[],
+        help="also infer adapters for these transformers classes (tiny random instances) and list them as inferred",
+    )
+    parser.add_argument("--reference", action="store_true", help="exactly docs/reference.md (built-ins and inferred examples)")
 
 
 def _table_run(args: argparse.Namespace) -> int:
-    from .registry.table import render, table_rows
+    from .registry.table import inferred_rows, reference_markdown, render, table_rows
 
-    rows = table_rows(builtin_only=args.builtin)
-    text = render(rows, args.format)
+    rows = table_rows(builtin_only=args.builtin) + inferred_rows(args.infer)
+    text = reference_markdown() if args.reference else render(rows, args.format)
     if args.write is None:
         sys.stdout.write(text)
         return EXIT_OK

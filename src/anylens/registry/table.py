@@ -36,8 +36,9 @@ STAMPED_PACKAGES: tuple[str, ...] = ("anylens", "transformers", "nnsight", "torc
 BUILTIN_SOURCE = "built-in"
 #: Every adapter today is written by hand; adapters inferred from a model will say "inferred".
 HAND_WRITTEN = "hand-written"
+INFERRED = "inferred"
 
-REGENERATE_COMMAND = "anylens table --builtin --write docs/reference.md"
+REGENERATE_COMMAND = "anylens table --reference --write docs/reference.md"
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,23 @@ def table_rows(reg: Registry | None = None, *, builtin_only: bool = False) -> li
         rows.append(_row(claim.adapter, claim, variant=""))
         for variant in claim.adapter.variants:
             rows.append(_row(apply_variant(claim.adapter, variant), claim, variant=describe_variant(variant)))
+    return rows
+
+
+#: Architectures with no hand-written adapter whose inferred (and verified) maps docs/reference.md
+#: shows as examples; docs/coverage.md lists every architecture inference serves.
+INFERRED_EXAMPLES: tuple[str, ...] = ("Qwen3ForCausalLM", "OlmoForCausalLM", "StableLmForCausalLM")
+
+
+def inferred_rows(class_names: Iterable[str]) -> list[TableRow]:
+    """Rows for adapters inferred on tiny random instances of transformers classes (``kind`` inferred)."""
+    from .infer import infer_adapter
+    from .tiny_arch import tiny_model
+
+    rows = []
+    for class_name in class_names:
+        spec = infer_adapter(tiny_model(class_name))
+        rows.append(dataclasses.replace(_row(spec, Claim(spec, "inference", False), variant=""), source="inference", kind=INFERRED))
     return rows
 
 
@@ -249,9 +267,9 @@ def _document(rows: list[TableRow]) -> str:
 
 
 def reference_markdown(reg: Registry | None = None) -> str:
-    """The ``docs/reference.md`` document: built-in adapters only, so that it does not depend
-    on which third-party plugins happen to be installed."""
-    return render(table_rows(reg, builtin_only=True), "markdown")
+    """The ``docs/reference.md`` document: built-in adapters (so that it does not depend on which
+    third-party plugins happen to be installed) and a few inferred ones, marked as such."""
+    return render(table_rows(reg, builtin_only=True) + inferred_rows(INFERRED_EXAMPLES), "markdown")
 
 
 __all__ = [
