@@ -88,6 +88,28 @@ def test_reuse_matches_full_runs_and_hook_reference(family, role, over, directio
 
 
 @pytest.mark.parametrize("family", list(TINY_BUILDERS))
+def test_reuse_matches_full_runs_for_patterns_and_single_head_positions(family):
+    try:
+        model = tiny(family)  # its own copy: eager attention for the pattern
+    except ImportError as error:
+        pytest.skip(f"tiny {family!r} cannot be built here: {error}")
+    if "pattern" not in model.roles:
+        pytest.skip(f"{family} has no attention pattern")
+    model.set_attn_implementation("eager")
+    clean, corrupt = prompt_pairs()
+    cases = [("pattern", ("layer", "head")), ("pattern", ("layer", "head", "pos")), ("z", ("layer", "head", "pos"))]
+    for role, over in cases:
+        if role not in model.roles:
+            continue
+        kwargs = dict(role=role, over=over, metric=METRIC)
+        reused = al.patch(model, clean, corrupt, batch_size=6, **kwargs)
+        full = al.patch(model, clean, corrupt, reuse=False, **kwargs)
+        assert (metrics_of(reused) - metrics_of(full)).abs().max() <= TOL, (role, over)
+        if "pos" in over:
+            assert reused.meta["unchanged"] > 0
+
+
+@pytest.mark.parametrize("family", list(TINY_BUILDERS))
 def test_shortcut_forward_equals_the_full_forward(family):
     """Skipping blocks and cached positions, and unembedding apart, gives the logits of a full
     patched forward."""
@@ -242,3 +264,24 @@ def test_cost_model_prefers_fewer_forwards_on_tiny_models():
     cost = CostModel(model, LENGTH)
     assert cost.fixed(0) > cost.per_row(0, 0)  # a tiny model's forward is mostly fixed cost
     assert cost.per_row(1, 0) < cost.per_row(0, 0) and cost.per_row(0, 5) < cost.per_row(0, 0)
+
+
+def test_first_changes_finds_the_first_position_a_write_changes():
+    source = torch.zeros(1, 5, 2, 3)  # z: [input, pos, head, d_head]; the unpatched run is all zeros
+    source[0, 3, 1, 2] = 1.0
+    source[0, 4, 0, 0] = 1.0
+    components = [Component(0), Component(0, head=0), Component(0, head=1), Component(0, 2, 1), Component(0, 3, 1)]
+    components.append(Component(0, 3, 0))
+    plan = PatchPlan("z", torch.zeros(1, 5, dtype=torch.long), components, [0] * 6, [0] * 6, {0: source},
+                     list(range(5)), list(range(5)))
+    assert reuse.first_changes(plan, {0: torch.zeros(1, 5, 2, 3)}).tolist() == [3, 4, 3, -1, 3, -1]
+    # Positions paired up by align: target 1 reads source 3, target 2 reads source 4.
+    shifted = PatchPlan("z", torch.zeros(1, 5, dtype=torch.long), components[:3], [0] * 3, [0] * 3, {0: source},
+                        [0, 1, 2], [0, 3, 4])
+    assert reuse.first_changes(shifted, {0: torch.zeros(1, 5, 2, 3)}).tolist() == [1, 2, 1]
+    # A pattern is [input, head, query, key]; positions are queries.
+    pattern = torch.zeros(1, 2, 4, 4)
+    pattern[0, 1, 2, 0] = 0.5
+    plan = PatchPlan("pattern", torch.zeros(1, 4, dtype=torch.long), [Component(0), Component(0, head=0)], [0, 0],
+                     [0, 0], {0: pattern}, list(range(4)), list(range(4)))
+    assert reuse.first_changes(plan, {0: torch.zeros(1, 2, 4, 4)}).tolist() == [2, -1]

@@ -90,7 +90,7 @@ def attribute(
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 
-    sources, source_last = record(model, role, runs.source, layer_list)
+    sources, source_last = record(model, role, runs.source, layer_list, last_only=True)
     clean_last = source_last if direction == "denoise" else None  # the patched run is the clean run
     acts, grads, patched_last = role_gradients(model, runs.patched, role, metric, layer_list, clean_last)
     clean_last = patched_last if clean_last is None else clean_last

@@ -13,7 +13,8 @@ before ``p``, at every layer. A batched sweep with reuse therefore
   before ``p0``, expanded over the chunk's rows (:func:`kv_cache_reusable` says where);
 * asks for final-position logits only, the only ones a sweep scores.
 
-Only the adapter's block-list path is used: nothing here knows an architecture. Each new
+Only the adapter's paths of the block list and the unembedding are used: nothing here knows an
+architecture. Each new
 shortcut (prompt length, ``b0``, ``p0``) is checked once per model: an unpatched guard row rides
 along in the chunk and must reproduce the unpatched logits; if it does not, reuse is turned off
 for that model with a warning and the chunk is rerun in full.
@@ -116,7 +117,6 @@ def kv_cache_reusable(model: AnyModel, probe_ids: torch.Tensor) -> bool:
     return reusable
 
 
-
 # -- the unpatched run ------------------------------------------------------------------------
 @dataclass
 class Baseline:
@@ -134,7 +134,7 @@ class Baseline:
     def nbytes(self) -> int:
         tensors = list((self.acts or {}).values()) + [_residual(b) for b in self.blocks or []]
         for layer in getattr(self.cache, "layers", []):
-            tensors += [layer.keys, layer.values]
+            tensors += [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors) + self.last.numel() * self.last.element_size()
 
 
@@ -243,7 +243,6 @@ def _concat_blocks(parts: list[list[Any]], shape: torch.Size) -> list[Any] | Non
     return joined
 
 
-
 # -- which rows change what -------------------------------------------------------------------
 def first_changes(plan: PatchPlan, acts: dict[int, torch.Tensor], input_offset: int = 0) -> torch.Tensor:
     """Per row, the first target position whose write differs from the unpatched value; -1 if none.
@@ -275,17 +274,19 @@ def first_changes(plan: PatchPlan, acts: dict[int, torch.Tensor], input_offset: 
         differs = target_values != source_values.to(device=act.device, dtype=act.dtype)
         keep = 3 if headed else 2  # [pair, pos, head?] after reducing the features
         differs = differs.flatten(keep).any(-1).cpu() if differs.dim() > keep else differs.cpu()
-        for local, row in enumerate(rows):
-            component = plan.components[row]
-            changed = differs[inverse[local]]  # [pos, head?]
-            if headed:
-                changed = changed.any(-1) if component.head is None else changed[:, component.head]
-            if component.pos is not None:
-                start[row] = component.pos if bool(changed[index_of[component.pos]]) else -1
-            elif bool(changed.any()):
-                start[row] = int(targets[changed].min())
+        changed = differs[inverse]  # [row, pos, head?]
+        components = [plan.components[row] for row in rows]
+        if headed:
+            heads = torch.tensor([-1 if c.head is None else c.head for c in components])
+            one_head = changed.gather(2, heads.clamp(min=0)[:, None, None].expand(-1, changed.shape[1], 1))[..., 0]
+            changed = torch.where((heads < 0)[:, None], changed.any(-1), one_head)  # [row, pos]
+        # A component at one position changes from there if it changes anything; one at every
+        # position from the first position it changes.
+        only = torch.tensor([-1 if c.pos is None else index_of[c.pos] for c in components])
+        changed = torch.where((only < 0)[:, None], changed, changed & (torch.arange(len(targets)) == only[:, None]))
+        first = torch.where(changed, targets, torch.iinfo(torch.long).max).min(-1).values
+        start[row_index] = torch.where(changed.any(-1), first, -1)
     return start
-
 
 
 # -- running a chunk --------------------------------------------------------------------------
@@ -431,7 +432,9 @@ class ReusingRun:
         # Logits of many chunks' rows per unembedding call, in at most a quarter of what is free.
         logits_bytes = 2 * model.d_vocab * next(model.hf.parameters()).element_size()
         self.unembed_rows = max(self.cap, min(4096, max(free, 0) // 4 // logits_bytes))
-        self.kv = kv_cache_reusable(model, plan.inputs)
+        # A pattern's key axis is laid out by the cache (a sliding window keeps part of it), so
+        # pattern patches run every position.
+        self.kv = plan.role != "pattern" and kv_cache_reusable(model, plan.inputs)
         self.scores = torch.empty(len(plan))
         self.stats = PlanStats(patches=len(plan))
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
