@@ -1,0 +1,565 @@
+"""Patching sweeps on a GPT-2-small-shaped random model: how fast, how much memory.
+
+Three ways to run the same sweep, checked to agree:
+
+* (a) naive: one nnsight trace per patch, written here with plain nnsight;
+* (b) anylens: ``al.patch`` (batched, reusing unpatched work); (b0) is ``reuse=False``;
+* (c) hooks: hand-written plain torch hooks with the same batching as (b0), final-position
+  logits only — a strong baseline that reuses nothing.
+
+Sweeps: (i) ``resid_pre`` over layer x position (192 patches), (ii) ``z`` over layer x head
+(144 patches), (iii) attribution patching (``al.attribute`` vs hooks + autograd vs the patching
+loop it approximates), (iv) peak memory of each, and of anylens over 10 and 100 prompt pairs
+under a ``memory_budget``. Times are medians over ``--repeats`` after a warm-up; the variants
+take turns within each repeat so that a change in machine load hits them alike.
+
+Peak memory is the rise of the resident set (Linux ``VmHWM`` after resetting it through
+``/proc/self/clear_refs``; psutil sampling where that is not allowed) over the resident set
+just before the variant runs, each variant in a fresh subprocess after one unpatched forward.
+
+    python benchmarks/patch_sweep.py                     # GPT-2-small shape (takes many minutes)
+    python benchmarks/patch_sweep.py --quick --repeats 2 # a small model, for a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import nnsight
+import torch
+
+import anylens as al
+from anylens.experiments.components import rows_for_budget
+from anylens.testing import tiny_tokenizer
+
+LENGTH = 16
+DIFFERENT = (3, 8, 12)  # positions where the corrupt prompt differs from the clean one
+ANSWER, DISTRACTOR = 100, 200
+METRIC = al.metrics.logit_diff(ANSWER, DISTRACTOR)
+
+
+# -- the model and prompts --------------------------------------------------------------------
+def build_model(quick: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if quick:
+        config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=64)
+    else:  # GPT-2 small: 124M parameters
+        config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    hf = GPT2LMHeadModel(config).float().eval()
+    return al.wrap(hf, tiny_tokenizer())
+
+
+def prompt_pairs(vocab: int, n_pairs: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, vocab, (n_pairs, LENGTH), generator=generator)
+    corrupt = clean.clone()
+    for pos in DIFFERENT:
+        corrupt[:, pos] = (clean[:, pos] + 1 + torch.randint(0, vocab - 1, (n_pairs,), generator=generator)) % vocab
+    return clean, corrupt
+
+
+def logit_diff(last: torch.Tensor) -> torch.Tensor:
+    return last[:, ANSWER] - last[:, DISTRACTOR]
+
+
+def shape(model) -> tuple[int, int, int]:
+    config = model.hf.config
+    return config.n_layer, config.n_head, config.n_embd // config.n_head
+
+
+def even_chunks(n: int, cap: int) -> list[range]:
+    """The batching anylens uses without reuse: as few forwards as the cap allows, even sizes."""
+    forwards = -(-n // cap)
+    size = -(-n // forwards)
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+# -- (a) naive: one nnsight trace per patch ---------------------------------------------------
+def naive_resid(model, clean, corrupt, layers=None) -> torch.Tensor:
+    lm = model.nn
+    blocks = lm.transformer.h
+    n_layers, _, _ = shape(model)
+    layers = range(n_layers) if layers is None else layers
+    out = torch.full((n_layers, LENGTH), float("nan"))
+    with torch.no_grad():
+        with lm.trace(clean):
+            acts = nnsight.save([blocks[layer].input.clone() for layer in range(n_layers)])
+            lm.output.logits[:, -1].save()
+        with lm.trace(corrupt):
+            lm.output.logits[:, -1].save()
+        for layer in layers:
+            for pos in range(LENGTH):
+                with lm.trace(corrupt):
+                    blocks[layer].input[:, pos] = acts[layer][:, pos]
+                    last = lm.output.logits[:, -1].save()
+                out[layer, pos] = logit_diff(last)[0]
+    return out
+
+
+def naive_z(model, clean, corrupt, layers=None) -> torch.Tensor:
+    lm = model.nn
+    blocks = lm.transformer.h
+    n_layers, n_heads, d_head = shape(model)
+    layers = range(n_layers) if layers is None else layers
+    out = torch.full((n_layers, n_heads), float("nan"))
+    with torch.no_grad():
+        with lm.trace(clean):
+            acts = nnsight.save([blocks[layer].attn.c_proj.input.clone() for layer in range(n_layers)])
+            lm.output.logits[:, -1].save()
+        with lm.trace(corrupt):
+            lm.output.logits[:, -1].save()
+        for layer in layers:
+            for head in range(n_heads):
+                with lm.trace(corrupt):
+                    z = blocks[layer].attn.c_proj.input.view(1, LENGTH, n_heads, d_head)
+                    z[:, :, head] = acts[layer].view(1, LENGTH, n_heads, d_head)[:, :, head]
+                    last = lm.output.logits[:, -1].save()
+                out[layer, head] = logit_diff(last)[0]
+    return out
+
+
+# -- (b) anylens ------------------------------------------------------------------------------
+def grid(result, columns: str, value: str) -> torch.Tensor:
+    """[layer, columns] of one value column of a sweep's frame."""
+    table = result.to_frame().pivot_table(index="layer", columns=columns, values=value)
+    return torch.tensor(table.to_numpy(), dtype=torch.float32)
+
+
+def anylens_resid(model, clean, corrupt, reuse: bool = True) -> torch.Tensor:
+    result = al.patch(model, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=METRIC, reuse=reuse)
+    return grid(result, "pos", "metric")
+
+
+def anylens_z(model, clean, corrupt, reuse: bool = True) -> torch.Tensor:
+    result = al.patch(model, clean, corrupt, role="z", over=("layer", "head"), metric=METRIC, reuse=reuse)
+    return grid(result, "head", "metric")
+
+
+def anylens_attribution(model, clean, corrupt) -> torch.Tensor:
+    result = al.attribute(model, clean, corrupt, role="z", over=("layer", "head"), metric=METRIC)
+    return grid(result, "head", "estimate")
+
+
+# -- (c) hand-written batched hooks -----------------------------------------------------------
+def _hidden(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _replace(args, kwargs, value):
+    if args:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": value}
+
+
+def record_inputs(hf, modules, ids) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each module's first input (one forward, no grad) and the final-position logits."""
+    store: dict[int, torch.Tensor] = {}
+
+    def keep(index):
+        def hook(module, args, kwargs):
+            store[index] = _hidden(args, kwargs).clone()
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(keep(i), with_kwargs=True) for i, module in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            last = hf(input_ids=ids, logits_to_keep=1).logits[:, -1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [store[i] for i in range(len(modules))], last
+
+
+def hooks_sweep(hf, modules, clean, corrupt, patches, write, cap: int) -> torch.Tensor:
+    """One patched row per patch, ``cap`` rows per forward; ``write(value, rows, patch, clean)``."""
+    acts, _ = record_inputs(hf, modules, clean)
+    record_inputs(hf, [], corrupt)
+    out = torch.empty(len(patches))
+    for chunk in even_chunks(len(patches), cap):
+        by_module: dict[int, list[tuple[int, tuple]]] = {}
+        for row, index in enumerate(chunk):
+            layer, *where = patches[index]
+            by_module.setdefault(layer, []).append((row, tuple(where)))
+
+        def edit(rows, source):
+            def hook(module, args, kwargs):
+                value = _hidden(args, kwargs).clone()
+                write(value, rows, source)
+                return _replace(args, kwargs, value)
+
+            return hook
+
+        handles = [
+            modules[layer].register_forward_pre_hook(edit(rows, acts[layer]), with_kwargs=True)
+            for layer, rows in by_module.items()
+        ]
+        try:
+            with torch.no_grad():
+                last = hf(input_ids=corrupt.expand(len(chunk), -1), logits_to_keep=1).logits[:, -1]
+        finally:
+            for handle in handles:
+                handle.remove()
+        out[list(chunk)] = logit_diff(last)
+    return out
+
+
+def hooks_resid(model, clean, corrupt, cap: int) -> torch.Tensor:
+    hf = model.hf
+    n_layers, _, _ = shape(model)
+    patches = [(layer, pos) for layer in range(n_layers) for pos in range(LENGTH)]
+
+    def write(value, rows, source):
+        index = torch.tensor([r for r, _ in rows])
+        pos = torch.tensor([w[0] for _, w in rows])
+        value[index, pos] = source[0, pos]
+
+    out = hooks_sweep(hf, list(hf.transformer.h), clean, corrupt, patches, write, cap)
+    return out.view(n_layers, LENGTH)
+
+
+def hooks_z(model, clean, corrupt, cap: int) -> torch.Tensor:
+    hf = model.hf
+    n_layers, n_heads, d_head = shape(model)
+    patches = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+
+    def write(value, rows, source):
+        index = torch.tensor([r for r, _ in rows])
+        heads = torch.tensor([w[0] for _, w in rows])
+        target = value.view(value.shape[0], LENGTH, n_heads, d_head)
+        target[index, :, heads] = source.view(1, LENGTH, n_heads, d_head)[0, :, heads].transpose(0, 1)
+
+    modules = [block.attn.c_proj for block in hf.transformer.h]
+    out = hooks_sweep(hf, modules, clean, corrupt, patches, write, cap)
+    return out.view(n_layers, n_heads)
+
+
+def hooks_attribution(model, clean, corrupt) -> torch.Tensor:
+    """Gradient x (clean - corrupt) per head, from one backward pass through hooked inputs."""
+    hf = model.hf
+    n_layers, n_heads, d_head = shape(model)
+    modules = [block.attn.c_proj for block in hf.transformer.h]
+    clean_z, _ = record_inputs(hf, modules, clean)
+    store: dict[int, torch.Tensor] = {}
+
+    def keep(index):
+        def hook(module, args, kwargs):
+            store[index] = _hidden(args, kwargs)
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(keep(i), with_kwargs=True) for i, module in enumerate(modules)]
+    try:
+        with torch.enable_grad():
+            last = hf(input_ids=corrupt, logits_to_keep=1).logits[:, -1]
+            corrupt_z = [store[i] for i in range(n_layers)]
+            grads = torch.autograd.grad(logit_diff(last).sum(), corrupt_z)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = torch.empty(n_layers, n_heads)
+    for layer in range(n_layers):
+        terms = (clean_z[layer] - corrupt_z[layer].detach()) * grads[layer]
+        out[layer] = terms.view(-1, LENGTH, n_heads, d_head).sum((0, 1, 3))
+    return out
+
+
+# -- timing -----------------------------------------------------------------------------------
+def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    gc.collect()
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def time_variants(variants: dict[str, Callable[[], torch.Tensor]], repeats: int, log) -> dict[str, dict]:
+    """Medians over ``repeats``, variants taking turns; the values of the last repeat."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    values: dict[str, torch.Tensor] = {}
+    for repeat in range(repeats):
+        for name, fn in variants.items():
+            seconds, values[name] = timed(fn)
+            times[name].append(seconds)
+            log(f"    repeat {repeat + 1}/{repeats} {name}: {seconds:.2f} s")
+    return {
+        name: {"median": statistics.median(t), "min": min(t), "max": max(t), "times": t, "value": values[name]}
+        for name, t in times.items()
+    }
+
+
+def sweep_table(
+    title: str, results: dict[str, dict], agree: list[tuple[str, str]], labels: dict[str, str]
+) -> list[str]:
+    b = results["b"]["median"]
+    lines = [title, "", "| variant | median s | min-max s | time / (b) |", "|---|---|---|---|"]
+    for name, label in labels.items():
+        if name in results:
+            r = results[name]
+            lines.append(f"| {label} | {r['median']:.2f} | {r['min']:.2f}-{r['max']:.2f} | {r['median'] / b:.2f} |")
+    lines.append("")
+    for x, y in agree:
+        diff = (results[x]["value"] - results[y]["value"]).abs().max().item()
+        lines.append(f"max abs difference ({x}) vs ({y}): {diff:.2e}")
+    ratios = [f"{x}/b = {results[x]['median'] / b:.1f}x" for x in ("a", "c", "b0") if x in results]
+    lines.append("ratios of medians: " + ", ".join(ratios))
+    return lines + [""]
+
+
+SWEEP_LABELS = {
+    "a": "(a) naive: one nnsight trace per patch",
+    "b": "(b) anylens al.patch (reuse on, default)",
+    "b0": "(b0) anylens al.patch(reuse=False)",
+    "c": "(c) batched plain hooks, same batching as (b0)",
+}
+ATTRIBUTION_LABELS = {
+    "a": "(a) naive patching loop of (ii), which attribution approximates",
+    "b": "(b) anylens al.attribute",
+    "c": "(c) hooks + autograd",
+}
+
+
+# -- memory -----------------------------------------------------------------------------------
+def _status(field: str) -> int:
+    match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) * 1024
+
+
+def peak_rise(fn: Callable[[], object]) -> tuple[int, int, str]:
+    """(bytes the resident set rose to above its level before ``fn``, that level, how measured)."""
+    gc.collect()
+    before = _status("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    except OSError:
+        return _sampled_peak(fn, before)
+    fn()
+    return _status("VmHWM") - before, before, "VmHWM after clear_refs"
+
+
+def _sampled_peak(fn: Callable[[], object], before: int) -> tuple[int, int, str]:
+    import psutil
+
+    process, peak, done = psutil.Process(), [before], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return peak[0] - before, before, "psutil RSS sampled every 2 ms"
+
+
+def measure_in_child(name: str, quick: bool, budget: int, threads: int) -> dict:
+    command = [sys.executable, __file__, "--measure", name, "--budget-mb", str(budget // 2**20)]
+    command += ["--threads", str(threads)]
+    if quick:
+        command.append("--quick")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith("MEASURE "):
+            return json.loads(line[len("MEASURE ") :])
+    raise RuntimeError(f"measuring {name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
+def run_measurement(name: str, quick: bool, budget: int) -> dict:
+    model = build_model(quick)
+    clean, corrupt = prompt_pairs(model.hf.config.vocab_size)
+    with torch.no_grad():
+        model.hf(input_ids=corrupt)  # one unpatched forward: allocator and kernels warmed up
+    cap = rows_for_budget(model, LENGTH)
+    extra: dict = {}
+    if name.startswith("pairs"):
+        n_pairs = int(name[len("pairs") :])
+        clean, corrupt = prompt_pairs(model.hf.config.vocab_size, n_pairs=n_pairs, seed=1)
+
+        def fn():
+            start = time.perf_counter()
+            result = al.patch(
+                model, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=METRIC, memory_budget=budget
+            )
+            extra.update(seconds=time.perf_counter() - start, forwards=result.meta["forwards"],
+                         patches=result.meta["patches"], unchanged=result.meta["unchanged"])
+    else:
+        fn = {
+            "naive_resid": lambda: naive_resid(model, clean, corrupt),
+            "anylens_resid": lambda: anylens_resid(model, clean, corrupt),
+            "hooks_resid": lambda: hooks_resid(model, clean, corrupt, cap),
+            "naive_z": lambda: naive_z(model, clean, corrupt),
+            "anylens_z": lambda: anylens_z(model, clean, corrupt),
+            "hooks_z": lambda: hooks_z(model, clean, corrupt, cap),
+            "anylens_attr": lambda: anylens_attribution(model, clean, corrupt),
+            "hooks_attr": lambda: hooks_attribution(model, clean, corrupt),
+        }[name]
+    rise, before, how = peak_rise(fn)
+    return {"name": name, "rise": rise, "before": before, "how": how, **extra}
+
+
+# -- main -------------------------------------------------------------------------------------
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{cpu}; {os.cpu_count()} logical CPUs; load average {load}; torch {torch.__version__} "
+        f"({torch.get_num_threads()} thread(s)); nnsight {nnsight.__version__}; Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small model (4 layers, d_model 256, vocab 8192)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument("--budget-mb", type=int, default=256, help="memory_budget of the many-pair sweeps, MiB")
+    parser.add_argument("--pairs", type=int, nargs="*", default=[10, 100], help="prompt pairs of the memory sweeps")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    budget = args.budget_mb * 2**20
+    if args.measure:
+        print("MEASURE " + json.dumps(run_measurement(args.measure, args.quick, budget)), flush=True)
+        return
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    lines = [f"machine at start: {machine()}", ""]
+    model = build_model(args.quick)
+    n_layers, n_heads, _ = shape(model)
+    n_params = sum(p.numel() for p in model.hf.parameters())
+    clean, corrupt = prompt_pairs(model.hf.config.vocab_size)
+    cap = rows_for_budget(model, LENGTH)
+    lines.append(
+        f"model: GPT-2 shape, {n_layers} layers, d_model {model.hf.config.n_embd}, {n_heads} heads, "
+        f"vocab {model.hf.config.vocab_size}, {n_params / 1e6:.1f}M parameters, float32, eval; "
+        f"prompts: {LENGTH} random tokens, corrupt differs at positions {list(DIFFERENT)}; "
+        f"metric: logit difference at the last position; hooks batch {cap} rows per forward"
+    )
+    lines.append("")
+
+    log("warm-up")
+    naive_resid(model, clean, corrupt, layers=[0])
+    naive_z(model, clean, corrupt, layers=[0])
+    for fn in (anylens_resid, anylens_z, anylens_attribution):
+        fn(model, clean, corrupt)
+    hooks_resid(model, clean, corrupt, cap)
+    hooks_z(model, clean, corrupt, cap)
+    hooks_attribution(model, clean, corrupt)
+
+    log("(i) resid_pre over layer x position")
+    resid = time_variants(
+        {
+            "a": lambda: naive_resid(model, clean, corrupt),
+            "b": lambda: anylens_resid(model, clean, corrupt),
+            "b0": lambda: anylens_resid(model, clean, corrupt, reuse=False),
+            "c": lambda: hooks_resid(model, clean, corrupt, cap),
+        },
+        args.repeats,
+        log,
+    )
+    lines += sweep_table(
+        f"### (i) resid_pre, layer x position: {n_layers * LENGTH} patches",
+        resid,
+        [("a", "b"), ("c", "b"), ("b0", "b")],
+        SWEEP_LABELS,
+    )
+
+    log("(ii) z over layer x head")
+    heads = time_variants(
+        {
+            "a": lambda: naive_z(model, clean, corrupt),
+            "b": lambda: anylens_z(model, clean, corrupt),
+            "b0": lambda: anylens_z(model, clean, corrupt, reuse=False),
+            "c": lambda: hooks_z(model, clean, corrupt, cap),
+        },
+        args.repeats,
+        log,
+    )
+    lines += sweep_table(
+        f"### (ii) z, layer x head: {n_layers * n_heads} patches",
+        heads,
+        [("a", "b"), ("c", "b"), ("b0", "b")],
+        SWEEP_LABELS,
+    )
+
+    log("(iii) attribution patching")
+    attribution = time_variants(
+        {
+            "b": lambda: anylens_attribution(model, clean, corrupt),
+            "c": lambda: hooks_attribution(model, clean, corrupt),
+        },
+        args.repeats,
+        log,
+    )
+    attribution["a"] = heads["a"]  # the exact patching loop attribution approximates
+    title = "### (iii) attribution patching of z over layer x head"
+    lines += sweep_table(title, attribution, [("c", "b")], ATTRIBUTION_LABELS)
+    with torch.no_grad():
+        corrupt_metric = logit_diff(model.hf(input_ids=corrupt, logits_to_keep=1).logits[:, -1])
+    effect = (heads["b"]["value"] - corrupt_metric).flatten()
+    estimate = attribution["b"]["value"].flatten()
+    correlation = torch.corrcoef(torch.stack([effect, estimate]))[0, 1].item()
+    lines.append(f"correlation of the attribution estimate with the exact patching effect: {correlation:.3f}")
+    lines.append("")
+
+    if not args.no_memory:
+        log("(iv) memory")
+        lines += ["### (iv) peak memory: rise of the resident set above its level before the run", ""]
+        lines += ["| run | peak rise MiB | resident before MiB |", "|---|---|---|"]
+        how = ""
+        for name in ("naive_resid", "anylens_resid", "hooks_resid", "naive_z", "anylens_z", "hooks_z",
+                     "anylens_attr", "hooks_attr"):
+            log(f"    {name}")
+            measured = measure_in_child(name, args.quick, budget, args.threads)
+            how = measured["how"]
+            lines.append(f"| {name} | {measured['rise'] / 2**20:.0f} | {measured['before'] / 2**20:.0f} |")
+        lines += ["", f"measured as: {how}, each run in a fresh subprocess", ""]
+        lines += [
+            f"anylens resid_pre sweep over many prompt pairs with memory_budget={args.budget_mb} MiB:",
+            "",
+            "| prompt pairs | patched rows | forwards | seconds | peak rise MiB | budget MiB | within budget |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for n_pairs in args.pairs:
+            log(f"    {n_pairs} prompt pairs")
+            measured = measure_in_child(f"pairs{n_pairs}", args.quick, budget, args.threads)
+            rise = measured["rise"] / 2**20
+            lines.append(
+                f"| {n_pairs} | {measured['patches']} | {measured['forwards']} | {measured['seconds']:.1f} | "
+                f"{rise:.0f} | {args.budget_mb} | {'yes' if rise <= args.budget_mb else 'NO'} |"
+            )
+        lines.append("")
+
+    lines.append(f"machine at end: {machine()}")
+    lines.append(f"whole benchmark: {time.perf_counter() - start:.0f} s")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
