@@ -459,10 +459,11 @@ class ReusingRun:
             state = record_baseline(model, plan.role, plan.inputs[first:last], self.layers, self.n_blocks, self.cap)
         starts = first_changes(_subplan(plan, rows), state.acts, first)
         unchanged = rows[starts < 0]
-        if len(unchanged):
-            unpatched = state.last[plan.input_rows[unchanged] - first]
-            self.scores[unchanged] = self.score(unpatched, unchanged).detach().float().cpu()
-            self.stats.unchanged += len(unchanged)
+        for start in range(0, len(unchanged), self.unembed_rows):  # a block at a time: logits are wide
+            part = unchanged[start : start + self.unembed_rows]
+            unpatched = state.last[plan.input_rows[part] - first]
+            self.scores[part] = self.score(unpatched, part).detach().float().cpu()
+        self.stats.unchanged += len(unchanged)
         live = rows[starts >= 0]
         n_skippable = 0 if state.blocks is None else len(state.blocks)
         owners = [min(self.owner[plan.components[r].layer], n_skippable) for r in live.tolist()]
