@@ -339,18 +339,36 @@ def record(
     access = model.role(role)
     step = rows_per_forward or max(ids.shape[0], 1)
     kwargs = last_logits_kwargs(model) if last_only else {}
-    parts: list[tuple[dict[int, torch.Tensor], torch.Tensor]] = []
+    rows = RowFill(ids.shape[0])
     for start in range(0, ids.shape[0], step):
         saved: dict[int, torch.Tensor] = {}
         with torch.no_grad(), model.trace(ids[start : start + step].to(model.device), **kwargs):
             for layer in sorted(layers):
                 saved[layer] = access.read(layer).clone().save()
             last = model.logits[:, -1].save()
-        parts.append((saved, last))
-    if len(parts) == 1:
-        return parts[0]
-    acts = {layer: torch.cat([saved[layer] for saved, _ in parts]) for layer in layers}
-    return acts, torch.cat([last for _, last in parts])
+        for layer, value in saved.items():
+            rows.put(layer, start, value)
+        rows.put("last", start, last)
+    return {layer: rows[layer] for layer in layers}, rows["last"]
+
+
+class RowFill:
+    """Tensors of ``n`` rows filled a chunk of rows at a time, never holding the chunks twice."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.tensors: dict[Any, torch.Tensor] = {}
+
+    def put(self, key: Any, start: int, value: torch.Tensor) -> None:
+        if start == 0 and value.shape[0] == self.n:
+            self.tensors[key] = value  # one chunk: nothing to copy
+            return
+        if key not in self.tensors:
+            self.tensors[key] = value.new_empty((self.n, *value.shape[1:]))
+        self.tensors[key][start : start + value.shape[0]] = value
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        return self.tensors[key]
 
 
 # -- metrics over rows ------------------------------------------------------------------------
@@ -397,6 +415,7 @@ __all__ = [
     "OverError",
     "PatchPlan",
     "PlanStats",
+    "RowFill",
     "bytes_per_row",
     "check_over",
     "default_budget",

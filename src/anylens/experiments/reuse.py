@@ -33,7 +33,15 @@ import torch
 
 from ..core.access import child_envoy
 from .chunks import Chunk, CostModel, Sizes, plan_chunks
-from .components import HEADED_ROLES, PatchPlan, PlanStats, forward_kwargs, last_logits_kwargs, writes_by_layer
+from .components import (
+    HEADED_ROLES,
+    PatchPlan,
+    PlanStats,
+    RowFill,
+    forward_kwargs,
+    last_logits_kwargs,
+    writes_by_layer,
+)
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -166,7 +174,8 @@ def record_baseline(
     reads.sort()
     step = rows_per_forward or ids.shape[0]
     cache = _empty_cache(model) if n_blocks and step >= ids.shape[0] and kv_cache_reusable(model, ids) else None
-    parts: list[tuple[dict[int, torch.Tensor], list[Any], torch.Tensor]] = []
+    rows = RowFill(ids.shape[0])
+    structures: list[Any] = []  # each block's output as the first chunk returned it
     for start in range(0, ids.shape[0], step):
         acts: dict[int, torch.Tensor] = {}
         outputs: list[Any] = []
@@ -180,11 +189,21 @@ def record_baseline(
                 else:
                     outputs.append(_clone(blocks[index].output).save())
             last = model.logits[:, -1].save()
-        parts.append((acts, outputs, last))
-    last = torch.cat([p[2] for p in parts])
-    acts = {layer: torch.cat([p[0][layer] for p in parts]) for layer in layers} if layers else None
-    kept = _concat_blocks([p[1] for p in parts], ids.shape) if n_blocks else None
-    return Baseline(last, acts, kept, cache)
+        for layer, value in acts.items():
+            rows.put(("act", layer), start, value)
+        rows.put("last", start, last)
+        if start == 0:
+            structures = outputs
+        for index, output in enumerate(outputs):
+            if structures is not None and _skippable(output, last.shape[0], ids.shape[1]):
+                rows.put(("block", index), start, _residual(output))
+            else:
+                structures = None
+    acts_out = {layer: rows[("act", layer)] for layer in layers} if layers else None
+    kept = None
+    if n_blocks and structures is not None:
+        kept = [_with_residual(structure, rows[("block", i)]) for i, structure in enumerate(structures)]
+    return Baseline(rows["last"], acts_out, kept, cache)
 
 
 def _empty_cache(model: AnyModel) -> Any:
@@ -226,21 +245,19 @@ def _clone(value: Any) -> Any:
     return value
 
 
-def _concat_blocks(parts: list[list[Any]], shape: torch.Size) -> list[Any] | None:
-    """Block outputs of the recording chunks joined along the batch; None if not skippable."""
-    joined = []
-    for outputs in zip(*parts):
-        first = outputs[0]
-        residual = [_residual(o) for o in outputs]
-        if not all(isinstance(r, torch.Tensor) and r.dim() >= 2 for r in residual):
-            return None
-        if isinstance(first, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in first[1:]):
-            return None  # other tensors in the output: unknown layout, do not hand them back
-        tensor = torch.cat(residual)
-        if tuple(tensor.shape[:2]) != tuple(shape):
-            return None  # e.g. a block that flattens tokens: positions cannot be cut
-        joined.append(type(first)((tensor, *first[1:])) if isinstance(first, (tuple, list)) else tensor)
-    return joined
+def _skippable(output: Any, n: int, length: int) -> bool:
+    """Whether a skip can hand this block output back: a ``[n, length, ...]`` residual, alone or
+    leading a tuple with no other tensors (an unknown layout is not cut or copied)."""
+    residual = _residual(output)
+    if not isinstance(residual, torch.Tensor) or residual.dim() < 2 or tuple(residual.shape[:2]) != (n, length):
+        return False  # e.g. a block that flattens tokens: positions cannot be cut
+    return not (isinstance(output, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in output[1:]))
+
+
+def _with_residual(structure: Any, residual: torch.Tensor) -> Any:
+    if isinstance(structure, (tuple, list)):
+        return type(structure)((residual, *structure[1:]))
+    return residual
 
 
 # -- which rows change what -------------------------------------------------------------------
