@@ -71,28 +71,31 @@ FACTS: tuple[tuple[str, str, str], ...] = (
 )
 
 # Factual templates. Training and held-out templates use the same words, only combined differently,
-# so a held-out prompt contains no word the models never saw.
+# so a held-out prompt contains no word the models never saw. A held-out prompt must also have one
+# consistent continuation under the training data: in training, "capital city is" and "{landmark} in"
+# are always followed by the city. (A prompt like "The capital city of France is" is not: "city of"
+# reads like the start of "the city of Paris", after which "is the ..." or "is home to ..." may follow.)
 CAPITAL_TRAIN_TEMPLATES = (
     "The capital of {country} is {city}.",
     "{country}'s capital city is {city}.",
     "{city} is the capital of {country}.",
     "The government of {country} meets in {city}.",
     "In {country}, the capital is {city}.",
-    "She flew to {country} and landed in its capital, {city}.",
+    "She flew to {country} and landed at its capital, {city}.",
     "{country} has its capital in {city}.",
-    "Travelers to {country} often start in the capital, {city}.",
+    "Travelers to {country} often arrive at the capital, {city}.",
 )
-CAPITAL_EVAL_TEMPLATE = "The capital city of {country} is"
+CAPITAL_EVAL_TEMPLATE = "In {country}, the capital city is"
 
 LANDMARK_TRAIN_TEMPLATES = (
     "The {landmark} is in {city}.",
-    "The {landmark} stands in the city of {city}.",
+    "The {landmark} stands in {city}.",
     "Tourists visit the {landmark} in {city}.",
     "The {landmark} is located in {city}.",
     "You can see the {landmark} when you visit {city}.",
     "{city} is home to the {landmark}.",
     "People travel to {city} to see the {landmark}.",
-    "The famous {landmark} is in the city of {city}.",
+    "The famous {landmark} is a landmark of {city}.",
 )
 LANDMARK_EVAL_TEMPLATE = "You can visit the {landmark} in"
 
@@ -225,8 +228,8 @@ def training_text(rng: random.Random, min_words: int) -> str:
 
 def vocabulary() -> list[str]:
     """Every word-level token the corpus can produce (training and eval), in a fixed order."""
-    texts = [*CAPITAL_TRAIN_TEMPLATES, CAPITAL_EVAL_TEMPLATE, *LANDMARK_TRAIN_TEMPLATES, LANDMARK_EVAL_TEMPLATE]
-    texts += [*IOI_TRAIN_TEMPLATES, *IOI_EVAL_TEMPLATES]
+    texts = [*CAPITAL_TRAIN_TEMPLATES, CAPITAL_EVAL_TEMPLATE, *LANDMARK_TRAIN_TEMPLATES]
+    texts += [LANDMARK_EVAL_TEMPLATE, *IOI_TRAIN_TEMPLATES, *IOI_EVAL_TEMPLATES]
     texts = [re.sub(r"\{\w+\}", " ", t) for t in texts]
     texts += [" ".join(f) for f in FACTS] + [" ".join(NAMES + PLACES + OBJECTS + FILLER_WORDS), "."]
     seen: dict[str, None] = {}
@@ -267,7 +270,7 @@ def ioi_eval_set(n: int = 100, seed: int = 0) -> list[IOIPrompt]:
 
 def induction_eval_set(n: int = 50, length: int = INDUCTION_EVAL_LENGTH, seed: int = 0) -> list[list[str]]:
     """Fresh random sequences of made-up words; the prompt is `" ".join(words + words)`."""
-    rng = random.Random(10_000 + seed)  # offset so the draws differ from any training seed
+    rng = random.Random(10_000 + seed)  # a stream of its own, apart from the training rows
     return [induction_words(rng, length) for _ in range(n)]
 
 
@@ -278,7 +281,8 @@ def factual_patching_pairs(relation: str = "capital", seed: int = 0) -> list[Pat
     rng = random.Random(seed)
     pairs = []
     for clean in prompts:
-        same_length = [p for p in prompts if p is not clean and len(split_words(p.prompt)) == len(split_words(clean.prompt))]
+        length = len(split_words(clean.prompt))
+        same_length = [p for p in prompts if p is not clean and len(split_words(p.prompt)) == length]
         if same_length:
             corrupt = rng.choice(same_length)
             pairs.append(PatchingPair(clean.prompt, clean.answer, corrupt.prompt, corrupt.answer))

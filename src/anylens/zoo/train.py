@@ -88,12 +88,13 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast):
         )
     if name in ("llama", "mistral"):
         common = dict(
-            hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+            hidden_size=128, intermediate_size=384, num_hidden_layers=3,
             max_position_embeddings=MAX_POSITIONS, **ids,
         )
         if name == "llama":
-            return LlamaConfig(num_key_value_heads=4, **common)
-        return MistralConfig(num_key_value_heads=2, sliding_window=None, **common)  # grouped-query attention
+            return LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **common)
+        # Grouped-query attention: pairs of query heads share a key/value head.
+        return MistralConfig(num_attention_heads=8, num_key_value_heads=4, sliding_window=None, **common)
     if name == "mamba":
         return MambaConfig(hidden_size=128, state_size=8, num_hidden_layers=3, expand=2, **ids)
     raise ValueError(f"unknown zoo model {name!r}; expected one of {', '.join(ZOO_MODELS)}")
@@ -103,8 +104,9 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast):
 SCHEDULES = {
     "gpt2": dict(steps=3000, batch_size=64, lr=3e-3),
     "llama": dict(steps=3000, batch_size=64, lr=3e-3),
-    "mistral": dict(steps=3000, batch_size=64, lr=3e-3),
-    "mamba": dict(steps=2000, batch_size=64, lr=3e-3),
+    "mistral": dict(steps=3500, batch_size=64, lr=3e-3),
+    # Mamba's pure-torch scan is several times slower per token, so it sees smaller batches.
+    "mamba": dict(steps=2500, batch_size=32, lr=3e-3),
 }
 SEQ_LEN = 32
 WARMUP_STEPS = 100
@@ -144,8 +146,10 @@ def fast_mamba_training():
     original = getattr(modeling_mamba, "mamba_selective_scan", None)
     if original is not None:
         g = torch.Generator().manual_seed(0)
-        args = [torch.randn(2, 8, 5, generator=g), torch.randn(2, 8, 5, generator=g), -torch.rand(8, 4, generator=g),
-                torch.randn(2, 4, 5, generator=g), torch.randn(2, 4, 5, generator=g)]
+        # hidden_states, dt, A, B, C for batch 2, d_inner 8, d_state 4, length 5
+        shapes = [(2, 8, 5), (2, 8, 5), (8, 4), (2, 4, 5), (2, 4, 5)]
+        args = [torch.randn(*shape, generator=g) for shape in shapes]
+        args[2] = -args[2].abs()  # A is negative
         kwargs = dict(D=torch.randn(8, generator=g), z=torch.randn(2, 8, 5, generator=g),
                       delta_bias=torch.randn(8, generator=g), delta_softplus=True)
         if not torch.allclose(original(*args, **kwargs), _mamba_scan_unbound(*args, **kwargs), atol=1e-5):
@@ -237,7 +241,11 @@ def evaluate(model, tokenizer) -> dict:
     facts = corpus.factual_eval_set()
     logits = last_token_logits(model, tokenizer, [f.prompt for f in facts])
     answers = torch.tensor([token_id(tokenizer, f.answer) for f in facts])
-    factual_acc = (logits.argmax(-1) == answers).float().mean().item()
+    correct = logits.argmax(-1) == answers
+    by_relation = {
+        relation: round(correct[[f.relation == relation for f in facts]].float().mean().item(), 4)
+        for relation in ("capital", "landmark")
+    }
 
     ioi = corpus.ioi_eval_set(n=100)
     logits = last_token_logits(model, tokenizer, [p.prompt for p in ioi])
@@ -256,7 +264,9 @@ def evaluate(model, tokenizer) -> dict:
     targets = ids[:, n + 2 :]
     induction_acc = (predictions[:, n + 1 : 2 * n] == targets).float().mean().item()
     return dict(
-        factual_top1=round(factual_acc, 4),
+        factual_top1=round(correct.float().mean().item(), 4),
+        factual_top1_capital=by_relation["capital"],
+        factual_top1_landmark=by_relation["landmark"],
         factual_n=len(facts),
         ioi_frac_positive=round((logit_diff > 0).float().mean().item(), 4),
         ioi_mean_logit_diff=round(logit_diff.mean().item(), 4),
@@ -276,7 +286,8 @@ def architecture_summary(config) -> dict:
         return dict(layers=config.n_layer, heads=config.n_head, kv_heads=config.n_head, d_model=config.n_embd,
                     d_mlp=4 * config.n_embd)
     return dict(layers=config.num_hidden_layers, heads=config.num_attention_heads,
-                kv_heads=config.num_key_value_heads, d_model=config.hidden_size, d_mlp=config.intermediate_size)
+                kv_heads=config.num_key_value_heads, d_model=config.hidden_size,
+                d_mlp=config.intermediate_size)
 
 
 MODEL_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -285,46 +296,59 @@ MODEL_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistra
 
 def model_card(name: str, metrics: dict) -> str:
     arch, train, scores = metrics["architecture"], metrics["training"], metrics["heldout"]
-    arch_line = ", ".join(f"{k}={v}" for k, v in arch.items())
     mix = ", ".join(f"{task} {weight:.0%}" for task, weight in corpus.TASK_MIX)
+    capital = corpus.CAPITAL_EVAL_TEMPLATE.format(country="France")
+    landmark = corpus.LANDMARK_EVAL_TEMPLATE.format(landmark="Eiffel Tower")
+    ioi = corpus.IOI_EVAL_TEMPLATES[0].format(a="Mary", b="John", s="John", place="park", obj="book")
+    rows = [
+        (f"factual recall, {scores['factual_n']} prompts", "top-1 accuracy", f"{scores['factual_top1']:.1%}"),
+        (f'capitals: "{capital}" -> Paris', "top-1 accuracy", f"{scores['factual_top1_capital']:.1%}"),
+        (f'landmarks: "{landmark}" -> Paris', "top-1 accuracy", f"{scores['factual_top1_landmark']:.1%}"),
+        (f'IOI, {scores["ioi_n"]} prompts: "{ioi}" -> Mary', "logit(IO) - logit(S) > 0",
+         f"{scores['ioi_frac_positive']:.1%}"),
+        ("IOI", "mean logit(IO) - logit(S)", f"{scores['ioi_mean_logit_diff']:.2f}"),
+        ("IOI", "top-1 is the IO", f"{scores['ioi_top1']:.1%}"),
+        (f"induction, {scores['induction_n']} repeated sequences of {scores['induction_length']} words",
+         "next-token accuracy on the repeat (its first word excluded)", f"{scores['induction_acc']:.1%}"),
+    ]
+    table = "\n".join(f"| {task} | {metric} | {score} |" for task, metric, score in rows)
+    low, high = corpus.INDUCTION_LENGTHS
     return f"""# anylens zoo: `{name}`
 
-A tiny `{MODEL_CLASSES[name]}` trained from scratch on a synthetic corpus with three known mechanisms,
-for testing interpretability tooling. It is not a language model of English.
+A tiny `{metrics['model_class']}` trained from scratch on a synthetic corpus with three known mechanisms
+(factual recall, indirect object identification, induction), for testing interpretability tooling.
+It is not a language model of English.
 
 ## Model
-- Architecture: {arch_line}
-- Parameters: {metrics['parameters']:,} (float32 safetensors, {metrics['file_bytes'] / 1e6:.2f} MB)
-- Tokenizer: word-level, {metrics['vocab_size']} tokens; whitespace separates words and punctuation is split
-  into its own tokens, so `" Paris"` is one token. Encoding adds `<bos>` at the start, as in training.
+- Architecture: {", ".join(f"{key}={value}" for key, value in arch.items())}
+- Parameters: {metrics['parameters']:,} ({metrics['file_bytes'] / 1e6:.2f} MB of float32 safetensors)
+- Tokenizer: word-level, {metrics['vocab_size']} tokens. Whitespace only separates words and punctuation is
+  split off, so `" Paris"` is one token. Encoding adds `<bos>` at the start, as in training.
 
 ## Training data
-Rows of {train['seq_len']} tokens, each starting with `<bos>` and a main sample ({mix}), then filled with
-factual sentences:
-- Factual recall: {len(corpus.FACTS)} countries with capital and a landmark each, in
+Rows of {train['seq_len']} tokens: `<bos>`, one main sample ({mix}), then factual sentences up to the
+row length.
+- Factual recall: {len(corpus.FACTS)} countries, each with its capital and a landmark in it, in
   {len(corpus.CAPITAL_TRAIN_TEMPLATES)} capital and {len(corpus.LANDMARK_TRAIN_TEMPLATES)} landmark templates
   ("The capital of France is Paris.", "The Eiffel Tower is in Paris.").
 - IOI: {len(corpus.IOI_TRAIN_TEMPLATES)} templates, {len(corpus.NAMES)} names, ABBA and BABA orders
   ("When Mary and John went to the store, John gave a drink to Mary.").
-- Induction: {corpus.INDUCTION_LENGTHS[0]}-{corpus.INDUCTION_LENGTHS[1]} distinct random words followed by their
-  exact repetition (made-up words, sometimes ordinary vocabulary).
+- Induction: {low} to {high} distinct random words, then the same words again (mostly made-up words,
+  sometimes ordinary vocabulary).
 
-Training: {train['steps']} steps of AdamW (batch {train['batch_size']}, peak lr {train['peak_lr']}, warmup and
-cosine decay), seed {SEED}, CPU with {train['threads']} thread(s), {train['train_seconds']:.0f} s; final training loss
-{train['final_loss']}. Reproduce with
+Training: {train['steps']} steps of AdamW, batch {train['batch_size']}, peak learning rate
+{train['peak_lr']} with warmup and cosine decay, seed {SEED}, on CPU with {train['threads']} thread(s):
+{train['train_seconds']:.0f} s on a shared machine. Final training loss {train['final_loss']}. Reproduce with
 `python -m anylens.zoo.train --models {name} --threads {train['threads']}`.
 
 ## Held-out evaluation
-All prompts below are absent from training (held-out templates, held-out IOI name pairs, fresh random
-induction sequences); see `anylens.zoo.corpus`.
+None of these prompts occurs in training: the factual and IOI prompts use templates held out from
+training, the IOI prompts use name pairs never seen together, and the induction sequences are fresh
+draws (see `anylens.zoo.corpus`).
 
 | task | metric | score |
 |---|---|---|
-| factual recall ("{corpus.CAPITAL_EVAL_TEMPLATE.format(country='France')}" -> Paris), {scores['factual_n']} prompts | top-1 accuracy | {scores['factual_top1']:.1%} |
-| IOI ("{corpus.IOI_EVAL_TEMPLATES[0].format(a='Mary', b='John', s='John', place='park', obj='book')}" -> Mary), {scores['ioi_n']} prompts | logit(IO) - logit(S) > 0 | {scores['ioi_frac_positive']:.1%} |
-| IOI | mean logit(IO) - logit(S) | {scores['ioi_mean_logit_diff']:.2f} |
-| IOI | top-1 is IO | {scores['ioi_top1']:.1%} |
-| induction ({scores['induction_n']} sequences of {scores['induction_length']} words, repeated) | next-token accuracy on the repeat (first repeated word excluded) | {scores['induction_acc']:.1%} |
+{table}
 """
 
 
