@@ -370,12 +370,19 @@ def _sampled_peak(fn: Callable[[], object], before: int) -> tuple[int, int, str]
     return peak[0] - before, before, "psutil RSS sampled every 2 ms"
 
 
-def measure_in_child(name: str, quick: bool, budget: int, threads: int) -> dict:
+#: glibc keeps freed blocks below its (adaptive) mmap threshold for reuse, so the resident set
+#: also holds memory nothing uses any more; with a fixed low threshold, freed tensors go back to
+#: the system and the resident set follows what is live.
+RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def measure_in_child(name: str, quick: bool, budget: int, threads: int, env: dict | None = None) -> dict:
     command = [sys.executable, __file__, "--measure", name, "--budget-mb", str(budget // 2**20)]
     command += ["--threads", str(threads)]
     if quick:
         command.append("--quick")
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    environment = {**os.environ, **(env or {})}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     for line in done.stdout.splitlines():
         if line.startswith("MEASURE "):
             return json.loads(line[len("MEASURE ") :])
@@ -415,6 +422,124 @@ def run_measurement(name: str, quick: bool, budget: int) -> dict:
     return {"name": name, "rise": rise, "before": before, "how": how, **extra}
 
 
+def timing_sections(model, clean, corrupt, cap: int, repeats: int, log) -> list[str]:
+    """(i)-(iii): medians of every variant, their ratios and their agreement."""
+    n_layers, n_heads, _ = shape(model)
+    lines: list[str] = []
+    log("warm-up")
+    naive_resid(model, clean, corrupt, layers=[0])
+    naive_z(model, clean, corrupt, layers=[0])
+    for fn in (anylens_resid, anylens_z, anylens_attribution):
+        fn(model, clean, corrupt)
+    hooks_resid(model, clean, corrupt, cap)
+    hooks_z(model, clean, corrupt, cap)
+    hooks_attribution(model, clean, corrupt)
+
+    log("(i) resid_pre over layer x position")
+    resid = time_variants(
+        {
+            "a": lambda: naive_resid(model, clean, corrupt),
+            "b": lambda: anylens_resid(model, clean, corrupt),
+            "b0": lambda: anylens_resid(model, clean, corrupt, reuse=False),
+            "c": lambda: hooks_resid(model, clean, corrupt, cap),
+        },
+        repeats,
+        log,
+    )
+    lines += sweep_table(
+        f"### (i) resid_pre, layer x position: {n_layers * LENGTH} patches",
+        resid,
+        [("a", "b"), ("c", "b"), ("b0", "b")],
+        SWEEP_LABELS,
+    )
+
+    log("(ii) z over layer x head")
+    heads = time_variants(
+        {
+            "a": lambda: naive_z(model, clean, corrupt),
+            "b": lambda: anylens_z(model, clean, corrupt),
+            "b0": lambda: anylens_z(model, clean, corrupt, reuse=False),
+            "c": lambda: hooks_z(model, clean, corrupt, cap),
+        },
+        repeats,
+        log,
+    )
+    lines += sweep_table(
+        f"### (ii) z, layer x head: {n_layers * n_heads} patches",
+        heads,
+        [("a", "b"), ("c", "b"), ("b0", "b")],
+        SWEEP_LABELS,
+    )
+
+    log("(iii) attribution patching")
+    attribution = time_variants(
+        {
+            "b": lambda: anylens_attribution(model, clean, corrupt),
+            "c": lambda: hooks_attribution(model, clean, corrupt),
+        },
+        repeats,
+        log,
+    )
+    attribution["a"] = heads["a"]  # the exact patching loop attribution approximates
+    title = "### (iii) attribution patching of z over layer x head"
+    lines += sweep_table(title, attribution, [("c", "b")], ATTRIBUTION_LABELS)
+    with torch.no_grad():
+        corrupt_metric = logit_diff(model.hf(input_ids=corrupt, logits_to_keep=1).logits[:, -1])
+    effect = (heads["b"]["value"] - corrupt_metric).flatten()
+    estimate = attribution["b"]["value"].flatten()
+    correlation = torch.corrcoef(torch.stack([effect, estimate]))[0, 1].item()
+    lines.append(f"correlation of the attribution estimate with the exact patching effect: {correlation:.3f}")
+    lines.append("")
+
+    return lines
+
+
+def memory_section(args, budget: int, log) -> list[str]:
+    """(iv): peak memory of every variant, and of anylens over many prompt pairs under a budget."""
+    lines: list[str] = []
+    log("(iv) memory")
+    lines += ["### (iv) peak memory: rise of the resident set above its level before the run", ""]
+    lines += [
+        "| run | peak rise MiB | peak rise MiB, freed memory returned | resident before MiB |",
+        "|---|---|---|---|",
+    ]
+    how = ""
+    names = ("naive_resid", "anylens_resid", "hooks_resid", "naive_z", "anylens_z", "hooks_z")
+    for name in names + ("anylens_attr", "hooks_attr"):
+        log(f"    {name}")
+        measured = measure_in_child(name, args.quick, budget, args.threads)
+        returned = measure_in_child(name, args.quick, budget, args.threads, RETURN_FREED)
+        how = measured["how"]
+        lines.append(
+            f"| {name} | {measured['rise'] / 2**20:.0f} | {returned['rise'] / 2**20:.0f} | "
+            f"{measured['before'] / 2**20:.0f} |"
+        )
+    lines += [
+        "",
+        f"measured as: {how}, each run in a fresh subprocess; 'freed memory returned' runs with "
+        + " ".join(f"{k}={v}" for k, v in RETURN_FREED.items()),
+        "",
+    ]
+    lines += [
+        f"anylens resid_pre sweep over many prompt pairs with memory_budget={args.budget_mb} MiB:",
+        "",
+        "| prompt pairs | patched rows | forwards | seconds | peak rise MiB | peak rise MiB, freed memory returned "
+        "| budget MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n_pairs in args.pairs:
+        log(f"    {n_pairs} prompt pairs")
+        measured = measure_in_child(f"pairs{n_pairs}", args.quick, budget, args.threads)
+        returned = measure_in_child(f"pairs{n_pairs}", args.quick, budget, args.threads, RETURN_FREED)
+        lines.append(
+            f"| {n_pairs} | {measured['patches']} | {measured['forwards']} | {measured['seconds']:.1f} | "
+            f"{measured['rise'] / 2**20:.0f} | {returned['rise'] / 2**20:.0f} | {args.budget_mb} |"
+        )
+    lines.append("")
+
+    return lines
+
+
 # -- main -------------------------------------------------------------------------------------
 def machine() -> str:
     cpu = "unknown CPU"
@@ -436,7 +561,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--budget-mb", type=int, default=256, help="memory_budget of the many-pair sweeps, MiB")
     parser.add_argument("--pairs", type=int, nargs="*", default=[10, 100], help="prompt pairs of the memory sweeps")
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements (iv)")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory measurements (iv)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -463,99 +589,10 @@ def main() -> None:
     )
     lines.append("")
 
-    log("warm-up")
-    naive_resid(model, clean, corrupt, layers=[0])
-    naive_z(model, clean, corrupt, layers=[0])
-    for fn in (anylens_resid, anylens_z, anylens_attribution):
-        fn(model, clean, corrupt)
-    hooks_resid(model, clean, corrupt, cap)
-    hooks_z(model, clean, corrupt, cap)
-    hooks_attribution(model, clean, corrupt)
-
-    log("(i) resid_pre over layer x position")
-    resid = time_variants(
-        {
-            "a": lambda: naive_resid(model, clean, corrupt),
-            "b": lambda: anylens_resid(model, clean, corrupt),
-            "b0": lambda: anylens_resid(model, clean, corrupt, reuse=False),
-            "c": lambda: hooks_resid(model, clean, corrupt, cap),
-        },
-        args.repeats,
-        log,
-    )
-    lines += sweep_table(
-        f"### (i) resid_pre, layer x position: {n_layers * LENGTH} patches",
-        resid,
-        [("a", "b"), ("c", "b"), ("b0", "b")],
-        SWEEP_LABELS,
-    )
-
-    log("(ii) z over layer x head")
-    heads = time_variants(
-        {
-            "a": lambda: naive_z(model, clean, corrupt),
-            "b": lambda: anylens_z(model, clean, corrupt),
-            "b0": lambda: anylens_z(model, clean, corrupt, reuse=False),
-            "c": lambda: hooks_z(model, clean, corrupt, cap),
-        },
-        args.repeats,
-        log,
-    )
-    lines += sweep_table(
-        f"### (ii) z, layer x head: {n_layers * n_heads} patches",
-        heads,
-        [("a", "b"), ("c", "b"), ("b0", "b")],
-        SWEEP_LABELS,
-    )
-
-    log("(iii) attribution patching")
-    attribution = time_variants(
-        {
-            "b": lambda: anylens_attribution(model, clean, corrupt),
-            "c": lambda: hooks_attribution(model, clean, corrupt),
-        },
-        args.repeats,
-        log,
-    )
-    attribution["a"] = heads["a"]  # the exact patching loop attribution approximates
-    title = "### (iii) attribution patching of z over layer x head"
-    lines += sweep_table(title, attribution, [("c", "b")], ATTRIBUTION_LABELS)
-    with torch.no_grad():
-        corrupt_metric = logit_diff(model.hf(input_ids=corrupt, logits_to_keep=1).logits[:, -1])
-    effect = (heads["b"]["value"] - corrupt_metric).flatten()
-    estimate = attribution["b"]["value"].flatten()
-    correlation = torch.corrcoef(torch.stack([effect, estimate]))[0, 1].item()
-    lines.append(f"correlation of the attribution estimate with the exact patching effect: {correlation:.3f}")
-    lines.append("")
-
+    if not args.memory_only:
+        lines += timing_sections(model, clean, corrupt, cap, args.repeats, log)
     if not args.no_memory:
-        log("(iv) memory")
-        lines += ["### (iv) peak memory: rise of the resident set above its level before the run", ""]
-        lines += ["| run | peak rise MiB | resident before MiB |", "|---|---|---|"]
-        how = ""
-        for name in ("naive_resid", "anylens_resid", "hooks_resid", "naive_z", "anylens_z", "hooks_z",
-                     "anylens_attr", "hooks_attr"):
-            log(f"    {name}")
-            measured = measure_in_child(name, args.quick, budget, args.threads)
-            how = measured["how"]
-            lines.append(f"| {name} | {measured['rise'] / 2**20:.0f} | {measured['before'] / 2**20:.0f} |")
-        lines += ["", f"measured as: {how}, each run in a fresh subprocess", ""]
-        lines += [
-            f"anylens resid_pre sweep over many prompt pairs with memory_budget={args.budget_mb} MiB:",
-            "",
-            "| prompt pairs | patched rows | forwards | seconds | peak rise MiB | budget MiB | within budget |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for n_pairs in args.pairs:
-            log(f"    {n_pairs} prompt pairs")
-            measured = measure_in_child(f"pairs{n_pairs}", args.quick, budget, args.threads)
-            rise = measured["rise"] / 2**20
-            lines.append(
-                f"| {n_pairs} | {measured['patches']} | {measured['forwards']} | {measured['seconds']:.1f} | "
-                f"{rise:.0f} | {args.budget_mb} | {'yes' if rise <= args.budget_mb else 'NO'} |"
-            )
-        lines.append("")
-
+        lines += memory_section(args, budget, log)
     lines.append(f"machine at end: {machine()}")
     lines.append(f"whole benchmark: {time.perf_counter() - start:.0f} s")
     print("\n".join(lines))
