@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from functools import cache
-
 import hook_reference as ref
 import pytest
 import torch
+from tiny_models import model_cache
 
 import anylens as al
-from anylens.testing import TINY_BUILDERS, tiny
+from anylens.testing import TINY_BUILDERS
 
 TOL = 1e-5
 ANSWER, DISTRACTOR = 300, 301
@@ -22,19 +21,7 @@ def _one_thread():
         yield
 
 
-@cache
-def _build(family: str):
-    try:
-        return tiny(family)
-    except ImportError as error:  # e.g. mamba-ssm, whose kernels need a CUDA build of torch
-        return error
-
-
-def model_of(family: str):
-    model = _build(family)
-    if isinstance(model, ImportError):
-        pytest.skip(f"tiny {family!r} cannot be built here: {model}")
-    return model
+model_of = model_cache()
 
 
 def prompts(n: int = 3, length: int = 6, seed: int = 0) -> torch.Tensor:
