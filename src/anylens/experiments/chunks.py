@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 # kernels), plus ``call_s`` per block and ``forward_s`` per forward.
 _CPU = {"flops": 5e10, "call_s": 2e-4, "forward_s": 3e-3, "tokens_per_call": 24}
 _ACCELERATOR = {"flops": 1e14, "call_s": 5e-4, "forward_s": 5e-3, "tokens_per_call": 1024}
+#: Share of ``memory_budget`` the tensors a sweep plans for may take. The rest is headroom for
+#: what the plan does not track: results, Python objects, and freed memory that the allocator
+#: keeps for reuse instead of returning (glibc on a CPU; the caching allocator on a GPU).
+PLANNED_SHARE = 2 / 3
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,11 @@ def plan_chunks(
 
 @dataclass(frozen=True)
 class Sizes:
-    """Bytes a sweep with reuse holds: the plan's sources, each input's unpatched run, each row."""
+    """Bytes a sweep with reuse holds: the plan's sources, each input's unpatched run, each row.
+
+    Sized to :data:`PLANNED_SHARE` of the budget; the sources and both runs' final logits are
+    held throughout, the unpatched runs of a group of inputs and one forward's rows on top.
+    """
 
     n_blocks: int  # block outputs kept per input, to skip blocks
     per_input: int  # one input's unpatched run: role, block outputs, key/value cache
@@ -118,6 +126,7 @@ class Sizes:
         length: int,
         sources: dict[int, torch.Tensor],
         memory_budget: int | None,
+        n_inputs: int,
     ) -> Sizes:
         n_all = len(model.module(model.adapter.layers))
         element = torch.finfo(next(model.hf.parameters()).dtype).bits // 8
@@ -126,10 +135,11 @@ class Sizes:
         residual = length * model.d_model
         per_input = element * (role_size + (n_blocks + 2 * n_all) * residual)
         per_row = bytes_per_row(model, length, last_only=True) + element * 3 * n_all * residual
-        budget = default_budget(model) if memory_budget is None else int(memory_budget)
+        budget = PLANNED_SHARE * (default_budget(model) if memory_budget is None else int(memory_budget))
         held = sum(t.numel() * t.element_size() for t in sources.values())
+        held += 2 * n_inputs * model.d_vocab * element  # final logits of the clean and corrupt runs
         cap = MAX_CPU_ROWS if model.device.type == "cpu" else MAX_DEVICE_ROWS
-        return cls(n_blocks, per_input, per_row, max(budget - held, 0), cap)
+        return cls(n_blocks, per_input, per_row, max(int(budget - held), 0), cap)
 
     def inputs_per_group(self, n_inputs: int) -> int:
         """Inputs whose unpatched run is held at once: as many as fit half the free budget."""
@@ -140,4 +150,4 @@ class Sizes:
         return max(1, min(self.cap, free // self.per_row))
 
 
-__all__ = ["Chunk", "CostModel", "Sizes", "plan_chunks"]
+__all__ = ["PLANNED_SHARE", "Chunk", "CostModel", "Sizes", "plan_chunks"]

@@ -230,7 +230,7 @@ def record_for_plan(
     """
     layers = sorted(layers)
     n_blocks = skippable_blocks(model, role, layers)
-    sizes = Sizes.of(model, role, n_blocks, ids.shape[1], sources, memory_budget)
+    sizes = Sizes.of(model, role, n_blocks, ids.shape[1], sources, memory_budget, ids.shape[0])
     rows = sizes.rows_for(sizes.free // 2)
     if sizes.inputs_per_group(ids.shape[0]) == ids.shape[0]:
         return record_baseline(model, role, ids, layers, n_blocks, rows)
@@ -437,8 +437,8 @@ class ReusingRun:
         self.owner = {layer: block_of(model, plan.role, layer) or 0 for layer in self.layers}
         self.n_blocks = skippable_blocks(model, plan.role, self.layers)
         self.cost = CostModel(model, self.length)
-        sizes = Sizes.of(model, plan.role, self.n_blocks, self.length, plan.sources, memory_budget)
         n_inputs = plan.inputs.shape[0]
+        sizes = Sizes.of(model, plan.role, self.n_blocks, self.length, plan.sources, memory_budget, n_inputs)
         if baseline is not None and baseline.acts is not None:
             self.baseline, self.group_size = baseline, n_inputs
             free = sizes.free - baseline.nbytes()
@@ -511,6 +511,8 @@ class ReusingRun:
             _verified[model].add(key)
         self._pending.append((rows, hidden))
         self._work += len(rows) * (self.cost.n_blocks - chunk.block) * (self.length - chunk.pos)
+        if sum(len(r) for r, _ in self._pending) >= self.unembed_rows:
+            self._flush()
 
     def _full(self, rows: torch.Tensor) -> None:
         self.scores[rows] = self.score(self.plain_forward(rows), rows).detach().float().cpu()
