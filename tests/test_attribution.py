@@ -10,7 +10,7 @@ from tiny_models import model_cache
 
 import anylens as al
 from anylens.experiments.attribution import role_gradients
-from anylens.testing import TINY_BUILDERS
+from anylens.testing import TINY_BUILDERS, tiny
 
 TOL = 1e-5
 ANSWER, DISTRACTOR = 300, 301
@@ -93,6 +93,23 @@ def test_attribution_matches_autograd_on_hooked_tensors(family, role, over, dire
     assert abs((result.corrupt_metric if direction == "denoise" else result.clean_metric) - unpatched) <= TOL
     for key, value in expected.items():
         assert abs(got[key]["metric"] - (unpatched + value)) <= TOL
+
+
+@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+def test_head_gradients_under_sdpa_attention_match_eager(family):
+    """Writing ``z`` must not modify sdpa's output in place: its backward reads that output."""
+    eager = model_of(family)
+    if "z" not in eager.roles:
+        pytest.skip(f"{family} has no attention heads")
+    try:
+        sdpa = tiny(family, attn_implementation="sdpa")
+    except (ValueError, NotImplementedError) as error:  # a model class without sdpa support
+        pytest.skip(f"{family}: {error}")
+    _, corrupt = prompt_pairs()
+    _, eager_grads, _ = role_gradients(eager, corrupt, "z", METRIC)
+    _, sdpa_grads, _ = role_gradients(sdpa, corrupt, "z", METRIC)
+    for layer in range(eager.n_layers):
+        assert (eager_grads[layer] - sdpa_grads[layer]).abs().max() <= TOL, f"layer {layer}"
 
 
 def test_attribution_with_aligned_prompts():

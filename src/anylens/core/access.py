@@ -100,26 +100,37 @@ class RoleAccess:
         return self._view(self._raw(layer), layer)
 
     def write(self, layer: int | None, value: Any) -> None:
-        if self.path.view is None and not self.path.select and self.path.io == "output":
-            self._swap(layer, value)
-            return
-        # A view, a field of the output, or a module's input: write through it in place, so the
-        # model sees it. An input must be written in place because other code may hold the same
-        # tensor: ``resid_mid`` is ``ln_2``'s input *and* the residual the MLP output is added to;
-        # swapping it would change only what the norm sees.
-        target = self.read(layer)
-        target.copy_(self._conform(value, target))
+        if self.path.select or (self.path.io == "input" and self.role.startswith("resid")):
+            # A field of the output, or the residual stream taken as a module's input: write in
+            # place, so the model sees it. The residual must be written in place because other
+            # code holds the same tensor: ``resid_mid`` is ``ln_2``'s input *and* the residual the
+            # MLP output is added to; swapping it would change only what the norm sees.
+            target = self.read(layer)
+            target.copy_(self._conform(value, target))
+        elif self.path.view is None:
+            self._swap(layer, lambda current: self._conform(value, current))
+        else:
+            # A view (heads of ``o_proj``'s input, ``q`` of a fused projection): write it into a
+            # copy and hand the module the copy. Writing into the tensor itself would change the
+            # output of the operation that made it, which autograd may have saved (sdpa does).
+            def through_view(current: torch.Tensor) -> torch.Tensor:
+                fresh = current.clone()
+                target = self._view(fresh, layer)
+                target.copy_(self._conform(value, target))
+                return fresh
 
-    def _swap(self, layer: int | None, value: Any) -> None:
+            self._swap(layer, through_view)
+
+    def _swap(self, layer: int | None, replace: Any) -> None:
         envoy = self.envoy(layer)
         current = getattr(envoy, self.path.io)
         if isinstance(current, (tuple, list)):
             self._primary(current, layer)
-            replacement = (self._conform(value, current[0]),) + tuple(current[1:])
+            replacement = (replace(current[0]),) + tuple(current[1:])
             setattr(envoy, self.path.io, type(current)(replacement) if isinstance(current, list) else replacement)
         else:
             self._primary(current, layer)
-            setattr(envoy, self.path.io, self._conform(value, current))
+            setattr(envoy, self.path.io, replace(current))
 
     def _conform(self, value: Any, target: torch.Tensor) -> torch.Tensor:
         value = torch.as_tensor(value).to(device=target.device, dtype=target.dtype)

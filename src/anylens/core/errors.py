@@ -49,3 +49,11 @@ class TokenizationError(AnylensError, ValueError):
 
 class VerificationError(AnylensError, AssertionError):
     """An adapter failed the invariants of ``anylens check``."""
+
+
+class RemoteError(AnylensError, ConnectionError):
+    """A remote (NDIF) model cannot be reached or used: no API key, no network, unknown model."""
+
+
+class LocalWeightsError(AnylensError, RuntimeError):
+    """A computation needs the model's weights on this machine, but the model runs remotely."""

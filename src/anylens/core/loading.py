@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import AnylensError, UnknownArchitectureError
+from .errors import AnylensError
 from .model import AnyModel
 
 
@@ -63,15 +63,23 @@ def load(
     device_map: Any = None,
     adapter: Any = None,
     attn_implementation: str | None = None,
-    remote: bool = False,
+    remote: bool | str = False,
     **hf_kwargs: Any,
 ) -> AnyModel:
     """Load a model: ``"zoo:NAME"``, a named source (``"smollm2-135m"``), a local directory,
-    a ``.gguf`` file, or a hub id (honouring ``HF_HUB_OFFLINE``)."""
+    a ``.gguf`` file, or a hub id (honouring ``HF_HUB_OFFLINE``).
+
+    ``remote=True`` (or an NDIF URL) runs every trace on NDIF: ``source`` is then a hub id NDIF
+    serves, and only its config is fetched. ``remote="local"`` loads the weights here but sends
+    each trace through nnsight's serialising dry run of the remote path, to check an experiment
+    before spending remote time.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if remote:
-        return _load_remote(str(source), adapter=adapter)
+    if remote and remote != "local":
+        from .remote import load_remote
+
+        return load_remote(str(source), remote=remote, adapter=adapter, tokenizer=tokenizer)
     location, gguf_file = _locate(source)
     kwargs = dict(hf_kwargs)
     if dtype is not None:
@@ -90,6 +98,7 @@ def load(
         tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
     model = wrap(hf_model, tokenizer, adapter=adapter, attn_implementation=attn_implementation)
     model.source = str(source)
+    model.remote = remote
     return model
 
 
@@ -128,18 +137,3 @@ def _tokenizer_for(hf_model: torch.nn.Module) -> Any:
         f"no tokenizer for {type(hf_model).__name__}: pass one, al.wrap(model, tokenizer) "
         "(any transformers tokenizer; experiments on strings need it)"
     )
-
-
-def _load_remote(model_id: str, adapter: Any = None) -> AnyModel:
-    """A model executed on NDIF: nnsight builds it on the meta device, traces run remotely."""
-    from nnsight.modeling.transformers import TransformersModel
-
-    from ..registry.manager import as_spec, registry
-
-    nn_model = TransformersModel(model_id)
-    spec = as_spec(adapter) if adapter is not None and not isinstance(adapter, str) else None
-    if spec is None:
-        spec = registry().adapter(adapter) if isinstance(adapter, str) else registry().resolve(nn_model._module)
-    if spec is None:
-        raise UnknownArchitectureError(model_id)
-    return AnyModel(nn_model, spec, nn_model.tokenizer)

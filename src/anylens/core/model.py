@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .access import RoleAccess, child_envoy
-from .errors import LayerIndexError, MissingRoleError, ModulePathError, TokenizationError
+from .errors import LayerIndexError, LocalWeightsError, MissingRoleError, ModulePathError, TokenizationError
 from .roles import LAYER_ROLES, MODEL_ROLES
 from .spec import AdapterSpec
 
@@ -41,8 +41,10 @@ class AnyModel:
     anything roles do not cover. Roles are read and written inside ``with model.trace(...)``.
     """
 
-    def __init__(self, nn_model: Any, adapter: AdapterSpec, tokenizer: Any = None):
+    def __init__(self, nn_model: Any, adapter: AdapterSpec, tokenizer: Any = None, remote: bool | str = False):
         self.nn = nn_model
+        #: Where traces run: False here, True on NDIF, "local" through nnsight's serialising dry run.
+        self.remote = remote
         self.hf = nn_model._module
         self.config = self.hf.config
         self.tokenizer = tokenizer if tokenizer is not None else getattr(nn_model, "tokenizer", None)
@@ -106,7 +108,9 @@ class AnyModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the weights' device, or the CPU for a remote model (nnsight ships them)."""
+        device = next(self.hf.parameters()).device
+        return torch.device("cpu") if device.type == "meta" else device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -117,14 +121,34 @@ class AnyModel:
 
     # -- tracing -----------------------------------------------------------------------------
     def trace(self, *inputs: Any, **kwargs: Any) -> Any:
-        """An nnsight trace; inside it, roles read and write the running model."""
-        return self.nn.trace(*inputs, **kwargs)
+        """An nnsight trace; inside it, roles read and write the running model.
+
+        A remote model's traces run remotely unless ``remote=`` is given."""
+        return self.nn.trace(*inputs, **self._remote_kwargs(kwargs))
 
     def generate(self, *inputs: Any, **kwargs: Any) -> Any:
-        return self.nn.generate(*inputs, **kwargs)
+        return self.nn.generate(*inputs, **self._remote_kwargs(kwargs))
 
     def session(self, *args: Any, **kwargs: Any) -> Any:
-        return self.nn.session(*args, **kwargs)
+        """An nnsight session; for a remote model the whole session is one remote job, so pass
+        ``remote=False`` to the traces inside it."""
+        return self.nn.session(*args, **self._remote_kwargs(kwargs))
+
+    def _remote_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self.remote and "remote" not in kwargs and "backend" not in kwargs:
+            return {**kwargs, "remote": self.remote}
+        return kwargs
+
+    def _local_module(self, path: str, purpose: str) -> torch.nn.Module:
+        """A module whose weights a computation outside any trace needs on this machine."""
+        module = self.module(path)
+        if any(p.device.type == "meta" for p in module.parameters()):
+            raise LocalWeightsError(
+                f"{purpose} needs the weights of {path!r} on this machine, but {self.name!r} runs remotely "
+                "and they stay on the server: compute it inside model.trace(...) from the roles you read, "
+                "or load the model locally (al.load without remote=True)"
+            )
+        return module
 
     def role(self, name: str) -> RoleAccess:
         """The accessor of a role, or a clear error naming the roles this adapter has."""
@@ -220,11 +244,11 @@ class AnyModel:
     def apply_final_norm(self, resid: torch.Tensor) -> torch.Tensor:
         """The model's own final norm applied to a residual-stream tensor."""
         path = self.role("final_norm").path
-        return self.module(path.module)(resid)
+        return self._local_module(path.module, "applying the final norm")(resid)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """The model's own unembedding (with its logit soft-cap) applied to normalised residuals."""
-        logits = self.module(self.adapter.unembed)(x)
+        logits = self._local_module(self.adapter.unembed, "unembedding")(x)
         cap = self.logit_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -240,7 +264,8 @@ class AnyModel:
     def _out_proj(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.adapter.out_proj is None:
             raise MissingRoleError(f"adapter {self.adapter.name!r} declares no attention output projection")
-        module = self.module(self.adapter.out_proj.replace("{i}", str(self.layer_index(layer))))
+        path = self.adapter.out_proj.replace("{i}", str(self.layer_index(layer)))
+        module = self._local_module(path, "the attention output weights W_O")
         return linear_weight(module), getattr(module, "bias", None)
 
     # -- tokens ------------------------------------------------------------------------------

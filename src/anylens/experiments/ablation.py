@@ -83,6 +83,7 @@ def ablate(
         raise ValueError(f"method={method!r}: use one of {METHODS}")
     if mean_over not in MEAN_OVER:
         raise ValueError(f"mean_over={mean_over!r}: use 'batch' (a mean per position) or 'positions' (one mean)")
+    reuse = reuse and not model.remote  # reuse runs blocks here, which a remote model cannot
     over = check_over(model, role, over)
     metric = metrics_.kl() if metric is None else metric
     ids = tokenize_aligned(model, prompts)

@@ -156,6 +156,7 @@ def patch(
     the patched position, patches that write the values already there — with the same results;
     ``reuse=False`` runs every patched row through the whole model.
     """
+    reuse = reuse and not model.remote  # reuse runs blocks here, which a remote model cannot
     over = check_over(model, role, over)
     metric = metrics_.kl() if metric is None else metric
     runs = prepare_pairs(model, clean, corrupt, direction, align, positions)
