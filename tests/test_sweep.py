@@ -447,6 +447,36 @@ def test_cli_patches_over_a_dataset_and_reports_bad_arguments(tmp_path, capsys):
     assert "no tiny model family 'nope'" in capsys.readouterr().err
 
 
+def test_memory_budget_reaches_the_experiment_but_not_the_configuration(tmp_path, monkeypatch, capsys):
+    import anylens.experiments.patching as patching
+
+    budgets = []
+    original = patching.patch
+    monkeypatch.setattr(patching, "patch", lambda *a, **k: budgets.append(k.get("memory_budget")) or original(*a, **k))
+    out = tmp_path / "patch"
+    argv = ["run", "patch", "--models", "tiny:gpt2", "--dataset", "factual", "--n", "2", "--out", str(out), "--quiet"]
+    assert run_cli(_parse([*argv, "--memory-budget", "64MiB", "--set", "batch_size=3"])) == 0
+    assert budgets == [64 * 2**20] * 2
+    assert "memory_budget" not in json.loads((out / MANIFEST).read_text())["config"]["options"]
+    first = load_results(out)
+    # A rerun with another budget resumes the same sweep (the results do not depend on it).
+    (out / "chunks" / "00-tiny-gpt2" / "00000.json").unlink()
+    with pytest.warns(SweepWarning, match="missing"):
+        assert run_cli(_parse([*argv, "--memory-budget", "1.5GB"])) == 0
+    assert budgets[-1] == 1_500_000_000
+    # Equal up to float32 rounding: a different batching sums in a different order. (``normalized``
+    # divides by the tiny random model's small clean - corrupt gap, which magnifies that rounding.)
+    resumed = load_results(out)
+    magnified = ["normalized", "value"]  # value is the normalized score
+    assert_frame_equal(resumed.drop(columns=magnified), first.drop(columns=magnified), check_exact=False, atol=1e-6, rtol=0)
+
+    with pytest.raises(SystemExit):
+        _parse([*argv, "--memory-budget", "lots"])
+    assert "is not a size" in capsys.readouterr().err
+    assert run_cli(_parse(["run", "logit_lens", *argv[2:], "--memory-budget", "1GB"])) == 2
+    assert "does not take 'memory_budget'" in capsys.readouterr().err
+
+
 def test_prompt_files_give_prompts_or_tab_separated_pairs(tmp_path):
     text = tmp_path / "pairs.tsv"
     text.write_text("The capital of France is\tThe capital of Italy is\t Paris\t Rome\n\nThe cat sat on the\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_MODELS, Report, factual_task, load, slug  # noqa: E402
+from _common import DEFAULT_MODELS, Report, cli, factual_task, load, slug  # noqa: E402
 
 import anylens as al  # noqa: E402
 
@@ -63,4 +63,4 @@ def _ids(model, prompt) -> list[int]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or DEFAULT_MODELS)
+    cli(main, __doc__)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_MODELS, Report, load, prompt_batch  # noqa: E402
+from _common import DEFAULT_MODELS, Report, cli, load, prompt_batch  # noqa: E402
 
 import anylens as al  # noqa: E402
 
@@ -74,4 +74,4 @@ def main(models: list[str] = DEFAULT_MODELS, out: str = "docs/examples/output") 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or DEFAULT_MODELS)
+    cli(main, __doc__)

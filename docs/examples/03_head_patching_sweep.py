@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_MODELS, Report, component_role, ioi_task, load, slug  # noqa: E402
+from _common import DEFAULT_MODELS, Report, cli, component_role, ioi_task, load, slug  # noqa: E402
 
 import anylens as al  # noqa: E402
 
@@ -69,4 +69,4 @@ def main(models: list[str] = DEFAULT_MODELS, out: str = "docs/examples/output") 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or DEFAULT_MODELS)
+    cli(main, __doc__)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_MODELS, Report, factual_task, load  # noqa: E402
+from _common import DEFAULT_MODELS, Report, cli, factual_task, load  # noqa: E402
 
 import anylens as al  # noqa: E402
 
@@ -50,4 +50,4 @@ def main(models: list[str] = DEFAULT_MODELS, out: str = "docs/examples/output") 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or DEFAULT_MODELS)
+    cli(main, __doc__)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_MODELS, Report, factual_task, load, slug, writer_roles  # noqa: E402
+from _common import DEFAULT_MODELS, Report, cli, factual_task, load, slug, writer_roles  # noqa: E402
 
 import anylens as al  # noqa: E402
 
@@ -84,4 +84,4 @@ def _plot(source: str, effects: dict[str, list[float]], n_layers: int):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or DEFAULT_MODELS)
+    cli(main, __doc__)

@@ -18,6 +18,17 @@ DEFAULT_MODELS = ["zoo:gpt2", "zoo:llama", "zoo:mistral", "zoo:mamba"]
 DPI = 80
 
 
+def cli(main: Any, doc: str | None) -> None:
+    """``python SCRIPT [--out DIR] [SOURCE ...]``: run ``main`` on the sources (default: the zoo)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("sources", nargs="*", default=DEFAULT_MODELS, help="model sources (default: the zoo)")
+    parser.add_argument("--out", default="docs/examples/output", help="where the report and figures go")
+    args = parser.parse_args()
+    main(args.sources or DEFAULT_MODELS, out=args.out)
+
+
 # -- models --------------------------------------------------------------------------------------
 def load(source: str) -> Any:
     """Anything ``al.load`` takes, plus ``tiny:FAMILY`` (a random model from ``anylens.testing``)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="device to run on (e.g. cuda); default: where the model loads")
     parser.add_argument("--dtype", default="float32", help="weights dtype (default float32)")
     parser.add_argument(
+        "--memory-budget", type=parse_size, metavar="SIZE",
+        help="memory for the batched runs of patch and ablate, e.g. 512MiB or 4GB (default: a share of free memory)",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
         help="any other experiment option; VALUE is read as JSON when it parses, else as a string (repeatable)",
     )
@@ -77,6 +82,8 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
         options["over"] = [d.strip() for d in args.over.split(",") if d.strip()]
     if args.method:
         options["method"] = args.method
+    if getattr(args, "memory_budget", None) is not None:
+        options["memory_budget"] = args.memory_budget
     for setting in args.settings:
         key, sep, text = setting.partition("=")
         if not sep or not key.strip():
@@ -86,6 +93,21 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
         except ValueError:
             options[key.strip()] = text
     return options
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"512MiB"``, ``"4GB"``, ``"1.5gib"`` or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 512MiB, 4GB or a number of bytes")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the memory budget must be positive")
+    return size
 
 
 def read_prompts(path: Path) -> list[Any]:
@@ -138,4 +160,4 @@ def run_cli(args: argparse.Namespace) -> int:
 #: ``module_command("anylens.sweep.cli", ...)`` looks for ``add_arguments`` and ``run``.
 run = run_cli
 
-__all__ = ["add_arguments", "add_run_parser", "experiment_options", "read_prompts", "run", "run_cli"]
+__all__ = ["add_arguments", "add_run_parser", "experiment_options", "parse_size", "read_prompts", "run", "run_cli"]

@@ -262,6 +262,11 @@ def _dataset_items(name: str, model: AnyModel, n: int | None, options: dict[str,
 
 
 # -- the sweep ----------------------------------------------------------------------------------
+#: Options that change how a sweep runs but not its results: not part of its configuration, so a
+#: resumed sweep may use other values (a smaller memory budget after running out of memory).
+EXECUTION_OPTIONS = ("memory_budget", "batch_size")
+
+
 def run(
     experiment: str,
     models: Sequence[str],
@@ -287,6 +292,8 @@ def run(
     * ``chunk_size`` prompts are computed and written together; a chunk is the unit of resumption.
     * other keyword arguments go to the experiment (``role``, ``over``, ``metric``, ...); a metric
       given by name (``metric="logit_diff"``) is built per prompt from its answer and distractor.
+      ``memory_budget`` (bytes) and ``batch_size`` only change how patching and ablation sweeps
+      are batched, so a resumed sweep may change them.
 
     Raises :class:`SweepConfigError` when ``out`` holds a sweep with another configuration (or the
     arguments are inconsistent), :class:`SweepBusyError` when another process is writing ``out``,
@@ -303,7 +310,7 @@ def run(
         experiments_.check_metric(experiment_options.get("metric"), explicit)
     config = {
         "experiment": spec.name,
-        "options": describe(experiment_options),
+        "options": describe({k: v for k, v in experiment_options.items() if k not in EXECUTION_OPTIONS}),
         "models": list(models),
         "prompts": (
             {"kind": "explicit", "count": len(explicit), "sha256": _prompts_sha256(explicit)}
