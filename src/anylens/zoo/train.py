@@ -32,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from anylens.zoo import ZOO_MODELS, corpus
+from anylens.zoo import ZOO_MODELS, corpus, mechanisms
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<bos>", "<eos>"]
 MAX_POSITIONS = 64
@@ -349,7 +349,8 @@ draws (see `anylens.zoo.corpus`).
 | task | metric | score |
 |---|---|---|
 {table}
-"""
+
+{mechanisms.card_section(metrics["mechanisms"])}"""
 
 
 def train_and_save(name: str, tokenizer, out: Path, quick: bool = False, eval_every: int = 0) -> dict:
@@ -370,11 +371,20 @@ def train_and_save(name: str, tokenizer, out: Path, quick: bool = False, eval_ev
         vocab_size=len(loaded_tokenizer),
         architecture=architecture_summary(loaded.config),
         training=info,
-        heldout=evaluate(loaded, loaded_tokenizer),
     )
+    return write_card(name, target, metrics, loaded, loaded_tokenizer)
+
+
+def write_card(name: str, target: Path, metrics: dict, model=None, tokenizer=None) -> dict:
+    """Evaluate the saved model (held-out scores and mechanisms); write metrics.json and its card."""
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(target)
+    metrics = dict(metrics, heldout=evaluate(model, tokenizer), mechanisms=mechanisms.measure(str(target)))
     (target / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (target / "MODEL_CARD.md").write_text(model_card(name, metrics))
     log(f"[{name}] held-out: {json.dumps(metrics['heldout'])}")
+    log(f"[{name}] mechanisms: {json.dumps(metrics['mechanisms'])}")
     return metrics
 
 
@@ -387,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
                         help="also log the held-out scores every STEPS steps (to watch circuits form)")
+    parser.add_argument("--cards-only", action="store_true",
+                        help="train nothing: re-evaluate the saved models in --out and rewrite their cards")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in ZOO_MODELS]
@@ -395,7 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
     for name in names:
-        train_and_save(name, tokenizer, args.out, args.quick, args.eval_every)
+        if args.cards_only:
+            target = args.out / name
+            write_card(name, target, json.loads((target / "metrics.json").read_text()))
+        else:
+            train_and_save(name, tokenizer, args.out, args.quick, args.eval_every)
     return 0
 
 
