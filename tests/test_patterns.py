@@ -96,6 +96,23 @@ def test_head_scores_equal_a_hand_computation(model: al.AnyModel) -> None:
         assert score["previous_token", layer, head] == pytest.approx(want, abs=ATOL)
 
 
+def test_head_scores_on_given_sequences(model: al.AnyModel) -> None:
+    needs_pattern(model)
+    given = torch.tensor([[5, 9, 13, 17, 21], [6, 10, 14, 18, 22]])
+    scores = al.head_scores(model, sequences=given)
+    tokens = torch.tensor(scores.meta["induction_tokens"])
+    offset = tokens.shape[1] - 2 * given.shape[1]
+    assert torch.equal(tokens[:, offset:], torch.cat([given, given], dim=1))
+    score = scores.to_frame().set_index(["kind", "layer", "head"])["score"]
+    seq_len = given.shape[1]
+    for layer, pattern in enumerate(hf_attentions(model, tokens)):
+        for head in range(model.n_heads):
+            want = pattern[:, head, offset + seq_len :, :].diagonal(offset=offset + 1, dim1=-2, dim2=-1).mean()
+            assert score["induction", layer, head] == pytest.approx(float(want), abs=ATOL)
+    with pytest.raises(PromptError, match="same number of tokens"):
+        al.head_scores(model, sequences=[PROMPT, PROMPT + PROMPT])
+
+
 def test_plots_frames_and_errors() -> None:
     model = tiny(next(iter(TINY_BUILDERS)))
     result = al.attention_patterns(model, PROMPT)

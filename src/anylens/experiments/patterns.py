@@ -126,6 +126,7 @@ def head_scores(
     seq_len: int = 20,
     seed: int = 0,
     batch: int = 4,
+    sequences: Sequence[str] | torch.Tensor | None = None,
 ) -> HeadScores:
     """Previous-token and induction scores of every head.
 
@@ -133,15 +134,22 @@ def head_scores(
       the tokenizer's BOS token, if it has one), the mean attention from each position ``t`` of
       the second copy to the token after that token's first occurrence, ``t - seq_len + 1``;
     * previous-token: the mean attention from position ``t`` to ``t - 1`` over ``prompts`` (pairs
-      of real tokens only, so left padding is ignored), or over the random sequences when no
+      of real tokens only, so left padding is ignored), or over the repeated sequences when no
       prompts are given.
 
-    The random sequences avoid special tokens and are reproducible from ``seed``; they are kept
-    in ``meta["induction_tokens"]``.
+    The random sequences avoid special tokens and are reproducible from ``seed``. ``sequences``
+    replaces them with your own first halves — strings of equal token length (tokenized without
+    special tokens) or ids ``[batch, seq_len]`` — to score heads on in-distribution text; its
+    tokens should not repeat within a sequence, or "the token after the first occurrence" is
+    ambiguous. The repeated ids are kept in ``meta["induction_tokens"]``.
     """
     model.role("pattern")
     layers = model.layers()
-    repeated, offset = _repeated_tokens(model, seq_len, seed, batch)
+    if sequences is None:
+        repeated, offset = _repeated_tokens(model, seq_len, seed, batch)
+    else:
+        repeated, offset = _repeated_given(model, sequences)
+        batch, seq_len = repeated.shape[0], (repeated.shape[1] - offset) // 2
     ones = torch.ones_like(repeated)
     patterns = read_roles(model, {"input_ids": repeated, "attention_mask": ones}, [("pattern", i) for i in layers])
     induction = _induction(patterns, layers, offset, seq_len)
@@ -189,6 +197,25 @@ def _repeated_tokens(model: AnyModel, seq_len: int, seed: int, batch: int) -> tu
     bos = getattr(tokenizer, "bos_token_id", None)
     prefix = torch.full((batch, 1), bos, dtype=random.dtype) if bos is not None else random[:, :0]
     return torch.cat([prefix, random, random], dim=1).to(model.device), prefix.shape[1]
+
+
+def _repeated_given(model: AnyModel, sequences: Sequence[str] | torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``[batch, prefix + 2 * seq_len]`` ids: optional BOS, then each given sequence twice."""
+    if isinstance(sequences, torch.Tensor):
+        ids = sequences.long()
+    else:
+        if isinstance(sequences, str):
+            sequences = [sequences]
+        encoded = [model.tokenizer(text, add_special_tokens=False)["input_ids"] for text in sequences]
+        lengths = sorted({len(e) for e in encoded})
+        if len(lengths) > 1:
+            raise PromptError(f"induction sequences must have the same number of tokens; got lengths {lengths}")
+        ids = torch.tensor(encoded)
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise ValueError(f"sequences must be [batch, seq_len] with seq_len >= 2, got shape {tuple(ids.shape)}")
+    bos = getattr(model.tokenizer, "bos_token_id", None)
+    prefix = torch.full((ids.shape[0], 1), bos, dtype=ids.dtype) if bos is not None else ids[:, :0]
+    return torch.cat([prefix, ids, ids], dim=1).to(model.device), prefix.shape[1]
 
 
 def _induction(patterns: dict, layers: Sequence[int], offset: int, seq_len: int) -> torch.Tensor:
