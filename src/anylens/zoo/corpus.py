@@ -78,6 +78,7 @@ FACTS: tuple[tuple[str, str, str], ...] = (
 CAPITAL_TRAIN_TEMPLATES = (
     "The capital of {country} is {city}.",
     "{country}'s capital city is {city}.",
+    "The capital city of {country} is {city}.",
     "{city} is the capital of {country}.",
     "The government of {country} meets in {city}.",
     "In {country}, the capital is {city}.",
@@ -209,15 +210,20 @@ def induction_sequence(rng: random.Random) -> str:
     return " ".join(words + words) + "."
 
 
-TASK_MIX = (("ioi", 0.45), ("induction", 0.35), ("factual", 0.2))
+TASK_MIX = (("ioi", 0.35), ("induction", 0.45), ("factual", 0.2))
 
 
-def training_text(rng: random.Random, min_words: int) -> str:
+def training_text(rng: random.Random, min_words: int, induction_shifted: float = 0.0) -> str:
     """One training row: a main sample (IOI, induction or factual) right at the start, as in the eval
     prompts, then factual sentences until the row has at least `min_words` tokens (the caller truncates).
+    A share `induction_shifted` of the induction samples starts after a factual sentence instead.
     Only factual sentences follow, so no second set of names can confuse the IOI sample."""
     task = rng.choices([t for t, _ in TASK_MIX], weights=[w for _, w in TASK_MIX])[0]
     main = {"ioi": ioi_sentence, "induction": induction_sequence, "factual": factual_sentence}[task](rng)
+    if task == "induction" and induction_shifted and rng.random() < induction_shifted:
+        # Repeats that start at varying positions: with learned absolute positions (GPT-2), a fixed
+        # start lets position stand in for "the token after the match", and no induction head forms.
+        main = factual_sentence(rng) + " " + main
     parts, n_words = [main], len(split_words(main))
     while n_words < min_words:
         sentence = factual_sentence(rng)

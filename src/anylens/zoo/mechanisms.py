@@ -1,7 +1,7 @@
 """The mechanisms a zoo model's card reports, measured with anylens's own experiments.
 
 * heads: the top induction head and the top previous-token head in an earlier layer (models with
-  attention patterns);
+  attention patterns), scored on repeated sequences of the induction task's made-up words;
 * logit lens: the answer's mean probability after each layer, on the held-out factual prompts;
 * subject patching: for each layer, the share of capital-city pairs whose answer flips to the clean
   one when the country's ``resid_pre`` is patched from the clean into the corrupt prompt.
@@ -18,12 +18,17 @@ import torch
 from . import corpus
 
 
+def induction_sequences(n: int = 8, seed: int = 2) -> list[str]:
+    """Fresh sequences of the induction task's made-up words (12 each), as first halves."""
+    return [" ".join(words) for words in corpus.induction_eval_set(n=n, seed=seed)]
+
+
 def head_mechanisms(model: Any) -> dict[str, Any] | None:
     import anylens as al
 
     if "pattern" not in model.roles:
         return None
-    scores = al.head_scores(model, seq_len=12, batch=8).to_frame()
+    scores = al.head_scores(model, sequences=induction_sequences()).to_frame()
     induction = scores[scores.kind == "induction"].sort_values("score").iloc[-1]
     earlier = scores[(scores.kind == "previous_token") & (scores.layer < induction["layer"])]
     previous = earlier.sort_values("score").iloc[-1] if len(earlier) else None
@@ -77,8 +82,8 @@ def card_section(mechanisms: dict[str, Any]) -> str:
     if heads:
         ind, prev = heads["induction"], heads["previous_token"]
         lines.append(
-            f"- Induction head {ind['layer']}.{ind['head']}: induction score {ind['score']:.2f} (`al.head_scores`, "
-            "random tokens repeated once; uniform attention would score below 0.1)."
+            f"- Induction head {ind['layer']}.{ind['head']}: induction score {ind['score']:.2f} (`al.head_scores` "
+            "on 8 fresh sequences of 12 made-up words, repeated; uniform attention would score below 0.1)."
         )
         if prev:
             lines.append(

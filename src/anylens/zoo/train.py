@@ -82,8 +82,9 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast):
         tie_word_embeddings=True,
     )
     if name == "gpt2":
+        # Four layers: with three, GPT-2's heads did not fit induction and IOI together.
         return GPT2Config(
-            n_embd=128, n_layer=3, n_head=4, n_positions=MAX_POSITIONS,
+            n_embd=128, n_layer=4, n_head=4, n_positions=MAX_POSITIONS,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids,
         )
     if name in ("llama", "mistral"):
@@ -102,7 +103,8 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast):
 
 # Training schedule per model: steps, batch size, peak learning rate.
 SCHEDULES = {
-    "gpt2": dict(steps=3000, batch_size=64, lr=3e-3),
+    # GPT-2 sees half its induction samples at shifted starts (see corpus.training_text).
+    "gpt2": dict(steps=3000, batch_size=64, lr=3e-3, induction_shifted=0.5),
     "llama": dict(steps=3000, batch_size=64, lr=3e-3),
     "mistral": dict(steps=3500, batch_size=64, lr=3e-3),
     # Mamba's pure-torch scan is several times slower per token, so it sees smaller batches.
@@ -165,8 +167,8 @@ def fast_mamba_training():
         modeling_mamba.mamba_selective_scan = original
 
 
-def training_batch(tokenizer, rng: random.Random, batch_size: int) -> torch.Tensor:
-    texts = [corpus.training_text(rng, min_words=SEQ_LEN) for _ in range(batch_size)]
+def training_batch(tokenizer, rng: random.Random, batch_size: int, induction_shifted: float = 0.0) -> torch.Tensor:
+    texts = [corpus.training_text(rng, SEQ_LEN, induction_shifted) for _ in range(batch_size)]
     rows = [ids[:SEQ_LEN] for ids in tokenizer(texts)["input_ids"]]  # every row is long enough
     return torch.tensor(rows)
 
@@ -190,7 +192,7 @@ def train_model(name: str, tokenizer, quick: bool = False, eval_every: int = 0):
     start, running = time.time(), None
     with fast_mamba_training() if name == "mamba" else contextlib.nullcontext():
         for step in range(steps):
-            batch = training_batch(tokenizer, rng, schedule["batch_size"])
+            batch = training_batch(tokenizer, rng, schedule["batch_size"], schedule.get("induction_shifted", 0.0))
             loss = model(input_ids=batch, labels=batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -313,6 +315,13 @@ def model_card(name: str, metrics: dict) -> str:
     ]
     table = "\n".join(f"| {task} | {metric} | {score} |" for task, metric, score in rows)
     low, high = corpus.INDUCTION_LENGTHS
+    shifted = SCHEDULES[name].get("induction_shifted", 0.0)
+    shifted_note = (
+        f"  For this model {shifted:.0%} of the induction samples start after a factual sentence, at varying\n"
+        "  positions: with learned absolute positions and a fixed start, position alone solved the task and\n"
+        "  no induction head formed.\n"
+        if shifted else ""
+    )
     return f"""# anylens zoo: `{name}`
 
 A tiny `{metrics['model_class']}` trained from scratch on a synthetic corpus with three known mechanisms
@@ -335,7 +344,7 @@ row length.
   ("When Mary and John went to the store, John gave a drink to Mary.").
 - Induction: {low} to {high} distinct random words, then the same words again (mostly made-up words,
   sometimes ordinary vocabulary).
-
+{shifted_note}
 Training: {train['steps']} steps of AdamW, batch {train['batch_size']}, peak learning rate
 {train['peak_lr']} with warmup and cosine decay, seed {SEED}, on CPU with {train['threads']} thread(s):
 {train['train_seconds']:.0f} s on a shared machine. Final training loss {train['final_loss']}. Reproduce with
