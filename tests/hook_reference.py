@@ -8,7 +8,6 @@ tests fail with a message saying to add it: a new family must get an independent
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,18 +217,3 @@ def replace(value: torch.Tensor, source: torch.Tensor, role: str, hf, pos: int |
 def logit_diff(logits: torch.Tensor, answer: int, distractor: int) -> torch.Tensor:
     last = logits[:, -1].float()
     return last[:, answer] - last[:, distractor]
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run tiny models on one torch thread.
-
-    Their ops are too small to gain from threads, and on a shared CPU two threads per process
-    spin against each other: a tiny forward goes from about 5 ms to hundreds of ms.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

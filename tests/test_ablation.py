@@ -15,12 +15,6 @@ ANSWER, DISTRACTOR = 300, 301
 METRIC = al.metrics.logit_diff(ANSWER, DISTRACTOR)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with ref.one_thread():
-        yield
-
-
 model_of = model_cache()
 
 

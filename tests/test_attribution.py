@@ -7,6 +7,7 @@ import hook_reference as ref
 import pytest
 import torch
 from tiny_models import model_cache
+from tiny_models import random_prompt_pairs as prompt_pairs
 
 import anylens as al
 from anylens.experiments.attribution import role_gradients
@@ -21,22 +22,7 @@ def reference_metric(logits: torch.Tensor) -> torch.Tensor:
     return ref.logit_diff(logits, ANSWER, DISTRACTOR)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with ref.one_thread():
-        yield
-
-
 model_of = model_cache()
-
-
-def prompt_pairs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two random clean prompts of 6 tokens; each corrupt prompt differs at position 2 only."""
-    generator = torch.Generator().manual_seed(seed)
-    clean = torch.randint(4, 400, (2, 6), generator=generator)
-    corrupt = clean.clone()
-    corrupt[:, 2] = torch.randint(4, 400, (2,), generator=generator)
-    return clean, corrupt
 
 
 def reference_estimates(grads, acts, sources, role, over, source_of=None):

@@ -3,11 +3,10 @@ full (``reuse=False``) and as a one-patch-per-forward plain-hook reference, on e
 
 from __future__ import annotations
 
-import hook_reference as ref
 import pytest
 import torch
 from test_patching import reference_patch
-from tiny_models import model_cache
+from tiny_models import model_cache, random_prompt_pairs
 
 import anylens as al
 from anylens.experiments import reuse
@@ -22,22 +21,11 @@ LENGTH = 10  # longer than the tiny Gemma 2's sliding window (6), so cached wind
 DIFFERENT = (3, 7)  # positions where clean and corrupt prompts differ
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with ref.one_thread():
-        yield
-
-
 model_of = model_cache()
 
 
 def prompt_pairs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    clean = torch.randint(4, 400, (2, LENGTH), generator=generator)
-    corrupt = clean.clone()
-    for pos in DIFFERENT:
-        corrupt[:, pos] = torch.randint(4, 400, (2,), generator=generator)
-    return clean, corrupt
+    return random_prompt_pairs(seed, LENGTH, DIFFERENT)
 
 
 def metrics_of(result) -> torch.Tensor:

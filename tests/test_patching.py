@@ -6,6 +6,7 @@ import hook_reference as ref
 import pytest
 import torch
 from tiny_models import model_cache
+from tiny_models import random_prompt_pairs as prompt_pairs
 
 import anylens as al
 from anylens.experiments.components import OverError
@@ -16,22 +17,7 @@ ANSWER, DISTRACTOR = 300, 301  # " Paris", " Rome" in the tiny tokenizer
 METRIC = al.metrics.logit_diff(ANSWER, DISTRACTOR)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with ref.one_thread():
-        yield
-
-
 model_of = model_cache()
-
-
-def prompt_pairs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two random clean prompts of 6 tokens; each corrupt prompt differs at position 2 only."""
-    generator = torch.Generator().manual_seed(seed)
-    clean = torch.randint(4, 400, (2, 6), generator=generator)
-    corrupt = clean.clone()
-    corrupt[:, 2] = torch.randint(4, 400, (2,), generator=generator)
-    return clean, corrupt
 
 
 def reference_patch(hf, role, over, clean, corrupt, direction, align=None):

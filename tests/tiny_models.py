@@ -6,6 +6,7 @@ from collections.abc import Callable
 from functools import cache
 
 import pytest
+import torch
 
 from anylens.testing import tiny
 
@@ -28,3 +29,13 @@ def model_cache() -> Callable[[str], object]:
         return model
 
     return model_of
+
+
+def random_prompt_pairs(seed: int = 0, length: int = 6, different: tuple[int, ...] = (2,)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random clean prompts of ``length`` tokens; each corrupt prompt differs at ``different``."""
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randint(4, 400, (2, length), generator=generator)
+    corrupt = clean.clone()
+    for pos in different:
+        corrupt[:, pos] = torch.randint(4, 400, (2,), generator=generator)
+    return clean, corrupt
