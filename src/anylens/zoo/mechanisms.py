@@ -36,7 +36,7 @@ def head_mechanisms(model: Any) -> dict[str, Any] | None:
     def head(row: Any) -> dict[str, Any] | None:
         if row is None:
             return None
-        return {"layer": int(row["layer"]), "head": int(row["head"]), "score": round(float(row["score"]), 3)}
+        return {"layer": int(row["layer"]), "head": int(row["head"]), "score": float(row["score"])}
 
     return {"induction": head(induction), "previous_token": head(previous)}
 
@@ -48,7 +48,7 @@ def logit_lens_rise(model: Any, every: int = 4) -> list[float]:
     for fact in corpus.factual_eval_set()[::every]:
         frame = al.logit_lens(model, fact.prompt, targets=fact.answer, positions=-1).to_frame()
         per_prompt.append(torch.tensor(frame.sort_values("layer")["prob"].to_numpy()))
-    return [round(p, 4) for p in torch.stack(per_prompt).mean(0).tolist()]
+    return torch.stack(per_prompt).mean(0).tolist()
 
 
 def subject_patching(model: Any) -> dict[str, Any]:
@@ -59,20 +59,38 @@ def subject_patching(model: Any) -> dict[str, Any]:
     clean_ids, corrupt_ids = (model.to_tokens(prompts)["input_ids"] for prompts in (clean, corrupt))
     (subject,) = (clean_ids != corrupt_ids).any(0).nonzero()[:, 0].tolist()
     metric = al.metrics.logit_diff([p.clean_answer for p in pairs], [p.corrupt_answer for p in pairs])
-    frame = al.patch(model, clean, corrupt, role="resid_pre", metric=metric, positions=[subject], per_prompt=True).to_frame()
+    result = al.patch(model, clean, corrupt, role="resid_pre", metric=metric, positions=[subject], per_prompt=True)
+    frame = result.to_frame()
     flipped = frame.assign(flipped=frame["metric"] > 0).groupby("layer")["flipped"].mean()
-    return {"position": subject, "pairs": len(pairs), "flipped_by_layer": [round(float(v), 3) for v in flipped]}
+    return {
+        "position": subject,
+        "pairs": len(pairs),
+        "clean_metric": result.clean_metric,
+        "corrupt_metric": result.corrupt_metric,
+        "flipped_by_layer": [float(v) for v in flipped],
+    }
 
 
 def measure(source: str) -> dict[str, Any]:
     import anylens as al
 
     model = al.load(source)
-    return {
+    return _rounded({
         "heads": head_mechanisms(model),
         "logit_lens_answer_prob": logit_lens_rise(model),
         "subject_patching": subject_patching(model),
-    }
+    })
+
+
+def _rounded(value: Any, digits: int = 4) -> Any:
+    """Floats rounded for metrics.json, inside any nesting of dicts and lists."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {key: _rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item, digits) for item in value]
+    return value
 
 
 def card_section(mechanisms: dict[str, Any]) -> str:
