@@ -193,10 +193,7 @@ def _repeated_tokens(model: AnyModel, seq_len: int, seed: int, batch: int) -> tu
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     candidates = torch.tensor([i for i in range(vocab) if i not in special])
     generator = torch.Generator().manual_seed(seed)
-    random = candidates[torch.randint(len(candidates), (batch, seq_len), generator=generator)]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    prefix = torch.full((batch, 1), bos, dtype=random.dtype) if bos is not None else random[:, :0]
-    return torch.cat([prefix, random, random], dim=1).to(model.device), prefix.shape[1]
+    return _repeated(model, candidates[torch.randint(len(candidates), (batch, seq_len), generator=generator)])
 
 
 def _repeated_given(model: AnyModel, sequences: Sequence[str] | torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -213,6 +210,11 @@ def _repeated_given(model: AnyModel, sequences: Sequence[str] | torch.Tensor) ->
         ids = torch.tensor(encoded)
     if ids.ndim != 2 or ids.shape[1] < 2:
         raise ValueError(f"sequences must be [batch, seq_len] with seq_len >= 2, got shape {tuple(ids.shape)}")
+    return _repeated(model, ids)
+
+
+def _repeated(model: AnyModel, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``ids`` twice after the tokenizer's BOS token (if it has one), and the BOS offset."""
     bos = getattr(model.tokenizer, "bos_token_id", None)
     prefix = torch.full((ids.shape[0], 1), bos, dtype=ids.dtype) if bos is not None else ids[:, :0]
     return torch.cat([prefix, ids, ids], dim=1).to(model.device), prefix.shape[1]
