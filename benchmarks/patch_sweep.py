@@ -435,41 +435,24 @@ def timing_sections(model, clean, corrupt, cap: int, repeats: int, log) -> list[
     hooks_z(model, clean, corrupt, cap)
     hooks_attribution(model, clean, corrupt)
 
-    log("(i) resid_pre over layer x position")
-    resid = time_variants(
-        {
-            "a": lambda: naive_resid(model, clean, corrupt),
-            "b": lambda: anylens_resid(model, clean, corrupt),
-            "b0": lambda: anylens_resid(model, clean, corrupt, reuse=False),
-            "c": lambda: hooks_resid(model, clean, corrupt, cap),
-        },
-        repeats,
-        log,
-    )
-    lines += sweep_table(
-        f"### (i) resid_pre, layer x position: {n_layers * LENGTH} patches",
-        resid,
-        [("a", "b"), ("c", "b"), ("b0", "b")],
-        SWEEP_LABELS,
-    )
+    def exact_sweep(title: str, naive, anylens, hooks) -> dict[str, dict]:
+        """Time (a), (b), (b0) and (c) of one patching sweep and add its table."""
+        log(title)
+        results = time_variants(
+            {
+                "a": lambda: naive(model, clean, corrupt),
+                "b": lambda: anylens(model, clean, corrupt),
+                "b0": lambda: anylens(model, clean, corrupt, reuse=False),
+                "c": lambda: hooks(model, clean, corrupt, cap),
+            },
+            repeats,
+            log,
+        )
+        lines.extend(sweep_table(f"### {title}", results, [("a", "b"), ("c", "b"), ("b0", "b")], SWEEP_LABELS))
+        return results
 
-    log("(ii) z over layer x head")
-    heads = time_variants(
-        {
-            "a": lambda: naive_z(model, clean, corrupt),
-            "b": lambda: anylens_z(model, clean, corrupt),
-            "b0": lambda: anylens_z(model, clean, corrupt, reuse=False),
-            "c": lambda: hooks_z(model, clean, corrupt, cap),
-        },
-        repeats,
-        log,
-    )
-    lines += sweep_table(
-        f"### (ii) z, layer x head: {n_layers * n_heads} patches",
-        heads,
-        [("a", "b"), ("c", "b"), ("b0", "b")],
-        SWEEP_LABELS,
-    )
+    exact_sweep(f"(i) resid_pre, layer x position: {n_layers * LENGTH} patches", naive_resid, anylens_resid, hooks_resid)
+    heads = exact_sweep(f"(ii) z, layer x head: {n_layers * n_heads} patches", naive_z, anylens_z, hooks_z)
 
     log("(iii) attribution patching")
     attribution = time_variants(
