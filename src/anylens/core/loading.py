@@ -28,14 +28,7 @@ def wrap(
     from nnsight.modeling.transformers import TransformersModel
     from transformers import PreTrainedModel
 
-    from ..registry.manager import as_spec, registry
-
-    if adapter is None:
-        spec = registry().resolve(hf_model)
-    elif isinstance(adapter, str) and not adapter.endswith(".toml"):
-        spec = registry().adapter(adapter)
-    else:
-        spec = as_spec(adapter)
+    spec = adapter_for(hf_model, adapter)
     spec = spec.specialize(hf_model.config)
     hf_model.eval()
     if "pattern" in spec.roles and hasattr(hf_model, "set_attn_implementation"):
@@ -52,6 +45,18 @@ def wrap(
         tokenizer = _tokenizer_for(hf_model)
     nn_model = TransformersModel(hf_model, tokenizer=tokenizer)
     return AnyModel(nn_model, spec, tokenizer)
+
+
+def adapter_for(module: torch.nn.Module, adapter: Any = None) -> Any:
+    """The adapter spec for ``module``: resolved by the registry, or the one ``adapter`` names or is
+    (an adapter name, a spec, a dict, or a TOML path)."""
+    from ..registry.manager import as_spec, registry
+
+    if adapter is None:
+        return registry().resolve(module)
+    if isinstance(adapter, str) and not adapter.endswith(".toml"):
+        return registry().adapter(adapter)
+    return as_spec(adapter)
 
 
 def load(

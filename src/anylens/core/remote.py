@@ -82,7 +82,7 @@ def load_remote(model_id: str, *, remote: bool | str = True, adapter: Any = None
     from nnsight.modeling.transformers import TransformersModel
     from transformers import AutoTokenizer
 
-    from ..registry.manager import as_spec, registry
+    from .loading import adapter_for
 
     if remote != "local":
         check_api_key()
@@ -96,12 +96,6 @@ def load_remote(model_id: str, *, remote: bool | str = True, adapter: Any = None
             f"cannot build {model_id!r} for a remote run: its config was not found ({error}); give a hub id "
             "that NDIF serves (see https://nnsight.net/status), with network access to the hub"
         ) from error
-    if adapter is None:
-        spec = registry().resolve(nn_model._module)
-    elif isinstance(adapter, str) and not adapter.endswith(".toml"):
-        spec = registry().adapter(adapter)
-    else:
-        spec = as_spec(adapter)
-    model = AnyModel(nn_model, spec, tokenizer, remote=remote)
+    model = AnyModel(nn_model, adapter_for(nn_model._module, adapter), tokenizer, remote=remote)
     model.source = model_id
     return model
