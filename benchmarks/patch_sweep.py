@@ -133,23 +133,29 @@ def naive_z(model, clean, corrupt, layers=None) -> torch.Tensor:
 
 
 # -- (b) anylens ------------------------------------------------------------------------------
-def grid(result, columns: str, value: str) -> torch.Tensor:
-    """[layer, columns] of one value column of a sweep's frame."""
-    table = result.to_frame().pivot_table(index="layer", columns=columns, values=value)
-    return torch.tensor(table.to_numpy(), dtype=torch.float32)
+# Each returns its result with a function that lays it out as the others' [layer, x] tensor;
+# the timing calls that function after stopping the clock (the other variants return tensors).
+def grid(result, columns: str, value: str) -> Callable[[], torch.Tensor]:
+    """[layer, columns] of one value column of a sweep's frame, laid out when called."""
+
+    def lay_out() -> torch.Tensor:
+        table = result.to_frame().pivot_table(index="layer", columns=columns, values=value)
+        return torch.tensor(table.to_numpy(), dtype=torch.float32)
+
+    return lay_out
 
 
-def anylens_resid(model, clean, corrupt, reuse: bool = True) -> torch.Tensor:
+def anylens_resid(model, clean, corrupt, reuse: bool = True) -> Callable[[], torch.Tensor]:
     result = al.patch(model, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=METRIC, reuse=reuse)
     return grid(result, "pos", "metric")
 
 
-def anylens_z(model, clean, corrupt, reuse: bool = True) -> torch.Tensor:
+def anylens_z(model, clean, corrupt, reuse: bool = True) -> Callable[[], torch.Tensor]:
     result = al.patch(model, clean, corrupt, role="z", over=("layer", "head"), metric=METRIC, reuse=reuse)
     return grid(result, "head", "metric")
 
 
-def anylens_attribution(model, clean, corrupt) -> torch.Tensor:
+def anylens_attribution(model, clean, corrupt) -> Callable[[], torch.Tensor]:
     result = al.attribute(model, clean, corrupt, role="z", over=("layer", "head"), metric=METRIC)
     return grid(result, "head", "estimate")
 
@@ -279,11 +285,13 @@ def hooks_attribution(model, clean, corrupt) -> torch.Tensor:
 
 
 # -- timing -----------------------------------------------------------------------------------
-def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+def timed(fn: Callable[[], object]) -> tuple[float, torch.Tensor]:
+    """Seconds ``fn`` takes, and its value as a tensor (laid out after the clock stops)."""
     gc.collect()
     start = time.perf_counter()
     value = fn()
-    return time.perf_counter() - start, value
+    seconds = time.perf_counter() - start
+    return seconds, value() if callable(value) else value
 
 
 def time_variants(variants: dict[str, Callable[[], torch.Tensor]], repeats: int, log) -> dict[str, dict]:
@@ -405,8 +413,12 @@ def run_measurement(name: str, quick: bool, budget: int) -> dict:
             result = al.patch(
                 model, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=METRIC, memory_budget=budget
             )
-            extra.update(seconds=time.perf_counter() - start, forwards=result.meta["forwards"],
-                         patches=result.meta["patches"], unchanged=result.meta["unchanged"])
+            extra.update(
+                seconds=time.perf_counter() - start,
+                forwards=result.meta["forwards"],
+                patches=result.meta["patches"],
+                unchanged=result.meta["unchanged"],
+            )
     else:
         fn = {
             "naive_resid": lambda: naive_resid(model, clean, corrupt),
@@ -451,7 +463,9 @@ def timing_sections(model, clean, corrupt, cap: int, repeats: int, log) -> list[
         lines.extend(sweep_table(f"### {title}", results, [("a", "b"), ("c", "b"), ("b0", "b")], SWEEP_LABELS))
         return results
 
-    exact_sweep(f"(i) resid_pre, layer x position: {n_layers * LENGTH} patches", naive_resid, anylens_resid, hooks_resid)
+    exact_sweep(
+        f"(i) resid_pre, layer x position: {n_layers * LENGTH} patches", naive_resid, anylens_resid, hooks_resid
+    )
     heads = exact_sweep(f"(ii) z, layer x head: {n_layers * n_heads} patches", naive_z, anylens_z, hooks_z)
 
     log("(iii) attribution patching")
