@@ -10,7 +10,9 @@ from tiny_models import model_cache
 from tiny_models import random_prompt_pairs as prompt_pairs
 
 import anylens as al
-from anylens.experiments.attribution import role_gradients
+from anylens.experiments import attribution
+from anylens.experiments.attribution import one_forward, role_gradients
+from anylens.experiments.chunks import CostModel
 from anylens.testing import TINY_BUILDERS, tiny
 
 TOL = 1e-5
@@ -47,10 +49,17 @@ def reference_estimates(grads, acts, sources, role, over, source_of=None):
 CASES = [("z", ("layer", "head")), ("resid_pre", ("layer", "pos")), ("resid_mid", ("layer",))]
 
 
+@pytest.fixture(params=[True, False], ids=["one-forward", "two-forwards"])
+def fused(request, monkeypatch):
+    """Run the source run in the gradient run's forward, or in a forward of its own."""
+    monkeypatch.setattr(attribution, "one_forward", lambda model, source, patched: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("role,over", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("family", list(TINY_BUILDERS))
-def test_attribution_matches_autograd_on_hooked_tensors(family, role, over, direction):
+def test_attribution_matches_autograd_on_hooked_tensors(family, role, over, direction, fused):
     model = model_of(family)
     if role not in model.roles:
         pytest.skip(f"{family} has no role {role!r} (its adapter provides {', '.join(model.roles)})")
@@ -66,6 +75,7 @@ def test_attribution_matches_autograd_on_hooked_tensors(family, role, over, dire
     assert max(g.abs().max() for g in ref_grads) > 1e-3  # the gradients are not trivially zero
 
     result = al.attribute(model, clean, corrupt, role=role, over=over, metric=METRIC, direction=direction)
+    assert result.meta["forwards"] == (1 if fused else 2)
     source_acts, _ = ref.capture(model.hf, role, source)
     if role == "z":
         source_acts = [ref.heads_view(model.hf, a) for a in source_acts]
@@ -96,6 +106,18 @@ def test_head_gradients_under_sdpa_attention_match_eager(family):
     _, sdpa_grads, _ = role_gradients(sdpa, corrupt, "z", METRIC)
     for layer in range(eager.n_layers):
         assert (eager_grads[layer] - sdpa_grads[layer]).abs().max() <= TOL, f"layer {layer}"
+
+
+def test_one_forward_while_reading_weights_dominates():
+    """Short runs share one forward (weights are read once); long ones, or runs of different
+    lengths (aligned prompts), run apart."""
+    model = model_of("gpt2")
+    short = torch.zeros(2, 6, dtype=torch.long)
+    tokens = CostModel.tokens_per_call(model)
+    long = torch.zeros(1, tokens, dtype=torch.long)
+    assert one_forward(model, short, short)
+    assert not one_forward(model, long, long)
+    assert not one_forward(model, short, short[:, :5])
 
 
 def test_attribution_with_aligned_prompts():

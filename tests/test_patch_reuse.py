@@ -12,6 +12,7 @@ import anylens as al
 from anylens.experiments import reuse
 from anylens.experiments.chunks import CostModel, plan_chunks
 from anylens.experiments.components import Component, PatchPlan, _patched_forward, record
+from anylens.experiments.final_position import last_mlp
 from anylens.testing import TINY_BUILDERS, tiny
 
 TOL = 1e-5
@@ -116,11 +117,14 @@ def test_shortcut_forward_equals_the_full_forward(family):
                 continue
             chunk = reuse.Chunk(rows[:3], block, pos) if pos else reuse.Chunk(rows, block, pos)
             # The prefix cache cut from the unpatched run's, and run afresh for the prefix alone.
-            for full_cache in (baseline.cache, None):
+            # With the last MLP run on the final position alone, and without.
+            for full_cache, mlp_cut in ((baseline.cache, None), (None, last_mlp(model, "resid_pre", layers))):
                 caches = reuse.PrefixCaches(model, corrupt, full_cache) if pos else None
-                got, guard = reuse.shortcut_forward(model, plan, chunk.rows, chunk, baseline, caches, 0, guard=True)
-                assert (reuse.unembed(model, got) - full[chunk.rows]).abs().max() <= TOL, (block, pos)
-                assert (reuse.unembed(model, guard)[0] - baseline.last[0]).abs().max() <= TOL, (block, pos)
+                got, guard = reuse.shortcut_forward(model, plan, chunk.rows, chunk, baseline, caches, 0, True, mlp_cut)
+                with torch.no_grad():
+                    got, guard = model.unembed(got), model.unembed(guard)
+                assert (got - full[chunk.rows]).abs().max() <= TOL, (block, pos)
+                assert (guard[0] - baseline.last[0]).abs().max() <= TOL, (block, pos)
     if kv and family != "gemma2":
         assert reuse.PrefixCaches(model, corrupt, baseline.cache).full is not None
     if family == "gemma2":  # its sliding window dropped the first positions: prefixes are run again

@@ -29,6 +29,18 @@ def child_envoy(node: Any, part: str) -> Any:
     return child if child is not None else getattr(node, part)
 
 
+def descend(node: Any, path: str) -> Any:
+    """The envoy at a dotted path below ``node`` (``node`` itself for "")."""
+    for part in path.split(".") if path else ():
+        node = child_envoy(node, part)
+    return node
+
+
+def envoy_at(model: AnyModel, path: str) -> Any:
+    """The nnsight envoy of the wrapped model's module at a dotted path."""
+    return descend(model.nn, path)
+
+
 class RoleAccess:
     """One role of one wrapped model: resolves its path, normalises, views, writes."""
 
@@ -39,11 +51,7 @@ class RoleAccess:
 
     # -- resolution --------------------------------------------------------------------------
     def envoy(self, layer: int | None) -> Any:
-        node = self.model.nn
-        module = self.path.module_at(layer)
-        for part in module.split(".") if module else ():
-            node = child_envoy(node, part)
-        return node
+        return envoy_at(self.model, self.path.module_at(layer))
 
     def _raw(self, layer: int | None) -> Any:
         value = getattr(self.envoy(layer), self.path.io)
@@ -144,4 +152,3 @@ class RoleAccess:
                 f"{tuple(target.shape)}; write a tensor of that shape (or one that broadcasts to it)"
             )
         return value.expand(target.shape).contiguous() if value.shape != target.shape else value
-

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .access import RoleAccess, child_envoy
+from .access import RoleAccess, envoy_at
 from .errors import LayerIndexError, LocalWeightsError, MissingRoleError, ModulePathError, TokenizationError
 from .roles import LAYER_ROLES, MODEL_ROLES
 from .spec import AdapterSpec
@@ -117,7 +117,9 @@ class AnyModel:
         return next(self.hf.parameters()).dtype
 
     def __repr__(self) -> str:
-        return f"<anylens model {self.name!r} adapter={self.adapter.name} layers={self.n_layers} roles={list(self.roles)}>"
+        return (
+            f"<anylens model {self.name!r} adapter={self.adapter.name} layers={self.n_layers} roles={list(self.roles)}>"
+        )
 
     # -- tracing -----------------------------------------------------------------------------
     def trace(self, *inputs: Any, **kwargs: Any) -> Any:
@@ -215,10 +217,7 @@ class AnyModel:
                 continue
             for layer in range(self.n_layers) if access.path.per_layer else (None,):
                 owner = access.path.module_at(layer).split(".source.")[0]
-                node = self.nn
-                for part in owner.split("."):
-                    node = child_envoy(node, part)
-                node.source  # noqa: B018  (the access instruments the forward)
+                envoy_at(self, owner).source  # noqa: B018  (the access instruments the forward)
 
     def _record_token_shapes(self) -> None:
         """Blocks that flatten [batch, pos] into one dimension: remember the shape they got."""
@@ -249,6 +248,21 @@ class AnyModel:
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """The model's own unembedding (with its logit soft-cap) applied to normalised residuals."""
         logits = self._local_module(self.adapter.unembed, "unembedding")(x)
+        cap = self.logit_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def unembed_columns(self, x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """``unembed(x)[..., columns]``, computing only those columns where the unembedding is a
+        linear map (every column otherwise)."""
+        module = self._local_module(self.adapter.unembed, "unembedding")
+        try:
+            weight = linear_weight(module)
+        except ModulePathError:
+            return self.unembed(x)[..., columns]
+        columns = columns.to(weight.device)
+        logits = x @ weight[:, columns]
+        if getattr(module, "bias", None) is not None:
+            logits = logits + module.bias[columns]
         cap = self.logit_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 

@@ -9,12 +9,15 @@ difference the patch would make, summed over the component's features. Two forwa
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import metrics as metrics_
-from .components import HEADED_ROLES, check_over, enumerate_components, last_logits_kwargs, record, score_rows
+from .chunks import CostModel
+from .components import HEADED_ROLES, check_over, enumerate_components, record, score_rows
+from .final_position import cut_to_final_position, last_logits, last_logits_kwargs, last_mlp, metric_columns, read_last
 from .patching import PatchResult, prepare_pairs, sweep_frame, sweep_meta
 from .prompts import Prompts
 
@@ -37,29 +40,79 @@ def role_gradients(
     use of the activation downstream counts, including roles that are views of a module's
     input (per-head ``z``) or tensors shared with the residual stream (``resid_mid``).
     """
+    run = _gradient_run(model, ids, None, role, metric, sorted(model.layers(layers)), reference_last)
+    return run.acts, run.grads, run.last
+
+
+@dataclass
+class _GradientRun:
+    acts: dict[int, torch.Tensor]
+    grads: dict[int, torch.Tensor]
+    last: torch.Tensor
+    rider_acts: dict[int, torch.Tensor] | None = None  # the no-grad rows run along, if any
+    rider_last: torch.Tensor | None = None
+
+
+def _gradient_run(
+    model: AnyModel,
+    ids: torch.Tensor,
+    riders: torch.Tensor | None,
+    role: str,
+    metric: Any,
+    layer_list: list[int],
+    reference_last: torch.Tensor | None,
+) -> _GradientRun:
+    """:func:`role_gradients` of ``ids``; ``riders`` (same shape) run first in the same forward,
+    their activations and logits recorded but not differentiated. With ``reference_last="riders"``
+    each rider's logits are the reference of the row at the same index of ``ids``.
+    """
     access = model.role(role)
-    layer_list = sorted(model.layers(layers))
+    columns = metric_columns(model, metric)
+    mlp_cut = last_mlp(model, role, layer_list)
+    n_riders = 0 if riders is None else riders.shape[0]
+    inputs = ids if riders is None else torch.cat([riders, ids])
     acts: dict[int, torch.Tensor] = {}
     perturbations: dict[int, torch.Tensor] = {}
     with torch.enable_grad():
         # Final-position logits only: the metric reads nothing else, so the rest is wasted both ways.
-        with model.trace(ids.to(model.device), **last_logits_kwargs(model)):
+        with model.trace(inputs.to(model.device), **last_logits_kwargs(model)):
             for layer in layer_list:  # ascending: reads follow the forward order
                 value = access.read(layer)
                 acts[layer] = value.detach().clone().save()
-                delta = torch.zeros_like(value).requires_grad_(True)
+                delta = torch.zeros_like(value).requires_grad_(True)  # rider rows get a zero gradient
                 perturbations[layer] = delta.save()
                 access.write(layer, value + delta)
-            last = model.logits[:, -1].save()
+            cut_to_final_position(model, mlp_cut)
+            saved = read_last(model, columns)
+        last = last_logits(model, saved, columns)
+        rider_last = last[:n_riders].detach()
+        if isinstance(reference_last, str):
+            reference_last = rider_last
+        last = last[n_riders:]
         n = ids.shape[0]
         values = score_rows(metric, model, last, torch.arange(n), n, reference_last)
         inputs = [perturbations[layer] for layer in layer_list]
         grads = torch.autograd.grad(values.sum(), inputs, allow_unused=True)
     gradients = {
-        layer: (torch.zeros_like(delta) if grad is None else grad).detach()
+        layer: (torch.zeros_like(delta[n_riders:]) if grad is None else grad[n_riders:]).detach()
         for layer, delta, grad in zip(layer_list, inputs, grads)
     }
-    return acts, gradients, last.detach()
+    run = _GradientRun({layer: act[n_riders:] for layer, act in acts.items()}, gradients, last.detach())
+    if riders is not None:
+        run.rider_acts = {layer: act[:n_riders] for layer, act in acts.items()}
+        run.rider_last = rider_last
+    return run
+
+
+def one_forward(model: AnyModel, source: torch.Tensor, patched: torch.Tensor) -> bool:
+    """Whether the source run should ride along in the gradient run's forward.
+
+    Two forwards and a backward over ``t`` tokens cost about ``3 (c + t)``, one forward over both
+    runs and its backward ``2 (c + 2t)``, where ``c`` is the tokens a weight matrix costs to call
+    (reading it): one forward wins while ``t < c``, when the runs are short enough that reading
+    the weights, not the arithmetic, sets the pace. Both runs must have the same shape.
+    """
+    return source.shape == patched.shape and patched.numel() < CostModel.tokens_per_call(model)
 
 
 def attribute(
@@ -90,11 +143,18 @@ def attribute(
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 
-    sources, source_last = record(model, role, runs.source, layer_list, last_only=True)
-    clean_last = source_last if direction == "denoise" else None  # the patched run is the clean run
-    acts, grads, patched_last = role_gradients(model, runs.patched, role, metric, layer_list, clean_last)
-    clean_last = patched_last if clean_last is None else clean_last
-    corrupt_last = patched_last if direction == "denoise" else source_last
+    denoise = direction == "denoise"  # the source run is the clean run
+    fused = one_forward(model, runs.source, runs.patched)
+    if fused:
+        reference = "riders" if denoise else None
+        run = _gradient_run(model, runs.patched, runs.source, role, metric, sorted(layer_list), reference)
+        sources, source_last = run.rider_acts, run.rider_last
+    else:
+        sources, source_last = record(model, role, runs.source, layer_list, last_only=True)
+        reference = source_last if denoise else None
+        run = _gradient_run(model, runs.patched, None, role, metric, sorted(layer_list), reference)
+    acts, grads = run.acts, run.grads
+    clean_last, corrupt_last = (source_last, run.last) if denoise else (run.last, source_last)
 
     n_pairs = runs.n_pairs
     every_pair = torch.arange(n_pairs)
@@ -103,7 +163,9 @@ def attribute(
     unpatched = corrupt_values if direction == "denoise" else clean_values
 
     per_layer = {
-        layer: _contributions(role, grads[layer], acts[layer], sources[layer], runs.target_positions, runs.source_positions)
+        layer: _contributions(
+            role, grads[layer], acts[layer], sources[layer], runs.target_positions, runs.source_positions
+        )
         for layer in layer_list
     }
     estimate = torch.stack([_component_value(per_layer[c.layer], c, runs.target_positions) for c in components])
@@ -112,7 +174,7 @@ def attribute(
     normalizer = (clean_values, corrupt_values) if normalize else None
     frame = sweep_frame(model, components, over, runs.patched[0], columns, per_prompt, normalizer)
     meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
-    meta.update(method="attribution patching", forwards=2, backwards=1, components=len(components))
+    meta.update(method="attribution patching", forwards=1 if fused else 2, backwards=1, components=len(components))
     return PatchResult("attribute", frame, meta, value="normalized" if normalize else "estimate")
 
 
@@ -149,4 +211,4 @@ def _component_value(contribution: torch.Tensor, component: Any, target_position
     return value
 
 
-__all__ = ["attribute", "role_gradients"]
+__all__ = ["attribute", "one_forward", "role_gradients"]

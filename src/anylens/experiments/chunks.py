@@ -40,11 +40,15 @@ class Chunk:
     pos: int
 
 
+def _figures(model: AnyModel) -> dict[str, float]:
+    return _CPU if model.device.type == "cpu" else _ACCELERATOR
+
+
 class CostModel:
     """Rough seconds of a forward that runs rows from block ``b0`` and position ``p0`` on."""
 
     def __init__(self, model: AnyModel, length: int):
-        figures = _CPU if model.device.type == "cpu" else _ACCELERATOR
+        figures = _figures(model)
         blocks = model.module(model.adapter.layers)
         block_params = sum(p.numel() for p in blocks[0].parameters()) or 1
         self.n_blocks = len(blocks)
@@ -54,6 +58,11 @@ class CostModel:
         # Final-position logits of a row; the unembedding runs once for many forwards' rows.
         self.head_s = 2 * model.d_model * model.d_vocab / figures["flops"]
         self.forward_s = figures["forward_s"]
+
+    @staticmethod
+    def tokens_per_call(model: AnyModel) -> int:
+        """Tokens whose arithmetic costs about what one call of a weight matrix does on its own."""
+        return _figures(model)["tokens_per_call"]
 
     def fixed(self, b0: int) -> float:
         """What a forward costs whatever its number of rows."""

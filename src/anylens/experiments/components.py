@@ -11,7 +11,6 @@ Nothing here knows an architecture: roles say where activations live and how the
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ import torch
 
 from ..core.errors import AnylensError, PromptError
 from ..core.roles import HEAD_ROLES, LAYER_ROLES
+from .final_position import cut_to_final_position, last_logits, last_logits_kwargs, last_mlp, read_last
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -56,7 +56,9 @@ def check_over(model: AnyModel, role: str, over: str | Sequence[str]) -> tuple[s
     """``over`` as a tuple of known dimensions valid for ``role``, or a clear error."""
     model.role(role)  # a role this model lacks fails here, naming the roles it has
     if role not in LAYER_ROLES:
-        raise OverError(f"role {role!r} is not per-layer; sweep one of: {', '.join(r for r in LAYER_ROLES if r in model.roles)}")
+        raise OverError(
+            f"role {role!r} is not per-layer; sweep one of: {', '.join(r for r in LAYER_ROLES if r in model.roles)}"
+        )
     over = (over,) if isinstance(over, str) else tuple(over)
     unknown = [d for d in over if d not in DIMS]
     if unknown or len(set(over)) != len(over) or "layer" not in over:
@@ -173,6 +175,7 @@ def run_plan(
     memory_budget: int | None = None,
     reuse: bool = True,
     baseline: Any = None,
+    columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PlanStats]:
     """Run every patched row of ``plan``, many rows per forward; ``score`` each chunk.
 
@@ -180,7 +183,8 @@ def run_plan(
     metric values, so full logits of every row never have to be kept. Returns ``[n_rows]`` scores.
     With ``reuse`` (the default) work a patch cannot change is done once, not once per row (see
     :mod:`anylens.experiments.reuse`; ``baseline`` is the unpatched run if already recorded);
-    ``reuse=False`` runs every row through the whole model.
+    ``reuse=False`` runs every row through the whole model. ``columns``: the only logits
+    ``score`` reads, computed alone where reuse runs the unembedding itself.
     """
     n = len(plan)
     if batch_size is not None and batch_size < 1:
@@ -189,7 +193,14 @@ def run_plan(
         from .reuse import run_reusing  # reuse builds on this module
 
         return run_reusing(
-            model, plan, score, lambda rows: _patched_forward(model, plan, rows), batch_size, memory_budget, baseline
+            model,
+            plan,
+            score,
+            lambda rows: _patched_forward(model, plan, rows),
+            batch_size,
+            memory_budget,
+            baseline,
+            columns,
         )
     rows_per_forward = batch_size or rows_for_budget(model, plan.inputs.shape[1], memory_budget)
     if batch_size is None and n:
@@ -312,16 +323,6 @@ def rows_for_budget(model: AnyModel, seq_len: int, memory_budget: int | None = N
 
 
 # -- recording ------------------------------------------------------------------------------
-def forward_kwargs(model: AnyModel) -> set[str]:
-    """Names of the keyword arguments the model's forward takes."""
-    return set(inspect.signature(model.hf.forward).parameters)
-
-
-def last_logits_kwargs(model: AnyModel) -> dict[str, Any]:
-    """Ask the model for final-position logits only, where its forward supports it."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in forward_kwargs(model) else {}
-
-
 def record(
     model: AnyModel,
     role: str,
@@ -329,26 +330,31 @@ def record(
     layers: Sequence[int],
     rows_per_forward: int | None = None,
     last_only: bool = False,
+    columns: torch.Tensor | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Activations of ``role`` at ``layers`` and the final-position logits, no-grad.
 
     ``rows_per_forward`` inputs per trace (all at once by default), so that recording many
     prompts stays within the memory a sweep's forwards are sized to; ``last_only`` asks the
-    model for final-position logits only.
+    model for final-position logits only (and runs the last MLP on that position alone), of
+    which ``columns`` computes only those (:mod:`.final_position`).
     """
     access = model.role(role)
     step = rows_per_forward or max(ids.shape[0], 1)
     kwargs = last_logits_kwargs(model) if last_only else {}
+    mlp_cut = last_mlp(model, role, layers) if last_only else None
     rows = RowFill(ids.shape[0])
     for start in range(0, ids.shape[0], step):
         saved: dict[int, torch.Tensor] = {}
         with torch.no_grad(), model.trace(ids[start : start + step].to(model.device), **kwargs):
             for layer in sorted(layers):
                 saved[layer] = access.read(layer).clone().save()
-            last = model.logits[:, -1].save()
+            cut_to_final_position(model, mlp_cut)
+            last = read_last(model, columns if last_only else None)
         for layer, value in saved.items():
             rows.put(layer, start, value)
-        rows.put("last", start, last)
+        with torch.no_grad():
+            rows.put("last", start, last_logits(model, last, columns if last_only else None))
     return {layer: rows[layer] for layer in layers}, rows["last"]
 
 
@@ -420,8 +426,6 @@ __all__ = [
     "check_over",
     "default_budget",
     "enumerate_components",
-    "forward_kwargs",
-    "last_logits_kwargs",
     "metric_for_rows",
     "n_heads_of",
     "normalize_positions",

@@ -31,6 +31,10 @@ def target_ids(model: AnyModel, target: Target, batch: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _words(target: Target) -> list[str | int]:
+    return [target] if isinstance(target, (str, int)) else list(target)
+
+
 def _last(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, -1, :] if logits.dim() == 3 else logits
 
@@ -47,10 +51,15 @@ class Metric:
     #: True when larger values mean "more of the clean behaviour"; used to read patching scores.
     higher_is_clean = True
 
-    def __call__(
-        self, logits: torch.Tensor, model: AnyModel, clean_logits: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, model: AnyModel, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def columns(self, model: AnyModel) -> list[int] | None:
+        """The vocabulary ids this metric reads, or None when it reads the whole distribution.
+
+        Sweeps then compute only these logits; the others are NaN, so reading them shows.
+        """
+        return None
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,10 @@ class LogitDiff(Metric):
         return _gather(last, target_ids(model, self.answer, batch)) - _gather(
             last, target_ids(model, self.distractor, batch)
         )
+
+    def columns(self, model):
+        words = [w for target in (self.answer, self.distractor) for w in _words(target)]
+        return sorted({model.token_id(word) for word in words})
 
 
 @dataclass(frozen=True)
@@ -147,4 +160,17 @@ def normalized(patched: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor
     return (patched - corrupt) / gap
 
 
-__all__ = ["KL", "LogProb", "LogitDiff", "Metric", "Prob", "Rank", "kl", "log_prob", "logit_diff", "normalized", "prob", "rank"]
+__all__ = [
+    "KL",
+    "LogProb",
+    "LogitDiff",
+    "Metric",
+    "Prob",
+    "Rank",
+    "kl",
+    "log_prob",
+    "logit_diff",
+    "normalized",
+    "prob",
+    "rank",
+]

@@ -28,6 +28,7 @@ from .components import (
     run_plan,
     score_rows,
 )
+from .final_position import metric_columns
 from .prompts import Prompts, paired
 from .results import Result
 from .reuse import record_for_plan
@@ -106,7 +107,9 @@ def prepare_pairs(
         wanted = normalize_positions(positions, t_target, "patched-run")
         missing = [p for p in wanted if p not in target]
         if missing:
-            raise PromptError(f"positions {missing} are not aligned to any source position; aligned positions: {target}")
+            raise PromptError(
+                f"positions {missing} are not aligned to any source position; aligned positions: {target}"
+            )
         keep = [target.index(p) for p in wanted]
         target, source = [target[i] for i in keep], [source[i] for i in keep]
     return PairedRuns(clean_ids, corrupt_ids, direction, target, source)
@@ -118,7 +121,9 @@ def _check_align(align: Any, t_clean: int, t_corrupt: int) -> tuple[list[int], l
     except (TypeError, ValueError):
         raise PromptError("align must be a pair (clean_positions, corrupt_positions) of equal-length lists") from None
     if len(clean_pos) != len(corrupt_pos):
-        raise PromptError(f"align pairs {len(clean_pos)} clean positions with {len(corrupt_pos)} corrupt positions: give as many of each")
+        raise PromptError(
+            f"align pairs {len(clean_pos)} clean positions with {len(corrupt_pos)} corrupt positions: give as many of each"
+        )
     clean_pos = normalize_positions(clean_pos, t_clean, "clean")
     corrupt_pos = normalize_positions(corrupt_pos, t_corrupt, "corrupt")
     for name, pos in (("clean", clean_pos), ("corrupt", corrupt_pos)):
@@ -164,10 +169,13 @@ def patch(
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 
     recording_rows = rows_for_budget(model, runs.source.shape[1], memory_budget)
-    sources, source_last = record(model, role, runs.source, layer_list, recording_rows, last_only=reuse)
+    columns = metric_columns(model, metric) if reuse else None
+    sources, source_last = record(
+        model, role, runs.source, layer_list, recording_rows, last_only=reuse, columns=columns
+    )
     baseline = None
     if reuse:
-        baseline = record_for_plan(model, role, runs.patched, layer_list, sources, memory_budget)
+        baseline = record_for_plan(model, role, runs.patched, layer_list, sources, memory_budget, columns=columns)
         patched_last = baseline.last
     else:
         _, patched_last = record(model, role, runs.patched, [], recording_rows)
@@ -193,7 +201,14 @@ def patch(
         return score_rows(metric, model, last, plan.input_rows[rows], n_pairs, clean_last)
 
     values, stats = run_plan(
-        model, plan, score, batch_size=batch_size, memory_budget=memory_budget, reuse=reuse, baseline=baseline
+        model,
+        plan,
+        score,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        reuse=reuse,
+        baseline=baseline,
+        columns=columns,
     )
     values = values.reshape(len(components), n_pairs)
 

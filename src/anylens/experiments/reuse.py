@@ -31,16 +31,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.access import child_envoy
+from ..core.access import envoy_at
 from .chunks import Chunk, CostModel, Sizes, plan_chunks
-from .components import (
-    HEADED_ROLES,
-    PatchPlan,
-    PlanStats,
-    RowFill,
+from .components import HEADED_ROLES, PatchPlan, PlanStats, RowFill, writes_by_layer
+from .final_position import (
+    cut_to_final_position,
+    final_logits,
     forward_kwargs,
+    last_logits,
     last_logits_kwargs,
-    writes_by_layer,
+    last_mlp,
+    matches_within,
+    read_last,
 )
 
 if TYPE_CHECKING:
@@ -56,14 +58,6 @@ _kv_reusable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -
 
 
 # -- model facts ------------------------------------------------------------------------------
-def envoy_at(model: AnyModel, path: str) -> Any:
-    """The nnsight envoy of the module at a dotted path."""
-    node = model.nn
-    for part in path.split(".") if path else ():
-        node = child_envoy(node, part)
-    return node
-
-
 def block_envoys(model: AnyModel) -> Any:
     """The nnsight envoy of the model's list of blocks (the adapter's ``layers`` path)."""
     return envoy_at(model, model.adapter.layers)
@@ -158,6 +152,7 @@ def record_baseline(
     n_blocks: int = 0,
     rows_per_forward: int | None = None,
     last_only: bool = True,
+    columns: torch.Tensor | None = None,
 ) -> Baseline:
     """Record the unpatched run of ``ids``: final logits, ``role`` at ``layers`` and the outputs
     of the first ``n_blocks`` blocks, ``rows_per_forward`` inputs at a time; with block outputs,
@@ -165,6 +160,7 @@ def record_baseline(
 
     Blocks whose output is not a residual tensor (or a tuple led by one, with no other tensors)
     cannot be handed back by a skip, so then no block outputs are kept (``blocks`` is None).
+    ``columns`` are the only final-position logits to compute (:mod:`.final_position`).
     """
     access = model.role(role)
     blocks = block_envoys(model)
@@ -175,6 +171,7 @@ def record_baseline(
     step = rows_per_forward or ids.shape[0]
     cache = _empty_cache(model) if n_blocks and step >= ids.shape[0] and kv_cache_reusable(model, ids) else None
     rows = RowFill(ids.shape[0])
+    mlp_cut = last_mlp(model, role, layers) if last_only else None
     structures: list[Any] = []  # each block's output as the first chunk returned it
     for start in range(0, ids.shape[0], step):
         acts: dict[int, torch.Tensor] = {}
@@ -188,7 +185,10 @@ def record_baseline(
                     acts[index] = access.read(index).clone().save()
                 else:
                     outputs.append(_clone(blocks[index].output).save())
-            last = model.logits[:, -1].save()
+            cut_to_final_position(model, mlp_cut)
+            last = read_last(model, columns if last_only else None)
+        with torch.no_grad():
+            last = last_logits(model, last, columns if last_only else None)
         for layer, value in acts.items():
             rows.put(("act", layer), start, value)
         rows.put("last", start, last)
@@ -221,20 +221,21 @@ def record_for_plan(
     sources: dict[int, torch.Tensor],
     memory_budget: int | None = None,
     need_acts: bool = False,
+    columns: torch.Tensor | None = None,
 ) -> Baseline:
     """The unpatched run of ``ids`` for a plan over ``layers``.
 
     With the role and block outputs reuse needs if they fit half the budget left by ``sources``;
     else the final logits only (the plan then records the rest group by group), or the role
-    without block outputs when the caller ``need_acts``.
+    without block outputs when the caller ``need_acts``. ``columns``: the logits to compute.
     """
     layers = sorted(layers)
     n_blocks = skippable_blocks(model, role, layers)
     sizes = Sizes.of(model, role, n_blocks, ids.shape[1], sources, memory_budget, ids.shape[0])
     rows = sizes.rows_for(sizes.free // 2)
     if sizes.inputs_per_group(ids.shape[0]) == ids.shape[0]:
-        return record_baseline(model, role, ids, layers, n_blocks, rows)
-    return record_baseline(model, role, ids, layers if need_acts else [], 0, rows)
+        return record_baseline(model, role, ids, layers, n_blocks, rows, columns=columns)
+    return record_baseline(model, role, ids, layers if need_acts else [], 0, rows, columns=columns)
 
 
 def _clone(value: Any) -> Any:
@@ -359,12 +360,14 @@ def shortcut_forward(
     caches: PrefixCaches | None,
     input_offset: int,
     guard: bool,
+    mlp_cut: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The unembedding's final-position input for ``rows``, skipping the chunk's blocks and positions.
 
     The unembedding itself is skipped too: a sweep applies it to many chunks' rows at once
-    (:func:`unembed`), reading its weights once rather than once per forward. With ``guard``, an
+    (:func:`.final_position.final_logits`), reading its weights once rather than once per forward. With ``guard``, an
     unpatched copy of the first row's input runs along; it comes back second, for checking.
+    ``mlp_cut`` is the last MLP to run on the final position only (:mod:`.final_position`).
     """
     device = model.device
     inputs = plan.input_rows[rows] - input_offset
@@ -390,6 +393,7 @@ def shortcut_forward(
             target = access.read(layer)
             for target_index, source_index in writes[layer]:
                 target[target_index] = plan.sources[layer][source_index].to(target.dtype)
+        cut_to_final_position(model, mlp_cut)
         hidden = head.input
         last = hidden[:, -1].clone().save()
         head.skip(hidden.new_zeros(()).expand(*hidden.shape[:-1], model.d_vocab))  # logits nobody reads
@@ -398,20 +402,7 @@ def shortcut_forward(
     return last, None
 
 
-def unembed(model: AnyModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Final-position logits from the unembedding's input ``hidden`` ``[rows, d_model]``."""
-    with torch.no_grad():
-        return model.unembed(hidden)
-
-
 # -- guard ------------------------------------------------------------------------------------
-def _guard_passes(got: torch.Tensor, expected: torch.Tensor) -> bool:
-    expected = expected.to(got.device, got.dtype)
-    coarseness = max(torch.finfo(got.dtype).eps / torch.finfo(torch.float32).eps, 1.0)
-    tolerance = GUARD_RTOL * coarseness * max(1.0, float(expected.abs().max()))
-    return float((got - expected).abs().max()) <= tolerance
-
-
 def disabled_reason(model: AnyModel) -> str | None:
     """Why reuse is off for ``model`` (a guard row failed), or None."""
     return _disabled.get(model)
@@ -430,8 +421,10 @@ class ReusingRun:
         batch_size: int | None,
         memory_budget: int | None,
         baseline: Baseline | None,
+        columns: torch.Tensor | None = None,
     ):
         self.model, self.plan, self.score, self.plain_forward = model, plan, score, plain_forward
+        self.columns = columns
         self.length = plan.inputs.shape[1]
         self.layers = sorted({c.layer for c in plan.components})
         self.owner = {layer: block_of(model, plan.role, layer) or 0 for layer in self.layers}
@@ -452,6 +445,7 @@ class ReusingRun:
         # A pattern's key axis is laid out by the cache (a sliding window keeps part of it), so
         # pattern patches run every position.
         self.kv = plan.role != "pattern" and kv_cache_reusable(model, plan.inputs)
+        self.mlp_cut = last_mlp(model, plan.role, self.layers)
         self.scores = torch.empty(len(plan))
         self.stats = PlanStats(patches=len(plan))
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -473,7 +467,9 @@ class ReusingRun:
         plan, model = self.plan, self.model
         state = self.baseline
         if state is None:
-            state = record_baseline(model, plan.role, plan.inputs[first:last], self.layers, self.n_blocks, self.cap)
+            state = record_baseline(
+                model, plan.role, plan.inputs[first:last], self.layers, self.n_blocks, self.cap, columns=self.columns
+            )
         starts = first_changes(_subplan(plan, rows), state.acts, first)
         unchanged = rows[starts < 0]
         for start in range(0, len(unchanged), self.unembed_rows):  # a block at a time: logits are wide
@@ -500,10 +496,14 @@ class ReusingRun:
             return
         key = (self.length, chunk.block, chunk.pos)
         guard = key not in _verified.setdefault(model, set())
-        hidden, guard_hidden = shortcut_forward(model, self.plan, rows, chunk, state, caches, first, guard)
+        hidden, guard_hidden = shortcut_forward(
+            model, self.plan, rows, chunk, state, caches, first, guard, self.mlp_cut
+        )
         if guard:
             expected = state.last[self.plan.input_rows[rows[0]] - first]
-            if not _guard_passes(unembed(model, guard_hidden)[0], expected):
+            with torch.no_grad():
+                guard_last = final_logits(model, guard_hidden, self.columns)[0]
+            if not matches_within(guard_last, expected, GUARD_RTOL):
                 self._disable(chunk)
                 self.stats.forwards += 1
                 self._full(rows)
@@ -527,7 +527,8 @@ class ReusingRun:
         self._pending = []
         for start in range(0, len(rows), self.unembed_rows):
             part = rows[start : start + self.unembed_rows]
-            logits = unembed(self.model, hidden[start : start + self.unembed_rows])
+            with torch.no_grad():
+                logits = final_logits(self.model, hidden[start : start + self.unembed_rows], self.columns)
             self.scores[part] = self.score(logits, part).detach().float().cpu()
 
     def _disable(self, chunk: Chunk) -> None:
@@ -549,6 +550,7 @@ def run_reusing(
     batch_size: int | None = None,
     memory_budget: int | None = None,
     baseline: Baseline | None = None,
+    columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PlanStats]:
     """Run ``plan`` with reuse: the scores of running every row in full, for less work.
 
@@ -556,8 +558,9 @@ def run_reusing(
     leaves after the plan's sources; the rest sizes the chunks (or ``batch_size`` rows).
     ``baseline`` is the unpatched run of every input, if the caller recorded it with the role
     (:func:`record_for_plan`). ``plain_forward(rows)`` runs rows in full, should a guard fail.
+    ``columns`` are the only logits ``score`` reads, if it says (:func:`.final_position.metric_columns`).
     """
-    return ReusingRun(model, plan, score, plain_forward, batch_size, memory_budget, baseline).run()
+    return ReusingRun(model, plan, score, plain_forward, batch_size, memory_budget, baseline, columns).run()
 
 
 def _subplan(plan: PatchPlan, rows: torch.Tensor) -> PatchPlan:

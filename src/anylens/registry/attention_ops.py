@@ -63,12 +63,9 @@ def pattern_options(
 
 
 def _envoy(nn_model: Any, path: str) -> Any:
-    from ..core.access import child_envoy
+    from ..core.access import descend
 
-    node = nn_model
-    for part in path.split("."):
-        node = child_envoy(node, part)
-    return node
+    return descend(nn_model, path)
 
 
 def _drill_candidates(module: torch.nn.Module, source: Any, names: list[str]) -> list[str]:
