@@ -19,6 +19,7 @@ just before the variant runs, each variant in a fresh subprocess after one unpat
 
     python benchmarks/patch_sweep.py                     # GPT-2-small shape (takes many minutes)
     python benchmarks/patch_sweep.py --quick --repeats 2 # a small model, for a quick look
+    python benchmarks/patch_sweep.py --device cuda       # on a GPU (memory: its allocated peak)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ LENGTH = 16
 DIFFERENT = (3, 8, 12)  # positions where the corrupt prompt differs from the clean one
 ANSWER, DISTRACTOR = 100, 200
 METRIC = al.metrics.logit_diff(ANSWER, DISTRACTOR)
+DEVICE = torch.device("cpu")  # --device
 
 
 # -- the model and prompts --------------------------------------------------------------------
@@ -59,7 +61,7 @@ def build_model(quick: bool):
         config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=64)
     else:  # GPT-2 small: 124M parameters
         config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
-    hf = GPT2LMHeadModel(config).float().eval()
+    hf = GPT2LMHeadModel(config).float().eval().to(DEVICE)
     return al.wrap(hf, tiny_tokenizer())
 
 
@@ -69,7 +71,7 @@ def prompt_pairs(vocab: int, n_pairs: int = 1, seed: int = 0) -> tuple[torch.Ten
     corrupt = clean.clone()
     for pos in DIFFERENT:
         corrupt[:, pos] = (clean[:, pos] + 1 + torch.randint(0, vocab - 1, (n_pairs,), generator=generator)) % vocab
-    return clean, corrupt
+    return clean.to(DEVICE), corrupt.to(DEVICE)
 
 
 def logit_diff(last: torch.Tensor) -> torch.Tensor:
@@ -220,7 +222,7 @@ def hooks_sweep(hf, modules, clean, corrupt, patches, write, cap: int) -> torch.
         finally:
             for handle in handles:
                 handle.remove()
-        out[list(chunk)] = logit_diff(last)
+        out[list(chunk)] = logit_diff(last).cpu()
     return out
 
 
@@ -280,7 +282,7 @@ def hooks_attribution(model, clean, corrupt) -> torch.Tensor:
     out = torch.empty(n_layers, n_heads)
     for layer in range(n_layers):
         terms = (clean_z[layer] - corrupt_z[layer].detach()) * grads[layer]
-        out[layer] = terms.view(-1, LENGTH, n_heads, d_head).sum((0, 1, 3))
+        out[layer] = terms.view(-1, LENGTH, n_heads, d_head).sum((0, 1, 3)).cpu()
     return out
 
 
@@ -290,6 +292,8 @@ def timed(fn: Callable[[], object]) -> tuple[float, torch.Tensor]:
     gc.collect()
     start = time.perf_counter()
     value = fn()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return seconds, value() if callable(value) else value
 
@@ -347,8 +351,16 @@ def _status(field: str) -> int:
 
 
 def peak_rise(fn: Callable[[], object]) -> tuple[int, int, str]:
-    """(bytes the resident set rose to above its level before ``fn``, that level, how measured)."""
+    """(bytes the resident set rose to above its level before ``fn``, that level, how measured);
+    on a GPU, the rise of its allocated memory instead."""
     gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        allocated = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - allocated, allocated, "torch.cuda.max_memory_allocated"
     before = _status("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
@@ -386,7 +398,7 @@ RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 def measure_in_child(name: str, quick: bool, budget: int, threads: int, env: dict | None = None) -> dict:
     command = [sys.executable, __file__, "--measure", name, "--budget-mb", str(budget // 2**20)]
-    command += ["--threads", str(threads)]
+    command += ["--threads", str(threads), "--device", str(DEVICE)]
     if quick:
         command.append("--quick")
     environment = {**os.environ, **(env or {})}
@@ -482,7 +494,7 @@ def timing_sections(model, clean, corrupt, cap: int, repeats: int, log) -> list[
     lines += sweep_table(title, attribution, [("c", "b")], ATTRIBUTION_LABELS)
     with torch.no_grad():
         corrupt_metric = logit_diff(model.hf(input_ids=corrupt, logits_to_keep=1).logits[:, -1])
-    effect = (heads["b"]["value"] - corrupt_metric).flatten()
+    effect = (heads["b"]["value"] - corrupt_metric.cpu()).flatten()
     estimate = attribution["b"]["value"].flatten()
     correlation = torch.corrcoef(torch.stack([effect, estimate]))[0, 1].item()
     lines.append(f"correlation of the attribution estimate with the exact patching effect: {correlation:.3f}")
@@ -495,9 +507,10 @@ def memory_section(args, budget: int, log) -> list[str]:
     """(iv): peak memory of every variant, and of anylens over many prompt pairs under a budget."""
     lines: list[str] = []
     log("(iv) memory")
-    lines += ["### (iv) peak memory: rise of the resident set above its level before the run", ""]
+    memory = "GPU memory allocated" if DEVICE.type == "cuda" else "the resident set"
+    lines += [f"### (iv) peak memory: rise of {memory} above its level before the run", ""]
     lines += [
-        "| run | peak rise MiB | peak rise MiB, freed memory returned | resident before MiB |",
+        "| run | peak rise MiB | peak rise MiB, freed memory returned | before MiB |",
         "|---|---|---|---|",
     ]
     how = ""
@@ -505,18 +518,19 @@ def memory_section(args, budget: int, log) -> list[str]:
     for name in names + ("anylens_attr", "hooks_attr"):
         log(f"    {name}")
         measured = measure_in_child(name, args.quick, budget, args.threads)
-        returned = measure_in_child(name, args.quick, budget, args.threads, RETURN_FREED)
+        returned = (
+            measured
+            if DEVICE.type == "cuda"
+            else measure_in_child(name, args.quick, budget, args.threads, RETURN_FREED)
+        )
         how = measured["how"]
         lines.append(
             f"| {name} | {measured['rise'] / 2**20:.0f} | {returned['rise'] / 2**20:.0f} | "
             f"{measured['before'] / 2**20:.0f} |"
         )
-    lines += [
-        "",
-        f"measured as: {how}, each run in a fresh subprocess; 'freed memory returned' runs with "
-        + " ".join(f"{k}={v}" for k, v in RETURN_FREED.items()),
-        "",
-    ]
+    returning = " ".join(f"{k}={v}" for k, v in RETURN_FREED.items())
+    returned_how = "the same run (nothing to return on a GPU)" if DEVICE.type == "cuda" else f"runs with {returning}"
+    lines += ["", f"measured as: {how}, each run in a fresh subprocess; 'freed memory returned': {returned_how}", ""]
     lines += [
         f"anylens resid_pre sweep over many prompt pairs with memory_budget={args.budget_mb} MiB:",
         "",
@@ -527,7 +541,11 @@ def memory_section(args, budget: int, log) -> list[str]:
     for n_pairs in args.pairs:
         log(f"    {n_pairs} prompt pairs")
         measured = measure_in_child(f"pairs{n_pairs}", args.quick, budget, args.threads)
-        returned = measure_in_child(f"pairs{n_pairs}", args.quick, budget, args.threads, RETURN_FREED)
+        returned = (
+            measured
+            if DEVICE.type == "cuda"
+            else measure_in_child(f"pairs{n_pairs}", args.quick, budget, args.threads, RETURN_FREED)
+        )
         lines.append(
             f"| {n_pairs} | {measured['patches']} | {measured['forwards']} | {measured['seconds']:.1f} | "
             f"{measured['rise'] / 2**20:.0f} | {returned['rise'] / 2**20:.0f} | {args.budget_mb} |"
@@ -545,8 +563,9 @@ def machine() -> str:
             cpu = line.split(":", 1)[1].strip()
             break
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    gpu = f"{torch.cuda.get_device_name(DEVICE)}; " if DEVICE.type == "cuda" else ""
     return (
-        f"{cpu}; {os.cpu_count()} logical CPUs; load average {load}; torch {torch.__version__} "
+        f"{gpu}{cpu}; {os.cpu_count()} logical CPUs; load average {load}; torch {torch.__version__} "
         f"({torch.get_num_threads()} thread(s)); nnsight {nnsight.__version__}; Python {platform.python_version()}"
     )
 
@@ -560,8 +579,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, nargs="*", default=[10, 100], help="prompt pairs of the memory sweeps")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements (iv)")
     parser.add_argument("--memory-only", action="store_true", help="only the memory measurements (iv)")
+    parser.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (default cpu)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     budget = args.budget_mb * 2**20
     if args.measure:
