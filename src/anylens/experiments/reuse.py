@@ -11,7 +11,8 @@ before ``p``, at every layer. A batched sweep with reuse therefore
 * skips the blocks before ``b0``, handing each its unpatched output (nnsight ``skip``);
 * runs only positions ``p0..``, on top of the unpatched run's key/value cache of the positions
   before ``p0``, expanded over the chunk's rows (:func:`kv_cache_reusable` says where);
-* asks for final-position logits only, the only ones a sweep scores.
+* asks for final-position logits only, the only ones a sweep scores (only the columns its metric
+  reads, and the last block's MLP at the final position alone: :mod:`.final_position`).
 
 Only the adapter's paths of the block list and the unembedding are used: nothing here knows an
 architecture. Each new
