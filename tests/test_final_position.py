@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import model_cache
+from tiny_models import PlainLM, model_cache, plain_lm_adapter
 
 import anylens as al
 from anylens.experiments.final_position import (
@@ -82,35 +82,7 @@ class _Block(torch.nn.Module):
         return hidden + self.mlp(self.norm(hidden))
 
 
-class _PlainLM(torch.nn.Module):
-    def __init__(self, flatten: bool, vocab: int = 40, width: int = 8, depth: int = 2):
-        super().__init__()
-        self.embedding = torch.nn.Embedding(vocab, width)
-        self.layers = torch.nn.ModuleList(_Block(width, flatten) for _ in range(depth))
-        self.norm_f = torch.nn.LayerNorm(width)
-        self.lm_head = torch.nn.Linear(width, vocab, bias=False)
-        self.config = type("Config", (), {"d_model": width, "vocab_size": vocab})()
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.embedding(input_ids)
-        for block in self.layers:
-            hidden = block(hidden)
-        return self.lm_head(self.norm_f(hidden))
-
-
-_ADAPTER = {
-    "name": "plain-mlp-lm",
-    "architectures": ["_PlainLM"],
-    "layers": "layers",
-    "roles": {
-        "embed": "embedding.output",
-        "resid_pre": "layers.{i}.input",
-        "resid_post": "layers.{i}.output",
-        "mlp_out": "layers.{i}.mlp.output",
-        "final_norm": "norm_f.output",
-        "logits": "output",
-    },
-}
+_ADAPTER = plain_lm_adapter("plain-mlp-lm", mlp_out="layers.{i}.mlp.output")
 
 
 @pytest.mark.parametrize("flatten", [False, True])
@@ -118,7 +90,7 @@ def test_cut_is_used_only_where_it_reproduces_a_full_run(flatten):
     """A block that flattens tokens before its MLP cannot be cut: the check says so, and runs
     keep the MLP whole instead of failing or going wrong."""
     torch.manual_seed(0)
-    model = al.wrap(_PlainLM(flatten).eval(), adapter=_ADAPTER)
+    model = al.wrap(PlainLM([_Block(8, flatten) for _ in range(2)], vocab=40, width=8).eval(), adapter=_ADAPTER)
     path = last_mlp(model, "resid_pre", model.layers())
     assert (path is None) == flatten
     assert path in (None, "layers.1.mlp")  # no resid_mid here: the MLP itself is cut

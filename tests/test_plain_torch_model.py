@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import PlainLM, plain_lm_adapter
 
 import anylens as al
 
@@ -19,40 +20,16 @@ class Block(torch.nn.Module):
         return hidden + self.mixer(self.norm(hidden))
 
 
-class PlainLM(torch.nn.Module):
-    def __init__(self, vocab: int = 50, width: int = 16, depth: int = 3):
-        super().__init__()
-        self.embedding = torch.nn.Embedding(vocab, width)
-        self.layers = torch.nn.ModuleList(Block(width) for _ in range(depth))
-        self.norm_f = torch.nn.LayerNorm(width)
-        self.lm_head = torch.nn.Linear(width, vocab, bias=False)
-        self.config = type("Config", (), {"d_model": width, "vocab_size": vocab})()
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.embedding(input_ids)
-        for block in self.layers:
-            hidden = block(hidden)
-        return self.lm_head(self.norm_f(hidden))
+def plain_lm(vocab: int = 50, width: int = 16, depth: int = 3) -> PlainLM:
+    return PlainLM([Block(width) for _ in range(depth)], vocab, width)
 
 
-ADAPTER = {
-    "name": "plain-lm",
-    "architectures": ["PlainLM"],
-    "layers": "layers",
-    "roles": {
-        "embed": "embedding.output",
-        "resid_pre": "layers.{i}.input",
-        "resid_post": "layers.{i}.output",
-        "mixer_out": "layers.{i}.mixer.output",
-        "final_norm": "norm_f.output",
-        "logits": "output",
-    },
-}
+ADAPTER = plain_lm_adapter("plain-lm", mixer_out="layers.{i}.mixer.output")
 
 
 def test_plain_torch_model_passes_check_and_reads_match_hooks():
     torch.manual_seed(0)
-    lm = PlainLM().eval()
+    lm = plain_lm().eval()
     model = al.wrap(lm, adapter=ADAPTER)
     assert model.d_model == 16 and model.n_layers == 3
     report = al.check(model)
@@ -73,12 +50,12 @@ def test_plain_torch_model_passes_check_and_reads_match_hooks():
 
 def test_wrong_mapping_on_plain_model_fails_check():
     wrong = dict(ADAPTER, roles=dict(ADAPTER["roles"], mixer_out="layers.{i}.norm.output"))
-    report = al.check(al.wrap(PlainLM().eval(), adapter=wrong))
+    report = al.check(al.wrap(plain_lm().eval(), adapter=wrong))
     assert not report.passed
     assert any(row.invariant.startswith("2 ") for row in report.failures)
 
 
 def test_plain_model_without_tokenizer_refuses_strings_clearly():
-    model = al.wrap(PlainLM().eval(), adapter=ADAPTER)
+    model = al.wrap(plain_lm().eval(), adapter=ADAPTER)
     with pytest.raises(al.TokenizationError, match="no tokenizer"):
         model.to_tokens("hello")

@@ -11,6 +11,33 @@ import torch
 from anylens.testing import tiny
 
 
+class PlainLM(torch.nn.Module):
+    """A language model of plain torch modules, no transformers class: an embedding, ``blocks``
+    (each ``[batch, pos, width] -> [batch, pos, width]``), a final norm and an unembedding."""
+
+    def __init__(self, blocks: list[torch.nn.Module], vocab: int, width: int):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(vocab, width)
+        self.layers = torch.nn.ModuleList(blocks)
+        self.norm_f = torch.nn.LayerNorm(width)
+        self.lm_head = torch.nn.Linear(width, vocab, bias=False)
+        self.config = type("Config", (), {"d_model": width, "vocab_size": vocab})()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embedding(input_ids)
+        for block in self.layers:
+            hidden = block(hidden)
+        return self.lm_head(self.norm_f(hidden))
+
+
+def plain_lm_adapter(name: str, **layer_roles: str) -> dict:
+    """An adapter declaration for :class:`PlainLM`: its embedding, residual stream, final norm and
+    logits, plus ``layer_roles`` (role name -> path) for what its blocks hold."""
+    roles = {"embed": "embedding.output", "resid_pre": "layers.{i}.input", "resid_post": "layers.{i}.output"}
+    roles.update(layer_roles, final_norm="norm_f.output", logits="output")
+    return {"name": name, "architectures": ["PlainLM"], "layers": "layers", "roles": roles}
+
+
 def model_cache() -> Callable[[str], object]:
     """``model_of(family)``: the tiny wrapped model, cached for the calling module, or a skip
     naming why it cannot be built here (e.g. mamba-ssm, whose kernels need a CUDA build of torch)."""
