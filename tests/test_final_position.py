@@ -15,7 +15,7 @@ from anylens.experiments.final_position import (
     matches_within,
     metric_columns,
 )
-from anylens.testing import TINY_BUILDERS
+from anylens.testing import TINY_BUILDERS, tiny_tokenizer
 
 TOL = 1e-5
 model_of = model_cache()
@@ -104,6 +104,38 @@ def test_metric_columns():
     assert metric_columns(model, al.metrics.logit_diff(7, 3)).tolist() == [3, 7]
     for metric in (al.metrics.kl(), al.metrics.prob(" Paris"), al.metrics.rank(" Paris"), lambda logits, m, ref: logits[:, 0]):
         assert metric_columns(model, metric) is None
+
+
+class _ScaledLM(PlainLM):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(input_ids)  # a scale after the unembedding, unknown to the adapter
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_columns_only_where_the_unembedding_gives_the_logits(scaled):
+    """Logits computed apart from the unembedding's input must be the model's: a model that
+    rescales them after its unembedding gets every logit from its own forward instead."""
+    torch.manual_seed(0)
+    lm = (_ScaledLM if scaled else PlainLM)([_Block(8, False) for _ in range(2)], vocab=40, width=8).eval()
+    model = al.wrap(lm, tiny_tokenizer(), adapter=_ADAPTER)
+    metric = al.metrics.logit_diff(5, 6)
+    assert (metric_columns(model, metric) is None) == scaled
+    # Positions do not interact in this model: a patch restores the clean metric exactly where it
+    # writes the final position, and changes nothing elsewhere.
+    clean, corrupt = torch.tensor([[1, 2, 3, 4, 5]]), torch.tensor([[1, 2, 3, 4, 9]])
+    kwargs = dict(role="resid_pre", over=("layer", "pos"), metric=metric, normalize=False)
+    if scaled:  # the reuse guard also sees the unembedding miss the logits, and runs rows in full
+        with pytest.warns(UserWarning, match="reuse of unpatched work is off"):
+            result = al.patch(model, clean, corrupt, **kwargs)
+    else:
+        result = al.patch(model, clean, corrupt, **kwargs)
+    with torch.no_grad():
+        clean_metric, corrupt_metric = (float(metric(lm(ids)[:, -1], model)) for ids in (clean, corrupt))
+    assert abs(clean_metric - corrupt_metric) > 1e-3
+    frame = result.to_frame()
+    final = frame.pos == 4
+    assert (frame.metric[final] - clean_metric).abs().max() <= TOL
+    assert (frame.metric[~final] - corrupt_metric).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("family", list(TINY_BUILDERS))

@@ -3,7 +3,8 @@ the last block's MLP there alone.
 
 Sweeps score final-position logits. A metric that reads a few logits (a logit difference) has
 only those columns computed, from the unembedding's input: a row's full logits cost as much as
-a few blocks at one position, and reading the unembedding's weights dominates short runs.
+a few blocks at one position, and reading the unembedding's weights dominates short runs. This
+too is checked once per model (the unembedding of its input must give the model's logits).
 
 In the last block, each position's MLP output goes only into that position's residual, which
 nothing but that position's own logits reads; so the last MLP may run on the final position
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
 #: Relative tolerance of the check (float32): a broken cut misses by far more than rounding.
 CHECK_RTOL = 1e-4
 
-_works: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool
+_works: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool: the MLP cut
+_unembeds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool: unembedding columns
 
 
 def forward_kwargs(model: AnyModel) -> set[str]:
@@ -63,10 +65,16 @@ def matches_within(got: torch.Tensor, expected: torch.Tensor, rtol: float) -> bo
 
 
 def metric_columns(model: AnyModel, metric: Any) -> torch.Tensor | None:
-    """The vocabulary ids ``metric`` reads (sorted), or None when it needs every logit."""
+    """The vocabulary ids ``metric`` reads (sorted), or None when it needs every logit, or when
+    the model's logits are not its unembedding of the unembedding's input (a scale applied after
+    it, say), which computing columns alone relies on."""
     columns = getattr(metric, "columns", None)
     ids = columns(model) if callable(columns) and not getattr(model, "remote", None) else None
-    return None if ids is None else torch.tensor(sorted(set(ids)), dtype=torch.long)
+    if ids is None:
+        return None
+    if model not in _unembeds:
+        _unembeds[model] = _unembedding_reproduces_logits(model)
+    return torch.tensor(sorted(set(ids)), dtype=torch.long) if _unembeds[model] else None
 
 
 def final_logits(model: AnyModel, hidden: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,10 +147,25 @@ def _mlp_input_module(model: AnyModel) -> str | None:
     return None
 
 
+def _check_ids(model: AnyModel) -> torch.Tensor:
+    return torch.arange(3, 9, device=model.device)[None] % max(model.d_vocab, 1)
+
+
+def _unembedding_reproduces_logits(model: AnyModel) -> bool:
+    try:
+        with torch.no_grad():
+            with model.trace(_check_ids(model), **last_logits_kwargs(model)):
+                hidden = envoy_at(model, model.adapter.unembed).input[:, -1].save()
+                logits = model.logits[:, -1].save()
+            return matches_within(model.unembed(hidden), logits, CHECK_RTOL)
+    except Exception:  # noqa: BLE001 - any failure means columns cannot be computed apart
+        return False
+
+
 def _cut_reproduces_full_run(model: AnyModel, path: str) -> bool:
     if getattr(model, "remote", None):
         return False  # no local forward to check against
-    ids = torch.arange(3, 9, device=model.device)[None] % max(model.d_vocab, 1)
+    ids = _check_ids(model)
     kwargs = last_logits_kwargs(model)
     try:
         with torch.no_grad():
