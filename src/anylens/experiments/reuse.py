@@ -278,6 +278,9 @@ def first_changes(plan: PatchPlan, acts: dict[int, torch.Tensor], input_offset: 
     by_layer: dict[int, list[int]] = {}
     for row, component in enumerate(plan.components):
         by_layer.setdefault(component.layer, []).append(row)
+    # Compare on the device, layer by layer, and bring every layer's answer over in one copy:
+    # each copy to the host waits for the device, which costs more than the comparisons.
+    compared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer, rows in by_layer.items():
         act, source = acts[layer], plan.sources[layer]
         if head_first:
@@ -292,7 +295,10 @@ def first_changes(plan: PatchPlan, acts: dict[int, torch.Tensor], input_offset: 
         source_values = source[unique[:, 1].to(source.device)][:, source_pos.to(source.device)]
         differs = target_values != source_values.to(device=act.device, dtype=act.dtype)
         keep = 3 if headed else 2  # [pair, pos, head?] after reducing the features
-        differs = differs.flatten(keep).any(-1).cpu() if differs.dim() > keep else differs.cpu()
+        compared[layer] = (differs.flatten(keep).any(-1) if differs.dim() > keep else differs, inverse)
+    on_host = _to_host([differs for differs, _ in compared.values()])
+    for (layer, rows), differs in zip(by_layer.items(), on_host):
+        inverse, row_index = compared[layer][1], torch.tensor(rows)
         changed = differs[inverse]  # [row, pos, head?]
         components = [plan.components[row] for row in rows]
         if headed:
@@ -306,6 +312,15 @@ def first_changes(plan: PatchPlan, acts: dict[int, torch.Tensor], input_offset: 
         first = torch.where(changed, targets, torch.iinfo(torch.long).max).min(-1).values
         start[row_index] = torch.where(changed.any(-1), first, -1)
     return start
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors on the host, in one copy to it (gathered first on one device)."""
+    devices = [t.device for t in tensors if t.device.type != "cpu"]
+    if not devices:
+        return tensors
+    flat = torch.cat([t.reshape(-1).to(devices[0]) for t in tensors]).cpu()
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 # -- running a chunk --------------------------------------------------------------------------
