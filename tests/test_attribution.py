@@ -11,8 +11,8 @@ from tiny_models import random_prompt_pairs as prompt_pairs
 
 import anylens as al
 from anylens.experiments import attribution
-from anylens.experiments.attribution import one_forward, role_gradients
-from anylens.experiments.chunks import CostModel
+from anylens.experiments.attribution import role_gradients
+from anylens.experiments.chunks import CostModel, one_forward
 from anylens.testing import TINY_BUILDERS, tiny
 
 TOL = 1e-5

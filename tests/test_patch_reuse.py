@@ -9,7 +9,7 @@ from test_patching import reference_patch
 from tiny_models import model_cache, random_prompt_pairs
 
 import anylens as al
-from anylens.experiments import reuse
+from anylens.experiments import patching, reuse
 from anylens.experiments.chunks import CostModel, plan_chunks
 from anylens.experiments.components import Component, PatchPlan, _patched_forward, record
 from anylens.experiments.final_position import last_mlp
@@ -36,10 +36,17 @@ def metrics_of(result) -> torch.Tensor:
 CASES = [("resid_pre", ("layer", "pos")), ("z", ("layer", "head")), ("mlp_out", ("layer",))]
 
 
+@pytest.fixture(params=[True, False], ids=["one-recording", "two-recordings"])
+def one_recording(request, monkeypatch):
+    """Record the source run and the unpatched run in one forward, or in one each."""
+    monkeypatch.setattr(patching, "one_forward", lambda model, source, patched: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("role,over", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("family", list(TINY_BUILDERS))
-def test_reuse_matches_full_runs_and_hook_reference(family, role, over, direction):
+def test_reuse_matches_full_runs_and_hook_reference(family, role, over, direction, one_recording):
     model = model_of(family)
     if role not in model.roles:
         pytest.skip(f"{family} has no role {role!r}")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import metrics as metrics_
-from .chunks import CostModel
+from .chunks import one_forward
 from .components import HEADED_ROLES, check_over, enumerate_components, record, score_rows
 from .final_position import cut_to_final_position, last_logits, last_logits_kwargs, last_mlp, metric_columns, read_last
 from .patching import PatchResult, prepare_pairs, sweep_frame, sweep_meta
@@ -102,17 +102,6 @@ def _gradient_run(
         run.rider_acts = {layer: act[:n_riders] for layer, act in acts.items()}
         run.rider_last = rider_last
     return run
-
-
-def one_forward(model: AnyModel, source: torch.Tensor, patched: torch.Tensor) -> bool:
-    """Whether the source run should ride along in the gradient run's forward.
-
-    Two forwards and a backward over ``t`` tokens cost about ``3 (c + t)``, one forward over both
-    runs and its backward ``2 (c + 2t)``, where ``c`` is the tokens a weight matrix costs to call
-    (reading it): one forward wins while ``t < c``, when the runs are short enough that reading
-    the weights, not the arithmetic, sets the pace. Both runs must have the same shape.
-    """
-    return source.shape == patched.shape and patched.numel() < CostModel.tokens_per_call(model)
 
 
 def attribute(
@@ -211,4 +200,4 @@ def _component_value(contribution: torch.Tensor, component: Any, target_position
     return value
 
 
-__all__ = ["attribute", "one_forward", "role_gradients"]
+__all__ = ["attribute", "role_gradients"]

@@ -72,6 +72,20 @@ class CostModel:
         return (self.n_blocks - b0) * (self.length - p0) * self.block_token_s + self.head_s
 
 
+def one_forward(model: AnyModel, source: torch.Tensor, patched: torch.Tensor) -> bool:
+    """Whether the source run and the patched run's unpatched (or gradient) run should share one
+    forward, their rows side by side.
+
+    A forward over ``t`` tokens costs about ``c + t``, where ``c`` is the tokens a weight matrix
+    costs to call (reading it). Two recordings cost ``2 (c + t)`` and one over both ``c + 2t``;
+    attribution's two forwards and backward ``3 (c + t)``, one forward over both and its backward
+    (which then covers both) ``2 (c + 2t)``. Sharing wins while ``t < c``: the runs are short
+    enough that reading the weights, not the arithmetic, sets the pace. Both runs must have the
+    same shape.
+    """
+    return source.shape == patched.shape and patched.numel() < CostModel.tokens_per_call(model)
+
+
 def plan_chunks(
     blocks: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cap: int, cost: CostModel
 ) -> list[Chunk]:
@@ -159,4 +173,4 @@ class Sizes:
         return max(1, min(self.cap, free // self.per_row))
 
 
-__all__ = ["PLANNED_SHARE", "Chunk", "CostModel", "Sizes", "plan_chunks"]
+__all__ = ["PLANNED_SHARE", "Chunk", "CostModel", "Sizes", "one_forward", "plan_chunks"]

@@ -18,6 +18,7 @@ import torch
 
 from ..core.errors import PromptError
 from . import metrics as metrics_
+from .chunks import one_forward
 from .components import (
     PatchPlan,
     check_over,
@@ -31,7 +32,7 @@ from .components import (
 from .final_position import metric_columns
 from .prompts import Prompts, paired
 from .results import Result
-from .reuse import record_for_plan
+from .reuse import record_for_plan, record_pair
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -170,15 +171,19 @@ def patch(
 
     recording_rows = rows_for_budget(model, runs.source.shape[1], memory_budget)
     columns = metric_columns(model, metric) if reuse else None
-    sources, source_last = record(
-        model, role, runs.source, layer_list, recording_rows, last_only=reuse, columns=columns
-    )
     baseline = None
-    if reuse:
-        baseline = record_for_plan(model, role, runs.patched, layer_list, sources, memory_budget, columns=columns)
+    if reuse and one_forward(model, runs.source, runs.patched):  # both runs recorded in one forward
+        sources, source_last, baseline = record_pair(model, role, runs.source, runs.patched, layer_list, columns)
         patched_last = baseline.last
     else:
-        _, patched_last = record(model, role, runs.patched, [], recording_rows)
+        sources, source_last = record(
+            model, role, runs.source, layer_list, recording_rows, last_only=reuse, columns=columns
+        )
+        if reuse:
+            baseline = record_for_plan(model, role, runs.patched, layer_list, sources, memory_budget, columns=columns)
+            patched_last = baseline.last
+        else:
+            _, patched_last = record(model, role, runs.patched, [], recording_rows)
     clean_last, corrupt_last = (source_last, patched_last) if direction == "denoise" else (patched_last, source_last)
     n_pairs = runs.n_pairs
     every_pair = torch.arange(n_pairs)

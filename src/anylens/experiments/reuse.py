@@ -239,6 +239,32 @@ def record_for_plan(
     return record_baseline(model, role, ids, layers if need_acts else [], 0, rows, columns=columns)
 
 
+def record_pair(
+    model: AnyModel,
+    role: str,
+    source_ids: torch.Tensor,
+    ids: torch.Tensor,
+    layers: list[int],
+    columns: torch.Tensor | None = None,
+) -> tuple[dict[int, torch.Tensor], torch.Tensor, Baseline]:
+    """The source run (``role`` at ``layers`` and final logits) and the unpatched run of ``ids``
+    (as :func:`record_baseline` records it), in one forward over both runs' rows: for short runs,
+    where reading the weights sets the pace (:func:`.chunks.one_forward`)."""
+    layers = sorted(layers)
+    n = source_ids.shape[0]
+    both = record_baseline(
+        model, role, torch.cat([source_ids, ids]), layers, skippable_blocks(model, role, layers), columns=columns
+    )
+    sources = {layer: act[:n] for layer, act in both.acts.items()}
+    blocks = None
+    if both.blocks is not None:  # copies: a view would keep the source rows alive
+        blocks = [_with_residual(block, _residual(block)[n:].clone()) for block in both.blocks]
+    if both.cache is not None:
+        both.cache.batch_select_indices(torch.arange(n, 2 * n, device=model.device))
+    baseline = Baseline(both.last[n:], {layer: act[n:] for layer, act in both.acts.items()}, blocks, both.cache)
+    return sources, both.last[:n], baseline
+
+
 def _clone(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clone()
@@ -603,6 +629,7 @@ __all__ = [
     "kv_cache_reusable",
     "record_baseline",
     "record_for_plan",
+    "record_pair",
     "run_reusing",
     "skippable_blocks",
 ]
