@@ -247,9 +247,7 @@ class AnyModel:
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """The model's own unembedding (with its logit soft-cap) applied to normalised residuals."""
-        logits = self._local_module(self.adapter.unembed, "unembedding")(x)
-        cap = self.logit_softcap
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return self._soft_cap(self._local_module(self.adapter.unembed, "unembedding")(x))
 
     def unembed_columns(self, x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """``unembed(x)[..., columns]``, computing only those columns where the unembedding is a
@@ -263,6 +261,9 @@ class AnyModel:
         logits = x @ weight[:, columns]
         if getattr(module, "bias", None) is not None:
             logits = logits + module.bias[columns]
+        return self._soft_cap(logits)
+
+    def _soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.logit_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 

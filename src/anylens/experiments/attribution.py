@@ -61,9 +61,10 @@ def _gradient_run(
     metric: Any,
     layer_list: list[int],
     reference_last: torch.Tensor | None,
+    riders_are_reference: bool = False,
 ) -> _GradientRun:
     """:func:`role_gradients` of ``ids``; ``riders`` (same shape) run first in the same forward,
-    their activations and logits recorded but not differentiated. With ``reference_last="riders"``
+    their activations and logits recorded but not differentiated. With ``riders_are_reference``
     each rider's logits are the reference of the row at the same index of ``ids``.
     """
     access = model.role(role)
@@ -86,7 +87,7 @@ def _gradient_run(
             saved = read_last(model, columns)
         last = last_logits(model, saved, columns)
         rider_last = last[:n_riders].detach()
-        if isinstance(reference_last, str):
+        if riders_are_reference:
             reference_last = rider_last
         last = last[n_riders:]
         n = ids.shape[0]
@@ -133,15 +134,14 @@ def attribute(
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 
     denoise = direction == "denoise"  # the source run is the clean run
+    ordered = sorted(layer_list)
     fused = one_forward(model, runs.source, runs.patched)
-    if fused:
-        reference = "riders" if denoise else None
-        run = _gradient_run(model, runs.patched, runs.source, role, metric, sorted(layer_list), reference)
+    if fused:  # the source run's rows ride along; when denoising they are the clean reference
+        run = _gradient_run(model, runs.patched, runs.source, role, metric, ordered, None, riders_are_reference=denoise)
         sources, source_last = run.rider_acts, run.rider_last
     else:
         sources, source_last = record(model, role, runs.source, layer_list, last_only=True)
-        reference = source_last if denoise else None
-        run = _gradient_run(model, runs.patched, None, role, metric, sorted(layer_list), reference)
+        run = _gradient_run(model, runs.patched, None, role, metric, ordered, source_last if denoise else None)
     acts, grads = run.acts, run.grads
     clean_last, corrupt_last = (source_last, run.last) if denoise else (run.last, source_last)
 

@@ -343,6 +343,7 @@ def record(
     step = rows_per_forward or max(ids.shape[0], 1)
     kwargs = last_logits_kwargs(model) if last_only else {}
     mlp_cut = last_mlp(model, role, layers) if last_only else None
+    columns = columns if last_only else None
     rows = RowFill(ids.shape[0])
     for start in range(0, ids.shape[0], step):
         saved: dict[int, torch.Tensor] = {}
@@ -350,11 +351,11 @@ def record(
             for layer in sorted(layers):
                 saved[layer] = access.read(layer).clone().save()
             cut_to_final_position(model, mlp_cut)
-            last = read_last(model, columns if last_only else None)
+            last = read_last(model, columns)
         for layer, value in saved.items():
             rows.put(layer, start, value)
         with torch.no_grad():
-            rows.put("last", start, last_logits(model, last, columns if last_only else None))
+            rows.put("last", start, last_logits(model, last, columns))
     return {layer: rows[layer] for layer in layers}, rows["last"]
 
 

@@ -91,11 +91,15 @@ def read_last(model: AnyModel, columns: torch.Tensor | None) -> Any:
     """Inside a trace, as its last read: the final-position logits, saved; with ``columns``, the
     unembedding's final-position input instead (the unembedding itself is skipped). Turn either
     into logits with :func:`last_logits` after the trace."""
-    if columns is None:
-        return model.logits[:, -1].save()
+    return model.logits[:, -1].save() if columns is None else read_unembedding_input(model)
+
+
+def read_unembedding_input(model: AnyModel) -> Any:
+    """Inside a trace, as its last read: the unembedding's final-position input, saved; the
+    unembedding itself is skipped (its logits are computed apart, or not at all)."""
     head = envoy_at(model, model.adapter.unembed)
     inputs = head.input
-    hidden = inputs[:, -1].save()
+    hidden = inputs[:, -1].clone().save()
     head.skip(inputs.new_zeros(()).expand(*inputs.shape[:-1], model.d_vocab))  # logits nobody reads
     return hidden
 
@@ -191,4 +195,5 @@ __all__ = [
     "matches_within",
     "metric_columns",
     "read_last",
+    "read_unembedding_input",
 ]

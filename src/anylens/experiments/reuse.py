@@ -44,6 +44,7 @@ from .final_position import (
     last_mlp,
     matches_within,
     read_last,
+    read_unembedding_input,
 )
 
 if TYPE_CHECKING:
@@ -173,6 +174,7 @@ def record_baseline(
     cache = _empty_cache(model) if n_blocks and step >= ids.shape[0] and kv_cache_reusable(model, ids) else None
     rows = RowFill(ids.shape[0])
     mlp_cut = last_mlp(model, role, layers) if last_only else None
+    columns = columns if last_only else None
     structures: list[Any] = []  # each block's output as the first chunk returned it
     for start in range(0, ids.shape[0], step):
         acts: dict[int, torch.Tensor] = {}
@@ -187,9 +189,9 @@ def record_baseline(
                 else:
                     outputs.append(_clone(blocks[index].output).save())
             cut_to_final_position(model, mlp_cut)
-            last = read_last(model, columns if last_only else None)
+            last = read_last(model, columns)
         with torch.no_grad():
-            last = last_logits(model, last, columns if last_only else None)
+            last = last_logits(model, last, columns)
         for layer, value in acts.items():
             rows.put(("act", layer), start, value)
         rows.put("last", start, last)
@@ -427,7 +429,6 @@ def shortcut_forward(
     writes = writes_by_layer(plan, rows, device, start=p0)
     access = model.role(plan.role)
     envoys = block_envoys(model)
-    head = envoy_at(model, model.adapter.unembed)
     with torch.no_grad(), model.trace(data, **kwargs):
         for index in range(b0):
             envoys[index].skip(_cut(baseline.blocks[index], inputs, p0))
@@ -436,9 +437,7 @@ def shortcut_forward(
             for target_index, source_index in writes[layer]:
                 target[target_index] = plan.sources[layer][source_index].to(target.dtype)
         cut_to_final_position(model, mlp_cut)
-        hidden = head.input
-        last = hidden[:, -1].clone().save()
-        head.skip(hidden.new_zeros(()).expand(*hidden.shape[:-1], model.d_vocab))  # logits nobody reads
+        last = read_unembedding_input(model)
     if guard:
         return last[:-1], last[-1:]
     return last, None

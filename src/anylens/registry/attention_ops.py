@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..core.access import descend
 from .structure import TOL, close
 
 #: A call of a name or dotted name, not of a method on an expression (``x.view(...)``).
@@ -40,7 +41,7 @@ def pattern_options(
     """
     found: list[tuple[str, torch.Tensor]] = []
     for module_path in modules:
-        envoy = _envoy(nn_model, f"{block}.{module_path}")
+        envoy = descend(nn_model, f"{block}.{module_path}")
         try:
             source = envoy.source
             names = list(source.names)
@@ -60,12 +61,6 @@ def pattern_options(
         if found:
             break
     return found
-
-
-def _envoy(nn_model: Any, path: str) -> Any:
-    from ..core.access import descend
-
-    return descend(nn_model, path)
 
 
 def _drill_candidates(module: torch.nn.Module, source: Any, names: list[str]) -> list[str]:
