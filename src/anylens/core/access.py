@@ -51,6 +51,8 @@ class RoleAccess:
 
     # -- resolution --------------------------------------------------------------------------
     def envoy(self, layer: int | None) -> Any:
+        if self.path.steps_into_operations:  # its module may run plain in this block
+            self.model._operations.ensure(self.path.torch_module_path(layer))
         return envoy_at(self.model, self.path.module_at(layer))
 
     def _raw(self, layer: int | None) -> Any:

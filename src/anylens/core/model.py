@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -10,6 +11,7 @@ import torch
 
 from .access import RoleAccess, envoy_at
 from .errors import LayerIndexError, LocalWeightsError, MissingRoleError, ModulePathError, TokenizationError
+from .operations import OperationHooks
 from .roles import LAYER_ROLES, MODEL_ROLES
 from .spec import AdapterSpec
 
@@ -55,6 +57,7 @@ class AnyModel:
         self._token_shapes: dict[int, tuple[int, int]] = {}
         self._access = {role: RoleAccess(self, role, self.adapter.role_path(role)) for role in self.adapter.roles}
         self.n_layers = len(self.module(self.adapter.layers))
+        self._operations = OperationHooks()
         self._validate_paths()
         self._prepare_sources()
         if any(access.path.view == "tokens" for access in self._access.values()):
@@ -207,17 +210,33 @@ class AnyModel:
                     raise ModulePathError(f"role {role!r} ({access.path.text}): {error}") from None
 
     def _prepare_sources(self) -> None:
-        """Instrument modules whose operations roles address, before any trace runs.
+        """Hook the operations of modules that roles step into, before any trace runs.
 
         nnsight rewrites a module's forward on first ``.source`` access; doing it inside a trace
         would be too late for a module whose forward has already begun.
         """
         for access in self._access.values():
-            if ".source." not in access.path.module:
-                continue
-            for layer in range(self.n_layers) if access.path.per_layer else (None,):
-                owner = access.path.module_at(layer).split(".source.")[0]
+            for owner in self._operation_owners(access):
                 envoy_at(self, owner).source  # noqa: B018  (the access instruments the forward)
+                self._operations.adopt(owner, self.module(owner))
+
+    def _operation_owners(self, access: RoleAccess) -> list[str]:
+        """The modules whose operations a role steps into, one per layer (none for most roles)."""
+        if not access.path.steps_into_operations:
+            return []
+        layers = range(self.n_layers) if access.path.per_layer else (None,)
+        return [access.path.torch_module_path(layer) for layer in layers]
+
+    def operation_hooks_only_for(self, roles: Iterable[str]) -> Any:
+        """A context in whose traces only the modules whose operations ``roles`` step into (as
+        ``pattern`` does) hook those operations; the others run their plain forward, which makes
+        each trace faster. Another role that steps into operations still works inside it when
+        it is read or written before its module runs, as reads and writes in forward order are.
+        """
+        if self.remote:  # traces run elsewhere; the serialised model must keep its hooked forwards
+            return contextlib.nullcontext()
+        keep = [owner for role in roles if role in self._access for owner in self._operation_owners(self._access[role])]
+        return self._operations.only_for(keep)
 
     def _record_token_shapes(self) -> None:
         """Blocks that flatten [batch, pos] into one dimension: remember the shape they got."""

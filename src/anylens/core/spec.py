@@ -69,6 +69,11 @@ class RolePath:
     def per_layer(self) -> bool:
         return "{i}" in self.module
 
+    @property
+    def steps_into_operations(self) -> bool:
+        """Whether the path addresses an operation inside a module's forward (``.source.``)."""
+        return ".source." in self.module
+
     def module_at(self, layer: int | None) -> str:
         return self.module.replace("{i}", str(layer)) if self.per_layer else self.module
 

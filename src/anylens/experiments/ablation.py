@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.errors import PromptError
+from ..core.operations import only_role_operations
 from . import metrics as metrics_
 from .components import (
     PatchPlan,
@@ -52,6 +53,7 @@ class AblationResult(Result):
         return self.meta["baseline"]
 
 
+@only_role_operations("role")
 def ablate(
     model: AnyModel,
     prompts: Prompts,

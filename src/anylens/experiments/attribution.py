@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..core.operations import only_role_operations
 from . import metrics as metrics_
 from .chunks import one_forward
 from .components import HEADED_ROLES, check_over, enumerate_components, record, score_rows
@@ -105,6 +106,7 @@ def _gradient_run(
     return run
 
 
+@only_role_operations("role")
 def attribute(
     model: AnyModel,
     clean: Prompts,

@@ -17,6 +17,7 @@ import torch
 
 from ..core.errors import AnylensError
 from ..core.model import linear_weight
+from ..core.operations import only_role_operations
 from .extraction import cache, decompose_resid
 from .metrics import LogitDiff, Metric, target_ids
 from .prompts import Prompts
@@ -144,6 +145,7 @@ class DLAResult(Result):
         return fig
 
 
+@only_role_operations()
 def direct_logit_attribution(
     model: AnyModel,
     prompt: Prompts,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..core.errors import LayerIndexError, MissingRoleError
+from ..core.operations import only_role_operations
 from ..core.roles import LAYER_ROLE_ORDER, LAYER_ROLES, MODEL_ROLES_AFTER_LAYERS, MODEL_ROLES_BEFORE_LAYERS
 from .prompts import Prompts, tokenize
 
@@ -97,6 +98,7 @@ def _read_in_one_trace(
     return values
 
 
+@only_role_operations("roles")
 def cache(
     model: AnyModel,
     prompts: Prompts,

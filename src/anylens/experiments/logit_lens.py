@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from ..core.errors import PromptError
+from ..core.operations import only_role_operations
 from .extraction import normalize_positions, read_roles
 from .prompts import Prompts, tokenize
 from .results import Result
@@ -92,6 +93,7 @@ def _annotate_top_tokens(ax: Any, frame: pd.DataFrame, max_cells: int = 400) -> 
                 ax.text(column, row, text.strip()[:6] or repr(text), ha="center", va="center", fontsize=6, color="white")
 
 
+@only_role_operations("role")
 def logit_lens(
     model: AnyModel,
     prompt: Prompts,

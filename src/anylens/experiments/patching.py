@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from ..core.errors import PromptError
+from ..core.operations import only_role_operations
 from . import metrics as metrics_
 from .chunks import one_forward
 from .components import (
@@ -133,6 +134,7 @@ def _check_align(align: Any, t_clean: int, t_corrupt: int) -> tuple[list[int], l
     return clean_pos, corrupt_pos
 
 
+@only_role_operations("role")
 def patch(
     model: AnyModel,
     clean: Prompts,
