@@ -46,7 +46,13 @@ def reference_estimates(grads, acts, sources, role, over, source_of=None):
     return out
 
 
-CASES = [("z", ("layer", "head")), ("resid_pre", ("layer", "pos")), ("resid_mid", ("layer",))]
+CASES = [
+    ("z", ("layer", "head")),
+    ("z", ("layer", "head", "pos")),
+    ("z", ("layer",)),
+    ("resid_pre", ("layer", "pos")),
+    ("resid_mid", ("layer",)),
+]
 
 
 @pytest.fixture(params=[True, False], ids=["one-forward", "two-forwards"])
@@ -57,7 +63,7 @@ def fused(request, monkeypatch):
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-@pytest.mark.parametrize("role,over", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("role,over", CASES, ids=[f"{c[0]}-{'-'.join(c[1])}" for c in CASES])
 @pytest.mark.parametrize("family", list(TINY_BUILDERS))
 def test_attribution_matches_autograd_on_hooked_tensors(family, role, over, direction, fused):
     model = model_of(family)

@@ -159,8 +159,7 @@ def attribute(
         )
         for layer in layer_list
     }
-    estimate = torch.stack([_component_value(per_layer[c.layer], c, runs.target_positions) for c in components])
-    estimate = estimate.float().cpu()  # [n_components, n_pairs]
+    estimate = _component_values(per_layer, components, runs.target_positions).float().cpu()  # [components, pairs]
     columns = {"metric": unpatched[None, :] + estimate, "estimate": estimate}
     normalizer = (clean_values, corrupt_values) if normalize else None
     frame = sweep_frame(model, components, over, runs.patched[0], columns, per_prompt, normalizer)
@@ -193,13 +192,29 @@ def _contributions(
     return terms.flatten(keep).sum(-1) if terms.dim() > keep else terms
 
 
-def _component_value(contribution: torch.Tensor, component: Any, target_positions: list[int]) -> torch.Tensor:
-    """The estimate for one component, per prompt pair: pick or sum positions and heads."""
-    value = contribution
-    value = value.sum(1) if component.pos is None else value[:, target_positions.index(component.pos)]
-    if value.dim() > 1:  # a head dimension remains
-        value = value.sum(1) if component.head is None else value[:, component.head]
-    return value
+def _component_values(
+    per_layer: dict[int, torch.Tensor], components: list, target_positions: list[int]
+) -> torch.Tensor:
+    """Every component's estimate per prompt pair, ``[components, pairs]``, in one gather: each
+    layer's contributions get a slot after the last position (and head) holding their sum, and a
+    component picks its position and head, or that slot where it covers them all."""
+    layers = sorted(per_layer)
+    widened = []
+    for layer in layers:
+        value = per_layer[layer]  # [pairs, positions, heads?]
+        value = torch.cat([value, value.sum(1, keepdim=True)], 1)
+        if value.dim() > 2:
+            value = torch.cat([value, value.sum(2, keepdim=True)], 2)
+        widened.append(value)
+    stacked = torch.stack(widened)  # [layers, pairs, positions + 1, (heads + 1)?]
+    n_positions = len(target_positions)
+    layer = torch.tensor([layers.index(c.layer) for c in components], device=stacked.device)
+    pos = [n_positions if c.pos is None else target_positions.index(c.pos) for c in components]
+    pos = torch.tensor(pos, device=stacked.device)
+    if stacked.dim() == 3:
+        return stacked[layer, :, pos]
+    head = torch.tensor([stacked.shape[3] - 1 if c.head is None else c.head for c in components], device=stacked.device)
+    return stacked[layer, :, pos, head]
 
 
 __all__ = ["attribute", "role_gradients"]

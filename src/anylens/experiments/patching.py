@@ -249,26 +249,28 @@ def sweep_frame(
     ``per_prompt``. ``normalize=(clean, corrupt)`` (each ``[n_prompts]``) adds ``normalized``,
     computed from the averages (or per prompt).
     """
-    tokens = model.to_str_tokens(patched_ids)
     if not per_prompt:
         columns = {name: value.mean(1, keepdim=True) for name, value in columns.items()}
     if normalize is not None:
         clean, corrupt = (v[None, :] if per_prompt else v.mean().reshape(1, 1) for v in normalize)
         columns["normalized"] = _normalized(columns["metric"], clean, corrupt)
-    rows = []
-    for index, component in enumerate(components):
-        for prompt in range(next(iter(columns.values())).shape[1]):
-            row: dict[str, Any] = {"layer": component.layer}
-            if "head" in over:
-                row["head"] = component.head
-            if "pos" in over:
-                row["pos"] = component.pos
-                row["token"] = tokens[component.pos]
-            if per_prompt:
-                row["prompt"] = prompt
-            row.update({name: float(value[index, prompt]) for name, value in columns.items()})
-            rows.append(row)
-    return pd.DataFrame(rows)
+    n_prompts = next(iter(columns.values())).shape[1]
+
+    def each_row(values: list) -> list:  # component-major, a row per prompt within each
+        return [value for value in values for _ in range(n_prompts)]
+
+    data: dict[str, Any] = {"layer": each_row([c.layer for c in components])}
+    if "head" in over:
+        data["head"] = each_row([c.head for c in components])
+    if "pos" in over:
+        data["pos"] = each_row([c.pos for c in components])
+        tokens = model.to_str_tokens(patched_ids)
+        data["token"] = each_row([tokens[c.pos] for c in components])
+    if per_prompt:
+        data["prompt"] = list(range(n_prompts)) * len(components)
+    for name, value in columns.items():
+        data[name] = value.detach().double().cpu().reshape(-1).numpy()
+    return pd.DataFrame(data)
 
 
 def _normalized(patched: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor) -> torch.Tensor:
