@@ -7,6 +7,9 @@ Three ways to run the same sweep, checked to agree:
 * (c) hooks: hand-written plain torch hooks with the same batching as (b0), final-position
   logits only — a strong baseline that reuses nothing.
 
+The baselines run on copies of the same weights without anylens's wrapping: (a) on an nnsight wrap
+of its own copy, (c) on an unwrapped Hugging Face model (:class:`Plain`).
+
 Sweeps: (i) ``resid_pre`` over layer x position (192 patches), (ii) ``z`` over layer x head
 (144 patches), (iii) attribution patching (``al.attribute`` vs hooks + autograd vs the patching
 loop it approximates), (iv) peak memory of each, and of anylens over 10 and 100 prompt pairs
@@ -36,7 +39,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nnsight
 import torch
@@ -63,6 +68,29 @@ def build_model(quick: bool):
         config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
     hf = GPT2LMHeadModel(config).float().eval().to(DEVICE)
     return al.wrap(hf, tiny_tokenizer())
+
+
+@dataclass
+class Plain:
+    """The same weights as a researcher without anylens has them, so that anylens's wrapping
+    (nnsight on every module, operation hooks on attention) costs the baselines nothing: an
+    nnsight wrap of one copy for the naive loop (``nn``) and an unwrapped copy for the hooks
+    (``hf``). Same attention implementation as the anylens model."""
+
+    nn: Any
+    hf: Any
+
+
+def plain_copies(model) -> Plain:
+    from nnsight.modeling.transformers import TransformersModel
+
+    def copy():
+        hf = type(model.hf)(model.hf.config)
+        hf.load_state_dict(model.hf.state_dict())
+        hf.set_attn_implementation(model.attn_implementation)
+        return hf.float().eval().to(DEVICE)
+
+    return Plain(nn=TransformersModel(copy(), tokenizer=model.tokenizer), hf=copy())
 
 
 def prompt_pairs(vocab: int, n_pairs: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,6 +443,7 @@ def run_measurement(name: str, quick: bool, budget: int) -> dict:
     with torch.no_grad():
         model.hf(input_ids=corrupt)  # one unpatched forward: allocator and kernels warmed up
     cap = rows_for_budget(model, LENGTH)
+    plain = plain_copies(model) if not name.startswith(("pairs", "anylens")) else None
     extra: dict = {}
     if name.startswith("pairs"):
         n_pairs = int(name[len("pairs") :])
@@ -433,14 +462,14 @@ def run_measurement(name: str, quick: bool, budget: int) -> dict:
             )
     else:
         fn = {
-            "naive_resid": lambda: naive_resid(model, clean, corrupt),
+            "naive_resid": lambda: naive_resid(plain, clean, corrupt),
             "anylens_resid": lambda: anylens_resid(model, clean, corrupt),
-            "hooks_resid": lambda: hooks_resid(model, clean, corrupt, cap),
-            "naive_z": lambda: naive_z(model, clean, corrupt),
+            "hooks_resid": lambda: hooks_resid(plain, clean, corrupt, cap),
+            "naive_z": lambda: naive_z(plain, clean, corrupt),
             "anylens_z": lambda: anylens_z(model, clean, corrupt),
-            "hooks_z": lambda: hooks_z(model, clean, corrupt, cap),
+            "hooks_z": lambda: hooks_z(plain, clean, corrupt, cap),
             "anylens_attr": lambda: anylens_attribution(model, clean, corrupt),
-            "hooks_attr": lambda: hooks_attribution(model, clean, corrupt),
+            "hooks_attr": lambda: hooks_attribution(plain, clean, corrupt),
         }[name]
     rise, before, how = peak_rise(fn)
     return {"name": name, "rise": rise, "before": before, "how": how, **extra}
@@ -449,25 +478,26 @@ def run_measurement(name: str, quick: bool, budget: int) -> dict:
 def timing_sections(model, clean, corrupt, cap: int, repeats: int, log) -> list[str]:
     """(i)-(iii): medians of every variant, their ratios and their agreement."""
     n_layers, n_heads, _ = shape(model)
+    plain = plain_copies(model)
     lines: list[str] = []
     log("warm-up")
-    naive_resid(model, clean, corrupt, layers=[0])
-    naive_z(model, clean, corrupt, layers=[0])
+    naive_resid(plain, clean, corrupt, layers=[0])
+    naive_z(plain, clean, corrupt, layers=[0])
     for fn in (anylens_resid, anylens_z, anylens_attribution):
         fn(model, clean, corrupt)
-    hooks_resid(model, clean, corrupt, cap)
-    hooks_z(model, clean, corrupt, cap)
-    hooks_attribution(model, clean, corrupt)
+    hooks_resid(plain, clean, corrupt, cap)
+    hooks_z(plain, clean, corrupt, cap)
+    hooks_attribution(plain, clean, corrupt)
 
     def exact_sweep(title: str, naive, anylens, hooks) -> dict[str, dict]:
         """Time (a), (b), (b0) and (c) of one patching sweep and add its table."""
         log(title)
         results = time_variants(
             {
-                "a": lambda: naive(model, clean, corrupt),
+                "a": lambda: naive(plain, clean, corrupt),
                 "b": lambda: anylens(model, clean, corrupt),
                 "b0": lambda: anylens(model, clean, corrupt, reuse=False),
-                "c": lambda: hooks(model, clean, corrupt, cap),
+                "c": lambda: hooks(plain, clean, corrupt, cap),
             },
             repeats,
             log,
@@ -484,7 +514,7 @@ def timing_sections(model, clean, corrupt, cap: int, repeats: int, log) -> list[
     attribution = time_variants(
         {
             "b": lambda: anylens_attribution(model, clean, corrupt),
-            "c": lambda: hooks_attribution(model, clean, corrupt),
+            "c": lambda: hooks_attribution(plain, clean, corrupt),
         },
         repeats,
         log,

@@ -144,6 +144,8 @@ class RoleAccess:
 
     def _conform(self, value: Any, target: torch.Tensor) -> torch.Tensor:
         value = torch.as_tensor(value).to(device=target.device, dtype=target.dtype)
+        if value.shape == target.shape:  # the usual case; broadcast_shapes costs a Python walk
+            return value
         try:
             shape = torch.broadcast_shapes(value.shape, target.shape)
         except RuntimeError:
