@@ -22,6 +22,7 @@ just before the variant runs, each variant in a fresh subprocess after one unpat
 
     python benchmarks/patch_sweep.py                     # GPT-2-small shape (takes many minutes)
     python benchmarks/patch_sweep.py --quick --repeats 2 # a small model, for a quick look
+    python benchmarks/patch_sweep.py --shape host-bound  # tiny widths: overhead-bound, as on a GPU
     python benchmarks/patch_sweep.py --device cuda       # on a GPU (memory: its allocated peak)
 """
 
@@ -58,15 +59,21 @@ DEVICE = torch.device("cpu")  # --device
 
 
 # -- the model and prompts --------------------------------------------------------------------
-def build_model(quick: bool):
+#: Model shapes: GPT-2 small (124M parameters, the default); ``quick``, a small model for a
+#: quick look; ``host-bound``, GPT-2 small's 12 layers and 12 heads at tiny widths, so that every
+#: variant is paced by Python and dispatch rather than arithmetic, as on a GPU.
+SHAPES = {
+    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+    "quick": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=64),
+    "host-bound": dict(n_layer=12, n_embd=48, n_head=12, vocab_size=512, n_positions=64),
+}
+
+
+def build_model(shape_name: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    if quick:
-        config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=64)
-    else:  # GPT-2 small: 124M parameters
-        config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
-    hf = GPT2LMHeadModel(config).float().eval().to(DEVICE)
+    hf = GPT2LMHeadModel(GPT2Config(**SHAPES[shape_name])).float().eval().to(DEVICE)
     return al.wrap(hf, tiny_tokenizer())
 
 
@@ -424,11 +431,9 @@ def _sampled_peak(fn: Callable[[], object], before: int) -> tuple[int, int, str]
 RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def measure_in_child(name: str, quick: bool, budget: int, threads: int, env: dict | None = None) -> dict:
+def measure_in_child(name: str, shape_name: str, budget: int, threads: int, env: dict | None = None) -> dict:
     command = [sys.executable, __file__, "--measure", name, "--budget-mb", str(budget // 2**20)]
-    command += ["--threads", str(threads), "--device", str(DEVICE)]
-    if quick:
-        command.append("--quick")
+    command += ["--threads", str(threads), "--device", str(DEVICE), "--shape", shape_name]
     environment = {**os.environ, **(env or {})}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     for line in done.stdout.splitlines():
@@ -437,8 +442,8 @@ def measure_in_child(name: str, quick: bool, budget: int, threads: int, env: dic
     raise RuntimeError(f"measuring {name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
 
 
-def run_measurement(name: str, quick: bool, budget: int) -> dict:
-    model = build_model(quick)
+def run_measurement(name: str, shape_name: str, budget: int) -> dict:
+    model = build_model(shape_name)
     clean, corrupt = prompt_pairs(model.hf.config.vocab_size)
     with torch.no_grad():
         model.hf(input_ids=corrupt)  # one unpatched forward: allocator and kernels warmed up
@@ -547,11 +552,11 @@ def memory_section(args, budget: int, log) -> list[str]:
     names = ("naive_resid", "anylens_resid", "hooks_resid", "naive_z", "anylens_z", "hooks_z")
     for name in names + ("anylens_attr", "hooks_attr"):
         log(f"    {name}")
-        measured = measure_in_child(name, args.quick, budget, args.threads)
+        measured = measure_in_child(name, args.shape, budget, args.threads)
         returned = (
             measured
             if DEVICE.type == "cuda"
-            else measure_in_child(name, args.quick, budget, args.threads, RETURN_FREED)
+            else measure_in_child(name, args.shape, budget, args.threads, RETURN_FREED)
         )
         how = measured["how"]
         lines.append(
@@ -570,11 +575,11 @@ def memory_section(args, budget: int, log) -> list[str]:
     ]
     for n_pairs in args.pairs:
         log(f"    {n_pairs} prompt pairs")
-        measured = measure_in_child(f"pairs{n_pairs}", args.quick, budget, args.threads)
+        measured = measure_in_child(f"pairs{n_pairs}", args.shape, budget, args.threads)
         returned = (
             measured
             if DEVICE.type == "cuda"
-            else measure_in_child(f"pairs{n_pairs}", args.quick, budget, args.threads, RETURN_FREED)
+            else measure_in_child(f"pairs{n_pairs}", args.shape, budget, args.threads, RETURN_FREED)
         )
         lines.append(
             f"| {n_pairs} | {measured['patches']} | {measured['forwards']} | {measured['seconds']:.1f} | "
@@ -602,7 +607,8 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small model (4 layers, d_model 256, vocab 8192)")
+    parser.add_argument("--shape", choices=list(SHAPES), default="gpt2-small", help="the model (default gpt2-small)")
+    parser.add_argument("--quick", action="store_const", const="quick", dest="shape", help="--shape quick")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--budget-mb", type=int, default=256, help="memory_budget of the many-pair sweeps, MiB")
@@ -617,7 +623,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     budget = args.budget_mb * 2**20
     if args.measure:
-        print("MEASURE " + json.dumps(run_measurement(args.measure, args.quick, budget)), flush=True)
+        print("MEASURE " + json.dumps(run_measurement(args.measure, args.shape, budget)), flush=True)
         return
 
     def log(text: str) -> None:
@@ -625,7 +631,7 @@ def main() -> None:
 
     start = time.perf_counter()
     lines = [f"machine at start: {machine()}", ""]
-    model = build_model(args.quick)
+    model = build_model(args.shape)
     n_layers, n_heads, _ = shape(model)
     n_params = sum(p.numel() for p in model.hf.parameters())
     clean, corrupt = prompt_pairs(model.hf.config.vocab_size)
