@@ -97,6 +97,35 @@ def test_attribution_matches_autograd_on_hooked_tensors(family, role, over, dire
         assert abs(got[key]["metric"] - (unpatched + value)) <= TOL
 
 
+@pytest.mark.parametrize("role", ["z", "q", "k", "v"])
+@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+def test_gradients_of_viewed_roles_equal_those_of_a_write_through_the_view(family, role):
+    """``perturb`` adds its zeros to the whole tensor a view is cut from (a fused q/k/v
+    projection, a head-split input). Its gradient, seen through the view, must equal the gradient
+    of zeros written through the view (``write``, whose values the conformance tests check)."""
+    model = model_of(family)
+    if role not in model.roles:
+        pytest.skip(f"{family} has no role {role!r}")
+    ids, _ = prompt_pairs()
+    access = model.role(role)
+    with torch.enable_grad():
+        grads = {}
+        for how in ("perturb", "write"):
+            with model.trace(ids, logits_to_keep=1):
+                if how == "perturb":
+                    _, zeros = access.perturb(1)
+                else:
+                    value = access.read(1)
+                    zeros = torch.zeros_like(value).requires_grad_(True)
+                    access.write(1, value + zeros)
+                zeros = zeros.save()
+                logits = model.nn.output.logits.save()
+            (grad,) = torch.autograd.grad(reference_metric(logits).sum(), zeros)
+            grads[how] = access.view_of(grad, 1) if how == "perturb" else grad
+    assert grads["write"].abs().max() > 1e-4  # the role matters to the metric
+    torch.testing.assert_close(grads["perturb"], grads["write"], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", list(TINY_BUILDERS))
 def test_head_gradients_under_sdpa_attention_match_eager(family):
     """Writing ``z`` must not modify sdpa's output in place: its backward reads that output."""

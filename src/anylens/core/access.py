@@ -109,15 +109,22 @@ class RoleAccess:
     def read(self, layer: int | None) -> torch.Tensor:
         return self._view(self._raw(layer), layer)
 
+    def _in_place(self) -> bool:
+        """Whether writes go into the tensor itself: a field of the output, or the residual stream
+        taken as a module's input. The residual must be written in place because other code
+        holds the same tensor: ``resid_mid`` is ``ln_2``'s input *and* the residual the MLP
+        output is added to; swapping it would change only what the norm sees."""
+        return bool(self.path.select) or (self.path.io == "input" and self.role.startswith("resid"))
+
+    def _through_view(self) -> bool:
+        """Whether writes go through a view of the tensor handed on (heads, a fused ``q``)."""
+        return self.path.view is not None and not self._in_place()
+
     def write(self, layer: int | None, value: Any) -> None:
-        if self.path.select or (self.path.io == "input" and self.role.startswith("resid")):
-            # A field of the output, or the residual stream taken as a module's input: write in
-            # place, so the model sees it. The residual must be written in place because other
-            # code holds the same tensor: ``resid_mid`` is ``ln_2``'s input *and* the residual the
-            # MLP output is added to; swapping it would change only what the norm sees.
+        if self._in_place():
             target = self.read(layer)
             target.copy_(self._conform(value, target))
-        elif self.path.view is None:
+        elif not self._through_view():
             self._swap(layer, lambda current: self._conform(value, current))
         else:
             # A view (heads of ``o_proj``'s input, ``q`` of a fused projection): write it into a
@@ -130,6 +137,33 @@ class RoleAccess:
                 return fresh
 
             self._swap(layer, through_view)
+
+    def perturb(self, layer: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add a zero tensor that requires grad to the role at ``layer``, for everything the model
+        computes from it; return the role's value and that tensor, whose gradient (read through
+        :meth:`view_of`) is the gradient with respect to the role.
+
+        A view's zeros are added to the whole tensor it is cut from: one addition, where writing
+        ``value + zeros`` through the view would copy that tensor and copy into the copy.
+        """
+        if not self._through_view():
+            value = self.read(layer)
+            zeros = torch.zeros_like(value).requires_grad_(True)
+            self.write(layer, value + zeros)
+            return value, zeros
+        added: dict[str, torch.Tensor] = {}
+
+        def add_zeros(current: torch.Tensor) -> torch.Tensor:
+            added["zeros"] = torch.zeros_like(current).requires_grad_(True)
+            added["value"] = self._view(current, layer)
+            return current + added["zeros"]
+
+        self._swap(layer, add_zeros)
+        return added["value"], added["zeros"]
+
+    def view_of(self, tensor: torch.Tensor, layer: int | None) -> torch.Tensor:
+        """``tensor``, shaped like what :meth:`perturb` added to, seen as the role."""
+        return self._view(tensor, layer) if self._through_view() else tensor
 
     def _swap(self, layer: int | None, replace: Any) -> None:
         envoy = self.envoy(layer)

@@ -37,7 +37,7 @@ def role_gradients(
     """Activations of ``role``, the gradient of ``metric`` (summed over prompts) with respect to
     them, and the final-position logits: one forward and one backward pass.
 
-    The gradient is taken with respect to a zero perturbation written into the role, so every
+    The gradient is taken with respect to a zero perturbation added to the role, so every
     use of the activation downstream counts, including roles that are views of a module's
     input (per-head ``z``) or tensors shared with the residual stream (``resid_mid``).
     """
@@ -79,11 +79,9 @@ def _gradient_run(
         # Final-position logits only: the metric reads nothing else, so the rest is wasted both ways.
         with model.trace(inputs.to(model.device), **last_logits_kwargs(model)):
             for layer in layer_list:  # ascending: reads follow the forward order
-                value = access.read(layer)
+                value, zeros = access.perturb(layer)  # rider rows get a zero gradient
                 acts[layer] = value.detach().clone().save()
-                delta = torch.zeros_like(value).requires_grad_(True)  # rider rows get a zero gradient
-                perturbations[layer] = delta.save()
-                access.write(layer, value + delta)
+                perturbations[layer] = zeros.save()
             cut_to_final_position(model, mlp_cut)
             saved = read_last(model, columns)
         last = last_logits(model, saved, columns)
@@ -96,8 +94,8 @@ def _gradient_run(
         inputs = [perturbations[layer] for layer in layer_list]
         grads = torch.autograd.grad(values.sum(), inputs, allow_unused=True)
     gradients = {
-        layer: (torch.zeros_like(delta[n_riders:]) if grad is None else grad[n_riders:]).detach()
-        for layer, delta, grad in zip(layer_list, inputs, grads)
+        layer: access.view_of(torch.zeros_like(zeros) if grad is None else grad, layer)[n_riders:].detach()
+        for layer, zeros, grad in zip(layer_list, inputs, grads)
     }
     run = _GradientRun({layer: act[n_riders:] for layer, act in acts.items()}, gradients, last.detach())
     if riders is not None:
