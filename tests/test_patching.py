@@ -164,6 +164,19 @@ def test_per_prompt_rows_average_to_the_summary():
     assert torch.allclose(torch.tensor(averaged.to_numpy()), torch.tensor(summary["metric"].to_numpy()), atol=TOL)
 
 
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_tokens_and_pos_labels_are_those_of_the_patched_run(direction):
+    model = model_of(next(iter(TINY_BUILDERS)))
+    clean, corrupt = prompt_pairs()
+    patched = corrupt if direction == "denoise" else clean
+    result = al.patch(model, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=METRIC, direction=direction)
+    tokens = model.to_str_tokens(patched[0])
+    assert result.meta["tokens"] == tokens
+    assert result.meta["clean_tokens"] != result.meta["corrupt_tokens"]  # the prompts tell the runs apart
+    frame = result.to_frame()
+    assert list(frame["token"]) == [tokens[p] for p in frame["pos"]]
+
+
 def test_targets_per_prompt_follow_their_rows():
     model = model_of(next(iter(TINY_BUILDERS)))
     clean, corrupt = prompt_pairs()

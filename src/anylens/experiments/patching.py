@@ -297,6 +297,7 @@ def sweep_meta(
     corrupt_values: torch.Tensor,
     align: Any,
 ) -> dict[str, Any]:
+    clean_tokens, corrupt_tokens = model.to_str_tokens(runs.clean[0]), model.to_str_tokens(runs.corrupt[0])
     return {
         "model": model.name,
         "adapter": model.adapter.name,
@@ -305,9 +306,9 @@ def sweep_meta(
         "metric": getattr(metric, "name", type(metric).__name__),
         "metric_spec": repr(metric),
         "direction": runs.direction,
-        "tokens": model.to_str_tokens(runs.patched[0]),
-        "clean_tokens": model.to_str_tokens(runs.clean[0]),
-        "corrupt_tokens": model.to_str_tokens(runs.corrupt[0]),
+        "tokens": corrupt_tokens if runs.direction == "denoise" else clean_tokens,  # the patched run
+        "clean_tokens": clean_tokens,
+        "corrupt_tokens": corrupt_tokens,
         "n_prompts": runs.n_pairs,
         "clean_metric": float(clean_values.mean()),
         "corrupt_metric": float(corrupt_values.mean()),
