@@ -100,3 +100,22 @@ def test_experiments_over_a_pattern_keep_its_hooks(model: al.AnyModel) -> None:
             by_hand.append((logits[:, 5] - logits[:, 6]).mean().item())
     got = scoped.to_frame().sort_values(["layer", "head"])["metric"].to_numpy()
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float32), torch.tensor(by_hand), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    [
+        lambda m, ids: al.patch(m, ids, ids),
+        lambda m, ids: al.attribute(m, ids, ids),
+        lambda m, ids: al.ablate(m, ids),
+        lambda m, ids: al.logit_lens(m, ids),
+        lambda m, ids: al.cache(m, ids),
+        lambda m, ids: al.direct_logit_attribution(m, ids, 5),
+    ],
+    ids=["patch", "attribute", "ablate", "logit_lens", "cache", "direct_logit_attribution"],
+)
+def test_experiments_given_an_unwrapped_model_say_to_wrap_it(experiment) -> None:
+    hf_model = model_of(next(iter(TINY_BUILDERS))).hf
+    ids, _ = random_prompt_pairs()
+    with pytest.raises(al.NotWrappedError, match=r"anylens\.wrap\(hf_model, tokenizer\)"):
+        experiment(hf_model, ids)

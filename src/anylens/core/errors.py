@@ -57,3 +57,7 @@ class RemoteError(AnylensError, ConnectionError):
 
 class LocalWeightsError(AnylensError, RuntimeError):
     """A computation needs the model's weights on this machine, but the model runs remotely."""
+
+
+class NotWrappedError(AnylensError, TypeError):
+    """An experiment was given a model anylens has not wrapped (a Hugging Face or nnsight model)."""

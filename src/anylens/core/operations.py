@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .errors import NotWrappedError
+
 try:  # the attribute nnsight keeps a module's forward state under
     from nnsight.intervention.source import STATE as _STATE
 except ImportError:  # pragma: no cover - an nnsight without it: modules stay hooked
@@ -75,7 +77,7 @@ class OperationHooks:
 def only_role_operations(*parameters: str) -> Callable[[Callable], Callable]:
     """Run an experiment ``fn(model, ...)`` with operation hooks on only for the roles given in
     its arguments ``parameters`` (each a role name or a list of them; None, meaning every role,
-    leaves every hook on)."""
+    leaves every hook on). A model anylens has not wrapped raises :class:`NotWrappedError`."""
 
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)
@@ -84,13 +86,19 @@ def only_role_operations(*parameters: str) -> Callable[[Callable], Callable]:
         def run(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
+            model = bound.arguments["model"]
+            if not hasattr(model, "operation_hooks_only_for"):
+                raise NotWrappedError(
+                    f"{fn.__name__} needs a model from anylens.load or anylens.wrap, not a "
+                    f"{type(model).__name__}; wrap it first: model = anylens.wrap(hf_model, tokenizer)"
+                )
             roles: list[str] = []
             for name in parameters:
                 value = bound.arguments[name]
-                if value is None:
+                if value is None:  # every role
                     return fn(*args, **kwargs)
                 roles += [value] if isinstance(value, str) else list(value)
-            with bound.arguments["model"].operation_hooks_only_for(roles):
+            with model.operation_hooks_only_for(roles):
                 return fn(*args, **kwargs)
 
         return run
