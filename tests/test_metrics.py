@@ -72,6 +72,44 @@ def test_kl_against_the_clean_distribution(model):
         metrics.kl()(run, model)
 
 
+@pytest.mark.parametrize(
+    "metric",
+    [metrics.logit_diff(" Paris", " Rome"), metrics.prob(" Paris"), metrics.log_prob(" Paris"), metrics.rank(" Paris")],
+    ids=lambda m: m.name,
+)
+def test_metrics_that_say_they_ignore_the_clean_logits_do(model, metric):
+    """Sweeps do not hand such metrics the clean logits; a metric that read them would break."""
+    assert metric.reads_clean_logits is False
+    run = logits_with([{PARIS: 1.5, ROME: 0.5}, {ROME: 2.0}])
+    clean = logits_with([{PARIS: 9.0}, {MARY: 9.0}])
+    assert torch.equal(metric(run, model), metric(run, model, clean_logits=clean))
+
+
+def test_comparing_and_unknown_metrics_get_the_clean_logits(model):
+    assert metrics.kl().reads_clean_logits is True
+    assert metrics.Metric.reads_clean_logits is True  # a metric of one's own gets them unless it says not
+
+
+def test_sweeps_hand_the_clean_logits_only_to_metrics_that_read_them(model):
+    from anylens.experiments.components import score_rows
+
+    seen = []
+
+    class Spy(metrics.Metric):
+        def __call__(self, logits, model, clean_logits=None):
+            seen.append(clean_logits)
+            return logits[:, 0]
+
+    class Blind(Spy):
+        reads_clean_logits = False
+
+    run, clean = torch.randn(3, VOCAB), torch.randn(2, VOCAB)
+    rows = torch.tensor([1, 0, 1])
+    score_rows(Spy(), model, run, rows, 2, clean)
+    score_rows(Blind(), model, run, rows, 2, clean)
+    assert torch.equal(seen[0], clean[rows]) and seen[1] is None
+
+
 def test_normalized():
     patched = torch.tensor([0.0, 1.0, 2.0, 0.5])
     clean, corrupt = torch.tensor(2.0), torch.tensor(0.0)

@@ -411,9 +411,12 @@ def score_rows(
 ) -> torch.Tensor:
     """The metric on final-position logits ``[k, vocab]`` whose rows run the given prompts.
 
-    ``reference_last[prompt]`` is the logits a comparing metric (KL) measures against.
+    ``reference_last[prompt]`` is the logits a comparing metric (KL) measures against, handed
+    over only to metrics that read them.
     """
-    reference = None if reference_last is None else reference_last[prompt_of_row.to(reference_last.device)]
+    reference = None
+    if reference_last is not None and getattr(metric, "reads_clean_logits", True):
+        reference = reference_last[prompt_of_row.to(reference_last.device)]
     return metric_for_rows(metric, prompt_of_row, n_prompts)(last, model, reference)
 
 

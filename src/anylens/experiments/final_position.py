@@ -84,7 +84,7 @@ def final_logits(model: AnyModel, hidden: torch.Tensor, columns: torch.Tensor | 
         return model.unembed(hidden)
     part = model.unembed_columns(hidden, columns)
     full = part.new_full((hidden.shape[0], model.d_vocab), float("nan"))
-    return full.index_copy(1, columns.to(part.device), part)
+    return full.index_copy_(1, columns.to(part.device), part)
 
 
 def read_last(model: AnyModel, columns: torch.Tensor | None) -> Any:

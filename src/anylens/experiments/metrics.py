@@ -50,6 +50,9 @@ class Metric:
     name = "metric"
     #: True when larger values mean "more of the clean behaviour"; used to read patching scores.
     higher_is_clean = True
+    #: Whether ``__call__`` reads ``clean_logits``. Sweeps hand them over only then: one row of
+    #: clean logits per patched row is a ``[rows, vocab]`` copy. True unless a metric says not.
+    reads_clean_logits = True
 
     def __call__(self, logits: torch.Tensor, model: AnyModel, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -67,6 +70,7 @@ class LogitDiff(Metric):
     answer: Target
     distractor: Target
     name = "logit_diff"
+    reads_clean_logits = False
 
     def __call__(self, logits, model, clean_logits=None):
         last = _last(logits).float()
@@ -84,6 +88,7 @@ class LogitDiff(Metric):
 class Prob(Metric):
     target: Target
     name = "prob"
+    reads_clean_logits = False
 
     def __call__(self, logits, model, clean_logits=None):
         last = _last(logits).float()
@@ -94,6 +99,7 @@ class Prob(Metric):
 class LogProb(Metric):
     target: Target
     name = "log_prob"
+    reads_clean_logits = False
 
     def __call__(self, logits, model, clean_logits=None):
         last = _last(logits).float()
@@ -107,6 +113,7 @@ class Rank(Metric):
     target: Target
     name = "rank"
     higher_is_clean = False
+    reads_clean_logits = False
 
     def __call__(self, logits, model, clean_logits=None):
         last = _last(logits).float()
