@@ -10,7 +10,7 @@ import torch
 from tiny_models import model_cache, random_prompt_pairs
 
 import anylens as al
-from anylens.testing import TINY_BUILDERS
+from anylens.testing import TINY_BUILDERS, tiny, tiny_tokenizer
 
 model_of = model_cache()
 ATOL = 1e-6
@@ -119,3 +119,22 @@ def test_experiments_given_an_unwrapped_model_say_to_wrap_it(experiment) -> None
     ids, _ = random_prompt_pairs()
     with pytest.raises(al.NotWrappedError, match=r"anylens\.wrap\(hf_model, tokenizer\)"):
         experiment(hf_model, ids)
+
+
+def test_modules_opened_before_wrapping_run_plain_in_the_block_too(operation_calls: list[str]) -> None:
+    from nnsight.modeling.transformers import TransformersModel
+
+    family = next(iter(TINY_BUILDERS))
+    hf_model = tiny(family).hf
+    ids, _ = random_prompt_pairs()
+    mlp = "transformer.h.0.mlp" if family == "gpt2" else "model.layers.0.mlp"
+    nn_model = TransformersModel(hf_model, tokenizer=tiny_tokenizer())
+    nn_model.get(mlp).source  # noqa: B018  (opening it hooks its operations, as adapter inference does)
+    model = al.wrap(hf_model, tiny_tokenizer())
+    with model.trace(ids):
+        model.role("resid_post").read(0).save()
+    assert mlp in hooked_modules(operation_calls)
+    operation_calls.clear()
+    with model.operation_hooks_only_for([]), model.trace(ids):
+        model.role("resid_post").read(0).save()
+    assert operation_calls == []

@@ -218,7 +218,9 @@ class AnyModel:
         for access in self._access.values():
             for owner in self._operation_owners(access):
                 envoy_at(self, owner).source  # noqa: B018  (the access instruments the forward)
-                self._operations.adopt(owner, self.module(owner))
+        # Every hooked module, also those opened before wrapping (adapter inference opens some).
+        for path, module in self.hf.named_modules():
+            self._operations.adopt(path, module)
 
     def _operation_owners(self, access: RoleAccess) -> list[str]:
         """The modules whose operations a role steps into, one per layer (none for most roles)."""

@@ -46,7 +46,7 @@ class OperationHooks:
         self._modules: dict[str, Any] = {}
 
     def adopt(self, path: str, module: Any) -> None:
-        """Remember ``module``'s hooked forward (after nnsight opened its operations)."""
+        """Remember ``module``'s hooked forward, if nnsight has opened its operations."""
         state = _state(module)
         if state is not None and getattr(state, "sourced", False) and hasattr(state, "original"):
             _hooked_forwards.setdefault(module, state.body)
