@@ -118,11 +118,17 @@ def test_shortcut_forward_equals_the_full_forward(family):
     full = _patched_forward(model, plan, rows)
     kv = reuse.kv_cache_reusable(model, corrupt)
     positions = (0, 7) if kv else (0,)  # 7 > the sliding window of the tiny Gemma 2
-    for block in (0, 1):
+    # Growing chunks: rows sorted by the block they join at (at most their patched layer's).
+    growing = {0: (torch.tensor([0, 3, 1, 2]), [0, 1, last_layer, last_layer]), 7: (rows[:3], [1, last_layer, last_layer])}
+    for block in (0, 1, "growing"):
         for pos in positions:
             if pos and model.n_layers - 1 < 1:
                 continue
-            chunk = reuse.Chunk(rows[:3], block, pos) if pos else reuse.Chunk(rows, block, pos)
+            if block == "growing":
+                chunk_rows, starts = growing[pos]
+                chunk = reuse.Chunk(chunk_rows, starts[0], pos, torch.tensor(starts))
+            else:
+                chunk = reuse.Chunk(rows[:3], block, pos) if pos else reuse.Chunk(rows, block, pos)
             # The prefix cache cut from the unpatched run's, and run afresh for the prefix alone.
             # With the last MLP run on the final position alone, and without.
             for full_cache, mlp_cut in ((baseline.cache, None), (None, last_mlp(model, "resid_pre", layers))):
@@ -131,7 +137,9 @@ def test_shortcut_forward_equals_the_full_forward(family):
                 with torch.no_grad():
                     got, guard = model.unembed(got), model.unembed(guard)
                 assert (got - full[chunk.rows]).abs().max() <= TOL, (block, pos)
-                assert (guard[0] - baseline.last[0]).abs().max() <= TOL, (block, pos)
+                # The guards: unpatched copies of the first row's input and of the last row's.
+                expected = baseline.last[plan.input_rows[chunk.rows[[0, -1]]]]
+                assert (guard - expected).abs().max() <= TOL, (block, pos)
     if kv and family != "gemma2":
         assert reuse.PrefixCaches(model, corrupt, baseline.cache).full is not None
     if family == "gemma2":  # its sliding window dropped the first positions: prefixes are run again
@@ -243,6 +251,13 @@ def test_plan_chunks_covers_every_row_once_within_the_cap():
     assert len(plan_chunks(blocks, positions, rows, 64, _Cost(0.0))) == 32
     assert len(plan_chunks(blocks, positions, rows, 64, _Cost(1e9))) == 1
     assert len(plan_chunks(blocks, positions, rows, 7, _Cost(1e9))) == 5
+    # Growing forwards: each row joins at its own block, so a split by block saves no work and
+    # only positions are split; a chunk's rows come sorted by the block they join at.
+    chunks = plan_chunks(blocks, positions, rows, 64, _Cost(0.0), growing=True)
+    assert len(chunks) == 8
+    for chunk in chunks:
+        starts = chunk.starts.tolist()
+        assert starts == blocks[chunk.rows - 100].tolist() == sorted(starts) and chunk.block == starts[0]
 
 
 def test_cost_model_prefers_fewer_forwards_on_tiny_models():

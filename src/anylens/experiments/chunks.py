@@ -1,9 +1,11 @@
 """How a sweep with reuse groups its patched rows into forwards, and how much memory it holds.
 
 Each row has a first block ``b`` and a first position ``p`` its patch can change. A forward that
-runs a chunk of rows starts at the chunk's smallest ``b`` and ``p``, so chunks of alike rows skip
-the most work — but every extra forward costs its own fixed share (reading every weight matrix
-it runs once more). :func:`plan_chunks` weighs the two with a rough :class:`CostModel`.
+runs a chunk of rows starts at the chunk's smallest ``p``; each row joins the forward at its own
+block (a *growing* forward: :func:`.reuse.shortcut_forward`), or, where a model cannot run one,
+at the chunk's smallest ``b``. Chunks of alike rows skip the most work, but every extra forward
+costs its own fixed share (reading every weight matrix it runs once more). :func:`plan_chunks`
+weighs the two with a rough :class:`CostModel`.
 """
 
 from __future__ import annotations
@@ -33,11 +35,16 @@ PLANNED_SHARE = 2 / 3
 
 @dataclass(frozen=True)
 class Chunk:
-    """Plan rows run in one forward that skips blocks before ``block`` and positions before ``pos``."""
+    """Plan rows run in one forward that skips blocks before ``block`` and positions before ``pos``.
+
+    ``starts``: each row's first block, in ascending order (the rows are sorted by it), where a
+    growing forward may let each row join there; None: every row runs from ``block``.
+    """
 
     rows: torch.Tensor
     block: int
     pos: int
+    starts: torch.Tensor | None = None
 
 
 def _figures(model: AnyModel) -> dict[str, float]:
@@ -87,13 +94,20 @@ def one_forward(model: AnyModel, source: torch.Tensor, patched: torch.Tensor) ->
 
 
 def plan_chunks(
-    blocks: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cap: int, cost: CostModel
+    blocks: torch.Tensor,
+    positions: torch.Tensor,
+    rows: torch.Tensor,
+    cap: int,
+    cost: CostModel,
+    growing: bool = False,
 ) -> list[Chunk]:
     """Group ``rows`` (each with its first block and position) into chunks of at most ``cap`` rows.
 
     Rows are split recursively, by block or by position, wherever a split saves more work than
     its extra forwards cost; each group is then cut into even chunks, sorted so that each chunk
-    starts at its own earliest block and position. Chunks come ordered by position.
+    starts at its own earliest block and position. Chunks come ordered by position. With
+    ``growing`` each row of a chunk joins at its own block (the chunk carries them as ``starts``),
+    so only positions cost work that a split could save.
     """
     cells: dict[tuple[int, int], list[int]] = {}
     for row, b, p in zip(rows.tolist(), blocks.tolist(), positions.tolist()):
@@ -102,7 +116,9 @@ def plan_chunks(
     def group_cost(keys: list[tuple[int, int]]) -> float:
         n = sum(len(cells[k]) for k in keys)
         b0, p0 = min(k[0] for k in keys), min(k[1] for k in keys)
-        return math.ceil(n / cap) * cost.fixed(b0) + n * cost.per_row(b0, p0)
+        # A growing forward runs each row from its own block; otherwise all from the first.
+        work = sum(len(cells[k]) * cost.per_row(k[0] if growing else b0, p0) for k in keys)
+        return math.ceil(n / cap) * cost.fixed(b0) + work
 
     def split(keys: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
         best_cost, best = group_cost(keys), None
@@ -121,7 +137,8 @@ def plan_chunks(
         size = math.ceil(len(members) / math.ceil(len(members) / cap))  # even chunks
         for start in range(0, len(members), size):
             part = members[start : start + size]
-            chunks.append(Chunk(torch.tensor([m[2] for m in part]), min(m[0] for m in part), min(m[1] for m in part)))
+            starts = torch.tensor([m[0] for m in part]) if growing else None
+            chunks.append(Chunk(torch.tensor([m[2] for m in part]), part[0][0], min(m[1] for m in part), starts))
     chunks.sort(key=lambda c: (c.pos, c.block))
     return chunks
 
@@ -150,13 +167,16 @@ class Sizes:
         sources: dict[int, torch.Tensor],
         memory_budget: int | None,
         n_inputs: int,
+        prefix_width: int = 0,
     ) -> Sizes:
+        """``prefix_width``: elements per position of the block-prefix outputs kept per input
+        (:mod:`.block_prefix`)."""
         n_all = len(model.module(model.adapter.layers))
         element = torch.finfo(next(model.hf.parameters()).dtype).bits // 8
         pos_dim = 2 if role == "pattern" else 1  # pattern is [batch, head, query, key]
         role_size = sum(t[0].numel() // max(t.shape[pos_dim], 1) * length for t in sources.values())
         residual = length * model.d_model
-        per_input = element * (role_size + (n_blocks + 2 * n_all) * residual)
+        per_input = element * (role_size + (n_blocks + 2 * n_all) * residual + prefix_width * length)
         per_row = bytes_per_row(model, length, last_only=True) + element * 3 * n_all * residual
         budget = PLANNED_SHARE * (default_budget(model) if memory_budget is None else int(memory_budget))
         held = sum(t.numel() * t.element_size() for t in sources.values())

@@ -232,7 +232,7 @@ def _patched_forward(model: AnyModel, plan: PatchPlan, rows: torch.Tensor) -> to
 
 
 def writes_by_layer(
-    plan: PatchPlan, rows: torch.Tensor, device: torch.device, start: int = 0
+    plan: PatchPlan, rows: torch.Tensor, device: torch.device, start: int = 0, row_offset: int = 0
 ) -> dict[int, list[tuple[tuple, tuple]]]:
     """Per layer, (target index, source index) pairs, one per group of alike components.
 
@@ -240,6 +240,7 @@ def writes_by_layer(
     written with one vectorised index, so a layer costs one write per group, not one per row.
     ``start`` is the first position the forward runs: target positions are counted from it, and
     writes before it are left out (the caller ensures they would not change anything).
+    ``row_offset``: the batch row of ``rows[0]`` (rows the caller puts before them).
     """
     groups: dict[tuple[int, bool, bool], list[int]] = {}
     for local, row in enumerate(rows.tolist()):
@@ -250,7 +251,7 @@ def writes_by_layer(
     head_first = plan.role == "pattern"  # [batch, head, query, key]; the others are [batch, pos, ...]
     for (layer, all_pos, all_heads), locals_ in groups.items():
         chosen = [int(rows[i]) for i in locals_]
-        batch_rows = torch.tensor(locals_, device=device)
+        batch_rows = torch.tensor(locals_, device=device) + row_offset
         source_rows = plan.source_rows[chosen].to(device)
         if all_pos:
             kept = [i for i, p in enumerate(plan.target_positions) if p >= start]

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.access import envoy_at
+from .block_prefix import off_reason, prefix_modules, prefix_width, turn_off
 from .chunks import Chunk, CostModel, Sizes, plan_chunks
 from .components import HEADED_ROLES, PatchPlan, PlanStats, RowFill, writes_by_layer
 from .final_position import (
@@ -56,6 +57,7 @@ GUARD_RTOL = 1e-4
 
 _verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(length, b0, p0)}
 _disabled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why reuse is off
+_fixed_batch: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why forwards do not grow
 _kv_reusable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool
 
 
@@ -70,6 +72,17 @@ def skippable_blocks(model: AnyModel, role: str, layers: list[int]) -> int:
     block (0 when a role lives outside the blocks)."""
     owners = [block_of(model, role, layer) for layer in layers]
     return max(owners) if owners and all(b is not None for b in owners) else 0
+
+
+def block_prefixes(model: AnyModel, role: str, layers: list[int], n_blocks: int) -> dict[int, tuple[str, ...]]:
+    """Per block a chunk may start at (up to ``n_blocks``), the modules there that return before
+    ``role`` is reached (:mod:`.block_prefix`); blocks with none are left out."""
+    found: dict[int, tuple[str, ...]] = {}
+    for layer in layers:
+        block = block_of(model, role, layer)
+        if block is not None and block <= n_blocks and block not in found:
+            found[block] = prefix_modules(model, role, layer, block)
+    return {block: modules for block, modules in found.items() if modules}
 
 
 def block_of(model: AnyModel, role: str, layer: int) -> int | None:
@@ -127,16 +140,20 @@ class Baseline:
     """The unpatched run of a plan's inputs.
 
     ``last`` is its final-position logits; ``acts[layer]`` the role's activations (to tell which
-    writes change anything) and ``blocks[i]`` the output of block ``i`` (to skip the block).
+    writes change anything), ``blocks[i]`` the output of block ``i`` (to skip the block) and
+    ``prefix[b]`` the outputs of block ``b``'s modules before the role, by path (to skip them in
+    a chunk that starts at ``b``).
     """
 
     last: torch.Tensor
     acts: dict[int, torch.Tensor] | None = None
     blocks: list[Any] | None = None
     cache: Any = None  # the key/value cache of every position, where reusable
+    prefix: dict[int, dict[str, Any]] | None = None
 
     def nbytes(self) -> int:
         tensors = list((self.acts or {}).values()) + [_residual(b) for b in self.blocks or []]
+        tensors += [_residual(out) for outputs in (self.prefix or {}).values() for out in outputs.values()]
         for layer in getattr(self.cache, "layers", []):
             tensors += [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors) + self.last.numel() * self.last.element_size()
@@ -162,13 +179,19 @@ def record_baseline(
 
     Blocks whose output is not a residual tensor (or a tuple led by one, with no other tensors)
     cannot be handed back by a skip, so then no block outputs are kept (``blocks`` is None).
+    With block outputs, the outputs of the modules before the role in each block a chunk may
+    start at are kept too (:func:`block_prefixes`).
     ``columns`` are the only final-position logits to compute (:mod:`.final_position`).
     """
     access = model.role(role)
     blocks = block_envoys(model)
-    # Reads follow the forward: a role read inside block k comes before block k's output.
-    reads = [((block_of(model, role, layer) or 0), 0, "act", layer) for layer in layers]
+    prefixes = block_prefixes(model, role, layers, n_blocks) if n_blocks else {}
+    # Reads follow the forward: in block k, the modules before the role, the role, the block's output.
+    reads: list[tuple[int, int, str, Any]] = [
+        ((block_of(model, role, layer) or 0), 0, "act", layer) for layer in layers
+    ]
     reads += [(index, 1, "block", index) for index in range(n_blocks)]
+    reads += [(b, -1, "prefix", (k, path)) for b, paths in prefixes.items() for k, path in enumerate(paths)]
     reads.sort()
     step = rows_per_forward or ids.shape[0]
     cache = _empty_cache(model) if n_blocks and step >= ids.shape[0] and kv_cache_reusable(model, ids) else None
@@ -176,9 +199,11 @@ def record_baseline(
     mlp_cut = last_mlp(model, role, layers) if last_only else None
     columns = columns if last_only else None
     structures: list[Any] = []  # each block's output as the first chunk returned it
+    prefix_structures: dict[str, Any] = {}  # the same for the modules before the role
     for start in range(0, ids.shape[0], step):
         acts: dict[int, torch.Tensor] = {}
         outputs: list[Any] = []
+        before: dict[str, Any] = {}
         kwargs = last_logits_kwargs(model) if last_only else {}
         if cache is not None:
             kwargs.update({_cache_name(model): cache, "use_cache": True})
@@ -186,8 +211,10 @@ def record_baseline(
             for _, _, kind, index in reads:
                 if kind == "act":
                     acts[index] = access.read(index).clone().save()
-                else:
+                elif kind == "block":
                     outputs.append(_clone(blocks[index].output).save())
+                else:
+                    before[index[1]] = _clone(envoy_at(model, index[1]).output).save()
             cut_to_final_position(model, mlp_cut)
             last = read_last(model, columns)
         with torch.no_grad():
@@ -202,11 +229,29 @@ def record_baseline(
                 rows.put(("block", index), start, _residual(output))
             else:
                 structures = None
+        if start == 0:
+            prefix_structures = dict(before)
+        for path, output in before.items():
+            if path in prefix_structures and _skippable(output, last.shape[0], ids.shape[1]):
+                rows.put(("prefix", path), start, _residual(output))
+            else:
+                prefix_structures.pop(path, None)
     acts_out = {layer: rows[("act", layer)] for layer in layers} if layers else None
-    kept = None
+    kept, prefix = None, None
     if n_blocks and structures is not None:
         kept = [_with_residual(structure, rows[("block", i)]) for i, structure in enumerate(structures)]
-    return Baseline(rows["last"], acts_out, kept, cache)
+        prefix = _kept_prefixes(prefixes, prefix_structures, rows)
+    return Baseline(rows["last"], acts_out, kept, cache, prefix)
+
+
+def _kept_prefixes(prefixes: dict[int, tuple[str, ...]], structures: dict[str, Any], rows: RowFill) -> dict:
+    """Per block, its prefix modules' outputs by path, in the order they run; a block loses its
+    prefix if any of its modules' outputs could not be kept (a skip must hand back all of them)."""
+    kept = {}
+    for block, paths in prefixes.items():
+        if all(path in structures for path in paths):
+            kept[block] = {path: _with_residual(structures[path], rows[("prefix", path)]) for path in paths}
+    return kept
 
 
 def _empty_cache(model: AnyModel) -> Any:
@@ -234,7 +279,8 @@ def record_for_plan(
     """
     layers = sorted(layers)
     n_blocks = skippable_blocks(model, role, layers)
-    sizes = Sizes.of(model, role, n_blocks, ids.shape[1], sources, memory_budget, ids.shape[0])
+    width = prefix_width(model, block_prefixes(model, role, layers, n_blocks))
+    sizes = Sizes.of(model, role, n_blocks, ids.shape[1], sources, memory_budget, ids.shape[0], width)
     rows = sizes.rows_for(sizes.free // 2)
     if sizes.inputs_per_group(ids.shape[0]) == ids.shape[0]:
         return record_baseline(model, role, ids, layers, n_blocks, rows, columns=columns)
@@ -258,13 +304,20 @@ def record_pair(
         model, role, torch.cat([source_ids, ids]), layers, skippable_blocks(model, role, layers), columns=columns
     )
     sources = {layer: act[:n] for layer, act in both.acts.items()}
-    blocks = None
+    blocks, prefix = None, None
     if both.blocks is not None:  # copies: a view would keep the source rows alive
-        blocks = [_with_residual(block, _residual(block)[n:].clone()) for block in both.blocks]
+        blocks = [_patched_rows(block, n) for block in both.blocks]
+        prefix = {b: {path: _patched_rows(out, n) for path, out in outs.items()} for b, outs in both.prefix.items()}
     if both.cache is not None:
         both.cache.batch_select_indices(torch.arange(n, 2 * n, device=model.device))
-    baseline = Baseline(both.last[n:], {layer: act[n:] for layer, act in both.acts.items()}, blocks, both.cache)
+    acts = {layer: act[n:] for layer, act in both.acts.items()}
+    baseline = Baseline(both.last[n:], acts, blocks, both.cache, prefix)
     return sources, both.last[:n], baseline
+
+
+def _patched_rows(output: Any, n: int) -> Any:
+    """A recorded output of both runs cut to the patched run's rows (after the first ``n``), copied."""
+    return _with_residual(output, _residual(output)[n:].clone())
 
 
 def _clone(value: Any) -> Any:
@@ -405,42 +458,110 @@ def shortcut_forward(
     input_offset: int,
     guard: bool,
     mlp_cut: str | None = None,
+    prefix: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The unembedding's final-position input for ``rows``, skipping the chunk's blocks and positions.
+    """The unembedding's final-position input for ``rows``, skipping the chunk's blocks and
+    positions, and with ``prefix`` the modules of its first block before the role.
+
+    Where the chunk carries ``starts``, each row joins the forward at its own first block: the
+    batch grows block by block, a joining row entering with the unpatched run's output of the
+    block before, so no row runs a block its patch cannot change (rows are sorted by start). The
+    blocks' other per-row inputs (an attention mask) and the key/value cache are cut to the rows
+    present at each block.
 
     The unembedding itself is skipped too: a sweep applies it to many chunks' rows at once
-    (:func:`.final_position.final_logits`), reading its weights once rather than once per forward. With ``guard``, an
-    unpatched copy of the first row's input runs along; it comes back second, for checking.
-    ``mlp_cut`` is the last MLP to run on the final position only (:mod:`.final_position`).
+    (:func:`.final_position.final_logits`), reading its weights once rather than once per
+    forward. With ``guard``, two unpatched copies run along: of the first row's input, from the
+    first block, and of the last row's, joining with it; they come back ``[2, d_model]``, for
+    checking. ``mlp_cut`` is the last MLP to run on the final position only (:mod:`.final_position`).
     """
     device = model.device
+    p0, b0 = chunk.pos, chunk.block
     inputs = plan.input_rows[rows] - input_offset
+    starts = chunk.starts if chunk.starts is not None else torch.full((len(rows),), b0)
     if guard:
-        inputs = torch.cat([inputs, inputs[:1]])
+        inputs = torch.cat([inputs[:1], inputs, inputs[-1:]])
+        starts = torch.cat([starts.new_full((1,), b0), starts, starts[-1:]])
+    n_all = len(model.module(model.adapter.layers))
+    present = [int((starts <= max(k, b0)).sum()) for k in range(n_all)]  # rows in the batch at block k
+    total = len(inputs)
     ids = plan.inputs[inputs + input_offset].to(device)
     kwargs: dict[str, Any] = dict(last_logits_kwargs(model))
-    p0, b0 = chunk.pos, chunk.block
     if p0 > 0:
-        kwargs[_cache_name(model)] = caches.expanded(p0, inputs)
+        cache = caches.expanded(p0, inputs)
+        for k, layer in enumerate(cache.layers):
+            if present[k] < total:
+                layer.keys, layer.values = layer.keys[: present[k]], layer.values[: present[k]]
+        kwargs[_cache_name(model)] = cache
         kwargs["use_cache"] = True
         data: Any = {"input_ids": ids[:, p0:], "attention_mask": torch.ones_like(ids)}  # the mask covers the cache
     else:
         data = ids
-    writes = writes_by_layer(plan, rows, device, start=p0)
+    writes = writes_by_layer(plan, rows, device, start=p0, row_offset=1 if guard else 0)
+    owners = {layer: block_of(model, plan.role, layer) for layer in writes}
     access = model.role(plan.role)
     envoys = block_envoys(model)
+    before = (baseline.prefix or {}).get(b0, {}) if prefix else {}
+
+    def write(layer: int) -> None:
+        target = access.read(layer)
+        for target_index, source_index in writes[layer]:
+            target[target_index] = plan.sources[layer][source_index].to(target.dtype)
+
     with torch.no_grad(), model.trace(data, **kwargs):
         for index in range(b0):
-            envoys[index].skip(_cut(baseline.blocks[index], inputs, p0))
-        for layer in sorted(writes):  # ascending layers: reads must follow the forward order
-            target = access.read(layer)
-            for target_index, source_index in writes[layer]:
-                target[target_index] = plan.sources[layer][source_index].to(target.dtype)
+            envoys[index].skip(_cut(baseline.blocks[index], inputs[: present[b0]], p0))
+        # Interventions follow the forward: per block its input, the modules before the role, the writes.
+        for k in range(b0, n_all) if present[b0] < total else ():
+            joining = None
+            if k > b0 and present[k] > present[k - 1]:
+                joining = _residual(baseline.blocks[k - 1])[inputs[present[k - 1] : present[k]].to(device), p0:]
+            if present[k] < total or joining is not None:
+                envoys[k].inputs = _present_rows(envoys[k].inputs, present[k], total, joining)
+            if k == b0:
+                _skip_prefix(model, before, inputs[: present[b0]], p0, mlp_cut)
+            for layer in sorted(layer for layer in writes if owners[layer] == k):
+                write(layer)
+        if present[b0] == total:
+            _skip_prefix(model, before, inputs, p0, mlp_cut)
+            for layer in sorted(writes):  # ascending layers: reads must follow the forward order
+                write(layer)
         cut_to_final_position(model, mlp_cut)
         last = read_unembedding_input(model)
     if guard:
-        return last[:-1], last[-1:]
+        return last[1:-1], last[[0, -1]]
     return last, None
+
+
+def _skip_prefix(model: AnyModel, before: dict[str, Any], inputs: torch.Tensor, p0: int, mlp_cut: str | None) -> None:
+    for path, output in before.items():  # in the order they run
+        if path != mlp_cut:  # a module cut to the final position must run
+            envoy_at(model, path).skip(_cut(output, inputs, p0))
+
+
+def _present_rows(block_inputs: Any, n: int, total: int, joining: torch.Tensor | None) -> Any:
+    """A block's ``(args, kwargs)`` for the first ``n`` batch rows: its first input (the residual)
+    cut to the rows already there and extended by ``joining``; every other tensor laid out per
+    row (``total`` leading rows, two dimensions or more) cut to ``n`` rows."""
+    args, kwargs = block_inputs
+    args, kwargs = list(args), dict(kwargs)
+    key = 0 if args else next(iter(kwargs))
+    holder = args if args else kwargs
+    hidden = holder[key]
+    kept = n - (0 if joining is None else len(joining))
+    hidden = hidden[:kept] if joining is None else torch.cat([hidden[:kept], joining.to(hidden.dtype)])
+    args = [_rows(a, n, total) for a in args]
+    kwargs = {name: _rows(v, n, total) for name, v in kwargs.items()}
+    (args if block_inputs[0] else kwargs)[key] = hidden
+    return tuple(args), kwargs
+
+
+def _rows(value: Any, n: int, total: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[:n] if value.dim() >= 2 and value.shape[0] == total else value
+    if isinstance(value, tuple):
+        return tuple(_rows(v, n, total) for v in value)
+    return value
 
 
 # -- guard ------------------------------------------------------------------------------------
@@ -472,7 +593,8 @@ class ReusingRun:
         self.n_blocks = skippable_blocks(model, plan.role, self.layers)
         self.cost = CostModel(model, self.length)
         n_inputs = plan.inputs.shape[0]
-        sizes = Sizes.of(model, plan.role, self.n_blocks, self.length, plan.sources, memory_budget, n_inputs)
+        width = prefix_width(model, block_prefixes(model, plan.role, self.layers, self.n_blocks))
+        sizes = Sizes.of(model, plan.role, self.n_blocks, self.length, plan.sources, memory_budget, n_inputs, width)
         if baseline is not None and baseline.acts is not None:
             self.baseline, self.group_size = baseline, n_inputs
             free = sizes.free - baseline.nbytes()
@@ -524,7 +646,9 @@ class ReusingRun:
         blocks = torch.tensor(owners, dtype=torch.long)
         positions = starts[starts >= 0] if self.kv else torch.zeros(len(live), dtype=torch.long)
         caches = PrefixCaches(model, plan.inputs[first:last], state.cache) if self.kv else None
-        for chunk in plan_chunks(blocks, positions, live, self.cap, self.cost):
+        # A role read as flattened tokens is unflattened by the trace's batch, which growing changes.
+        growing = self.model not in _fixed_batch and self.model.role(plan.role).path.view != "tokens"
+        for chunk in plan_chunks(blocks, positions, live, self.cap, self.cost, growing):
             self._chunk(chunk, state, caches, first)
         self._flush()
 
@@ -535,23 +659,44 @@ class ReusingRun:
         if model in _disabled:
             self._full(rows)
             return
-        key = (self.length, chunk.block, chunk.pos)
+        prefix = chunk.block in (state.prefix or {}) and off_reason(model) is None
+        growing = chunk.starts is not None and model not in _fixed_batch
+        if not growing:
+            chunk = Chunk(chunk.rows, chunk.block, chunk.pos)
+        joins = tuple(chunk.starts.unique().tolist()) if growing else ()
+        key = (self.length, chunk.block, chunk.pos, prefix, joins)
         guard = key not in _verified.setdefault(model, set())
-        hidden, guard_hidden = shortcut_forward(
-            model, self.plan, rows, chunk, state, caches, first, guard, self.mlp_cut
-        )
+        try:
+            hidden, guard_hidden = shortcut_forward(
+                model, self.plan, rows, chunk, state, caches, first, guard, self.mlp_cut, prefix
+            )
+        except Exception as error:  # noqa: BLE001 - a block that cannot take a growing batch
+            if not growing:
+                raise
+            self._fixed_batch(f"a growing forward failed: {type(error).__name__}: {error}")
+            self._chunk(chunk, state, caches, first)
+            return
         if guard:
-            expected = state.last[self.plan.input_rows[rows[0]] - first]
+            expected = state.last[self.plan.input_rows[rows[[0, -1]]] - first]
             with torch.no_grad():
-                guard_last = final_logits(model, guard_hidden, self.columns)[0]
+                guard_last = final_logits(model, guard_hidden, self.columns)
             if not matches_within(guard_last, expected, GUARD_RTOL):
-                self._disable(chunk)
-                self.stats.forwards += 1
-                self._full(rows)
+                # Take the newest shortcuts back one at a time; the rest of reuse stays on.
+                if growing:
+                    self._fixed_batch("a growing forward did not reproduce the unpatched run")
+                elif prefix:
+                    self._prefix_off(chunk, state)
+                else:
+                    self._disable(chunk)
+                    self.stats.forwards += 1
+                    self._full(rows)
+                    return
+                self._chunk(chunk, state, caches, first)
                 return
             _verified[model].add(key)
         self._pending.append((rows, hidden))
-        self._work += len(rows) * (self.cost.n_blocks - chunk.block) * (self.length - chunk.pos)
+        starts = chunk.starts if growing else torch.full((len(rows),), chunk.block)
+        self._work += int((self.cost.n_blocks - starts).sum()) * (self.length - chunk.pos)
         if sum(len(r) for r, _ in self._pending) >= self.unembed_rows:
             self._flush()
 
@@ -571,6 +716,23 @@ class ReusingRun:
             with torch.no_grad():
                 logits = final_logits(self.model, hidden[start : start + self.unembed_rows], self.columns)
             self.scores[part] = self.score(logits, part).detach().float().cpu()
+
+    def _fixed_batch(self, reason: str) -> None:
+        _fixed_batch[self.model] = reason
+        warnings.warn(
+            f"anylens: growing forwards are off for {self.model.name!r} ({reason}); each chunk runs "
+            "all its rows from its first block, the rest of reuse stays on",
+            stacklevel=7,
+        )
+
+    def _prefix_off(self, chunk: Chunk, state: Baseline) -> None:
+        modules = ", ".join(state.prefix[chunk.block])
+        turn_off(self.model, f"handing back {modules} did not reproduce the unpatched run")
+        warnings.warn(
+            f"anylens: skipping the modules before {self.plan.role!r} in a chunk's first block is off for "
+            f"{self.model.name!r} ({off_reason(self.model)}); they run again, the rest of reuse stays on",
+            stacklevel=7,
+        )
 
     def _disable(self, chunk: Chunk) -> None:
         _disabled[self.model] = (
@@ -623,6 +785,7 @@ __all__ = [
     "GUARD_RTOL",
     "Baseline",
     "block_of",
+    "block_prefixes",
     "disabled_reason",
     "first_changes",
     "kv_cache_reusable",

@@ -1,0 +1,142 @@
+"""Modules of a block that return before a role is reached, which a patch there cannot change.
+
+A sweep with reuse skips the blocks before a chunk's first block ``b0`` (:mod:`.reuse`). Within
+block ``b0`` too, every module that returns before the role's module starts sees the unpatched
+run: a ``z`` patch leaves the block's norm and query/key/value projections as they were, an MLP
+patch its whole attention sublayer. The unpatched run records those modules' outputs once, and
+each chunk hands them back instead of running them.
+
+Which modules qualify is learned from the model, not from its architecture: one forward with
+plain torch hooks records when each module under the block list starts and returns. A module
+qualifies if it runs once per forward, returns before the role's module starts, and returns a
+tensor laid out ``[batch, position, ...]`` (alone, or leading a tuple with no other tensors), so
+that its output can be cut to a chunk's rows and positions. Of nested qualifying modules only the
+outermost is kept; a module whose output cannot be cut is passed over for its children.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .final_position import last_logits_kwargs
+
+if TYPE_CHECKING:
+    from ..core.model import AnyModel
+
+#: Inputs of the probe forward: two rows (a batch-1 value such as a rotary table must not pass
+#: for per-row output) of a few tokens.
+PROBE_SHAPE = (2, 5)
+
+_orders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> CallOrder
+_off: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why prefixes are not skipped
+
+
+@dataclass
+class CallOrder:
+    """When each module under the block list started and returned in one forward (event indices),
+    how often it ran, and how many elements per position its output has (0: not cuttable)."""
+
+    start: dict[str, int]
+    end: dict[str, int]
+    calls: dict[str, int]
+    width: dict[str, int]
+
+
+def call_order(model: AnyModel) -> CallOrder:
+    """The probe forward's call order of the modules under the model's block list (cached)."""
+    if model not in _orders:
+        _orders[model] = _probe(model)
+    return _orders[model]
+
+
+def _probe(model: AnyModel) -> CallOrder:
+    prefix = model.adapter.layers + "."
+    order = CallOrder({}, {}, {}, {})
+    events = [0]
+    batch, length = PROBE_SHAPE
+
+    def started(name: str):
+        def hook(module, args):
+            order.start.setdefault(name, events[0])
+            order.calls[name] = order.calls.get(name, 0) + 1
+            events[0] += 1
+
+        return hook
+
+    def returned(name: str):
+        def hook(module, args, output):
+            order.end[name] = events[0]
+            order.width[name] = _width(output, batch, length)
+            events[0] += 1
+
+        return hook
+
+    handles = []
+    try:
+        for name, module in model.hf.named_modules():
+            if name.startswith(prefix):
+                handles.append(module.register_forward_pre_hook(started(name)))
+                handles.append(module.register_forward_hook(returned(name)))
+        ids = torch.arange(3, 3 + batch * length, device=model.device).view(batch, length) % max(model.d_vocab, 1)
+        with torch.no_grad():
+            model.hf(input_ids=ids, **last_logits_kwargs(model))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def _width(output: Any, batch: int, length: int) -> int:
+    """Elements per position of a ``[batch, length, ...]`` output (alone or leading a tuple with
+    no other tensors); 0 for any other layout."""
+    lead = output[0] if isinstance(output, (tuple, list)) and output else output
+    if not isinstance(lead, torch.Tensor) or lead.dim() < 2 or tuple(lead.shape[:2]) != (batch, length):
+        return 0
+    if isinstance(output, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in output[1:]):
+        return 0
+    return lead[0, 0].numel()
+
+
+def prefix_modules(model: AnyModel, role: str, layer: int, block: int) -> tuple[str, ...]:
+    """The outermost modules of block ``block`` that return before ``role`` at ``layer`` is
+    reached, in the order they run; empty where none qualify or prefixes are off for the model."""
+    if model in _off or getattr(model, "remote", None):
+        return ()
+    order = call_order(model)
+    target = model.role(role).path.torch_module_path(layer)
+    if target not in order.start:
+        return ()
+    inside = f"{model.adapter.layers}.{block}."
+    before = sorted(
+        (order.start[name], name)
+        for name in order.end
+        if name.startswith(inside) and order.calls.get(name) == 1 and order.end[name] < order.start[target]
+    )
+    chosen: list[str] = []
+    for _, name in before:
+        if order.width[name] and not any(name.startswith(outer + ".") for outer in chosen):
+            chosen.append(name)
+    return tuple(chosen)
+
+
+def prefix_width(model: AnyModel, modules: dict[int, tuple[str, ...]]) -> int:
+    """Elements per position of every module output in ``modules`` (block -> module paths)."""
+    order = call_order(model) if any(modules.values()) else None
+    return sum(order.width[name] for names in modules.values() for name in names) if order else 0
+
+
+def turn_off(model: AnyModel, reason: str) -> None:
+    """Stop skipping block prefixes for ``model`` (its shortcut with them failed a guard)."""
+    _off[model] = reason
+
+
+def off_reason(model: AnyModel) -> str | None:
+    """Why block prefixes are not skipped for ``model``, or None."""
+    return _off.get(model)
+
+
+__all__ = ["CallOrder", "call_order", "off_reason", "prefix_modules", "prefix_width", "turn_off"]

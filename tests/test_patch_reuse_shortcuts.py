@@ -1,0 +1,219 @@
+"""The finer shortcuts of reuse: growing forwards (each patched row joins at its own block) and
+block prefixes (modules of a chunk's first block that return before the role are handed their
+unpatched outputs). Each must do less work, on every tiny family, and each must be taken back,
+with a warning and right results, where it does not reproduce the unpatched run."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+
+import pytest
+import torch
+from nnsight.intervention.source import STATE
+from tiny_models import random_prompt_pairs
+
+import anylens as al
+from anylens.experiments import block_prefix, reuse
+from anylens.testing import TINY_BUILDERS, tiny
+
+TOL = 1e-5
+METRIC = al.metrics.logit_diff(300, 301)
+LENGTH = 10
+DIFFERENT = (3, 7)
+
+
+def fresh(family: str):
+    """A model of its own: the shortcuts a test turns off stay off for that model only."""
+    try:
+        return tiny(family)
+    except ImportError as error:
+        pytest.skip(f"tiny {family!r} cannot be built here: {error}")
+
+
+def metrics_of(result) -> torch.Tensor:
+    return torch.tensor(result.to_frame()["metric"].to_numpy())
+
+
+@contextmanager
+def batch_rows_seen(model, modules: list[str], monkeypatch):
+    """Batch rows of each module's output in the sweep's patched forwards (not the recordings),
+    with plain torch hooks."""
+    seen: dict[str, list[int]] = defaultdict(list)
+    inside = {"on": False}
+    original = reuse.shortcut_forward
+
+    def flagged(*args, **kwargs):
+        inside["on"] = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            inside["on"] = False
+
+    monkeypatch.setattr(reuse, "shortcut_forward", flagged)
+
+    def hook(name):
+        def record(module, args, output):
+            if inside["on"]:
+                seen[name].append((output[0] if isinstance(output, tuple) else output).shape[0])
+
+        return record
+
+    handles = [model.module(name).register_forward_hook(hook(name)) for name in modules]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def forwards_run(model, modules: list[str]):
+    """How often each module's own forward runs (a skipped module's does not, though its torch
+    hooks still fire): nnsight runs a wrapped module's forward as the body of its state."""
+    runs = dict.fromkeys(modules, 0)
+    states = [model.module(name).__dict__[STATE] for name in modules]
+    bodies = [state.body for state in states]
+
+    def counted(name, body):
+        def run(*args, **kwargs):
+            runs[name] += 1
+            return body(*args, **kwargs)
+
+        return run
+
+    for name, state, body in zip(modules, states, bodies):
+        state.body = counted(name, body)
+    try:
+        yield runs
+    finally:
+        for state, body in zip(states, bodies):
+            state.body = body
+
+
+@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+def test_each_row_joins_the_forward_at_its_own_block(family, monkeypatch):
+    model = fresh(family)
+    clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
+    clean, corrupt = clean[:2], corrupt[:2]
+    kwargs = dict(role="resid_pre", over=("layer",), metric=METRIC, batch_size=64)
+    full = al.patch(model, clean, corrupt, reuse=False, **kwargs)
+    al.patch(model, clean, corrupt, **kwargs)  # verifies the shortcut: no guard rows after this
+    blocks = [f"{model.adapter.layers}.{k}" for k in range(model.n_layers)]
+    with batch_rows_seen(model, blocks, monkeypatch) as seen:
+        reused = al.patch(model, clean, corrupt, **kwargs)
+    assert (metrics_of(reused) - metrics_of(full)).abs().max() <= TOL
+    # One forward; block k runs only the rows patched at layers up to k (two pairs each).
+    assert reused.meta["forwards"] == 1
+    # (A model whose sliding window dropped the prefix's keys runs the prefix first: the last call.)
+    assert [seen[name][-1] for name in blocks] == [2 * (k + 1) for k in range(model.n_layers)]
+    assert reuse.disabled_reason(model) is None and model not in reuse._fixed_batch
+
+
+@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+def test_modules_before_the_role_do_not_run_in_a_chunks_first_block(family, monkeypatch):
+    model = fresh(family)
+    role = next(r for r in ("z", "mixer_out", "resid_post") if r in model.roles)
+    layer = model.n_layers - 1
+    modules = block_prefix.prefix_modules(model, role, layer, layer)
+    # Attention: at least the norm and the projections that make q, k and v; an SSM: the norm.
+    assert len(modules) >= {"z": 2, "mixer_out": 1}.get(role, 0)
+    clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
+    kwargs = dict(role=role, over=("layer",), layers=[layer], metric=METRIC)
+    full = al.patch(model, clean, corrupt, reuse=False, **kwargs)
+    al.patch(model, clean, corrupt, **kwargs)
+    role_module = model.role(role).path.torch_module_path(layer)
+    # The same modules one block earlier: that block is skipped whole in the patched forward,
+    # so they run only where every module runs (the recording; a prefix run of the cache).
+    earlier = {name: name.replace(f".{layer}.", f".{layer - 1}.", 1) for name in [*modules, role_module]}
+    with forwards_run(model, [*earlier, *earlier.values()]) as runs:
+        reused = al.patch(model, clean, corrupt, **kwargs)
+    assert (metrics_of(reused) - metrics_of(full)).abs().max() <= TOL
+    assert runs[role_module] == runs[earlier[role_module]] + 1, runs  # the patched forward runs it
+    assert all(runs[name] == runs[earlier[name]] for name in modules), runs  # and none of these
+    assert block_prefix.off_reason(model) is None
+
+
+@pytest.mark.parametrize(
+    "family,expected",
+    [
+        # GPT-2's block: ln_1, then c_attn makes q, k and v, attention, then c_proj reads z.
+        ("gpt2", ("transformer.h.1.ln_1", "transformer.h.1.attn.c_attn")),
+        # LLaMA's: input_layernorm, then q_proj, k_proj, v_proj, attention, then o_proj reads z.
+        ("llama", tuple(f"model.layers.1.{m}" for m in ("input_layernorm", *(f"self_attn.{x}_proj" for x in "qkv")))),
+    ],
+)
+def test_block_prefix_of_z_follows_the_documented_forward(family, expected):
+    model = fresh(family)
+    assert block_prefix.prefix_modules(model, "z", 1, 1) == expected
+    assert block_prefix.prefix_modules(model, "resid_pre", 1, 1) == ()  # nothing runs before a block's input
+
+
+def test_block_prefix_keeps_the_outermost_module_and_only_cuttable_ones():
+    model = fresh("gpt2")
+    # Before resid_mid (ln_2's input) the whole attention has returned: its children are not
+    # listed beside it, unless its output cannot be handed back (GPT-2's attention returns
+    # weights too, which is not a residual-only output) and its children stand in for it.
+    modules = block_prefix.prefix_modules(model, "resid_mid", 1, 1)
+    order = block_prefix.call_order(model)
+    assert modules[0] == "transformer.h.1.ln_1"
+    for name in modules:
+        assert not any(other != name and other.startswith(name + ".") for other in modules)
+        assert order.width[name] > 0
+    if order.width["transformer.h.1.attn"]:
+        assert "transformer.h.1.attn" in modules
+    else:
+        assert {"transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj"} <= set(modules)
+
+
+def test_a_failing_growing_forward_is_taken_back_and_results_stay_right(monkeypatch):
+    model = fresh("llama")
+    clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
+    kwargs = dict(role="z", over=("layer", "head"), metric=METRIC)
+    full = al.patch(model, clean, corrupt, reuse=False, **kwargs)
+    original = reuse._present_rows
+
+    def wrong_joins(block_inputs, n, total, joining):  # joining rows enter with wrong values
+        return original(block_inputs, n, total, None if joining is None else joining * 2)
+
+    monkeypatch.setattr(reuse, "_present_rows", wrong_joins)
+    with pytest.warns(UserWarning, match="growing forwards are off"):
+        broken = al.patch(model, clean, corrupt, **kwargs)
+    assert "did not reproduce" in reuse._fixed_batch[model]
+    assert (metrics_of(broken) - metrics_of(full)).abs().max() <= TOL
+    assert reuse.disabled_reason(model) is None  # the rest of reuse stays on
+
+
+def test_a_growing_forward_that_raises_is_taken_back(monkeypatch):
+    model = fresh("gpt2")
+    clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
+    kwargs = dict(role="resid_pre", over=("layer", "pos"), metric=METRIC)
+    full = al.patch(model, clean, corrupt, reuse=False, **kwargs)
+
+    def refuse(*args):
+        raise RuntimeError("this block takes its whole batch")
+
+    monkeypatch.setattr(reuse, "_present_rows", refuse)
+    with pytest.warns(UserWarning, match="this block takes its whole batch"):
+        fallback = al.patch(model, clean, corrupt, **kwargs)
+    assert (metrics_of(fallback) - metrics_of(full)).abs().max() <= TOL
+    assert reuse.disabled_reason(model) is None
+
+
+def test_a_failing_block_prefix_is_taken_back_and_results_stay_right(monkeypatch):
+    model = fresh("gpt2")
+    clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
+    kwargs = dict(role="z", over=("layer", "head"), metric=METRIC)
+    full = al.patch(model, clean, corrupt, reuse=False, **kwargs)
+    original = reuse._kept_prefixes
+
+    def wrong_outputs(*args):
+        kept = original(*args)
+        return {block: {path: out * 2 for path, out in outputs.items()} for block, outputs in kept.items()}
+
+    monkeypatch.setattr(reuse, "_kept_prefixes", wrong_outputs)
+    with pytest.warns(UserWarning, match="before 'z' in a chunk's first block is off"):
+        broken = al.patch(model, clean, corrupt, **kwargs)
+    assert "did not reproduce" in block_prefix.off_reason(model)
+    assert (metrics_of(broken) - metrics_of(full)).abs().max() <= TOL
+    assert reuse.disabled_reason(model) is None
