@@ -166,54 +166,63 @@ def test_block_prefix_keeps_the_outermost_module_and_only_cuttable_ones():
         assert {"transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj"} <= set(modules)
 
 
-def test_a_failing_growing_forward_is_taken_back_and_results_stay_right(monkeypatch):
-    model = fresh("llama")
-    clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
-    kwargs = dict(role="z", over=("layer", "head"), metric=METRIC)
-    full = al.patch(model, clean, corrupt, reuse=False, **kwargs)
+def _wrong_joins(monkeypatch):  # rows joining a growing forward enter with wrong values
     original = reuse._present_rows
-
-    def wrong_joins(block_inputs, n, total, joining):  # joining rows enter with wrong values
-        return original(block_inputs, n, total, None if joining is None else joining * 2)
-
-    monkeypatch.setattr(reuse, "_present_rows", wrong_joins)
-    with pytest.warns(UserWarning, match="growing forwards are off"):
-        broken = al.patch(model, clean, corrupt, **kwargs)
-    assert "did not reproduce" in reuse._fixed_batch[model]
-    assert (metrics_of(broken) - metrics_of(full)).abs().max() <= TOL
-    assert reuse.disabled_reason(model) is None  # the rest of reuse stays on
+    monkeypatch.setattr(
+        reuse,
+        "_present_rows",
+        lambda inputs, n, total, joining: original(inputs, n, total, None if joining is None else joining * 2),
+    )
 
 
-def test_a_growing_forward_that_raises_is_taken_back(monkeypatch):
-    model = fresh("gpt2")
-    clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
-    kwargs = dict(role="resid_pre", over=("layer", "pos"), metric=METRIC)
-    full = al.patch(model, clean, corrupt, reuse=False, **kwargs)
-
+def _refused_growth(monkeypatch):  # a block that cannot take a growing batch
     def refuse(*args):
         raise RuntimeError("this block takes its whole batch")
 
     monkeypatch.setattr(reuse, "_present_rows", refuse)
-    with pytest.warns(UserWarning, match="this block takes its whole batch"):
-        fallback = al.patch(model, clean, corrupt, **kwargs)
-    assert (metrics_of(fallback) - metrics_of(full)).abs().max() <= TOL
-    assert reuse.disabled_reason(model) is None
 
 
-def test_a_failing_block_prefix_is_taken_back_and_results_stay_right(monkeypatch):
-    model = fresh("gpt2")
-    clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
-    kwargs = dict(role="z", over=("layer", "head"), metric=METRIC)
-    full = al.patch(model, clean, corrupt, reuse=False, **kwargs)
+def _wrong_prefix(monkeypatch):  # block-prefix outputs handed back wrong
     original = reuse._kept_prefixes
 
-    def wrong_outputs(*args):
-        kept = original(*args)
-        return {block: {path: out * 2 for path, out in outputs.items()} for block, outputs in kept.items()}
+    def doubled(*args):
+        return {b: {path: out * 2 for path, out in outputs.items()} for b, outputs in original(*args).items()}
 
-    monkeypatch.setattr(reuse, "_kept_prefixes", wrong_outputs)
-    with pytest.warns(UserWarning, match="before 'z' in a chunk's first block is off"):
+    monkeypatch.setattr(reuse, "_kept_prefixes", doubled)
+
+
+BREAKAGES = {
+    # (family, role, over, breakage, warning, the shortcut it turns off)
+    "wrong-joins": ("llama", "z", ("layer", "head"), _wrong_joins, "growing forwards are off", reuse._fixed_batch),
+    "refused-growth": (
+        "gpt2",
+        "resid_pre",
+        ("layer", "pos"),
+        _refused_growth,
+        "this block takes its whole batch",
+        reuse._fixed_batch,
+    ),
+    "wrong-prefix": (
+        "gpt2",
+        "z",
+        ("layer", "head"),
+        _wrong_prefix,
+        "before 'z' in a chunk's first block is off",
+        block_prefix._off,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BREAKAGES))
+def test_a_shortcut_that_fails_is_taken_back_and_results_stay_right(case, monkeypatch):
+    family, role, over, breakage, warning, turned_off = BREAKAGES[case]
+    model = fresh(family)
+    clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
+    kwargs = dict(role=role, over=over, metric=METRIC)
+    full = al.patch(model, clean, corrupt, reuse=False, **kwargs)
+    breakage(monkeypatch)
+    with pytest.warns(UserWarning, match=warning):
         broken = al.patch(model, clean, corrupt, **kwargs)
-    assert "did not reproduce" in block_prefix.off_reason(model)
+    assert model in turned_off
     assert (metrics_of(broken) - metrics_of(full)).abs().max() <= TOL
-    assert reuse.disabled_reason(model) is None
+    assert reuse.disabled_reason(model) is None  # the rest of reuse stays on
