@@ -166,6 +166,18 @@ def test_block_prefix_keeps_the_outermost_module_and_only_cuttable_ones():
         assert {"transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj"} <= set(modules)
 
 
+def test_a_model_the_probe_cannot_run_gets_no_prefixes_and_right_results(monkeypatch):
+    model = fresh("gpt2")
+    # The probe forward fails (input_ids given twice); a sweep must not.
+    monkeypatch.setattr(block_prefix, "last_logits_kwargs", lambda model: {"input_ids": None})
+    assert block_prefix.prefix_modules(model, "z", 1, 1) == ()
+    clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
+    kwargs = dict(role="z", over=("layer", "head"), metric=METRIC)
+    reused = al.patch(model, clean, corrupt, **kwargs)
+    full = al.patch(model, clean, corrupt, reuse=False, **kwargs)
+    assert (metrics_of(reused) - metrics_of(full)).abs().max() <= TOL
+
+
 def _wrong_joins(monkeypatch):  # rows joining a growing forward enter with wrong values
     original = reuse._present_rows
     monkeypatch.setattr(
