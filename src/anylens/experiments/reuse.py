@@ -6,19 +6,25 @@ before ``p``, at every layer. A batched sweep with reuse therefore
 
 * answers a row whose patch writes what is already there from the unpatched run (patching a
   position where the clean and corrupt activations are equal changes nothing);
-* groups the other rows into chunks sharing an earliest block ``b0`` and position ``p0``
-  (:func:`anylens.experiments.chunks.plan_chunks`);
-* skips the blocks before ``b0``, handing each its unpatched output (nnsight ``skip``);
+* groups the other rows into chunks sharing a first position ``p0`` (and, where forwards cannot
+  grow, a first block ``b0``) (:func:`anylens.experiments.chunks.plan_chunks`);
+* skips the blocks before the chunk's first block ``b0``, handing each its unpatched output
+  (nnsight ``skip``), and lets every other row join the batch at its own block, with the
+  unpatched output of the block before (a *growing* forward, :func:`shortcut_forward`);
+* in block ``b0``, hands the modules that return before the role their unpatched outputs too
+  (:mod:`.block_prefix`);
 * runs only positions ``p0..``, on top of the unpatched run's key/value cache of the positions
   before ``p0``, expanded over the chunk's rows (:func:`kv_cache_reusable` says where);
 * asks for final-position logits only, the only ones a sweep scores (only the columns its metric
   reads, and the last block's MLP at the final position alone: :mod:`.final_position`).
 
 Only the adapter's paths of the block list and the unembedding are used: nothing here knows an
-architecture. Each new
-shortcut (prompt length, ``b0``, ``p0``) is checked once per model: an unpatched guard row rides
-along in the chunk and must reproduce the unpatched logits; if it does not, reuse is turned off
-for that model with a warning and the chunk is rerun in full.
+architecture. Each new shortcut (prompt length, ``b0``, ``p0``, the blocks rows join at, block
+prefixes) is checked once per model: unpatched guard rows ride along in the chunk (one from
+``b0``, one joining last) and must reproduce the unpatched logits. If they do not, the newest
+kind of shortcut is turned off for that model with a warning (growing forwards, then block
+prefixes, then reuse as a whole) and the chunk is rerun; a growing forward that raises is
+turned off the same way.
 """
 
 from __future__ import annotations
