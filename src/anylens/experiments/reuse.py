@@ -550,15 +550,16 @@ def _present_rows(block_inputs: Any, n: int, total: int, joining: torch.Tensor |
     cut to the rows already there and extended by ``joining``; every other tensor laid out per
     row (``total`` leading rows, two dimensions or more) cut to ``n`` rows."""
     args, kwargs = block_inputs
-    args, kwargs = list(args), dict(kwargs)
-    key = 0 if args else next(iter(kwargs))
-    holder = args if args else kwargs
-    hidden = holder[key]
+    first = next(iter(kwargs)) if not args else None  # the residual's keyword, if not positional
+    hidden = args[0] if args else kwargs[first]
     kept = n - (0 if joining is None else len(joining))
     hidden = hidden[:kept] if joining is None else torch.cat([hidden[:kept], joining.to(hidden.dtype)])
     args = [_rows(a, n, total) for a in args]
     kwargs = {name: _rows(v, n, total) for name, v in kwargs.items()}
-    (args if block_inputs[0] else kwargs)[key] = hidden
+    if args:
+        args[0] = hidden
+    else:
+        kwargs[first] = hidden
     return tuple(args), kwargs
 
 
