@@ -71,7 +71,7 @@ def _probe(model: AnyModel) -> CallOrder:
     def returned(name: str):
         def hook(module, args, output):
             order.end[name] = events[0]
-            order.width[name] = _width(output, batch, length)
+            order.width[name] = per_position_width(output, batch, length)
             events[0] += 1
 
         return hook
@@ -93,9 +93,10 @@ def _probe(model: AnyModel) -> CallOrder:
     return order
 
 
-def _width(output: Any, batch: int, length: int) -> int:
+def per_position_width(output: Any, batch: int, length: int) -> int:
     """Elements per position of a ``[batch, length, ...]`` output (alone or leading a tuple with
-    no other tensors); 0 for any other layout."""
+    no other tensors), which a skip can hand back cut to rows and positions; 0 for any other
+    layout (e.g. a block that flattens tokens: positions cannot be cut)."""
     lead = output[0] if isinstance(output, (tuple, list)) and output else output
     if not isinstance(lead, torch.Tensor) or lead.dim() < 2 or tuple(lead.shape[:2]) != (batch, length):
         return 0
@@ -142,4 +143,12 @@ def off_reason(model: AnyModel) -> str | None:
     return _off.get(model)
 
 
-__all__ = ["CallOrder", "call_order", "off_reason", "prefix_modules", "prefix_width", "turn_off"]
+__all__ = [
+    "CallOrder",
+    "call_order",
+    "off_reason",
+    "per_position_width",
+    "prefix_modules",
+    "prefix_width",
+    "turn_off",
+]

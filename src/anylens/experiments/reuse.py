@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.access import envoy_at
-from .block_prefix import off_reason, prefix_modules, prefix_width, turn_off
+from .block_prefix import off_reason, per_position_width, prefix_modules, prefix_width, turn_off
 from .chunks import Chunk, CostModel, Sizes, plan_chunks
 from .components import HEADED_ROLES, PatchPlan, PlanStats, RowFill, writes_by_layer
 from .final_position import (
@@ -231,14 +231,14 @@ def record_baseline(
         if start == 0:
             structures = outputs
         for index, output in enumerate(outputs):
-            if structures is not None and _skippable(output, last.shape[0], ids.shape[1]):
+            if structures is not None and per_position_width(output, last.shape[0], ids.shape[1]):
                 rows.put(("block", index), start, _residual(output))
             else:
                 structures = None
         if start == 0:
             prefix_structures = dict(before)
         for path, output in before.items():
-            if path in prefix_structures and _skippable(output, last.shape[0], ids.shape[1]):
+            if path in prefix_structures and per_position_width(output, last.shape[0], ids.shape[1]):
                 rows.put(("prefix", path), start, _residual(output))
             else:
                 prefix_structures.pop(path, None)
@@ -332,15 +332,6 @@ def _clone(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_clone(v) for v in value)
     return value
-
-
-def _skippable(output: Any, n: int, length: int) -> bool:
-    """Whether a skip can hand this block output back: a ``[n, length, ...]`` residual, alone or
-    leading a tuple with no other tensors (an unknown layout is not cut or copied)."""
-    residual = _residual(output)
-    if not isinstance(residual, torch.Tensor) or residual.dim() < 2 or tuple(residual.shape[:2]) != (n, length):
-        return False  # e.g. a block that flattens tokens: positions cannot be cut
-    return not (isinstance(output, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in output[1:]))
 
 
 def _with_residual(structure: Any, residual: torch.Tensor) -> Any:
@@ -505,6 +496,8 @@ def shortcut_forward(
         data = ids
     writes = writes_by_layer(plan, rows, device, start=p0, row_offset=1 if guard else 0)
     owners = {layer: block_of(model, plan.role, layer) for layer in writes}
+    if present[b0] < total and None in owners.values():  # a growing forward writes block by block
+        raise AssertionError(f"role {plan.role!r} is written outside the blocks: a chunk of it cannot grow")
     access = model.role(plan.role)
     envoys = block_envoys(model)
     before = (baseline.prefix or {}).get(b0, {}) if prefix else {}
