@@ -15,6 +15,7 @@ from tiny_models import random_prompt_pairs
 
 import anylens as al
 from anylens.experiments import block_prefix, reuse
+from anylens.experiments.components import Component, PatchPlan, record
 from anylens.testing import TINY_BUILDERS, tiny
 
 TOL = 1e-5
@@ -238,3 +239,16 @@ def test_a_shortcut_that_fails_is_taken_back_and_results_stay_right(case, monkey
     assert model in turned_off
     assert (metrics_of(broken) - metrics_of(full)).abs().max() <= TOL
     assert reuse.disabled_reason(model) is None  # the rest of reuse stays on
+
+
+def test_a_growing_chunk_of_a_role_outside_the_blocks_is_refused_not_dropped():
+    """Writes of a growing forward are made block by block; one outside every block would never
+    be made, and the unpatched guard rows could not tell. It must raise instead."""
+    model = fresh("gpt2")
+    clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
+    sources, _ = record(model, "embed", clean, [None])
+    baseline = reuse.record_baseline(model, "resid_pre", corrupt, model.layers(), n_blocks=1)
+    plan = PatchPlan("embed", corrupt, [Component(None), Component(None)], [0, 0], [0, 0], sources, [0], [0])
+    chunk = reuse.Chunk(torch.tensor([0, 1]), 0, 0, torch.tensor([0, 1]))
+    with pytest.raises(AssertionError, match="written outside the blocks"):
+        reuse.shortcut_forward(model, plan, chunk.rows, chunk, baseline, None, 0, False)
