@@ -11,7 +11,7 @@ from tiny_models import model_cache, random_prompt_pairs
 import anylens as al
 from anylens.experiments import patching, reuse
 from anylens.experiments.chunks import CostModel, plan_chunks
-from anylens.experiments.components import Component, PatchPlan, _patched_forward, record
+from anylens.experiments.components import Component, PatchPlan, _patched_forward, record, to_device
 from anylens.experiments.final_position import last_mlp
 from anylens.testing import TINY_BUILDERS, tiny
 
@@ -286,3 +286,30 @@ def test_first_changes_finds_the_first_position_a_write_changes():
     plan = PatchPlan("pattern", torch.zeros(1, 4, dtype=torch.long), [Component(0), Component(0, head=0)], [0, 0],
                      [0, 0], {0: pattern}, list(range(4)), list(range(4)))
     assert reuse.first_changes(plan, {0: torch.zeros(1, 2, 4, 4)}).tolist() == [2, -1]
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["meta", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+)
+def test_index_tensors_reach_a_device_in_one_copy(device):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.overloadpacket.__name__ in ("_to_copy", "copy_") and str(kwargs.get("device", "")) != "":
+                CountCopies.copies += 1
+            return func(*args, **kwargs)
+
+    rows, positions, heads = torch.tensor([[3], [1]]), torch.arange(5)[None, :], torch.tensor([2, 0, 1])
+    with CountCopies():
+        moved = to_device([rows, positions, heads], torch.device(device))
+    assert CountCopies.copies == 1
+    assert [t.shape for t in moved] == [rows.shape, positions.shape, heads.shape]
+    assert all(t.device.type == device and t.dtype == torch.long for t in moved)
+    if device != "meta":
+        assert [t.cpu().tolist() for t in moved] == [rows.tolist(), positions.tolist(), heads.tolist()]
+    assert to_device([rows], torch.device("cpu"))[0] is rows  # nothing to move

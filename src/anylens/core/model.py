@@ -320,7 +320,7 @@ class AnyModel:
 
     def to_str_tokens(self, prompt: str | torch.Tensor) -> list[str]:
         ids = prompt if isinstance(prompt, torch.Tensor) else self.to_tokens(prompt)["input_ids"][0]
-        return [self.tokenizer.decode([int(i)]) for i in ids.reshape(-1)]
+        return [self.tokenizer.decode([i]) for i in ids.reshape(-1).tolist()]
 
     def token_id(self, word: str) -> int:
         """The id of a word that must be exactly one token (e.g. ``" Paris"``)."""

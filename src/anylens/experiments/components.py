@@ -242,40 +242,58 @@ def writes_by_layer(
     writes before it are left out (the caller ensures they would not change anything).
     ``row_offset``: the batch row of ``rows[0]`` (rows the caller puts before them).
     """
+    row_list = rows.tolist()
     groups: dict[tuple[int, bool, bool], list[int]] = {}
-    for local, row in enumerate(rows.tolist()):
+    for local, row in enumerate(row_list):
         c = plan.components[row]
         groups.setdefault((c.layer, c.pos is None, c.head is None), []).append(local)
-    writes: dict[int, list[tuple[tuple, tuple]]] = {}
+    # Indices are built on the host and moved in one copy: on an accelerator each copy from
+    # pageable host memory is a synchronous transfer of its own.
+    by_layer: list[tuple[int, tuple, tuple]] = []
     headed = plan.role in HEADED_ROLES
     head_first = plan.role == "pattern"  # [batch, head, query, key]; the others are [batch, pos, ...]
     for (layer, all_pos, all_heads), locals_ in groups.items():
-        chosen = [int(rows[i]) for i in locals_]
-        batch_rows = torch.tensor(locals_, device=device) + row_offset
-        source_rows = plan.source_rows[chosen].to(device)
+        chosen = [row_list[i] for i in locals_]
+        batch_rows = torch.tensor(locals_) + row_offset
+        source_rows = plan.source_rows[chosen]
         if all_pos:
             kept = [i for i, p in enumerate(plan.target_positions) if p >= start]
-            target_pos = torch.tensor([plan.target_positions[i] - start for i in kept], dtype=torch.long, device=device)
-            source_pos = torch.tensor([plan.source_positions[i] for i in kept], dtype=torch.long, device=device)
+            target_pos = torch.tensor([plan.target_positions[i] - start for i in kept], dtype=torch.long)
+            source_pos = torch.tensor([plan.source_positions[i] for i in kept], dtype=torch.long)
             target_pos, source_pos = target_pos[None, :], source_pos[None, :]
             batch_rows, source_rows = batch_rows[:, None], source_rows[:, None]
         else:
             positions = [plan.components[r].pos for r in chosen]
             if min(positions) < start:
                 raise AssertionError(f"a write at position {min(positions)} before the forward's start {start}")
-            target_pos = torch.tensor([p - start for p in positions], device=device)
-            source_pos = torch.tensor([plan.source_pos(p) for p in positions], device=device)
+            target_pos = torch.tensor([p - start for p in positions], dtype=torch.long)
+            source_pos = torch.tensor([plan.source_pos(p) for p in positions], dtype=torch.long)
         if plan.sources[layer].shape[1 if not head_first else 2] == 1:
             source_pos = torch.zeros_like(source_pos)  # one value for every position (a mean)
         head: Any = slice(None)
         if headed and not all_heads:
-            head = torch.tensor([plan.components[r].head for r in chosen], device=device)
+            head = torch.tensor([plan.components[r].head for r in chosen], dtype=torch.long)
             if all_pos:
                 head = head[:, None]
         target = _index(batch_rows, target_pos, head, headed, head_first)
         source = _index(source_rows, source_pos, head, headed, head_first)
+        by_layer.append((layer, target, source))
+    moved = iter(to_device([i for _, t, s in by_layer for i in (*t, *s) if isinstance(i, torch.Tensor)], device))
+    writes: dict[int, list[tuple[tuple, tuple]]] = {}
+    for layer, target, source in by_layer:
+        target, source = (
+            tuple(next(moved) if isinstance(i, torch.Tensor) else i for i in ix) for ix in (target, source)
+        )
         writes.setdefault(layer, []).append((target, source))
     return writes
+
+
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Integer host tensors on ``device``, moved in one copy."""
+    if torch.device(device).type == "cpu" or not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1).long() for t in tensors]).to(device)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def _index(rows: Any, pos: Any, head: Any, headed: bool, head_first: bool) -> tuple:

@@ -41,7 +41,7 @@ import torch
 from ..core.access import envoy_at
 from .block_prefix import off_reason, per_position_width, prefix_modules, prefix_width, turn_off
 from .chunks import Chunk, CostModel, Sizes, plan_chunks
-from .components import HEADED_ROLES, PatchPlan, PlanStats, RowFill, writes_by_layer
+from .components import HEADED_ROLES, PatchPlan, PlanStats, RowFill, to_device, writes_by_layer
 from .final_position import (
     cut_to_final_position,
     final_logits,
@@ -357,23 +357,31 @@ def first_changes(plan: PatchPlan, acts: dict[int, torch.Tensor], input_offset: 
     for row, component in enumerate(plan.components):
         by_layer.setdefault(component.layer, []).append(row)
     # Compare on the device, layer by layer, and bring every layer's answer over in one copy:
-    # each copy to the host waits for the device, which costs more than the comparisons.
-    compared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    # each copy to the host waits for the device, which costs more than the comparisons. The
+    # indices go the other way in one copy too.
+    source_pos = torch.tensor(plan.source_positions, dtype=torch.long)
+    pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer, rows in by_layer.items():
+        row_index = torch.tensor(rows)
+        both = torch.stack([plan.input_rows[row_index] - input_offset, plan.source_rows[row_index]], 1)
+        pairs[layer] = torch.unique(both, dim=0, return_inverse=True)
+    device = next(iter(acts.values())).device if acts else torch.device("cpu")
+    indices = [targets, source_pos, torch.zeros_like(source_pos)]
+    indices += [column for unique, _ in pairs.values() for column in (unique[:, 0], unique[:, 1])]
+    on_device = iter(to_device(indices, device))
+    targets_at, source_pos_at, zeros_at = next(on_device), next(on_device), next(on_device)
+    compared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer in by_layer:
         act, source = acts[layer], plan.sources[layer]
         if head_first:
             act, source = act.transpose(1, 2), source.transpose(1, 2)  # -> [batch, pos, head, key]
-        source_pos = torch.tensor(plan.source_positions, dtype=torch.long)
-        if source.shape[1] == 1:
-            source_pos = torch.zeros_like(source_pos)  # one value for every position (a mean)
-        row_index = torch.tensor(rows)
-        pairs = torch.stack([plan.input_rows[row_index] - input_offset, plan.source_rows[row_index]], 1)
-        unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
-        target_values = act[unique[:, 0].to(act.device)][:, targets.to(act.device)]
-        source_values = source[unique[:, 1].to(source.device)][:, source_pos.to(source.device)]
+        positions = zeros_at if source.shape[1] == 1 else source_pos_at  # one value for every position (a mean)
+        target_rows, source_rows = next(on_device), next(on_device)
+        target_values = act[target_rows.to(act.device)][:, targets_at.to(act.device)]
+        source_values = source[source_rows.to(source.device)][:, positions.to(source.device)]
         differs = target_values != source_values.to(device=act.device, dtype=act.dtype)
         keep = 3 if headed else 2  # [pair, pos, head?] after reducing the features
-        compared[layer] = (differs.flatten(keep).any(-1) if differs.dim() > keep else differs, inverse)
+        compared[layer] = (differs.flatten(keep).any(-1) if differs.dim() > keep else differs, pairs[layer][1])
     on_host = _to_host([differs for differs, _ in compared.values()])
     for (layer, rows), differs in zip(by_layer.items(), on_host):
         inverse, row_index = compared[layer][1], torch.tensor(rows)
@@ -483,6 +491,7 @@ def shortcut_forward(
     present = [int((starts <= max(k, b0)).sum()) for k in range(n_all)]  # rows in the batch at block k
     total = len(inputs)
     ids = plan.inputs[inputs + input_offset].to(device)
+    inputs = inputs.to(device)  # once: it indexes the recorded outputs on the device at every block
     kwargs: dict[str, Any] = dict(last_logits_kwargs(model))
     if p0 > 0:
         cache = caches.expanded(p0, inputs)
@@ -514,7 +523,8 @@ def shortcut_forward(
         for k in range(b0, n_all) if present[b0] < total else ():
             joining = None
             if k > b0 and present[k] > present[k - 1]:
-                joining = _residual(baseline.blocks[k - 1])[inputs[present[k - 1] : present[k]].to(device), p0:]
+                previous = _residual(baseline.blocks[k - 1])
+                joining = previous[inputs[present[k - 1] : present[k]].to(previous.device), p0:]
             if present[k] < total or joining is not None:
                 envoys[k].inputs = _present_rows(envoys[k].inputs, present[k], total, joining)
             if k == b0:
