@@ -341,11 +341,16 @@ def time_variants(variants: dict[str, Callable[[], torch.Tensor]], repeats: int,
         for name, fn in variants.items():
             seconds, values[name] = timed(fn)
             times[name].append(seconds)
-            log(f"    repeat {repeat + 1}/{repeats} {name}: {seconds:.2f} s")
+            log(f"    repeat {repeat + 1}/{repeats} {name}: {secs(seconds)} s")
     return {
         name: {"median": statistics.median(t), "min": min(t), "max": max(t), "times": t, "value": values[name]}
         for name, t in times.items()
     }
+
+
+def secs(seconds: float) -> str:
+    """Seconds to two decimals, or three below one second (a GPU's sweeps take tens of ms)."""
+    return f"{seconds:.2f}" if seconds >= 1 else f"{seconds:.3f}"
 
 
 def sweep_table(
@@ -356,7 +361,8 @@ def sweep_table(
     for name, label in labels.items():
         if name in results:
             r = results[name]
-            lines.append(f"| {label} | {r['median']:.2f} | {r['min']:.2f}-{r['max']:.2f} | {r['median'] / b:.2f} |")
+            spread = f"{secs(r['min'])}-{secs(r['max'])}"
+            lines.append(f"| {label} | {secs(r['median'])} | {spread} | {r['median'] / b:.2f} |")
     lines.append("")
     for x, y in agree:
         diff = (results[x]["value"] - results[y]["value"]).abs().max().item()
