@@ -34,6 +34,7 @@ PROBE_SHAPE = (2, 5)
 
 _orders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> CallOrder
 _off: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why prefixes are not skipped
+_found: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(role, layer, block): modules}
 
 
 @dataclass
@@ -110,6 +111,13 @@ def prefix_modules(model: AnyModel, role: str, layer: int, block: int) -> tuple[
     reached, in the order they run; empty where none qualify or prefixes are off for the model."""
     if model in _off or getattr(model, "remote", None):
         return ()
+    known = _found.setdefault(model, {})  # asked for each layer, several times per sweep
+    if (role, layer, block) not in known:
+        known[role, layer, block] = _outermost_before(model, role, layer, block)
+    return known[role, layer, block]
+
+
+def _outermost_before(model: AnyModel, role: str, layer: int, block: int) -> tuple[str, ...]:
     order = call_order(model)
     target = model.role(role).path.torch_module_path(layer)
     if target not in order.start:

@@ -36,11 +36,15 @@ CHECK_RTOL = 1e-4
 
 _works: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool: the MLP cut
 _unembeds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool: unembedding columns
+_kwargs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its forward's argument names
 
 
-def forward_kwargs(model: AnyModel) -> set[str]:
-    """Names of the keyword arguments the model's forward takes."""
-    return set(inspect.signature(model.hf.forward).parameters)
+def forward_kwargs(model: AnyModel) -> frozenset[str]:
+    """Names of the keyword arguments the model's forward takes (read once: a signature costs a
+    quarter of a millisecond, and sweeps ask several times per forward)."""
+    if model not in _kwargs:
+        _kwargs[model] = frozenset(inspect.signature(model.hf.forward).parameters)
+    return _kwargs[model]
 
 
 def last_logits_kwargs(model: AnyModel) -> dict[str, Any]:
