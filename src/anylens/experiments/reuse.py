@@ -360,11 +360,14 @@ def first_changes(plan: PatchPlan, acts: dict[int, torch.Tensor], input_offset: 
     # each copy to the host waits for the device, which costs more than the comparisons. The
     # indices go the other way in one copy too.
     source_pos = torch.tensor(plan.source_positions, dtype=torch.long)
+    # Per layer, the distinct (input, source) pairs of its rows: a row's writes differ from the
+    # unpatched values exactly where its pair's do.
+    inputs, sources = plan.input_rows.tolist(), plan.source_rows.tolist()
     pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer, rows in by_layer.items():
-        row_index = torch.tensor(rows)
-        both = torch.stack([plan.input_rows[row_index] - input_offset, plan.source_rows[row_index]], 1)
-        pairs[layer] = torch.unique(both, dim=0, return_inverse=True)
+        first_of: dict[tuple[int, int], int] = {}
+        inverse = [first_of.setdefault((inputs[r] - input_offset, sources[r]), len(first_of)) for r in rows]
+        pairs[layer] = (torch.tensor(list(first_of), dtype=torch.long).view(-1, 2), torch.tensor(inverse))
     device = next(iter(acts.values())).device if acts else torch.device("cpu")
     indices = [targets, source_pos, torch.zeros_like(source_pos)]
     indices += [column for unique, _ in pairs.values() for column in (unique[:, 0], unique[:, 1])]
