@@ -11,7 +11,7 @@ from tiny_models import model_cache, random_prompt_pairs
 import anylens as al
 from anylens.experiments import patching, reuse
 from anylens.experiments.chunks import CostModel, plan_chunks
-from anylens.experiments.components import Component, PatchPlan, _patched_forward, record, to_device
+from anylens.experiments.components import Component, PatchPlan, _patched_forward, moved_together, record
 from anylens.experiments.final_position import last_mlp
 from anylens.testing import TINY_BUILDERS, tiny
 
@@ -306,10 +306,12 @@ def test_index_tensors_reach_a_device_in_one_copy(device):
 
     rows, positions, heads = torch.tensor([[3], [1]]), torch.arange(5)[None, :], torch.tensor([2, 0, 1])
     with CountCopies():
-        moved = to_device([rows, positions, heads], torch.device(device))
+        moved = moved_together([rows, positions, heads], torch.device(device))
     assert CountCopies.copies == 1
     assert [t.shape for t in moved] == [rows.shape, positions.shape, heads.shape]
     assert all(t.device.type == device and t.dtype == torch.long for t in moved)
     if device != "meta":
         assert [t.cpu().tolist() for t in moved] == [rows.tolist(), positions.tolist(), heads.tolist()]
-    assert to_device([rows], torch.device("cpu"))[0] is rows  # nothing to move
+        back = moved_together(moved, torch.device("cpu"))  # and to the host in one copy too
+        assert [t.tolist() for t in back] == [rows.tolist(), positions.tolist(), heads.tolist()]
+    assert moved_together([rows], torch.device("cpu"))[0] is rows  # nothing to move

@@ -278,7 +278,7 @@ def writes_by_layer(
         target = _index(batch_rows, target_pos, head, headed, head_first)
         source = _index(source_rows, source_pos, head, headed, head_first)
         by_layer.append((layer, target, source))
-    moved = iter(to_device([i for _, t, s in by_layer for i in (*t, *s) if isinstance(i, torch.Tensor)], device))
+    moved = iter(moved_together([i for _, t, s in by_layer for i in (*t, *s) if isinstance(i, torch.Tensor)], device))
     writes: dict[int, list[tuple[tuple, tuple]]] = {}
     for layer, target, source in by_layer:
         target, source = (
@@ -288,11 +288,14 @@ def writes_by_layer(
     return writes
 
 
-def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Integer host tensors on ``device``, moved in one copy."""
-    if torch.device(device).type == "cpu" or not tensors:
+def moved_together(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The tensors (of one dtype) on ``device``, moved in one copy: each copy between the host and
+    an accelerator waits for it, which costs more than the data."""
+    device = torch.device(device)
+    if all(t.device == device for t in tensors):
         return tensors
-    flat = torch.cat([t.reshape(-1).long() for t in tensors]).to(device)
+    gather = next(t.device for t in tensors if t.device != device)  # joined there, then moved once
+    flat = torch.cat([t.reshape(-1).to(gather) for t in tensors]).to(device)
     return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
@@ -455,6 +458,7 @@ __all__ = [
     "record",
     "rows_for_budget",
     "run_plan",
+    "moved_together",
     "writes_by_layer",
     "score_rows",
 ]

@@ -41,7 +41,7 @@ import torch
 from ..core.access import envoy_at
 from .block_prefix import off_reason, per_position_width, prefix_modules, prefix_width, turn_off
 from .chunks import Chunk, CostModel, Sizes, plan_chunks
-from .components import HEADED_ROLES, PatchPlan, PlanStats, RowFill, to_device, writes_by_layer
+from .components import HEADED_ROLES, PatchPlan, PlanStats, RowFill, moved_together, writes_by_layer
 from .final_position import (
     cut_to_final_position,
     final_logits,
@@ -371,7 +371,7 @@ def first_changes(plan: PatchPlan, acts: dict[int, torch.Tensor], input_offset: 
     device = next(iter(acts.values())).device if acts else torch.device("cpu")
     indices = [targets, source_pos, torch.zeros_like(source_pos)]
     indices += [column for unique, _ in pairs.values() for column in (unique[:, 0], unique[:, 1])]
-    on_device = iter(to_device(indices, device))
+    on_device = iter(moved_together(indices, device))
     targets_at, source_pos_at, zeros_at = next(on_device), next(on_device), next(on_device)
     compared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer in by_layer:
@@ -385,7 +385,7 @@ def first_changes(plan: PatchPlan, acts: dict[int, torch.Tensor], input_offset: 
         differs = target_values != source_values.to(device=act.device, dtype=act.dtype)
         keep = 3 if headed else 2  # [pair, pos, head?] after reducing the features
         compared[layer] = (differs.flatten(keep).any(-1) if differs.dim() > keep else differs, pairs[layer][1])
-    on_host = _to_host([differs for differs, _ in compared.values()])
+    on_host = moved_together([differs for differs, _ in compared.values()], torch.device("cpu"))
     for (layer, rows), differs in zip(by_layer.items(), on_host):
         inverse, row_index = compared[layer][1], torch.tensor(rows)
         changed = differs[inverse]  # [row, pos, head?]
@@ -401,15 +401,6 @@ def first_changes(plan: PatchPlan, acts: dict[int, torch.Tensor], input_offset: 
         first = torch.where(changed, targets, torch.iinfo(torch.long).max).min(-1).values
         start[row_index] = torch.where(changed.any(-1), first, -1)
     return start
-
-
-def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors on the host, in one copy to it (gathered first on one device)."""
-    devices = [t.device for t in tensors if t.device.type != "cpu"]
-    if not devices:
-        return tensors
-    flat = torch.cat([t.reshape(-1).to(devices[0]) for t in tensors]).cpu()
-    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 # -- running a chunk --------------------------------------------------------------------------
