@@ -183,7 +183,9 @@ def run_all(tasks: list[tuple[str, list[str], int]], jobs: int) -> list[Row]:
 
 
 def _progress(row: Row, done: int, total: int) -> None:
-    print(f"[{done:3d}/{total}] {row.architecture:45s} {row.status:17s} {row.seconds:6.1f}s {row.note[:90]}", flush=True)
+    print(
+        f"[{done:3d}/{total}] {row.architecture:45s} {row.status:17s} {row.seconds:6.1f}s {row.note[:90]}", flush=True
+    )
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -192,11 +194,15 @@ def write_report(rows: list[Row], out: Path, seconds: float, box: int) -> str:
 
     from anylens.core.roles import ALL_ROLES
 
-    counts = {status: sum(r.status == status for r in rows) for status in
-              ("hand", "hand-failing", "inferred", "inferred-failing", "not-inferable", "not-built")}
+    counts = {
+        status: sum(r.status == status for r in rows)
+        for status in ("hand", "hand-failing", "inferred", "inferred-failing", "not-inferable", "not-built")
+    }
     built = len(rows) - counts["not-built"]
     served = counts["hand"] + counts["inferred"]
-    full = sum(1 for r in rows if r.status in SERVED and ({"attn_out", "mlp_out"} <= set(r.roles) or "mixer_out" in r.roles))
+    full = sum(
+        1 for r in rows if r.status in SERVED and ({"attn_out", "mlp_out"} <= set(r.roles) or "mixer_out" in r.roles)
+    )
     percent = 100.0 * served / built if built else 0.0
     lines = [
         "# Architecture coverage",
@@ -241,7 +247,9 @@ def write_report(rows: list[Row], out: Path, seconds: float, box: int) -> str:
     for row in sorted(rows, key=lambda r: r.architecture.lower()):
         roles = f"{len(row.roles)}" if row.roles else "-"
         note = row.note.replace("|", "\\|")
-        lines.append(f"| {row.architecture} | {', '.join(row.model_types)} | {row.status} | {roles} | {row.seconds} | {note} |")
+        lines.append(
+            f"| {row.architecture} | {', '.join(row.model_types)} | {row.status} | {roles} | {row.seconds} | {note} |"
+        )
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     return text

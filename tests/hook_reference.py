@@ -39,8 +39,12 @@ PATHS: dict[str, Paths] = {
     "Phi3ForCausalLM": _LLAMA_LIKE,
     "OlmoForCausalLM": _LLAMA_LIKE,
     # Gemma2 norms the MLP output before adding it; the MLP's norm input is the residual.
-    "Gemma2ForCausalLM": Paths("model.layers", "self_attn.o_proj", "post_feedforward_layernorm", "pre_feedforward_layernorm"),
-    "Gemma3ForCausalLM": Paths("model.layers", "self_attn.o_proj", "post_feedforward_layernorm", "pre_feedforward_layernorm"),
+    "Gemma2ForCausalLM": Paths(
+        "model.layers", "self_attn.o_proj", "post_feedforward_layernorm", "pre_feedforward_layernorm"
+    ),
+    "Gemma3ForCausalLM": Paths(
+        "model.layers", "self_attn.o_proj", "post_feedforward_layernorm", "pre_feedforward_layernorm"
+    ),
     # Parallel blocks: attention and MLP read the same residual, there is no resid_mid.
     "GPTNeoXForCausalLM": Paths("gpt_neox.layers", "attention.dense", "mlp"),
     "GPTJForCausalLM": Paths("transformer.h", "attn.out_proj", "mlp"),
@@ -201,7 +205,15 @@ def heads_view(hf: torch.nn.Module, value: torch.Tensor) -> torch.Tensor:
     return value.unflatten(-1, (n_heads(hf), value.shape[-1] // n_heads(hf)))
 
 
-def replace(value: torch.Tensor, source: torch.Tensor, role: str, hf, pos: int | None, head: int | None, source_pos: int | None = None) -> torch.Tensor:
+def replace(
+    value: torch.Tensor,
+    source: torch.Tensor,
+    role: str,
+    hf,
+    pos: int | None,
+    head: int | None,
+    source_pos: int | None = None,
+) -> torch.Tensor:
     """``value`` with ``source`` copied in at ``pos`` (all positions if None) and ``head``."""
     new = value.clone()
     target_view, source_view = (heads_view(hf, new), heads_view(hf, source)) if role == "z" else (new, source)

@@ -38,6 +38,7 @@ def reference_ablate(hf, role, over, ids, replacement, reference_ids=None):
             source = replacement(reference_acts[layer])
             for head in heads:
                 for pos in positions:
+
                     def edit(value, source=source, head=head, pos=pos):
                         full = source.expand(value.shape[0], value.shape[1], *value.shape[2:])
                         return ref.replace(value, full, role, hf, pos, head)
@@ -64,12 +65,15 @@ def test_ablate_matches_hook_reference(family, role, over, method):
     result = al.ablate(model, ids, role=role, over=over, metric=METRIC, seed=3, **kwargs)
 
     if method == "zero":
+
         def replacement(acts):
             return torch.zeros_like(acts[:1])
     elif method == "mean":
+
         def replacement(acts):
             return acts.mean(0, keepdim=True)
     elif method == "mean_over_positions":
+
         def replacement(acts):
             return acts.mean((0, 1), keepdim=True)
     else:
@@ -94,7 +98,9 @@ def test_ablate_matches_hook_reference(family, role, over, method):
 def test_resample_is_seeded_and_never_picks_the_same_prompt():
     model = model_of(next(iter(TINY_BUILDERS)))
     ids = prompts(n=5)
-    run = lambda seed: al.ablate(model, ids, role="resid_pre", over=("layer",), method="resample", metric=METRIC, seed=seed)  # noqa: E731
+    run = lambda seed: al.ablate(
+        model, ids, role="resid_pre", over=("layer",), method="resample", metric=METRIC, seed=seed
+    )  # noqa: E731
     first, again, other = run(0), run(0), run(1)
     assert first.meta["resample_sources"] == again.meta["resample_sources"]
     assert first.to_frame()["metric"].tolist() == again.to_frame()["metric"].tolist()
@@ -106,12 +112,18 @@ def test_resample_is_seeded_and_never_picks_the_same_prompt():
 def test_reference_batch_supplies_means_and_resamples():
     model = model_of(next(iter(TINY_BUILDERS)))
     ids, reference = prompts(n=2), prompts(n=4, seed=9)
-    mean = al.ablate(model, ids, role="resid_pre", over=("layer", "pos"), method="mean", metric=METRIC, reference=reference)
-    expected = reference_ablate(model.hf, "resid_pre", ("layer", "pos"), ids, lambda a: a.mean(0, keepdim=True), reference)
+    mean = al.ablate(
+        model, ids, role="resid_pre", over=("layer", "pos"), method="mean", metric=METRIC, reference=reference
+    )
+    expected = reference_ablate(
+        model.hf, "resid_pre", ("layer", "pos"), ids, lambda a: a.mean(0, keepdim=True), reference
+    )
     got = {(int(r.layer), int(r.pos)): r.metric for r in mean.to_frame().itertuples()}
     assert max(abs(got[k] - v[0]) for k, v in expected.items()) <= TOL
 
-    resample = al.ablate(model, ids, role="resid_pre", over=("layer",), method="resample", metric=METRIC, reference=reference)
+    resample = al.ablate(
+        model, ids, role="resid_pre", over=("layer",), method="resample", metric=METRIC, reference=reference
+    )
     sources = resample.meta["resample_sources"]
     assert all(0 <= s < 4 for s in sources)
     expected = reference_ablate(model.hf, "resid_pre", ("layer",), ids, lambda a: a[sources], reference)
@@ -124,6 +136,14 @@ def test_ablation_errors_say_what_to_do():
     with pytest.raises(al.PromptError, match="at least two prompts"):
         al.ablate(model, prompts(n=1), role="resid_pre", over=("layer",), method="resample", metric=METRIC)
     with pytest.raises(al.PromptError, match="same token length"):
-        al.ablate(model, prompts(), role="resid_pre", over=("layer",), method="mean", metric=METRIC, reference=prompts(length=4))
+        al.ablate(
+            model,
+            prompts(),
+            role="resid_pre",
+            over=("layer",),
+            method="mean",
+            metric=METRIC,
+            reference=prompts(length=4),
+        )
     with pytest.raises(ValueError, match="zero"):
         al.ablate(model, prompts(), role="resid_pre", over=("layer",), method="shuffle", metric=METRIC)

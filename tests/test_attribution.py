@@ -165,7 +165,9 @@ def test_attribution_with_aligned_prompts():
     result = al.attribute(model, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=METRIC, align=align)
     ref_acts, ref_grads, _ = ref.gradients(model.hf, "resid_pre", corrupt, reference_metric)
     source_acts, _ = ref.capture(model.hf, "resid_pre", clean)
-    expected = reference_estimates(ref_grads, ref_acts, source_acts, "resid_pre", ("layer", "pos"), dict(zip(align[1], align[0])))
+    expected = reference_estimates(
+        ref_grads, ref_acts, source_acts, "resid_pre", ("layer", "pos"), dict(zip(align[1], align[0]))
+    )
     got = {(int(r.layer), int(r.pos)): r.estimate for r in result.to_frame().itertuples()}
     assert sorted({pos for _, pos in got}) == align[1]
     assert max(abs(got[key] - expected[key]) for key in got) <= TOL

@@ -63,9 +63,21 @@ def test_ioi_needs_single_token_names():
 
 
 def test_factual_pairs_have_single_token_answers_and_equal_length_counterfactuals():
-    words = words_of(*[t.format(country=c, landmark=lm) for ts in
-                       ({"The capital of {country} is", "The capital city of {country} is", "The {landmark} is in",
-                         "You can visit the {landmark} in"},) for t in ts for c, _, lm in FACTS])
+    words = words_of(
+        *[
+            t.format(country=c, landmark=lm)
+            for ts in (
+                {
+                    "The capital of {country} is",
+                    "The capital city of {country} is",
+                    "The {landmark} is in",
+                    "You can visit the {landmark} in",
+                },
+            )
+            for t in ts
+            for c, _, lm in FACTS
+        ]
+    )
     words |= {city for _, city, _ in FACTS} - {"Paris"}  # Paris unknown: France must be skipped
     tok = word_tokenizer(words)
     pairs = factual_pairs(tok, minimum=50)

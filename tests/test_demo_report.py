@@ -100,7 +100,9 @@ def test_report_renders_in_chromium_with_every_heatmap_loaded(report, tmp_path):
     screenshot = tmp_path / "report.png"
     subprocess.run(
         [*common, "--window-size=1280,2400", f"--screenshot={screenshot}", report.resolve().as_uri()],
-        capture_output=True, timeout=120, check=True,
+        capture_output=True,
+        timeout=120,
+        check=True,
     )
     assert screenshot.stat().st_size > 10_000
     shutil.copy(screenshot, report.parent / "report.png")  # kept next to the report for a person to look at

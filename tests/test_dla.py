@@ -44,12 +44,21 @@ REFERENCE: dict[str, Reference] = {
     "Phi3ForCausalLM": _LLAMA_LIKE,
     "GemmaForCausalLM": Reference("model.layers", "model.norm", "rms_1p", "mlp", "mlp", "self_attn.o_proj"),
     "Gemma2ForCausalLM": Reference(
-        "model.layers", "model.norm", "rms_1p", "post_feedforward_layernorm", "mlp", "self_attn.o_proj",
+        "model.layers",
+        "model.norm",
+        "rms_1p",
+        "post_feedforward_layernorm",
+        "mlp",
+        "self_attn.o_proj",
         softcap="final_logit_softcapping",
     ),
-    "GPTNeoXForCausalLM": Reference("gpt_neox.layers", "gpt_neox.final_layer_norm", "layer", "mlp", "mlp", "attention.dense"),
+    "GPTNeoXForCausalLM": Reference(
+        "gpt_neox.layers", "gpt_neox.final_layer_norm", "layer", "mlp", "mlp", "attention.dense"
+    ),
     "GPTJForCausalLM": Reference("transformer.h", "transformer.ln_f", "layer", "mlp", "mlp", "attn.out_proj"),
-    "OPTForCausalLM": Reference("model.decoder.layers", "model.decoder.final_layer_norm", "layer", "fc2", "mlp", "self_attn.out_proj"),
+    "OPTForCausalLM": Reference(
+        "model.decoder.layers", "model.decoder.final_layer_norm", "layer", "fc2", "mlp", "self_attn.out_proj"
+    ),
     "MambaForCausalLM": _MAMBA_LIKE,
     "Mamba2ForCausalLM": _MAMBA_LIKE,
 }
@@ -180,11 +189,15 @@ def test_contributions_sum_to_the_real_logit_difference(model: al.AnyModel, hand
 def test_a_single_target_attributes_its_logit(model: al.AnyModel, hand: list) -> None:
     paris, _ = answer_ids(model)
     result = al.direct_logit_attribution(model, PROMPTS[0], " Paris")
-    assert result.to_frame()["value"].sum() == pytest.approx(float(pre_cap_logits(model, hand[0]["resid"])[paris]), abs=ATOL)
+    assert result.to_frame()["value"].sum() == pytest.approx(
+        float(pre_cap_logits(model, hand[0]["resid"])[paris]), abs=ATOL
+    )
 
 
 # -- single components by hand ----------------------------------------------------------------
-def test_the_bias_row_and_a_layer_component_equal_hand_computations(model: al.AnyModel, hand: list, attribution: al.Result) -> None:
+def test_the_bias_row_and_a_layer_component_equal_hand_computations(
+    model: al.AnyModel, hand: list, attribution: al.Result
+) -> None:
     ref = reference_of(model.hf)
     layer = model.n_layers - 1
     paris, rome = answer_ids(model)

@@ -36,7 +36,9 @@ class Modules:
     out_proj: str | None = None  # its input is z, [batch, pos, heads * d_head]
 
 
-_LLAMA_LIKE = Modules("model.layers", "model.embed_tokens", "model.norm", attn="self_attn", mlp="mlp", out_proj="self_attn.o_proj")
+_LLAMA_LIKE = Modules(
+    "model.layers", "model.embed_tokens", "model.norm", attn="self_attn", mlp="mlp", out_proj="self_attn.o_proj"
+)
 _MAMBA_LIKE = Modules("backbone.layers", "backbone.embeddings", "backbone.norm_f", mixer="mixer")
 REFERENCE: dict[str, Modules] = {
     "GPT2LMHeadModel": Modules(
@@ -49,17 +51,33 @@ REFERENCE: dict[str, Modules] = {
     "Phi3ForCausalLM": _LLAMA_LIKE,
     # Gemma 2 norms each sublayer's output before adding it.
     "Gemma2ForCausalLM": Modules(
-        "model.layers", "model.embed_tokens", "model.norm", attn="post_attention_layernorm",
-        mlp="post_feedforward_layernorm", out_proj="self_attn.o_proj",
+        "model.layers",
+        "model.embed_tokens",
+        "model.norm",
+        attn="post_attention_layernorm",
+        mlp="post_feedforward_layernorm",
+        out_proj="self_attn.o_proj",
     ),
     "GPTNeoXForCausalLM": Modules(
-        "gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", attn="attention", mlp="mlp", out_proj="attention.dense"
+        "gpt_neox.layers",
+        "gpt_neox.embed_in",
+        "gpt_neox.final_layer_norm",
+        attn="attention",
+        mlp="mlp",
+        out_proj="attention.dense",
     ),
-    "GPTJForCausalLM": Modules("transformer.h", "transformer.wte", "transformer.ln_f", attn="attn", mlp="mlp", out_proj="attn.out_proj"),
+    "GPTJForCausalLM": Modules(
+        "transformer.h", "transformer.wte", "transformer.ln_f", attn="attn", mlp="mlp", out_proj="attn.out_proj"
+    ),
     # OPT has no MLP module: fc2's output (flattened over tokens) is what the MLP adds.
     "OPTForCausalLM": Modules(
-        "model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm",
-        "model.decoder.embed_positions", "self_attn", "fc2", out_proj="self_attn.out_proj",
+        "model.decoder.layers",
+        "model.decoder.embed_tokens",
+        "model.decoder.final_layer_norm",
+        "model.decoder.embed_positions",
+        "self_attn",
+        "fc2",
+        out_proj="self_attn.out_proj",
     ),
     "MambaForCausalLM": _MAMBA_LIKE,
     "Mamba2ForCausalLM": _MAMBA_LIKE,
@@ -156,7 +174,9 @@ def references(model: al.AnyModel) -> list[dict]:
 
 
 # -- values ---------------------------------------------------------------------------------------
-def test_cache_matches_hooks_on_a_left_padded_batch(model: al.AnyModel, batch: ActivationCache, references: list[dict]) -> None:
+def test_cache_matches_hooks_on_a_left_padded_batch(
+    model: al.AnyModel, batch: ActivationCache, references: list[dict]
+) -> None:
     cache = batch
     lengths = [single_ids(model, p).shape[1] for p in PROMPTS]
     assert lengths[0] != lengths[1], "the prompts must differ in length to exercise padding"
@@ -177,7 +197,9 @@ def test_cache_matches_hooks_on_a_left_padded_batch(model: al.AnyModel, batch: A
             got = got[row, -n:]
             if role == "z":
                 got = got.flatten(-2)
-            torch.testing.assert_close(got, want[0], atol=ATOL, rtol=0, msg=lambda m, r=role, i=layer, b=row: f"{r}[{i}] row {b}: {m}")
+            torch.testing.assert_close(
+                got, want[0], atol=ATOL, rtol=0, msg=lambda m, r=role, i=layer, b=row: f"{r}[{i}] row {b}: {m}"
+            )
             compared.add(role)
         # The single prompt's last token is the batch's position -1, whatever the padding.
         last = reference[("resid_post", model.n_layers - 1)][0, -1]
@@ -190,7 +212,9 @@ def test_cache_matches_hooks_on_a_left_padded_batch(model: al.AnyModel, batch: A
     assert compared & {"attn_out", "mlp_out", "mixer_out"}, "no residual writer was checked"
 
 
-def test_decomposition_sums_back_to_resid_post(model: al.AnyModel, batch: ActivationCache, references: list[dict]) -> None:
+def test_decomposition_sums_back_to_resid_post(
+    model: al.AnyModel, batch: ActivationCache, references: list[dict]
+) -> None:
     cache = batch
     reference = references[1]  # the longer prompt: no padding in the batch
     heads = "z" in model.roles and model.adapter.z_feeds_residual and model.adapter.out_proj is not None
@@ -211,7 +235,9 @@ def test_decomposition_sums_back_to_resid_post(model: al.AnyModel, batch: Activa
                 assert [f"{w} {layer}" for w in writers] == [lab for lab in labels if lab.endswith(f" {layer}")]
 
 
-def test_one_head_of_the_decomposition_is_z_times_its_output_weights(model: al.AnyModel, batch: ActivationCache, references: list[dict]) -> None:
+def test_one_head_of_the_decomposition_is_z_times_its_output_weights(
+    model: al.AnyModel, batch: ActivationCache, references: list[dict]
+) -> None:
     if not ("z" in model.roles and model.adapter.z_feeds_residual and model.adapter.out_proj):
         pytest.skip(f"{model.adapter.name}: no per-head decomposition (role 'z' feeding the residual through W_O)")
     paths = modules_of(model.hf)
@@ -233,7 +259,9 @@ def test_cache_interface(model: al.AnyModel, batch: ActivationCache) -> None:
     n = model.n_layers
     stacked = al.stack(cache, "resid_post")
     assert stacked.shape == (n, 2, cache.tokens.shape[1], model.d_model)
-    assert torch.equal(stacked[-1], cache["resid_post", -1]) and torch.equal(cache["resid_post", -1], cache["resid_post", n - 1])
+    assert torch.equal(stacked[-1], cache["resid_post", -1]) and torch.equal(
+        cache["resid_post", -1], cache["resid_post", n - 1]
+    )
     assert ("resid_post", 0) in cache and ("resid_post", n) not in cache
 
     last = al.cache(model, PROMPTS, roles=["resid_post", "logits"], layers=[0, -1], positions=-1)

@@ -73,7 +73,9 @@ class _Block(torch.nn.Module):
     def __init__(self, width: int, flatten: bool):
         super().__init__()
         self.norm = torch.nn.LayerNorm(width)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width)
+        )
         self.flatten = flatten
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -102,7 +104,12 @@ def test_metric_columns():
     columns = metric_columns(model, al.metrics.logit_diff([" Rome", " Paris"], [" Paris", " Paris"]))
     assert columns.tolist() == sorted({paris, rome})
     assert metric_columns(model, al.metrics.logit_diff(7, 3)).tolist() == [3, 7]
-    for metric in (al.metrics.kl(), al.metrics.prob(" Paris"), al.metrics.rank(" Paris"), lambda logits, m, ref: logits[:, 0]):
+    for metric in (
+        al.metrics.kl(),
+        al.metrics.prob(" Paris"),
+        al.metrics.rank(" Paris"),
+        lambda logits, m, ref: logits[:, 0],
+    ):
         assert metric_columns(model, metric) is None
 
 

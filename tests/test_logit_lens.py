@@ -89,7 +89,9 @@ def assert_layer_matches(result: al.Result, layer: int, log_probs: torch.Tensor,
     top = result.top_k()
     top = top[top["layer"] == layer].sort_values(["pos", "rank"])
     want_lp, want_ids = log_probs.topk(5, dim=-1)
-    torch.testing.assert_close(torch.tensor(top["log_prob"].to_numpy()).reshape(want_lp.shape), want_lp, atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(top["log_prob"].to_numpy()).reshape(want_lp.shape), want_lp, atol=ATOL, rtol=0
+    )
     # Ties aside, the same tokens in the same order.
     assert (torch.tensor(top["top_id"].to_numpy()).reshape(want_ids.shape) == want_ids).float().mean() > 0.95
 
@@ -114,7 +116,9 @@ def test_result_frames_plot_and_persistence(tmp_path) -> None:
     n_pos = prompt_ids(model).shape[1]
     result = al.logit_lens(model, PROMPT, targets=[" Paris", " Rome"], k=3, positions=[-2, -1])
     frame = result.to_frame()
-    assert {"model", "layer", "pos", "token", "target", "prob", "log_prob", "rank", "top_token", "value"} <= set(frame.columns)
+    assert {"model", "layer", "pos", "token", "target", "prob", "log_prob", "rank", "top_token", "value"} <= set(
+        frame.columns
+    )
     assert sorted(frame["pos"].unique()) == [n_pos - 2, n_pos - 1]
     assert len(frame) == model.n_layers * 2 * 2
     assert (frame["token"][frame["pos"] == n_pos - 1] == " is").all()

@@ -50,7 +50,9 @@ def test_prob_and_log_prob(model):
     logits = logits_with([{PARIS: math.log(3.0)}, {}])
     expected = [3 / 402, 1 / 400]
     assert metrics.prob(" Paris")(logits, model).tolist() == pytest.approx(expected, rel=1e-6)
-    assert metrics.log_prob(" Paris")(logits, model).tolist() == pytest.approx([math.log(p) for p in expected], rel=1e-6)
+    assert metrics.log_prob(" Paris")(logits, model).tolist() == pytest.approx(
+        [math.log(p) for p in expected], rel=1e-6
+    )
 
 
 def test_rank(model):

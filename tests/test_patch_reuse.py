@@ -119,7 +119,10 @@ def test_shortcut_forward_equals_the_full_forward(family):
     kv = reuse.kv_cache_reusable(model, corrupt)
     positions = (0, 7) if kv else (0,)  # 7 > the sliding window of the tiny Gemma 2
     # Growing chunks: rows sorted by the block they join at (at most their patched layer's).
-    growing = {0: (torch.tensor([0, 3, 1, 2]), [0, 1, last_layer, last_layer]), 7: (rows[:3], [1, last_layer, last_layer])}
+    growing = {
+        0: (torch.tensor([0, 3, 1, 2]), [0, 1, last_layer, last_layer]),
+        7: (rows[:3], [1, last_layer, last_layer]),
+    }
     for block in (0, 1, "growing"):
         for pos in positions:
             if pos and model.n_layers - 1 < 1:
@@ -273,18 +276,35 @@ def test_first_changes_finds_the_first_position_a_write_changes():
     source[0, 4, 0, 0] = 1.0
     components = [Component(0), Component(0, head=0), Component(0, head=1), Component(0, 2, 1), Component(0, 3, 1)]
     components.append(Component(0, 3, 0))
-    plan = PatchPlan("z", torch.zeros(1, 5, dtype=torch.long), components, [0] * 6, [0] * 6, {0: source},
-                     list(range(5)), list(range(5)))
+    plan = PatchPlan(
+        "z",
+        torch.zeros(1, 5, dtype=torch.long),
+        components,
+        [0] * 6,
+        [0] * 6,
+        {0: source},
+        list(range(5)),
+        list(range(5)),
+    )
     assert reuse.first_changes(plan, {0: torch.zeros(1, 5, 2, 3)}).tolist() == [3, 4, 3, -1, 3, -1]
     # Positions paired up by align: target 1 reads source 3, target 2 reads source 4.
-    shifted = PatchPlan("z", torch.zeros(1, 5, dtype=torch.long), components[:3], [0] * 3, [0] * 3, {0: source},
-                        [0, 1, 2], [0, 3, 4])
+    shifted = PatchPlan(
+        "z", torch.zeros(1, 5, dtype=torch.long), components[:3], [0] * 3, [0] * 3, {0: source}, [0, 1, 2], [0, 3, 4]
+    )
     assert reuse.first_changes(shifted, {0: torch.zeros(1, 5, 2, 3)}).tolist() == [1, 2, 1]
     # A pattern is [input, head, query, key]; positions are queries.
     pattern = torch.zeros(1, 2, 4, 4)
     pattern[0, 1, 2, 0] = 0.5
-    plan = PatchPlan("pattern", torch.zeros(1, 4, dtype=torch.long), [Component(0), Component(0, head=0)], [0, 0],
-                     [0, 0], {0: pattern}, list(range(4)), list(range(4)))
+    plan = PatchPlan(
+        "pattern",
+        torch.zeros(1, 4, dtype=torch.long),
+        [Component(0), Component(0, head=0)],
+        [0, 0],
+        [0, 0],
+        {0: pattern},
+        list(range(4)),
+        list(range(4)),
+    )
     assert reuse.first_changes(plan, {0: torch.zeros(1, 2, 4, 4)}).tolist() == [2, -1]
 
 

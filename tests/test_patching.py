@@ -39,6 +39,7 @@ def reference_patch(hf, role, over, clean, corrupt, direction, align=None):
         for layer in range(ref.n_layers(hf)):
             for head in heads:
                 for pos in positions:
+
                     def edit(value, layer=layer, head=head, pos=pos):
                         for tp in source_of if pos is None else [pos]:
                             value = ref.replace(value, source_acts[layer], role, hf, tp, head, source_of[tp])
@@ -111,17 +112,34 @@ def test_patches_are_batched_into_few_forwards():
     assert batched.meta["patches_per_forward"] == patched_runs
     assert n_chunked == 2 + -(-patched_runs // 5)
     assert torch.allclose(
-        torch.tensor(batched.to_frame()["metric"].to_numpy()), torch.tensor(chunked.to_frame()["metric"].to_numpy()), atol=TOL
+        torch.tensor(batched.to_frame()["metric"].to_numpy()),
+        torch.tensor(chunked.to_frame()["metric"].to_numpy()),
+        atol=TOL,
     )
     # With reuse the patched rows of a tiny model still share one forward, beside the clean and
     # corrupt runs, the probe of its cache and one run of the positions before the first patch.
     assert reused.meta["forwards"] == 1 and n_reused <= 5
     assert reused.meta["patches"] == patched_runs
-    tiny_budget = al.patch(model, clean, corrupt, role="mlp_out" if "mlp_out" in model.roles else "resid_post",
-                           over=("layer",), metric=METRIC, memory_budget=1, reuse=False)
+    tiny_budget = al.patch(
+        model,
+        clean,
+        corrupt,
+        role="mlp_out" if "mlp_out" in model.roles else "resid_post",
+        over=("layer",),
+        metric=METRIC,
+        memory_budget=1,
+        reuse=False,
+    )
     assert tiny_budget.meta["forwards"] == tiny_budget.meta["patches"]  # a budget below one row: one row per forward
-    tiny_budget = al.patch(model, clean, corrupt, role="mlp_out" if "mlp_out" in model.roles else "resid_post",
-                           over=("layer",), metric=METRIC, memory_budget=1)
+    tiny_budget = al.patch(
+        model,
+        clean,
+        corrupt,
+        role="mlp_out" if "mlp_out" in model.roles else "resid_post",
+        over=("layer",),
+        metric=METRIC,
+        memory_budget=1,
+    )
     assert tiny_budget.meta["forwards"] == tiny_budget.meta["patches"] - tiny_budget.meta["unchanged"]
 
 
@@ -158,7 +176,9 @@ def test_per_prompt_rows_average_to_the_summary():
     model = model_of(next(iter(TINY_BUILDERS)))
     clean, corrupt = prompt_pairs()
     summary = al.patch(model, clean, corrupt, role="resid_pre", over=("layer",), metric=METRIC).to_frame()
-    per_prompt = al.patch(model, clean, corrupt, role="resid_pre", over=("layer",), metric=METRIC, per_prompt=True).to_frame()
+    per_prompt = al.patch(
+        model, clean, corrupt, role="resid_pre", over=("layer",), metric=METRIC, per_prompt=True
+    ).to_frame()
     assert sorted(per_prompt["prompt"].unique()) == [0, 1]
     averaged = per_prompt.groupby("layer")["metric"].mean()
     assert torch.allclose(torch.tensor(averaged.to_numpy()), torch.tensor(summary["metric"].to_numpy()), atol=TOL)
@@ -169,7 +189,9 @@ def test_tokens_and_pos_labels_are_those_of_the_patched_run(direction):
     model = model_of(next(iter(TINY_BUILDERS)))
     clean, corrupt = prompt_pairs()
     patched = corrupt if direction == "denoise" else clean
-    result = al.patch(model, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=METRIC, direction=direction)
+    result = al.patch(
+        model, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=METRIC, direction=direction
+    )
     tokens = model.to_str_tokens(patched[0])
     assert result.meta["tokens"] == tokens
     assert result.meta["clean_tokens"] != result.meta["corrupt_tokens"]  # the prompts tell the runs apart
@@ -186,7 +208,9 @@ def test_targets_per_prompt_follow_their_rows():
     second = al.patch(model, clean[1:], corrupt[1:], metric=al.metrics.logit_diff(DISTRACTOR, ANSWER)).to_frame()
     for prompt, alone in ((0, first), (1, second)):
         rows = both[both["prompt"] == prompt]
-        assert torch.allclose(torch.tensor(rows["metric"].to_numpy()), torch.tensor(alone["metric"].to_numpy()), atol=TOL)
+        assert torch.allclose(
+            torch.tensor(rows["metric"].to_numpy()), torch.tensor(alone["metric"].to_numpy()), atol=TOL
+        )
 
 
 def test_invalid_sweeps_say_what_to_do():

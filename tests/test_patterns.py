@@ -62,7 +62,9 @@ def previous_token_by_hand(model: al.AnyModel, sequences: list[torch.Tensor]) ->
     for ids in sequences:
         for layer, pattern in enumerate(hf_attentions(model, ids[None])):
             for head in range(model.n_heads):
-                steps.setdefault((layer, head), []).extend(float(pattern[0, head, t, t - 1]) for t in range(1, len(ids)))
+                steps.setdefault((layer, head), []).extend(
+                    float(pattern[0, head, t, t - 1]) for t in range(1, len(ids))
+                )
     return {key: sum(values) / len(values) for key, values in steps.items()}
 
 

@@ -284,12 +284,18 @@ def test_a_dataset_sweep_tracks_each_prompts_own_answer(tmp_path, monkeypatch):
     frame = result.frame
     for index, pair in enumerate(pairs):
         rows = frame[(frame["prompt"] == index) & (frame["model"] == "tiny:gpt2")]
-        assert dict(zip(rows["target_role"], rows["target"])) == {"answer": pair.answer, "distractor": pair.corrupt_answer}
+        assert dict(zip(rows["target_role"], rows["target"])) == {
+            "answer": pair.answer,
+            "distractor": pair.corrupt_answer,
+        }
 
     import anylens.sweep.runner as runner
 
     monkeypatch.setattr(runner, "load_source", lambda *a, **k: pytest.fail("a finished model was loaded again"))
-    assert al.run("logit_lens", models=MODELS, dataset="factual", n=3, out=tmp_path, chunk_size=2, quiet=True).computed == []
+    assert (
+        al.run("logit_lens", models=MODELS, dataset="factual", n=3, out=tmp_path, chunk_size=2, quiet=True).computed
+        == []
+    )
 
 
 # -- patching over pairs, with the metric built per pair ------------------------------------------
@@ -298,7 +304,9 @@ def test_patch_sweep_builds_each_pairs_metric_from_its_answer_and_distractor(tmp
         ("The capital of France is", "The capital of Italy is", " Paris", " Rome"),
         ("The capital of Italy is", "The capital of France is", " Rome", " Paris"),
     ]
-    result = al.run("patch", models=["tiny:gpt2"], prompts=pairs, out=tmp_path, chunk_size=1, quiet=True, metric="logit_diff")
+    result = al.run(
+        "patch", models=["tiny:gpt2"], prompts=pairs, out=tmp_path, chunk_size=1, quiet=True, metric="logit_diff"
+    )
     frame = result.frame
     assert (frame["value"] == frame["normalized"]).all()
     model = tiny("gpt2")
@@ -307,12 +315,24 @@ def test_patch_sweep_builds_each_pairs_metric_from_its_answer_and_distractor(tmp
         rows = frame[frame["prompt"] == index].reset_index(drop=True)
         np.testing.assert_array_equal(rows["metric"].to_numpy(), direct["metric"].to_numpy())
     with pytest.raises(SweepConfigError, match="answer and distractor"):
-        al.run("patch", models=["tiny:gpt2"], prompts=[p[:2] for p in pairs], out=tmp_path / "bare", quiet=True, metric="logit_diff")
+        al.run(
+            "patch",
+            models=["tiny:gpt2"],
+            prompts=[p[:2] for p in pairs],
+            out=tmp_path / "bare",
+            quiet=True,
+            metric="logit_diff",
+        )
 
 
 # -- ablation: the reference batch comes from the sweep's prompts ---------------------------------
 def test_mean_ablation_takes_its_mean_over_the_sweeps_prompts_of_the_same_length(tmp_path):
-    prompts = ["The capital of France is", "the dog sat on the log", "The capital of Italy is", "the cat sat on the mat"]
+    prompts = [
+        "The capital of France is",
+        "the dog sat on the log",
+        "The capital of Italy is",
+        "the cat sat on the mat",
+    ]
     options = dict(method="mean", role="mlp_out", over=["layer"])
     result = al.run("ablate", models=["tiny:gpt2"], prompts=prompts, out=tmp_path, chunk_size=1, quiet=True, **options)
     frame = result.frame
@@ -333,7 +353,11 @@ def test_mean_ablation_takes_its_mean_over_the_sweeps_prompts_of_the_same_length
 def test_aggregate_matches_a_hand_computation():
     rng = np.random.default_rng(0)
     frame = pd.DataFrame(
-        {"model": np.repeat(["a", "b"], 12), "layer": np.tile(np.repeat([0, 1, 2], 4), 2), "prompt": np.tile(range(4), 6)}
+        {
+            "model": np.repeat(["a", "b"], 12),
+            "layer": np.tile(np.repeat([0, 1, 2], 4), 2),
+            "prompt": np.tile(range(4), 6),
+        }
     )
     frame["value"] = rng.normal(size=len(frame))
     frame.loc[5, "value"] = np.nan  # left out of its group's statistics
@@ -360,7 +384,9 @@ def test_aggregate_of_a_sweep_groups_over_prompts(reference):
     last = got[got["pos_from_end"] == -1]
     assert (last["count"] == len(PROMPTS)).all() and len(last) == 2 * 3  # 2 models x 3 layers
     row = last.iloc[0]
-    values = frame[(frame["model"] == row["model"]) & (frame["layer"] == row["layer"]) & (frame["pos_from_end"] == -1)]["value"]
+    values = frame[(frame["model"] == row["model"]) & (frame["layer"] == row["layer"]) & (frame["pos_from_end"] == -1)][
+        "value"
+    ]
     assert row["mean"] == pytest.approx(values.astype(float).mean())
 
     per_model = reference[1].results(by=["model", "layer", "pos_from_end"])
@@ -368,7 +394,10 @@ def test_aggregate_of_a_sweep_groups_over_prompts(reference):
     llama = per_model["tiny:llama"]
     mean = got[(got["model"] == "tiny:llama")]["mean"].to_numpy()
     np.testing.assert_array_equal(llama.frame["value"].to_numpy(), mean)
-    assert llama.pivot("layer", "pos_from_end").shape == (3, frame[frame["model"] == "tiny:llama"]["pos_from_end"].nunique())
+    assert llama.pivot("layer", "pos_from_end").shape == (
+        3,
+        frame[frame["model"] == "tiny:llama"]["pos_from_end"].nunique(),
+    )
 
 
 # -- storage ------------------------------------------------------------------------------------
@@ -408,7 +437,19 @@ def test_cli_resumes_a_sweep_and_refuses_a_changed_one(tmp_path, reference, caps
     out = copy_of(reference, tmp_path)
     for chunk in ("00-tiny-gpt2/00002", "01-tiny-llama/00002"):
         (out / "chunks" / f"{chunk}.json").unlink()
-    argv = ["run", "logit_lens", "--models", *MODELS, "--prompts", str(prompts), "--out", str(out), "--chunk-size", "2", "--quiet"]
+    argv = [
+        "run",
+        "logit_lens",
+        "--models",
+        *MODELS,
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--chunk-size",
+        "2",
+        "--quiet",
+    ]
     argv += ["--set", 'targets=[" Paris"]']
     args = _parse(argv)
     assert args.run is run_cli
@@ -435,14 +476,26 @@ def test_cli_patches_over_a_dataset_and_reports_bad_arguments(tmp_path, capsys):
     assert manifest["models"]["00-tiny-gpt2"]["n_prompts"] == 2
     frame = load_results(out)
     pair = factual_pairs(tiny("gpt2").tokenizer)[1]
-    direct = al.patch(tiny("gpt2"), pair.clean, pair.corrupt, metric=al.metrics.logit_diff(pair.answer, pair.corrupt_answer)).frame
+    direct = al.patch(
+        tiny("gpt2"), pair.clean, pair.corrupt, metric=al.metrics.logit_diff(pair.answer, pair.corrupt_answer)
+    ).frame
     np.testing.assert_array_equal(frame[frame["prompt"] == 1]["metric"].to_numpy(), direct["metric"].to_numpy())
 
     assert run_cli(_parse([*argv, "--set", "oops"])) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
     assert run_cli(_parse([*argv, "--set", "directoin=noise"])) == 2
     assert "does not take 'directoin'" in capsys.readouterr().err
-    bad_model = ["run", "logit_lens", "--models", "tiny:nope", "--dataset", "factual", "--out", str(tmp_path / "x"), "--quiet"]
+    bad_model = [
+        "run",
+        "logit_lens",
+        "--models",
+        "tiny:nope",
+        "--dataset",
+        "factual",
+        "--out",
+        str(tmp_path / "x"),
+        "--quiet",
+    ]
     assert run_cli(_parse(bad_model)) == 2
     assert "no tiny model family 'nope'" in capsys.readouterr().err
 
@@ -468,7 +521,9 @@ def test_memory_budget_reaches_the_experiment_but_not_the_configuration(tmp_path
     # divides by the tiny random model's small clean - corrupt gap, which magnifies that rounding.)
     resumed = load_results(out)
     magnified = ["normalized", "value"]  # value is the normalized score
-    assert_frame_equal(resumed.drop(columns=magnified), first.drop(columns=magnified), check_exact=False, atol=1e-6, rtol=0)
+    assert_frame_equal(
+        resumed.drop(columns=magnified), first.drop(columns=magnified), check_exact=False, atol=1e-6, rtol=0
+    )
 
     with pytest.raises(SystemExit):
         _parse([*argv, "--memory-budget", "lots"])
@@ -480,7 +535,10 @@ def test_memory_budget_reaches_the_experiment_but_not_the_configuration(tmp_path
 def test_prompt_files_give_prompts_or_tab_separated_pairs(tmp_path):
     text = tmp_path / "pairs.tsv"
     text.write_text("The capital of France is\tThe capital of Italy is\t Paris\t Rome\n\nThe cat sat on the\n")
-    assert read_prompts(text) == [("The capital of France is", "The capital of Italy is", " Paris", " Rome"), "The cat sat on the"]
+    assert read_prompts(text) == [
+        ("The capital of France is", "The capital of Italy is", " Paris", " Rome"),
+        "The cat sat on the",
+    ]
     listed = tmp_path / "prompts.json"
     listed.write_text(json.dumps([{"clean": "a", "corrupt": "b", "answer": " c"}, "d"]))
     items = as_items(read_prompts(listed))

@@ -58,7 +58,9 @@ def model_cache() -> Callable[[str], object]:
     return model_of
 
 
-def random_prompt_pairs(seed: int = 0, length: int = 6, different: tuple[int, ...] = (2,)) -> tuple[torch.Tensor, torch.Tensor]:
+def random_prompt_pairs(
+    seed: int = 0, length: int = 6, different: tuple[int, ...] = (2,)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Two random clean prompts of ``length`` tokens; each corrupt prompt differs at ``different``."""
     generator = torch.Generator().manual_seed(seed)
     clean = torch.randint(4, 400, (2, length), generator=generator)

@@ -76,8 +76,14 @@ def main(out: str = "docs/real-model/output") -> dict:
         best = int(np.argmax(patterns.pattern(layer)[head, -1]))
         attends[f"{layer}.{head}"] = tokens[best]
         print(f"head {layer}.{head} at the final position attends most to {tokens[best]!r} (position {best})")
-    return {"pearson_r": r, "top_heads": heads, "recovered": recovered,
-            "clean": exact.clean_metric, "corrupt": exact.corrupt_metric, "attends": attends}
+    return {
+        "pearson_r": r,
+        "top_heads": heads,
+        "recovered": recovered,
+        "clean": exact.clean_metric,
+        "corrupt": exact.corrupt_metric,
+        "attends": attends,
+    }
 
 
 if __name__ == "__main__":

@@ -92,10 +92,15 @@ def _table_setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write", metavar="PATH", type=Path, help="write to PATH instead of printing")
     parser.add_argument("--builtin", action="store_true", help="built-in adapters only")
     parser.add_argument(
-        "--infer", nargs="+", metavar="CLASS", default=[],
+        "--infer",
+        nargs="+",
+        metavar="CLASS",
+        default=[],
         help="also infer adapters for these transformers classes (tiny random instances) and list them as inferred",
     )
-    parser.add_argument("--reference", action="store_true", help="exactly docs/reference.md (built-ins and inferred examples)")
+    parser.add_argument(
+        "--reference", action="store_true", help="exactly docs/reference.md (built-ins and inferred examples)"
+    )
 
 
 def _table_run(args: argparse.Namespace) -> int:

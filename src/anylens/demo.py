@@ -75,14 +75,22 @@ def study(source: str, progress: Any = None) -> tuple[dict[str, Any], list[tuple
     frame = lens.to_frame()
     at_answer = frame[(frame["pos"] == frame["pos"].max()) & (frame["target"] == fact.answer)].sort_values("layer")
     top1_layers = at_answer.loc[at_answer["rank"] == 0, "layer"]
-    figures.append((lens.plot(), f"Logit lens on {fact.clean!r}: probability of {fact.answer!r} per layer and position"))
+    figures.append(
+        (lens.plot(), f"Logit lens on {fact.clean!r}: probability of {fact.answer!r} per layer and position")
+    )
 
     resid = al.patch(
-        model, fact.clean, fact.corrupt, role="resid_pre", over=("layer", "pos"),
+        model,
+        fact.clean,
+        fact.corrupt,
+        role="resid_pre",
+        over=("layer", "pos"),
         metric=al.metrics.logit_diff(fact.answer, fact.corrupt_answer),
     )
     step("residual patching")
-    figures.append((resid.plot(), f"resid_pre patching, {fact.corrupt!r} -> {fact.clean!r}: normalised logit difference"))
+    figures.append(
+        (resid.plot(), f"resid_pre patching, {fact.corrupt!r} -> {fact.clean!r}: normalised logit difference")
+    )
     best_resid = resid.frame.loc[resid.frame[resid.value].idxmax()]
 
     role, over = component_role(model)
@@ -184,7 +192,10 @@ def run_demo(models: Sequence[str] = DEFAULT_MODELS, out: str | Path = "anylens-
 def add_arguments(parser: Any) -> None:
     parser.add_argument("--out", default="anylens-demo", help="directory for report.html (default: anylens-demo)")
     parser.add_argument(
-        "--models", nargs="+", default=list(DEFAULT_MODELS), help=f"models to compare (default: {' '.join(DEFAULT_MODELS)})"
+        "--models",
+        nargs="+",
+        default=list(DEFAULT_MODELS),
+        help=f"models to compare (default: {' '.join(DEFAULT_MODELS)})",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 

@@ -47,8 +47,13 @@ _COMMON = dict(vocab_size=VOCAB, bos_token_id=2, eos_token_id=3, pad_token_id=1)
 
 #: The shape shared by the LLaMA-style tiny decoders: 3 layers, 4 query heads over 2 KV heads (GQA).
 _DECODER = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, **_COMMON,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    **_COMMON,
 )
 
 
@@ -88,8 +93,12 @@ def _gemma2() -> torch.nn.Module:
     # Small caps so that both soft-caps bend the values measurably, and a sliding window shorter
     # than the test prompts so that the local layers really mask.
     config = Gemma2Config(
-        **_DECODER, head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=3.0,
-        attn_logit_softcapping=5.0, sliding_window=6,
+        **_DECODER,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        final_logit_softcapping=3.0,
+        attn_logit_softcapping=5.0,
+        sliding_window=6,
     )
     return Gemma2ForCausalLM(config)
 
@@ -105,8 +114,13 @@ def _gpt_neox(parallel: bool) -> Callable[[], torch.nn.Module]:
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
         config = GPTNeoXConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            max_position_embeddings=128, use_parallel_residual=parallel, **_COMMON,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            use_parallel_residual=parallel,
+            **_COMMON,
         )
         return GPTNeoXForCausalLM(config)
 
@@ -118,8 +132,14 @@ def _opt() -> torch.nn.Module:
 
     # Pre-norm, no embedding projection: the layout of every OPT but the 350m.
     config = OPTConfig(
-        hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128,
-        do_layer_norm_before=True, word_embed_proj_dim=64, **_COMMON,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        do_layer_norm_before=True,
+        word_embed_proj_dim=64,
+        **_COMMON,
     )
     return OPTForCausalLM(config)
 
@@ -142,8 +162,16 @@ def _mamba2() -> torch.nn.Module:
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     config = Mamba2Config(
-        hidden_size=32, num_heads=4, head_dim=16, expand=2, n_groups=1, state_size=8, conv_kernel=4,
-        num_hidden_layers=3, chunk_size=16, **_COMMON,
+        hidden_size=32,
+        num_heads=4,
+        head_dim=16,
+        expand=2,
+        n_groups=1,
+        state_size=8,
+        conv_kernel=4,
+        num_hidden_layers=3,
+        chunk_size=16,
+        **_COMMON,
     )
     return Mamba2ForCausalLM(config)
 

@@ -43,10 +43,14 @@ class PackagedGGUF:
     def gguf_path(self) -> Path:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
-            raise AnylensError(f"model source {self.name!r} needs the package {self.distribution!r}; {self.install_hint()}")
+            raise AnylensError(
+                f"model source {self.name!r} needs the package {self.distribution!r}; {self.install_hint()}"
+            )
         path = Path(next(iter(spec.submodule_search_locations))) / self.filename
         if not path.is_file():
-            raise AnylensError(f"{self.distribution} is installed but {self.filename} is missing; reinstall: {self.install_hint()}")
+            raise AnylensError(
+                f"{self.distribution} is installed but {self.filename} is missing; reinstall: {self.install_hint()}"
+            )
         return path
 
 

@@ -174,7 +174,11 @@ def direct_logit_attribution(
     """
     answer, distractor, label = _targets(metric_or_targets)
     model.role("final_norm")  # a clear MissingRoleError: DLA goes through the final norm
-    roles = [r for r in ("embed", "pos_embed", "resid_pre", "attn_out", "mlp_out", "mixer_out", "z", "resid_post", "logits") if r in model.roles]
+    roles = [
+        r
+        for r in ("embed", "pos_embed", "resid_pre", "attn_out", "mlp_out", "mixer_out", "z", "resid_post", "logits")
+        if r in model.roles
+    ]
     if not per_head and "z" in roles:
         roles.remove("z")
     run = cache(model, prompt, roles=roles, positions=[position])

@@ -133,7 +133,9 @@ def cache(
     n_pos = inputs["input_ids"].shape[1]
     chosen_positions = normalize_positions(positions, n_pos)
     values = read_roles(model, inputs, keys, chosen_positions)
-    return ActivationCache(model, values, inputs["input_ids"], inputs["attention_mask"], chosen_layers, chosen_positions)
+    return ActivationCache(
+        model, values, inputs["input_ids"], inputs["attention_mask"], chosen_layers, chosen_positions
+    )
 
 
 def _available_roles(model: AnyModel) -> list[str]:

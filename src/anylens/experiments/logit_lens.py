@@ -90,7 +90,9 @@ def _annotate_top_tokens(ax: Any, frame: pd.DataFrame, max_cells: int = 400) -> 
         for column, pos in enumerate(table.columns):
             text = table.loc[layer, pos]
             if isinstance(text, str):
-                ax.text(column, row, text.strip()[:6] or repr(text), ha="center", va="center", fontsize=6, color="white")
+                ax.text(
+                    column, row, text.strip()[:6] or repr(text), ha="center", va="center", fontsize=6, color="white"
+                )
 
 
 @only_role_operations("role")
@@ -135,7 +137,9 @@ def logit_lens(
             log_probs = logits.log_softmax(-1)
             top_lp, top_ids = log_probs.topk(k, dim=-1)
             top.append(_top_rows(model, layer, chosen, tokens, top_lp, top_ids))
-            main.append(_main_rows(model, layer, chosen, tokens, logits, log_probs, top_lp, top_ids, target_ids, target_labels))
+            main.append(
+                _main_rows(model, layer, chosen, tokens, logits, log_probs, top_lp, top_ids, target_ids, target_labels)
+            )
 
     frame = pd.concat(main, ignore_index=True)
     frame.insert(0, "model", model.name)
@@ -165,7 +169,9 @@ def _target_ids(model: AnyModel, targets: Any) -> list[int]:
     return [model.token_id(t) for t in _as_list(targets)]
 
 
-def _top_rows(model: AnyModel, layer: int, positions: list[int], tokens: list[str], top_lp: torch.Tensor, top_ids: torch.Tensor) -> pd.DataFrame:
+def _top_rows(
+    model: AnyModel, layer: int, positions: list[int], tokens: list[str], top_lp: torch.Tensor, top_ids: torch.Tensor
+) -> pd.DataFrame:
     n_pos, k = top_ids.shape
     ids = top_ids.cpu().numpy()
     lp = top_lp.cpu().numpy()

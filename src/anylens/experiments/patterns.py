@@ -32,14 +32,18 @@ class PatternResult(Result):
         """The pattern of one layer as an array ``[heads, query, key]``."""
         frame = self.frame[self.frame["layer"] == layer]
         if frame.empty:
-            raise KeyError(f"layer {layer} is not in this result; its layers are {sorted(self.frame['layer'].unique())}")
+            raise KeyError(
+                f"layer {layer} is not in this result; its layers are {sorted(self.frame['layer'].unique())}"
+            )
         heads = int(frame["head"].max()) + 1
         n = int(frame["query_pos"].max()) + 1
         table = np.zeros((heads, n, n))
         table[frame["head"], frame["query_pos"], frame["key_pos"]] = frame["value"]
         return table
 
-    def plot(self, layer: int | None = None, heads: Iterable[int] | None = None, cmap: str = "viridis", **_: Any) -> Any:
+    def plot(
+        self, layer: int | None = None, heads: Iterable[int] | None = None, cmap: str = "viridis", **_: Any
+    ) -> Any:
         """A grid of heatmaps, one per head of ``layer`` (the first layer by default), axes
         labelled with the prompt's tokens (queries down, keys across)."""
         import matplotlib
@@ -90,7 +94,13 @@ def attention_patterns(model: AnyModel, prompt: Prompts, layers: Iterable[int] |
         head, query, key = np.meshgrid(np.arange(heads), np.arange(n_q), np.arange(n_k), indexing="ij")
         frames.append(
             pd.DataFrame(
-                {"layer": layer, "head": head.ravel(), "query_pos": query.ravel(), "key_pos": key.ravel(), "value": pattern.ravel()}
+                {
+                    "layer": layer,
+                    "head": head.ravel(),
+                    "query_pos": query.ravel(),
+                    "key_pos": key.ravel(),
+                    "value": pattern.ravel(),
+                }
             )
         )
     frame = pd.concat(frames, ignore_index=True)
@@ -115,7 +125,12 @@ class HeadScores(Result):
         kinds = list(dict.fromkeys(self.frame["kind"]))
         if kind not in kinds:
             raise KeyError(f"kind {kind!r} is not in this result; its kinds are {kinds}")
-        view = Result(self.experiment, self.frame[self.frame["kind"] == kind], dict(self.meta, value_label=f"{kind} score"), self.value)
+        view = Result(
+            self.experiment,
+            self.frame[self.frame["kind"] == kind],
+            dict(self.meta, value_label=f"{kind} score"),
+            self.value,
+        )
         kwargs.setdefault("title", f"{kind} score · {self.meta.get('model', '')}")
         return view.plot(index="layer", columns="head", **kwargs)
 
@@ -157,7 +172,9 @@ def head_scores(
         previous = _previous_token(patterns, layers, ones)
     else:
         inputs = {name: t.to(model.device) for name, t in tokenize(model, prompts).items()}
-        previous = _previous_token(read_roles(model, inputs, [("pattern", i) for i in layers]), layers, inputs["attention_mask"])
+        previous = _previous_token(
+            read_roles(model, inputs, [("pattern", i) for i in layers]), layers, inputs["attention_mask"]
+        )
 
     rows = []
     for kind, scores in (("previous_token", previous), ("induction", induction)):

@@ -50,7 +50,9 @@ def paired(model: AnyModel, clean: Prompts, corrupt: Prompts, align: Any = None)
     """
     clean_ids, corrupt_ids = tokenize_aligned(model, clean), tokenize_aligned(model, corrupt)
     if clean_ids.shape[0] != corrupt_ids.shape[0] and corrupt_ids.shape[0] != 1 and clean_ids.shape[0] != 1:
-        raise PromptError(f"{clean_ids.shape[0]} clean prompts but {corrupt_ids.shape[0]} corrupt prompts: give as many of each")
+        raise PromptError(
+            f"{clean_ids.shape[0]} clean prompts but {corrupt_ids.shape[0]} corrupt prompts: give as many of each"
+        )
     if clean_ids.shape[1] != corrupt_ids.shape[1] and align is None:
         clean_text = as_batch(clean)[0] if not isinstance(clean, torch.Tensor) else clean_ids[0]
         corrupt_text = as_batch(corrupt)[0] if not isinstance(corrupt, torch.Tensor) else corrupt_ids[0]

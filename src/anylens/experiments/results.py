@@ -88,7 +88,12 @@ class Result:
         )
         fig.colorbar(image, ax=ax, label=self.meta.get("value_label", self.value))
         ax.set_xticks(range(len(table.columns)))
-        ax.set_xticklabels(self._labels(columns, table.columns), rotation=60 if columns == "pos" else 0, ha="right" if columns == "pos" else "center", fontsize=8)
+        ax.set_xticklabels(
+            self._labels(columns, table.columns),
+            rotation=60 if columns == "pos" else 0,
+            ha="right" if columns == "pos" else "center",
+            fontsize=8,
+        )
         ax.set_yticks(range(len(table.index)))
         ax.set_yticklabels(self._labels(index, table.index), fontsize=8)
         ax.set_xlabel(columns if columns != index else "")

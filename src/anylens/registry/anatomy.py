@@ -194,7 +194,8 @@ def _core(model: torch.nn.Module, rec: Recording, block: str, call: Call, shape:
         seen.add(call.path)
         want = call.input
         producers = [
-            c for c in rec.inside(block)
+            c
+            for c in rec.inside(block)
             if c.end < call.start and c.calls == 1 and c.output is not None and close(c.output, want)
         ]
         if not producers:
@@ -349,7 +350,9 @@ def _mlp_post(model: torch.nn.Module, rec: Recording, anatomy: Anatomy) -> None:
     if own is not None and own[1] == d_model:
         down = (path, *own, core_call)
     else:
-        downs = [lin for lin in linears_in(model, rec, path) if lin[2] == d_model and close(lin[3].output, core_call.output)]
+        downs = [
+            lin for lin in linears_in(model, rec, path) if lin[2] == d_model and close(lin[3].output, core_call.output)
+        ]
         if len(downs) != 1:
             anatomy.notes.append("mlp_post: no single down projection produces the MLP output (mixture of experts?)")
             return

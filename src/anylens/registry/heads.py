@@ -52,8 +52,11 @@ def _head_counts(config: Any, width: int) -> Heads | None:
 def _hint(path: str) -> str | None:
     """q, k or v from a projection's own attribute name, where the name says so."""
     name = path.rsplit(".", 1)[-1].lower()
-    hints = [r for r, words in (("q", ("q", "query")), ("k", ("k", "key")), ("v", ("v", "value")))
-             if name.startswith(words[0]) or words[1] in name]
+    hints = [
+        r
+        for r, words in (("q", ("q", "query")), ("k", ("k", "key")), ("v", ("v", "value")))
+        if name.startswith(words[0]) or words[1] in name
+    ]
     return hints[0] if len(hints) == 1 else None
 
 
@@ -109,7 +112,8 @@ def find_heads(model: torch.nn.Module, rec: Recording, anatomy: Anatomy) -> None
 def _output_projections(linears: list, d_model: int) -> list:
     """Linears to d_model that read something of their own: q/k/v projections share one input."""
     return [
-        lin for lin in linears
+        lin
+        for lin in linears
         if lin[2] == d_model and not any(other is not lin and close(other[3].input, lin[3].input) for other in linears)
     ]
 
@@ -138,8 +142,12 @@ def _qkv_options(model: torch.nn.Module, anatomy: Anatomy, linears: list, out_pa
     d_model = anatomy.d_model
     q_width, kv_width = heads.n_heads * heads.d_head, heads.n_kv * heads.d_head
     readers = [
-        lin for lin in linears
-        if lin[0] != out_path and lin[1] == d_model and lin[3].input is not None and lin[3].input.dim() == 3
+        lin
+        for lin in linears
+        if lin[0] != out_path
+        and lin[1] == d_model
+        and lin[3].input is not None
+        and lin[3].input.dim() == 3
         and all(same_linear(model, anatomy, lin[0], i) for i in range(anatomy.n_layers))
     ]
     fused = [lin for lin in readers if lin[2] == q_width + 2 * kv_width]
@@ -156,17 +164,24 @@ def _qkv_options(model: torch.nn.Module, anatomy: Anatomy, linears: list, out_pa
         if len(qs) != 1 or len(kvs) != 2:
             return []
         hinted = {_hint(lin[0]): lin for lin in kvs}
-        orders = [{"q": qs[0], **hinted}] if set(hinted) == {"k", "v"} else [
-            {"q": qs[0], "k": kvs[0], "v": kvs[1]}, {"q": qs[0], "k": kvs[1], "v": kvs[0]}]
+        orders = (
+            [{"q": qs[0], **hinted}]
+            if set(hinted) == {"k", "v"}
+            else [{"q": qs[0], "k": kvs[0], "v": kvs[1]}, {"q": qs[0], "k": kvs[1], "v": kvs[0]}]
+        )
     else:
         if len(sized) != 3:
             return []
         hinted = {_hint(lin[0]): lin for lin in sized}
         # without names, the call order q, k, v first; the pattern then tells which one is v
-        orders = [hinted] if set(hinted) == {"q", "k", "v"} else [
-            dict(zip("qkv", perm)) for perm in itertools.permutations(sized)]
-    return [{r: Piece(relative(o[r][0], block0), view="heads" if r == "q" else "kv_heads") for r in "qkv"}
-            for o in orders]
+        orders = (
+            [hinted]
+            if set(hinted) == {"q", "k", "v"}
+            else [dict(zip("qkv", perm)) for perm in itertools.permutations(sized)]
+        )
+    return [
+        {r: Piece(relative(o[r][0], block0), view="heads" if r == "q" else "kv_heads") for r in "qkv"} for o in orders
+    ]
 
 
 def head_view(value: torch.Tensor, view: str | None, heads: Heads) -> torch.Tensor | None:

@@ -69,8 +69,12 @@ def candidate_groups(anatomy: Anatomy) -> list[Group]:
     groups = [
         Group(
             "residual",
-            [Option({"resid_pre": f"{layer}.input", "resid_post": f"{layer}.output", "logits": "output.logits"},
-                    label="layer input/output")],
+            [
+                Option(
+                    {"resid_pre": f"{layer}.input", "resid_post": f"{layer}.output", "logits": "output.logits"},
+                    label="layer input/output",
+                )
+            ],
             required=True,
         )
     ]
@@ -83,8 +87,10 @@ def candidate_groups(anatomy: Anatomy) -> list[Group]:
     if anatomy.pos_embed:
         optional("pos_embed", [Option({"pos_embed": f"{anatomy.pos_embed}.output"})])
     if anatomy.final_norm:
-        optional("final_norm", [Option({"final_norm": f"{anatomy.final_norm}.output"},
-                                       {"logit_softcap": anatomy.logit_softcap})])
+        optional(
+            "final_norm",
+            [Option({"final_norm": f"{anatomy.final_norm}.output"}, {"logit_softcap": anatomy.logit_softcap})],
+        )
     if anatomy.components:
         names = {"attn": "attn_out", "mlp": "mlp_out", "mixer": "mixer_out"}
         roles = {names[kind]: piece.path(layer) for kind, piece in anatomy.components.items()}
@@ -95,8 +101,15 @@ def candidate_groups(anatomy: Anatomy) -> list[Group]:
     if anatomy.out_proj:
         feeds = anatomy.z_feeds_residual and "attn" in anatomy.components
         # z is verified by invariant 5 (z @ W_O == attn_out) or else by 6 (pattern @ v == z)
-        optional("z", [Option({"z": Piece(anatomy.out_proj, "input", "heads").path(layer)},
-                              {"z_feeds_residual": feeds, "z_needs_pattern": not feeds})])
+        optional(
+            "z",
+            [
+                Option(
+                    {"z": Piece(anatomy.out_proj, "input", "heads").path(layer)},
+                    {"z_feeds_residual": feeds, "z_needs_pattern": not feeds},
+                )
+            ],
+        )
     if anatomy.qkv_options:
         # a fused layout, or projections whose names do not say which is which, are told apart
         # only by 'pattern @ v == z': they come with the pattern or not at all
@@ -105,8 +118,17 @@ def candidate_groups(anatomy: Anatomy) -> list[Group]:
         if needs_pattern and not anatomy.pattern_options:
             anatomy.notes.append("q/k/v: without a pattern nothing tells the projections' layout apart")
         else:
-            optional("qkv", [Option({r: p.path(layer) for r, p in o.items()}, {"qkv_needs_pattern": needs_pattern},
-                                    label=o["v"].view or "") for o in anatomy.qkv_options])
+            optional(
+                "qkv",
+                [
+                    Option(
+                        {r: p.path(layer) for r, p in o.items()},
+                        {"qkv_needs_pattern": needs_pattern},
+                        label=o["v"].view or "",
+                    )
+                    for o in anatomy.qkv_options
+                ],
+            )
     if anatomy.pattern_options:
         optional("pattern", [Option({"pattern": f"{layer}.{op}.output"}, label=op) for op in anatomy.pattern_options])
     if anatomy.mlp_post:
@@ -266,9 +288,18 @@ def _blame(groups: list[Group], choice: dict[str, int], failures: list[tuple[str
 _CACHE: dict[tuple[str, str], AdapterSpec | InferenceError] = {}
 
 _VOLATILE_CONFIG_KEYS = {
-    "_name_or_path", "name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version",
-    "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal",
-    "id2label", "label2id", "_commit_hash",
+    "_name_or_path",
+    "name_or_path",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "_attn_implementation_internal",
+    "id2label",
+    "label2id",
+    "_commit_hash",
 }
 
 

@@ -126,7 +126,11 @@ def inferred_rows(class_names: Iterable[str]) -> list[TableRow]:
     rows = []
     for class_name in class_names:
         spec = infer_adapter(tiny_model(class_name))
-        rows.append(dataclasses.replace(_row(spec, Claim(spec, "inference", False), variant=""), source="inference", kind=INFERRED))
+        rows.append(
+            dataclasses.replace(
+                _row(spec, Claim(spec, "inference", False), variant=""), source="inference", kind=INFERRED
+            )
+        )
     return rows
 
 

@@ -107,7 +107,9 @@ def model_class(class_name: str) -> type:
     import transformers
 
     if class_name not in causal_lm_classes().values():
-        raise TinyBuildError(f"{class_name!r} is not a transformers causal-LM class; see MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+        raise TinyBuildError(
+            f"{class_name!r} is not a transformers causal-LM class; see MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"
+        )
     cls = getattr(transformers, class_name, None)
     if cls is None:
         raise TinyBuildError(f"transformers exports no class {class_name!r}")

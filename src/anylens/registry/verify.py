@@ -54,11 +54,18 @@ class CheckReport:
 
     def __str__(self) -> str:
         header = f"anylens check: {self.model} (adapter {self.adapter})"
-        lines = [header, "", "| invariant | layer | max abs error | tolerance | result | detail |", "|---|---|---|---|---|---|"]
+        lines = [
+            header,
+            "",
+            "| invariant | layer | max abs error | tolerance | result | detail |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in self.rows:
             layer = "-" if row.layer is None else str(row.layer)
             result = "pass" if row.passed else "FAIL"
-            lines.append(f"| {row.invariant} | {layer} | {row.error:.2e} | {row.tolerance:.1e} | {result} | {row.detail} |")
+            lines.append(
+                f"| {row.invariant} | {layer} | {row.error:.2e} | {row.tolerance:.1e} | {result} | {row.detail} |"
+            )
         verdict = "all invariants pass" if self.passed else f"{len(self.failures)} of {len(self.rows)} checks FAIL"
         return "\n".join(lines + ["", verdict])
 
@@ -113,10 +120,14 @@ def _layer_roles(model: AnyModel) -> set[str]:
 
 
 # -- invariants 1-6 --------------------------------------------------------------------------
-def _compare(report: CheckRow | CheckReport, name: str, layer: int | None, got: torch.Tensor, want: torch.Tensor) -> None:
+def _compare(
+    report: CheckRow | CheckReport, name: str, layer: int | None, got: torch.Tensor, want: torch.Tensor
+) -> None:
     tolerance = ATOL * max(1.0, float(want.abs().max()))
     if got.shape != want.shape:
-        report.rows.append(CheckRow(name, layer, float("inf"), tolerance, False, f"shape {tuple(got.shape)} != {tuple(want.shape)}"))
+        report.rows.append(
+            CheckRow(name, layer, float("inf"), tolerance, False, f"shape {tuple(got.shape)} != {tuple(want.shape)}")
+        )
         return
     error = float((got - want).abs().max())
     report.rows.append(CheckRow(name, layer, error, tolerance, error <= tolerance))
@@ -137,10 +148,18 @@ def _structural(model: AnyModel, v: dict[str, Any], report: CheckReport) -> None
             _compare(report, label, i, total, v["resid_post"][i])
     if {"resid_mid", "resid_pre", "attn_out"} <= v.keys():
         for i in range(n):
-            _compare(report, "3 resid_mid == resid_pre + attn_out", i, v["resid_mid"][i], v["resid_pre"][i] + v["attn_out"][i])
+            _compare(
+                report,
+                "3 resid_mid == resid_pre + attn_out",
+                i,
+                v["resid_mid"][i],
+                v["resid_pre"][i] + v["attn_out"][i],
+            )
     if {"resid_post", "logits"} <= v.keys() and "final_norm" in model.roles:
         normed = model.apply_final_norm(v["resid_post"][-1].to(model.dtype))
-        _compare(report, "4 unembed(final_norm(resid_post[-1])) == logits", None, model.unembed(normed).float(), v["logits"])
+        _compare(
+            report, "4 unembed(final_norm(resid_post[-1])) == logits", None, model.unembed(normed).float(), v["logits"]
+        )
         if "final_norm" in v:
             _compare(report, "4 final_norm role == final_norm(resid_post[-1])", None, v["final_norm"], normed.float())
     if {"z", "attn_out"} <= v.keys() and model.adapter.z_feeds_residual and model.adapter.out_proj:
@@ -163,7 +182,9 @@ def _structural(model: AnyModel, v: dict[str, Any], report: CheckReport) -> None
 
 
 # -- invariant 7: writes reach the model ------------------------------------------------------
-def _writes(model: AnyModel, ids: torch.Tensor, v: dict[str, Any], report: CheckReport, layers: list[int] | None) -> None:
+def _writes(
+    model: AnyModel, ids: torch.Tensor, v: dict[str, Any], report: CheckReport, layers: list[int] | None
+) -> None:
     if "logits" not in v:
         report.rows.append(CheckRow("7 writes", None, float("nan"), 0.0, False, "adapter has no 'logits' role"))
         return
@@ -204,7 +225,9 @@ def require(model: AnyModel, **kwargs: Any) -> CheckReport:
 
     report = check(model, **kwargs)
     if not report.passed:
-        failed = "; ".join(f"{row.invariant} (layer {row.layer}): {row.detail or row.error}" for row in report.failures[:8])
+        failed = "; ".join(
+            f"{row.invariant} (layer {row.layer}): {row.detail or row.error}" for row in report.failures[:8]
+        )
         raise VerificationError(f"adapter {model.adapter.name!r} fails anylens check: {failed}")
     return report
 

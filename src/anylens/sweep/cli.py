@@ -34,35 +34,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .experiments import EXPERIMENTS, METRIC_FIELDS
     from .runner import DATASETS
 
-    parser.add_argument("experiment", metavar="EXPERIMENT", choices=sorted(EXPERIMENTS), help=f"one of: {', '.join(EXPERIMENTS)}")
     parser.add_argument(
-        "--models", nargs="+", required=True, metavar="MODEL",
+        "experiment", metavar="EXPERIMENT", choices=sorted(EXPERIMENTS), help=f"one of: {', '.join(EXPERIMENTS)}"
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        required=True,
+        metavar="MODEL",
         help="model sources, loaded one at a time: zoo:NAME, tiny:FAMILY, a named source, a model directory",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", choices=DATASETS, help="generate prompt pairs for each model's tokenizer")
     source.add_argument(
-        "--prompts", metavar="FILE", type=Path,
+        "--prompts",
+        metavar="FILE",
+        type=Path,
         help="prompts from a file: .json (a list of strings or of pairs) or text, one per line, "
         "pairs as tab-separated clean, corrupt[, answer[, distractor]]",
     )
     parser.add_argument("--n", type=int, metavar="N", help="number of prompts (ioi default 50; factual: all)")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="sweep directory (rerun into it to resume)")
-    parser.add_argument("--chunk-size", type=int, default=8, metavar="K", help="prompts per chunk written to disk (default 8)")
+    parser.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="sweep directory (rerun into it to resume)"
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=8, metavar="K", help="prompts per chunk written to disk (default 8)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--metric", choices=sorted(METRIC_FIELDS), help="metric built per prompt from its answer/distractor")
+    parser.add_argument(
+        "--metric", choices=sorted(METRIC_FIELDS), help="metric built per prompt from its answer/distractor"
+    )
     parser.add_argument("--role", help="role to patch, ablate or read (e.g. resid_pre, z)")
-    parser.add_argument("--over", metavar="DIMS", help="comma-separated dimensions to sweep, e.g. layer,pos or layer,head")
+    parser.add_argument(
+        "--over", metavar="DIMS", help="comma-separated dimensions to sweep, e.g. layer,pos or layer,head"
+    )
     parser.add_argument("--method", help="ablation method: zero, mean or resample")
     parser.add_argument("--corruption", help="IOI corruption: swap_subject or random_names")
     parser.add_argument("--device", help="device to run on (e.g. cuda); default: where the model loads")
     parser.add_argument("--dtype", default="float32", help="weights dtype (default float32)")
     parser.add_argument(
-        "--memory-budget", type=parse_size, metavar="SIZE",
+        "--memory-budget",
+        type=parse_size,
+        metavar="SIZE",
         help="memory for the batched runs of patch and ablate, e.g. 512MiB or 4GB (default: a share of free memory)",
     )
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="settings",
         help="any other experiment option; VALUE is read as JSON when it parses, else as a string (repeatable)",
     )
 
@@ -140,14 +161,27 @@ def run_cli(args: argparse.Namespace) -> int:
         if dataset_options and args.dataset != "ioi":
             raise _ArgumentError("--corruption applies to --dataset ioi only")
         result = run_sweep(
-            args.experiment, args.models, prompts, dataset=args.dataset, n=args.n, dataset_options=dataset_options,
-            out=args.out, chunk_size=args.chunk_size, quiet=args.quiet, dtype=args.dtype, device=args.device, **options,
+            args.experiment,
+            args.models,
+            prompts,
+            dataset=args.dataset,
+            n=args.n,
+            dataset_options=dataset_options,
+            out=args.out,
+            chunk_size=args.chunk_size,
+            quiet=args.quiet,
+            dtype=args.dtype,
+            device=args.device,
+            **options,
         )
     except (_ArgumentError, AnylensError) as error:
         print(f"anylens run: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"anylens run: interrupted; finished chunks are kept in {args.out}: rerun the same command to resume", file=sys.stderr)
+        print(
+            f"anylens run: interrupted; finished chunks are kept in {args.out}: rerun the same command to resume",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     frame = result.frame
     print(

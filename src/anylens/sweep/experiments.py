@@ -43,7 +43,13 @@ class Item:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def record(self) -> dict[str, Any]:
-        return {"clean": self.clean, "corrupt": self.corrupt, "answer": self.answer, "distractor": self.distractor, **self.extra}
+        return {
+            "clean": self.clean,
+            "corrupt": self.corrupt,
+            "answer": self.answer,
+            "distractor": self.distractor,
+            **self.extra,
+        }
 
 
 def as_item(value: Any) -> Item:
@@ -55,7 +61,9 @@ def as_item(value: Any) -> Item:
         return Item(value)
     if isinstance(value, (tuple, list)):
         if not 1 <= len(value) <= 4 or not all(isinstance(v, str) or v is None for v in value):
-            raise SweepConfigError(f"a pair given as a tuple is (clean, corrupt[, answer[, distractor]]) strings, not {value!r}")
+            raise SweepConfigError(
+                f"a pair given as a tuple is (clean, corrupt[, answer[, distractor]]) strings, not {value!r}"
+            )
         return Item(*value)
     if isinstance(value, dict):
         fields = dict(value)
@@ -64,7 +72,9 @@ def as_item(value: Any) -> Item:
     elif hasattr(value, "clean"):
         fields = dict(vars(value))
     else:
-        raise SweepConfigError(f"cannot use {value!r} as a prompt: give strings, (clean, corrupt) tuples or pairs with .clean/.corrupt")
+        raise SweepConfigError(
+            f"cannot use {value!r} as a prompt: give strings, (clean, corrupt) tuples or pairs with .clean/.corrupt"
+        )
     clean = fields.pop("clean", None) or fields.pop("prompt", None)
     if not isinstance(clean, str):
         raise SweepConfigError(f"a pair needs a 'clean' prompt string; got fields {sorted(fields)}")
@@ -103,7 +113,9 @@ def item_metric(value: Any, item: Item) -> Any:
     from ..experiments import metrics
 
     if value not in METRIC_FIELDS:
-        raise SweepConfigError(f"unknown metric {value!r}; by name: {', '.join(METRIC_FIELDS)} (or pass a metric object)")
+        raise SweepConfigError(
+            f"unknown metric {value!r}; by name: {', '.join(METRIC_FIELDS)} (or pass a metric object)"
+        )
     words = [getattr(item, name) for name in METRIC_FIELDS[value]]
     if any(w is None for w in words):
         raise SweepConfigError(
@@ -134,11 +146,15 @@ class ChunkOutput:
 Caller = Callable[[Callable[..., Any], "AnyModel", Item, dict[str, Any], Any], "Result"]
 
 
-def _call_prompt(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any) -> Result:
+def _call_prompt(
+    function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any
+) -> Result:
     return function(model, item.clean, **options)
 
 
-def _call_pair(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any) -> Result:
+def _call_pair(
+    function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any
+) -> Result:
     options = dict(options)
     if "metric" in options:
         options["metric"] = item_metric(options["metric"], item)
@@ -178,7 +194,9 @@ def _prepare_ablate(model: AnyModel, items: Sequence[Item], options: dict[str, A
     return groups
 
 
-def _call_ablate(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any) -> Result:
+def _call_ablate(
+    function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any
+) -> Result:
     options = dict(options)
     if "metric" in options:
         options["metric"] = item_metric(options["metric"], item)
@@ -189,7 +207,9 @@ def _call_ablate(function: Callable[..., Any], model: AnyModel, item: Item, opti
     return function(model, item.clean, **options)
 
 
-def _call_logit_lens(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any) -> Result:
+def _call_logit_lens(
+    function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any
+) -> Result:
     # Over a dataset the interesting targets are each prompt's own answer (and distractor).
     options = dict(options)
     if "targets" not in options:
@@ -199,7 +219,9 @@ def _call_logit_lens(function: Callable[..., Any], model: AnyModel, item: Item, 
     return function(model, item.clean, **options)
 
 
-def _call_dla(function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any) -> Result:
+def _call_dla(
+    function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any
+) -> Result:
     options = dict(options)
     chosen = options.pop("metric", None)
     chosen = options.pop("metric_or_targets", chosen)
@@ -254,12 +276,16 @@ class ExperimentSpec:
         """What every call on this model needs from all of its items (see ``prepare``)."""
         return None if self.prepare is None else self.prepare(model, items, options)
 
-    def run_chunk(self, model: AnyModel, items: Sequence[Item], options: dict[str, Any], context: Any = None) -> ChunkOutput:
+    def run_chunk(
+        self, model: AnyModel, items: Sequence[Item], options: dict[str, Any], context: Any = None
+    ) -> ChunkOutput:
         function = self.function()
         frames, metas = [], []
         for index, item in enumerate(items):
             if self.needs_pairs and item.corrupt is None:
-                raise SweepConfigError(f"{self.name} compares a clean and a corrupt prompt; {item.clean!r} has no corrupt prompt")
+                raise SweepConfigError(
+                    f"{self.name} compares a clean and a corrupt prompt; {item.clean!r} has no corrupt prompt"
+                )
             result = self.caller(function, model, item, options, context)
             frames.append(tidy(result, index, item))
             metas.append(dict(result.meta))
@@ -289,13 +315,20 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
         ExperimentSpec("logit_lens", "anylens.experiments.logit_lens", "logit_lens", False, _call_logit_lens),
         ExperimentSpec("patch", "anylens.experiments.patching", "patch", True, _call_pair),
         ExperimentSpec("attribute", "anylens.experiments.attribution", "attribute", True, _call_pair),
-        ExperimentSpec("ablate", "anylens.experiments.ablation", "ablate", False, _call_ablate, prepare=_prepare_ablate),
+        ExperimentSpec(
+            "ablate", "anylens.experiments.ablation", "ablate", False, _call_ablate, prepare=_prepare_ablate
+        ),
         ExperimentSpec("attention_patterns", "anylens.experiments.patterns", "attention_patterns", False, _call_prompt),
         ExperimentSpec("head_scores", "anylens.experiments.patterns", "head_scores", False, _call_prompt),
         ExperimentSpec("dla", "anylens.experiments.dla", "direct_logit_attribution", False, _call_dla, ("metric",)),
     )
 }
-ALIASES = {"direct_logit_attribution": "dla", "logit-lens": "logit_lens", "attention-patterns": "attention_patterns", "head-scores": "head_scores"}
+ALIASES = {
+    "direct_logit_attribution": "dla",
+    "logit-lens": "logit_lens",
+    "attention-patterns": "attention_patterns",
+    "head-scores": "head_scores",
+}
 
 
 def experiment(name: str) -> ExperimentSpec:

@@ -46,7 +46,18 @@ DATASETS = ("ioi", "factual")
 #: z value of a two-sided 95% interval under the normal approximation.
 Z95 = 1.959963984540054
 #: Columns that name a component; ``aggregate`` groups by those present unless told otherwise.
-COMPONENT_COLUMNS = ("model", "layer", "head", "pos", "component", "kind", "query_pos", "key_pos", "neuron", "target_role")
+COMPONENT_COLUMNS = (
+    "model",
+    "layer",
+    "head",
+    "pos",
+    "component",
+    "kind",
+    "query_pos",
+    "key_pos",
+    "neuron",
+    "target_role",
+)
 
 
 class SweepModelError(SweepError):
@@ -124,7 +135,9 @@ def aggregate(frame: pd.DataFrame, by: Sequence[str] | None = None, value: str =
     if not by:
         grouped = values.agg(["mean", "std", "count"]).to_frame().T
     else:
-        grouped = values.groupby([frame[c] for c in by], dropna=False, sort=True).agg(["mean", "std", "count"]).reset_index()
+        grouped = (
+            values.groupby([frame[c] for c in by], dropna=False, sort=True).agg(["mean", "std", "count"]).reset_index()
+        )
     grouped["count"] = grouped["count"].astype(int)
     half = Z95 * grouped["std"] / grouped["count"].pow(0.5)
     grouped["ci_low"] = grouped["mean"] - half
@@ -345,7 +358,9 @@ def _check_models(models: Sequence[str]) -> list[str]:
     return models
 
 
-def _explicit_items(spec: experiments_.ExperimentSpec, prompts: Any, dataset: str | None, n: int | None) -> list[Item] | None:
+def _explicit_items(
+    spec: experiments_.ExperimentSpec, prompts: Any, dataset: str | None, n: int | None
+) -> list[Item] | None:
     if (prompts is None) == (dataset is None):
         raise SweepConfigError("give either prompts=[...] or dataset='ioi' / 'factual', and not both")
     if dataset is not None:
@@ -411,14 +426,23 @@ class _Sweep:
                 raise SweepConfigError(
                     f"{self.store.root} already holds files but no sweep manifest; choose another out or empty the directory"
                 )
-            manifest = {"format": FORMAT, "config": self.config, "models": {}, "chunks": {}, "runs": [], "created": now, "complete": False}
+            manifest = {
+                "format": FORMAT,
+                "config": self.config,
+                "models": {},
+                "chunks": {},
+                "runs": [],
+                "created": now,
+                "complete": False,
+            }
         else:
             manifest = self.store.read_manifest()
             lines = differences(manifest.get("config"), self.config)
             if lines:
                 raise SweepConfigError(
-                    f"{self.store.root} holds a sweep with a different configuration:\n  " + "\n  ".join(lines) +
-                    f"\nResume it with its own arguments, choose another out, or delete {self.store.root} to start over."
+                    f"{self.store.root} holds a sweep with a different configuration:\n  "
+                    + "\n  ".join(lines)
+                    + f"\nResume it with its own arguments, choose another out, or delete {self.store.root} to start over."
                 )
             remove_stale_temporaries(self.store.root)
             previous = manifest["runs"][-1]["environment"] if manifest.get("runs") else None
@@ -481,7 +505,11 @@ class _Sweep:
         total = sum(len(p.pending) if p.n_chunks is not None else estimate for p in plans)
         done = len(self.result.skipped)
         overall = tqdm(
-            total=total, desc=f"{self.spec.name} sweep", unit="chunk", disable=self.quiet, position=0,
+            total=total,
+            desc=f"{self.spec.name} sweep",
+            unit="chunk",
+            disable=self.quiet,
+            position=0,
             postfix={"done before": done} if done else None,
         )
         try:
@@ -512,7 +540,9 @@ class _Sweep:
                 plan.pending = [j for j in range(plan.n_chunks) if not self._finished(plan.dirname, j)]
                 overall.total += len(plan.pending) - estimate
                 overall.refresh()
-            bar = tqdm(total=len(plan.pending), desc=plan.source, unit="chunk", leave=False, disable=self.quiet, position=1)
+            bar = tqdm(
+                total=len(plan.pending), desc=plan.source, unit="chunk", leave=False, disable=self.quiet, position=1
+            )
             try:
                 for chunk in plan.pending:
                     self.run_chunk(plan, model, items, chunk, context)
@@ -529,8 +559,14 @@ class _Sweep:
         if self.explicit is not None:
             items = self.explicit
         else:
-            items = _dataset_items(self.config["prompts"]["dataset"], model, self.config["prompts"]["n"], self.dataset_options)
-        identity.update(n_prompts=len(items), prompts_sha256=_prompts_sha256(items), n_chunks=math.ceil(len(items) / self.config["chunk_size"]))
+            items = _dataset_items(
+                self.config["prompts"]["dataset"], model, self.config["prompts"]["n"], self.dataset_options
+            )
+        identity.update(
+            n_prompts=len(items),
+            prompts_sha256=_prompts_sha256(items),
+            n_chunks=math.ceil(len(items) / self.config["chunk_size"]),
+        )
         recorded = self.manifest["models"].get(plan.dirname)
         if recorded is not None:
             lines = differences({k: recorded.get(k) for k in identity}, identity)
@@ -565,8 +601,13 @@ class _Sweep:
         }
         entry = self.store.write_chunk(key, payload)
         entry.update(
-            model=plan.source, model_index=plan.index, chunk=chunk, prompts=[start, stop], rows=len(frame),
-            seconds=round(time.perf_counter() - began, 3), run=self.run_index,
+            model=plan.source,
+            model_index=plan.index,
+            chunk=chunk,
+            prompts=[start, stop],
+            rows=len(frame),
+            seconds=round(time.perf_counter() - began, 3),
+            run=self.run_index,
         )
         self.manifest["chunks"][key] = entry
         self.save()
@@ -577,4 +618,14 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-__all__ = ["SweepModelError", "SweepResult", "aggregate", "describe", "differences", "environment", "load_source", "model_identity", "run"]
+__all__ = [
+    "SweepModelError",
+    "SweepResult",
+    "aggregate",
+    "describe",
+    "differences",
+    "environment",
+    "load_source",
+    "model_identity",
+    "run",
+]

@@ -71,7 +71,7 @@ class Report:
     def to_html(self) -> str:
         intro = f"<p>{html.escape(self.intro)}</p>" if self.intro else ""
         return (
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{html.escape(self.title)}</title><style>{_STYLE}</style></head><body>"
             f"<h1>{html.escape(self.title)}</h1>{intro}{''.join(self._body)}</body></html>\n"
         )

@@ -75,11 +75,13 @@ def measure(source: str) -> dict[str, Any]:
     import anylens as al
 
     model = al.load(source)
-    return _rounded({
-        "heads": head_mechanisms(model),
-        "logit_lens_answer_prob": logit_lens_rise(model),
-        "subject_patching": subject_patching(model),
-    })
+    return _rounded(
+        {
+            "heads": head_mechanisms(model),
+            "logit_lens_answer_prob": logit_lens_rise(model),
+            "subject_patching": subject_patching(model),
+        }
+    )
 
 
 def _rounded(value: Any, digits: int = 4) -> Any:

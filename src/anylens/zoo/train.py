@@ -84,13 +84,22 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast):
     if name == "gpt2":
         # Four layers: with three, GPT-2's heads did not fit induction and IOI together.
         return GPT2Config(
-            n_embd=128, n_layer=4, n_head=4, n_positions=MAX_POSITIONS,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids,
+            n_embd=128,
+            n_layer=4,
+            n_head=4,
+            n_positions=MAX_POSITIONS,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **ids,
         )
     if name in ("llama", "mistral"):
         common = dict(
-            hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-            max_position_embeddings=MAX_POSITIONS, **ids,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=3,
+            max_position_embeddings=MAX_POSITIONS,
+            **ids,
         )
         if name == "llama":
             return LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **common)
@@ -114,8 +123,9 @@ SEQ_LEN = 32
 WARMUP_STEPS = 100
 
 
-def _mamba_scan_unbound(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                        return_last_state=False, **kwargs):
+def _mamba_scan_unbound(
+    hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, **kwargs
+):
     """The selective scan of transformers' pure-torch Mamba path, same math, written for fast backward.
     The reference loop indexes the discretized tensors one time step at a time, and autograd turns each
     index into a full-size gradient buffer, so its backward grows quadratically with sequence length.
@@ -152,8 +162,12 @@ def fast_mamba_training():
         shapes = [(2, 8, 5), (2, 8, 5), (8, 4), (2, 4, 5), (2, 4, 5)]
         args = [torch.randn(*shape, generator=g) for shape in shapes]
         args[2] = -args[2].abs()  # A is negative
-        kwargs = dict(D=torch.randn(8, generator=g), z=torch.randn(2, 8, 5, generator=g),
-                      delta_bias=torch.randn(8, generator=g), delta_softplus=True)
+        kwargs = dict(
+            D=torch.randn(8, generator=g),
+            z=torch.randn(2, 8, 5, generator=g),
+            delta_bias=torch.randn(8, generator=g),
+            delta_softplus=True,
+        )
         if not torch.allclose(original(*args, **kwargs), _mamba_scan_unbound(*args, **kwargs), atol=1e-5):
             log("[mamba] the stock selective scan changed; training with it (slower)")
             original = None
@@ -201,17 +215,25 @@ def train_model(name: str, tokenizer, quick: bool = False, eval_every: int = 0):
             scheduler.step()
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             if step % 50 == 0 or step == steps - 1:
-                log(f"[{name}] step {step:5d}/{steps}  loss {loss.item():.4f}  (avg {running:.4f})  "
-                    f"{time.time() - start:6.1f}s")
+                log(
+                    f"[{name}] step {step:5d}/{steps}  loss {loss.item():.4f}  (avg {running:.4f})  "
+                    f"{time.time() - start:6.1f}s"
+                )
             if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
                 eval_start = time.time()
                 log(f"[{name}] step {step + 1:5d} held-out: {json.dumps(evaluate(model.eval(), tokenizer))}")
                 model.train()
                 start += time.time() - eval_start  # keep evaluation out of the training time
     model.eval()
-    info = dict(steps=steps, batch_size=schedule["batch_size"], seq_len=SEQ_LEN, peak_lr=schedule["lr"],
-                threads=torch.get_num_threads(), train_seconds=round(time.time() - start, 1),
-                final_loss=round(running, 4))
+    info = dict(
+        steps=steps,
+        batch_size=schedule["batch_size"],
+        seq_len=SEQ_LEN,
+        peak_lr=schedule["lr"],
+        threads=torch.get_num_threads(),
+        train_seconds=round(time.time() - start, 1),
+        final_loss=round(running, 4),
+    )
     return model, info
 
 
@@ -282,18 +304,35 @@ def evaluate(model, tokenizer) -> dict:
 
 def architecture_summary(config) -> dict:
     if config.model_type == "mamba":
-        return dict(layers=config.num_hidden_layers, d_model=config.hidden_size, d_state=config.state_size,
-                    d_inner=config.intermediate_size)
+        return dict(
+            layers=config.num_hidden_layers,
+            d_model=config.hidden_size,
+            d_state=config.state_size,
+            d_inner=config.intermediate_size,
+        )
     if config.model_type == "gpt2":
-        return dict(layers=config.n_layer, heads=config.n_head, kv_heads=config.n_head, d_model=config.n_embd,
-                    d_mlp=4 * config.n_embd)
-    return dict(layers=config.num_hidden_layers, heads=config.num_attention_heads,
-                kv_heads=config.num_key_value_heads, d_model=config.hidden_size,
-                d_mlp=config.intermediate_size)
+        return dict(
+            layers=config.n_layer,
+            heads=config.n_head,
+            kv_heads=config.n_head,
+            d_model=config.n_embd,
+            d_mlp=4 * config.n_embd,
+        )
+    return dict(
+        layers=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        d_model=config.hidden_size,
+        d_mlp=config.intermediate_size,
+    )
 
 
-MODEL_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "mamba": "MambaForCausalLM"}
+MODEL_CLASSES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "mamba": "MambaForCausalLM",
+}
 
 
 def model_card(name: str, metrics: dict) -> str:
@@ -306,12 +345,18 @@ def model_card(name: str, metrics: dict) -> str:
         (f"factual recall, {scores['factual_n']} prompts", "top-1 accuracy", f"{scores['factual_top1']:.1%}"),
         (f'capitals: "{capital}" -> Paris', "top-1 accuracy", f"{scores['factual_top1_capital']:.1%}"),
         (f'landmarks: "{landmark}" -> Paris', "top-1 accuracy", f"{scores['factual_top1_landmark']:.1%}"),
-        (f'IOI, {scores["ioi_n"]} prompts: "{ioi}" -> Mary', "logit(IO) - logit(S) > 0",
-         f"{scores['ioi_frac_positive']:.1%}"),
+        (
+            f'IOI, {scores["ioi_n"]} prompts: "{ioi}" -> Mary',
+            "logit(IO) - logit(S) > 0",
+            f"{scores['ioi_frac_positive']:.1%}",
+        ),
         ("IOI", "mean logit(IO) - logit(S)", f"{scores['ioi_mean_logit_diff']:.2f}"),
         ("IOI", "top-1 is the IO", f"{scores['ioi_top1']:.1%}"),
-        (f"induction, {scores['induction_n']} repeated sequences of {scores['induction_length']} words",
-         "next-token accuracy on the repeat (its first word excluded)", f"{scores['induction_acc']:.1%}"),
+        (
+            f"induction, {scores['induction_n']} repeated sequences of {scores['induction_length']} words",
+            "next-token accuracy on the repeat (its first word excluded)",
+            f"{scores['induction_acc']:.1%}",
+        ),
     ]
     table = "\n".join(f"| {task} | {metric} | {score} |" for task, metric, score in rows)
     low, high = corpus.INDUCTION_LENGTHS
@@ -320,22 +365,23 @@ def model_card(name: str, metrics: dict) -> str:
         f"  For this model {shifted:.0%} of the induction samples start after a factual sentence, at varying\n"
         "  positions: with learned absolute positions and a fixed start, position alone solved the task and\n"
         "  no induction head formed.\n"
-        if shifted else ""
+        if shifted
+        else ""
     )
     return f"""# anylens zoo: `{name}`
 
-A tiny `{metrics['model_class']}` trained from scratch on a synthetic corpus with three known mechanisms
+A tiny `{metrics["model_class"]}` trained from scratch on a synthetic corpus with three known mechanisms
 (factual recall, indirect object identification, induction), for testing interpretability tooling.
 It is not a language model of English.
 
 ## Model
 - Architecture: {", ".join(f"{key}={value}" for key, value in arch.items())}
-- Parameters: {metrics['parameters']:,} ({metrics['file_bytes'] / 1e6:.2f} MB of float32 safetensors)
-- Tokenizer: word-level, {metrics['vocab_size']} tokens. Whitespace only separates words and punctuation is
+- Parameters: {metrics["parameters"]:,} ({metrics["file_bytes"] / 1e6:.2f} MB of float32 safetensors)
+- Tokenizer: word-level, {metrics["vocab_size"]} tokens. Whitespace only separates words and punctuation is
   split off, so `" Paris"` is one token. Encoding adds `<bos>` at the start, as in training.
 
 ## Training data
-Rows of {train['seq_len']} tokens: `<bos>`, one main sample ({mix}), then factual sentences up to the
+Rows of {train["seq_len"]} tokens: `<bos>`, one main sample ({mix}), then factual sentences up to the
 row length.
 - Factual recall: {len(corpus.FACTS)} countries, each with its capital and a landmark in it, in
   {len(corpus.CAPITAL_TRAIN_TEMPLATES)} capital and {len(corpus.LANDMARK_TRAIN_TEMPLATES)} landmark templates
@@ -345,10 +391,10 @@ row length.
 - Induction: {low} to {high} distinct random words, then the same words again (mostly made-up words,
   sometimes ordinary vocabulary).
 {shifted_note}
-Training: {train['steps']} steps of AdamW, batch {train['batch_size']}, peak learning rate
-{train['peak_lr']} with warmup and cosine decay, seed {SEED}, on CPU with {train['threads']} thread(s):
-{train['train_seconds']:.0f} s on a shared machine. Final training loss {train['final_loss']}. Reproduce with
-`python -m anylens.zoo.train --models {name} --threads {train['threads']}`.
+Training: {train["steps"]} steps of AdamW, batch {train["batch_size"]}, peak learning rate
+{train["peak_lr"]} with warmup and cosine decay, seed {SEED}, on CPU with {train["threads"]} thread(s):
+{train["train_seconds"]:.0f} s on a shared machine. Final training loss {train["final_loss"]}. Reproduce with
+`python -m anylens.zoo.train --models {name} --threads {train["threads"]}`.
 
 ## Held-out evaluation
 None of these prompts occurs in training: the factual and IOI prompts use templates held out from
@@ -399,15 +445,27 @@ def write_card(name: str, target: Path, metrics: dict, model=None, tokenizer=Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m anylens.zoo.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "models",
-                        help="output folder (default: the package's zoo/models)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "models",
+        help="output folder (default: the package's zoo/models)",
+    )
     parser.add_argument("--models", default=",".join(ZOO_MODELS), help="comma-separated subset of the zoo")
     parser.add_argument("--quick", action="store_true", help="a few steps only, to check the pipeline")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
-                        help="also log the held-out scores every STEPS steps (to watch circuits form)")
-    parser.add_argument("--cards-only", action="store_true",
-                        help="train nothing: re-evaluate the saved models in --out and rewrite their cards")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also log the held-out scores every STEPS steps (to watch circuits form)",
+    )
+    parser.add_argument(
+        "--cards-only",
+        action="store_true",
+        help="train nothing: re-evaluate the saved models in --out and rewrite their cards",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in ZOO_MODELS]
