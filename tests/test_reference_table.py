@@ -191,9 +191,18 @@ def test_reference_lists_builtins_only():
     assert "| llama |" in reference_markdown()
 
 
+def without_version_stamp(document: str) -> str:
+    """The document less its version stamp: a newer transformers or anylens release that maps the same
+    module paths leaves the table current (``make test-latest`` would otherwise fail on the stamp alone)."""
+    return "\n".join(
+        line for line in document.splitlines() if not line.startswith("_Generated from the adapter registry")
+    )
+
+
 def test_docs_reference_is_current():
-    fresh = reference_markdown()
-    committed = REFERENCE.read_text(encoding="utf-8") if REFERENCE.exists() else ""
+    fresh = without_version_stamp(reference_markdown())
+    committed = without_version_stamp(REFERENCE.read_text(encoding="utf-8") if REFERENCE.exists() else "")
+    assert fresh.count("\n") > 50 and "| llama |" in fresh  # the comparison is of the table, not of nothing
     if committed != fresh:
         diff = "".join(
             list(

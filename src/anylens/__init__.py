@@ -6,6 +6,7 @@ which are pluggy plugins; experiments use roles only and run on every architectu
 
 from __future__ import annotations
 
+from ._version import __version__
 from .core.errors import (
     AdapterSpecError,
     AnylensError,
@@ -32,6 +33,7 @@ from .registry.manager import register_adapter, register_plugin, registry
 from .registry.verify import CheckReport, check
 
 __all__ = [
+    "__version__",
     "ALL_ROLES",
     "LAYER_ROLES",
     "MODEL_ROLES",
@@ -64,7 +66,6 @@ __all__ = [
     "wrap",
 ]
 
-__version__ = "0.1.0"
 
 from .experiments import metrics  # noqa: E402
 from .experiments.results import Result  # noqa: E402

@@ -190,9 +190,33 @@ COMMANDS: dict[str, Command] = {
 
 
 # -- entry point ---------------------------------------------------------------------------------
+def version_line() -> str:
+    """``anylens X (transformers Y, nnsight Z, torch W)``: what a bug report needs first."""
+    from . import __version__
+    from .registry.table import versions
+
+    found = versions()
+    stack = ", ".join(f"{package} {found[package]}" for package in ("transformers", "nnsight", "torch"))
+    return f"anylens {__version__} ({stack})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked for (it reads installed package metadata)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anylens", description="Mechanistic interpretability on any architecture, through component roles."
+    )
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print the versions of anylens and its stack, then exit"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
