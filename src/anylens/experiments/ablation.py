@@ -87,7 +87,7 @@ def ablate(
         raise ValueError(f"mean_over={mean_over!r}: use 'batch' (a mean per position) or 'positions' (one mean)")
     reuse = reuse and not model.remote  # reuse runs blocks here, which a remote model cannot
     over = check_over(model, role, over)
-    metric = metrics_.kl() if metric is None else metric
+    metric = metrics_.resolve(metric, prompts)
     ids = tokenize_aligned(model, prompts)
     n_prompts, length = ids.shape
     layer_list = model.layers(layers)
