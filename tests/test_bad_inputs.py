@@ -9,13 +9,25 @@ subclass) whose message matches every regular expression in ``match``; or ``erro
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import json
+import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 
 import anylens as al
+from anylens import cli
+from anylens.sweep import SweepConfigError
 
 
 @dataclass(frozen=True)
@@ -31,7 +43,262 @@ LOADING_AND_ROLES: list[Case] = []
 
 
 # -- experiments, metrics, results, command line ---------------------------------------------------
-EXPERIMENTS_AND_CLI: list[Case] = []
+CLEAN, CORRUPT = "The capital of France is", "The capital of Italy is"
+
+
+@functools.cache
+def zoo_gpt2() -> al.AnyModel:
+    """The shipped GPT-2 zoo model: a word-level vocabulary of whole words, with an unknown token."""
+    return al.load("zoo:gpt2")
+
+
+def ioi(n: int = 3) -> list:
+    from anylens.datasets import IOI_TEMPLATES, ioi_pairs
+
+    return ioi_pairs(zoo_gpt2().tokenizer, n, templates=IOI_TEMPLATES[:1])  # one template: one token length
+
+
+def score(metric: al.metrics.Metric) -> object:
+    """Evaluate a metric on made-up logits: enough to bind its targets to the tokenizer."""
+    model = zoo_gpt2()
+    return metric(torch.zeros(1, model.config.vocab_size), model)
+
+
+def empty_prompt_list(experiment: str) -> Callable[[], object]:
+    calls = {
+        "cache": lambda model: al.cache(model, []),
+        "logit_lens": lambda model: al.logit_lens(model, []),
+        "attention_patterns": lambda model: al.attention_patterns(model, []),
+        "direct_logit_attribution": lambda model: al.direct_logit_attribution(model, [], " Paris"),
+        "patch": lambda model: al.patch(model, [], [], role="resid_pre", over=("layer",)),
+        "attribute": lambda model: al.attribute(model, [], [], role="resid_pre", over=("layer",)),
+        "ablate": lambda model: al.ablate(model, [], role="resid_pre", over=("layer",)),
+    }
+    return lambda: calls[experiment](zoo_gpt2())
+
+
+def named_metric_equals_its_object(name: str, build: Callable[[list], object]) -> Callable[[], None]:
+    """A metric given by name scores exactly as the metric object built by hand from the same words."""
+
+    def run() -> None:
+        model, pairs = zoo_gpt2(), ioi()
+        by_name = al.patch(model, pairs, pairs, role="resid_pre", over=("layer",), metric=name)
+        clean, corrupt = [p.clean for p in pairs], [p.corrupt for p in pairs]
+        by_hand = al.patch(model, clean, corrupt, role="resid_pre", over=("layer",), metric=build(pairs))
+        assert by_name.meta["metric"] == name
+        np.testing.assert_array_equal(by_name.frame["metric"].to_numpy(), by_hand.frame["metric"].to_numpy())
+
+    return run
+
+
+def dla_logit_diff_by_name() -> None:
+    model, pairs = zoo_gpt2(), ioi()
+    by_name = al.direct_logit_attribution(model, pairs, "logit_diff")
+    answers, distractors = [p.answer for p in pairs], [p.distractor for p in pairs]
+    by_hand = al.direct_logit_attribution(model, [p.clean for p in pairs], (answers, distractors))
+    np.testing.assert_array_equal(by_name.frame["value"].to_numpy(), by_hand.frame["value"].to_numpy())
+
+
+def damaged_result(damage: str) -> Callable[[], object]:
+    def run() -> object:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "result.json"
+            al.Result("patch", pd.DataFrame({"layer": [0, 1], "value": [0.5, 1.5]})).save(path)
+            text = path.read_text()
+            damaged = {
+                "truncated": text[: len(text) // 2],
+                "not JSON": "layer,value\n0,0.5\n",
+                "another JSON file": json.dumps({"experiment": "patch"}),
+                "a JSON list": json.dumps([1, 2]),
+            }[damage]
+            path.write_text(damaged)
+            return al.Result.load(path)
+
+    return run
+
+
+def refused_by_the_command_line(*argv: str, prompts: str = f"{CLEAN}\n{CORRUPT}\n", names: str = "") -> Callable:
+    """``anylens run`` refuses: exit status 2, one line on stderr naming ``names``, no traceback,
+    nothing written. ``{dir}`` in ``argv`` is a fresh directory holding ``prompts.txt`` and a file ``afile``."""
+
+    def run() -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "prompts.txt").write_text(prompts)
+            (Path(folder) / "afile").write_text("not a directory")
+            before = sorted(Path(folder).rglob("*"))
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr):
+                status = cli.main([a.format(dir=folder) for a in argv])
+            message = stderr.getvalue()
+            assert status == 2, (status, message)
+            assert len(message.strip().splitlines()) == 1 and "Traceback" not in message, message
+            assert re.search(names.format(dir=re.escape(folder)), message), message
+            assert sorted(Path(folder).rglob("*")) == before, "a refused sweep wrote files"
+
+    return run
+
+
+def sweep_into(out: Callable[[Path], Path], **options: object) -> Callable[[], object]:
+    def run() -> object:
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "afile").write_text("not a directory")
+            return al.run(
+                "logit_lens", models=["tiny:gpt2"], prompts=[CLEAN, CORRUPT], out=out(Path(folder)), **options
+            )
+
+    return run
+
+
+def unwritable(folder: Path) -> Path:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a directory of mode 0o500 anyway; the under-a-file case covers root")
+    locked = folder / "locked"
+    locked.mkdir(mode=0o500)
+    return locked / "sweep"
+
+
+RUN = ("run", "logit_lens", "--models", "tiny:gpt2", "--quiet")
+EXPERIMENTS_AND_CLI: list[Case] = [
+    # A word the vocabulary lacks is the unknown token: scoring it would score <unk> instead.
+    Case(
+        "metric-word-not-in-vocabulary",
+        lambda: score(al.metrics.logit_diff(" Xylophonequux", " Nina")),
+        al.TokenizationError,
+        (r"' Xylophonequux'", r"not in this tokenizer's vocabulary", r"unknown token '<unk>'"),
+    ),
+    Case(
+        "metric-word-not-in-vocabulary-suggests-close-words",
+        lambda: score(al.metrics.prob(" Ninna")),
+        al.TokenizationError,
+        (r"' Ninna'", r"close vocabulary words: .*'Nina'"),
+    ),
+    Case(
+        "metric-token-id-past-the-vocabulary",
+        lambda: score(al.metrics.prob(10**6)),
+        al.TokenizationError,
+        (r"token id 1000000", r"vocabulary of \d+ tokens"),
+    ),
+    Case(
+        "metric-negative-token-id",
+        lambda: score(al.metrics.rank(-1)),
+        al.TokenizationError,
+        (r"token id -1", r"vocabulary of \d+ tokens"),
+    ),
+    # The per-position mean over one prompt is that prompt: the ablation would change nothing.
+    Case(
+        "mean-ablation-of-one-prompt-without-reference",
+        lambda: al.ablate(zoo_gpt2(), [CLEAN], role="resid_pre", over=("layer",), method="mean"),
+        al.PromptError,
+        (r"mean ablation needs at least two different prompts", r"more prompts, reference=\[\.\.\.\]"),
+    ),
+    Case(
+        "mean-ablation-of-copies-of-one-prompt",
+        lambda: al.ablate(zoo_gpt2(), [CLEAN, CLEAN], role="resid_pre", over=("layer",), method="mean"),
+        al.PromptError,
+        (r"2 copies of one prompt",),
+    ),
+    *[
+        Case(f"empty-prompt-list-{name}", empty_prompt_list(name), al.PromptError, (r"prompt list is empty",))
+        for name in (
+            "cache",
+            "logit_lens",
+            "attention_patterns",
+            "direct_logit_attribution",
+            "patch",
+            "attribute",
+            "ablate",
+        )
+    ],
+    # Metrics by name, outside a sweep: words from prompt pairs, or a clear refusal.
+    Case(
+        "metric-name-without-answers",
+        lambda: al.patch(zoo_gpt2(), CLEAN, CORRUPT, role="resid_pre", over=("layer",), metric="logit_diff"),
+        al.MetricError,
+        (
+            r"'logit_diff'",
+            r"answer and distractor",
+            re.escape(CLEAN),
+            re.escape("al.metrics.logit_diff(' Paris', ' Rome')"),
+        ),
+    ),
+    Case(
+        "metric-name-unknown",
+        lambda: al.ablate(zoo_gpt2(), [CLEAN, CORRUPT], role="resid_pre", over=("layer",), metric="kl_div"),
+        al.MetricError,
+        (r"unknown metric 'kl_div'", r"logit_diff, prob, log_prob, rank, kl"),
+    ),
+    Case(
+        "metric-name-needing-no-answers",
+        named_metric_equals_its_object("kl", lambda pairs: al.metrics.kl()),
+        None,
+    ),
+    Case(
+        "metric-name-from-dataset-pairs",
+        named_metric_equals_its_object(
+            "logit_diff",
+            lambda pairs: al.metrics.logit_diff([p.answer for p in pairs], [p.distractor for p in pairs]),
+        ),
+        None,
+    ),
+    Case("metric-name-in-dla", dla_logit_diff_by_name, None),
+    *[
+        Case(
+            f"result-load-{damage.replace(' ', '-')}",
+            damaged_result(damage),
+            al.ResultFileError,
+            (r"result\.json is damaged",),
+        )
+        for damage in ("truncated", "not JSON", "another JSON file", "a JSON list")
+    ],
+    # The command line: a refused sweep is one line on stderr and exit status 2.
+    Case(
+        "cli-run-n-zero",
+        refused_by_the_command_line(
+            *RUN, "--prompts", "{dir}/prompts.txt", "--n", "0", "--out", "{dir}/out", names="--n 0"
+        ),
+        None,
+    ),
+    Case(
+        "cli-run-empty-prompts-file",
+        refused_by_the_command_line(
+            *RUN,
+            "--prompts",
+            "{dir}/prompts.txt",
+            "--out",
+            "{dir}/out",
+            prompts="\n",
+            names="prompts.txt holds no prompts",
+        ),
+        None,
+    ),
+    Case(
+        "cli-run-out-under-a-file",
+        refused_by_the_command_line(
+            *RUN,
+            "--prompts",
+            "{dir}/prompts.txt",
+            "--out",
+            "{dir}/afile/sweep",
+            names="{dir}/afile/sweep.*lies under .*afile, which is a file",
+        ),
+        None,
+    ),
+    Case(
+        "run-n-zero",
+        sweep_into(lambda folder: folder / "out", n=0),
+        SweepConfigError,
+        (r"n must be a positive number of prompts, not 0",),
+    ),
+    Case(
+        "run-out-under-a-file",
+        sweep_into(lambda folder: folder / "afile" / "sweep"),
+        al.OutputPathError,
+        (r"afile/sweep", r"lies under .*afile, which is a file"),
+    ),
+    Case(
+        "run-out-unwritable", sweep_into(unwritable), al.OutputPathError, (r"locked/sweep", r"locked is not writable")
+    ),
+]
 
 
 CASES = [*LOADING_AND_ROLES, *EXPERIMENTS_AND_CLI]

@@ -47,6 +47,18 @@ class TokenizationError(AnylensError, ValueError):
     """A target word that is not exactly one token, or text that cannot be tokenized."""
 
 
+class MetricError(AnylensError, ValueError):
+    """A metric given by name that is unknown, or that the prompts cannot supply words for."""
+
+
+class ResultFileError(AnylensError, ValueError):
+    """A saved result file that is damaged: truncated, not JSON, or not a saved result."""
+
+
+class OutputPathError(AnylensError, OSError):
+    """An output directory that cannot be written: unwritable, or under a regular file."""
+
+
 class VerificationError(AnylensError, AssertionError):
     """An adapter failed the invariants of ``anylens check``."""
 

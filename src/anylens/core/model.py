@@ -323,9 +323,10 @@ class AnyModel:
         return [self.tokenizer.decode([i]) for i in ids.reshape(-1).tolist()]
 
     def token_id(self, word: str) -> int:
-        """The id of a word that must be exactly one token (e.g. ``" Paris"``)."""
+        """The id of a word that must be exactly one token (e.g. ``" Paris"``), or a token id
+        checked against the vocabulary; a word the tokenizer reads as its unknown token is refused."""
         if isinstance(word, int):
-            return word
+            return self._checked_token_id(word)
         ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             pieces = [self.tokenizer.decode([i]) for i in ids]
@@ -333,7 +334,36 @@ class AnyModel:
                 f"target {word!r} is {len(ids)} tokens for this tokenizer, not one: {pieces}; "
                 "choose a word that is a single token (try with or without a leading space) or pass a token id"
             )
+        unknown = getattr(self.tokenizer, "unk_token_id", None)
+        if unknown is not None and ids[0] == unknown and word.strip() != self.tokenizer.unk_token:
+            # Scored as the unknown token, the word would silently stand for every word the vocabulary lacks.
+            close = _close_words(self.tokenizer, word.strip())
+            hint = f" (close vocabulary words: {', '.join(map(repr, close))})" if close else ""
+            raise TokenizationError(
+                f"target {word!r} is not in this tokenizer's vocabulary: it becomes the unknown token "
+                f"{self.tokenizer.unk_token!r}; choose a word the vocabulary has{hint} or pass a token id"
+            )
         return int(ids[0])
+
+    def _checked_token_id(self, token: int) -> int:
+        size = getattr(self.config, "vocab_size", None) or self.d_vocab
+        if not 0 <= token < size:
+            raise TokenizationError(
+                f"token id {token} is outside the vocabulary of {size} tokens (ids 0 to {size - 1}); "
+                "pass an id in that range, or the word itself"
+            )
+        return token
+
+
+def _close_words(tokenizer: Any, word: str, n: int = 3) -> list[str]:
+    """Vocabulary entries spelled like ``word``, for a vocabulary of whole words.
+
+    Subword vocabularies hold pieces with marker characters, where spelling matches mislead.
+    """
+    backend = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    if type(backend).__name__ != "WordLevel":
+        return []
+    return difflib.get_close_matches(word, list(tokenizer.get_vocab()), n=n)
 
 
 def linear_weight(module: torch.nn.Module) -> torch.Tensor:

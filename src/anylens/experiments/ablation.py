@@ -87,9 +87,17 @@ def ablate(
         raise ValueError(f"mean_over={mean_over!r}: use 'batch' (a mean per position) or 'positions' (one mean)")
     reuse = reuse and not model.remote  # reuse runs blocks here, which a remote model cannot
     over = check_over(model, role, over)
-    metric = metrics_.kl() if metric is None else metric
+    metric = metrics_.resolve(metric, prompts)
     ids = tokenize_aligned(model, prompts)
     n_prompts, length = ids.shape
+    if method == "mean" and mean_over == "batch" and reference is None and bool((ids == ids[:1]).all()):
+        # The per-position mean over copies of one prompt is that prompt: the "ablation" would change nothing.
+        raise PromptError(
+            f"mean ablation needs at least two different prompts, or a reference batch to take the mean over: "
+            f"the per-position mean over {'one prompt' if n_prompts == 1 else f'{n_prompts} copies of one prompt'} is "
+            "that prompt itself, so nothing would be ablated; pass more prompts, reference=[...] prompts, or "
+            "mean_over='positions'"
+        )
     layer_list = model.layers(layers)
     targets = list(range(length)) if positions is None else normalize_positions(positions, length, "prompt")
     components = enumerate_components(model, role, over, layer_list, targets)

@@ -128,7 +128,7 @@ def attribute(
     run itself, so give a target metric when noising).
     """
     over = check_over(model, role, over)
-    metric = metrics_.kl() if metric is None else metric
+    metric = metrics_.resolve(metric, clean)
     runs = prepare_pairs(model, clean, corrupt, direction, align, positions)
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)

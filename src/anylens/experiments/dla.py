@@ -19,7 +19,7 @@ from ..core.errors import AnylensError
 from ..core.model import linear_weight
 from ..core.operations import only_role_operations
 from .extraction import cache, decompose_resid
-from .metrics import LogitDiff, Metric, target_ids
+from .metrics import LogitDiff, Metric, named, target_ids
 from .prompts import Prompts
 from .results import Result
 
@@ -158,7 +158,8 @@ def direct_logit_attribution(
 
     ``metric_or_targets`` is a target word or token id (its logit), a pair
     ``(answer, distractor)`` or ``al.metrics.logit_diff(answer, distractor)`` (their logit
-    difference); words must be single tokens and may be given per prompt. Components are those
+    difference), or ``"logit_diff"`` with prompt pairs that carry both words; words must be
+    single tokens and may be given per prompt. Components are those
     of ``decompose_resid`` on the last layer: embeddings, each layer's attention (each head with
     ``per_head``, where attention output is a linear function of ``z``, plus an ``"attn bias"``
     row), MLP and SSM mixer.
@@ -172,6 +173,10 @@ def direct_logit_attribution(
     all rows sum to the real logit difference before any logit soft-cap (``meta["logit_diff"]``;
     the model's capped value is ``meta["model_logit_diff"]``).
     """
+    if (
+        isinstance(metric_or_targets, str) and metric_or_targets == "logit_diff"
+    ):  # by name: built from the prompt pairs' answers and distractors
+        metric_or_targets = named("logit_diff", prompt)
     answer, distractor, label = _targets(metric_or_targets)
     model.role("final_norm")  # a clear MissingRoleError: DLA goes through the final norm
     roles = [

@@ -7,11 +7,13 @@ whole batch or one word per prompt.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from ..core.errors import MetricError
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -159,6 +161,86 @@ def kl() -> KL:
     return KL()
 
 
+# -- metrics by name ----------------------------------------------------------------------------
+#: metric name -> the words of each prompt pair it is built from (``answer``, ``distractor``)
+NAMED: dict[str, tuple[str, ...]] = {
+    "logit_diff": ("answer", "distractor"),
+    "prob": ("answer",),
+    "log_prob": ("answer",),
+    "rank": ("answer",),
+    "kl": (),
+}
+_BUILDERS = {"logit_diff": logit_diff, "prob": prob, "log_prob": log_prob, "rank": rank, "kl": kl}
+
+
+def pair_word(prompt: Any, field: str) -> str | None:
+    """A prompt pair's ``answer`` or ``distractor``, or None when it carries none.
+
+    Pairs are dataset pairs (``IOIPair``, ``FactPair``), sweep items or dicts; factual pairs name
+    their distractor ``corrupt_answer``.
+    """
+    if isinstance(prompt, (str, torch.Tensor)):
+        return None
+    get = prompt.get if isinstance(prompt, dict) else lambda name: getattr(prompt, name, None)
+    word = get(field)
+    if word is None and field == "distractor":
+        word = get("corrupt_answer")
+    return word
+
+
+def named(name: str, prompts: Any = None) -> Metric:
+    """The metric ``name`` (a key of :data:`NAMED`), its words taken from each prompt pair.
+
+    One word when every pair has the same, else one word per pair.
+    """
+    if name not in NAMED:
+        raise MetricError(
+            f"unknown metric {name!r}; metrics by name: {', '.join(NAMED)} (or pass a metric object such as "
+            "al.metrics.logit_diff(' Paris', ' Rome'))"
+        )
+    fields = NAMED[name]
+    pairs = _as_pairs(prompts)
+    words = []
+    for field in fields:
+        per_prompt = [pair_word(p, field) for p in pairs]
+        lacking = next((p for p, w in zip(pairs, per_prompt) if w is None), None)
+        if lacking is not None or not pairs:
+            shown = "given as token ids" if isinstance(lacking, torch.Tensor) else repr(_clean_text(lacking))
+            shown = f"prompt {shown} carries none" if pairs else "no prompts were given"
+            example = ", ".join(("' Paris'", "' Rome'")[: len(fields)])
+            raise MetricError(
+                f"metric {name!r} is built from each prompt's {' and '.join(fields)}, and {shown}: "
+                "give prompt pairs that carry them (such as anylens.datasets.ioi_pairs(model.tokenizer) or, in a "
+                "sweep, (clean, corrupt, answer, distractor) tuples), or pass "
+                f"a metric object such as al.metrics.{name}({example})"
+            )
+        words.append(per_prompt[0] if len(set(per_prompt)) == 1 else per_prompt)
+    return _BUILDERS[name](*words)
+
+
+def _clean_text(prompt: Any) -> Any:
+    text = prompt.get("clean") if isinstance(prompt, dict) else getattr(prompt, "clean", None)
+    return prompt if text is None else text
+
+
+def _as_pairs(prompts: Any) -> list[Any]:
+    if prompts is None:
+        return []
+    if isinstance(prompts, (str, dict, torch.Tensor)) or hasattr(prompts, "clean"):
+        return [prompts]
+    return list(prompts)
+
+
+def resolve(metric: Any, prompts: Any = None, default: Callable[[], Metric] = kl) -> Any:
+    """What an experiment scores with: ``metric`` itself, ``default()`` for None, or a metric by
+    name built from the prompts' words (see :func:`named`)."""
+    if metric is None:
+        return default()
+    if isinstance(metric, str):
+        return named(metric, prompts)
+    return metric
+
+
 def normalized(patched: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor) -> torch.Tensor:
     """(patched - corrupt) / (clean - corrupt): 0 = corrupt behaviour, 1 = clean behaviour."""
     gap = clean - corrupt
@@ -169,6 +251,7 @@ def normalized(patched: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor
 
 __all__ = [
     "KL",
+    "NAMED",
     "LogProb",
     "LogitDiff",
     "Metric",
@@ -177,7 +260,10 @@ __all__ = [
     "kl",
     "log_prob",
     "logit_diff",
+    "named",
     "normalized",
+    "pair_word",
     "prob",
     "rank",
+    "resolve",
 ]

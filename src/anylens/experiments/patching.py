@@ -166,7 +166,7 @@ def patch(
     """
     reuse = reuse and not model.remote  # reuse runs blocks here, which a remote model cannot
     over = check_over(model, role, over)
-    metric = metrics_.kl() if metric is None else metric
+    metric = metrics_.resolve(metric, clean)
     runs = prepare_pairs(model, clean, corrupt, direction, align, positions)
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)

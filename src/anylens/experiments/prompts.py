@@ -15,10 +15,36 @@ if TYPE_CHECKING:
 Prompts = str | Sequence[str] | torch.Tensor
 
 
-def as_batch(prompts: Prompts) -> list[str] | torch.Tensor:
+def as_batch(prompts: Prompts, side: str = "clean") -> list[str] | torch.Tensor:
+    """A list of prompt texts, or token ids ``[batch, pos]``.
+
+    Prompt pairs (dataset pairs such as ``IOIPair``, or dicts) stand for their ``side`` prompt:
+    ``clean``, or ``corrupt`` where an experiment reads its corrupt prompts.
+    """
     if isinstance(prompts, torch.Tensor):
-        return prompts if prompts.dim() == 2 else prompts[None]
-    return [prompts] if isinstance(prompts, str) else list(prompts)
+        batch = prompts if prompts.dim() == 2 else prompts[None]
+        if batch.numel() == 0:
+            raise PromptError(f"the token ids have shape {list(prompts.shape)}: give at least one prompt of one token")
+        return batch
+    batch = [prompts] if isinstance(prompts, (str, dict)) or _is_pair(prompts) else list(prompts)
+    if not batch:
+        raise PromptError("the prompt list is empty: give at least one prompt")
+    return [_text(prompt, side) for prompt in batch]
+
+
+def _is_pair(prompt: Any) -> bool:
+    return isinstance(getattr(prompt, "clean", None), str)
+
+
+def _text(prompt: Any, side: str) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    text = prompt.get(side) if isinstance(prompt, dict) else getattr(prompt, side, None) if _is_pair(prompt) else None
+    if not isinstance(text, str):
+        raise PromptError(
+            f"cannot use {prompt!r} as a {side} prompt: give strings, token ids, or prompt pairs with a {side!r} text"
+        )
+    return text
 
 
 def tokenize(model: AnyModel, prompts: Prompts) -> dict[str, torch.Tensor]:
@@ -29,9 +55,9 @@ def tokenize(model: AnyModel, prompts: Prompts) -> dict[str, torch.Tensor]:
     return model.to_tokens(batch)
 
 
-def tokenize_aligned(model: AnyModel, prompts: Prompts) -> torch.Tensor:
+def tokenize_aligned(model: AnyModel, prompts: Prompts, side: str = "clean") -> torch.Tensor:
     """Token ids of prompts that must all have the same number of tokens (no padding)."""
-    batch = as_batch(prompts)
+    batch = as_batch(prompts, side)
     if isinstance(batch, torch.Tensor):
         return batch
     encoded = [model.tokenizer(p, return_tensors="pt")["input_ids"][0] for p in batch]
@@ -48,14 +74,14 @@ def paired(model: AnyModel, clean: Prompts, corrupt: Prompts, align: Any = None)
     With ``align`` (a pair of equal-length position lists, clean and corrupt) prompts of different
     lengths are accepted; the caller then maps positions through it.
     """
-    clean_ids, corrupt_ids = tokenize_aligned(model, clean), tokenize_aligned(model, corrupt)
+    clean_ids, corrupt_ids = tokenize_aligned(model, clean), tokenize_aligned(model, corrupt, "corrupt")
     if clean_ids.shape[0] != corrupt_ids.shape[0] and corrupt_ids.shape[0] != 1 and clean_ids.shape[0] != 1:
         raise PromptError(
             f"{clean_ids.shape[0]} clean prompts but {corrupt_ids.shape[0]} corrupt prompts: give as many of each"
         )
     if clean_ids.shape[1] != corrupt_ids.shape[1] and align is None:
         clean_text = as_batch(clean)[0] if not isinstance(clean, torch.Tensor) else clean_ids[0]
-        corrupt_text = as_batch(corrupt)[0] if not isinstance(corrupt, torch.Tensor) else corrupt_ids[0]
+        corrupt_text = as_batch(corrupt, "corrupt")[0] if not isinstance(corrupt, torch.Tensor) else corrupt_ids[0]
         raise PromptError(
             "clean and corrupt prompts have different token lengths, so positions cannot be matched: "
             f"clean {clean_text!r} -> {clean_ids.shape[1]} tokens {model.to_str_tokens(clean_ids[0])}; "

@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..core.errors import ResultFileError
+
 #: Dimensions a result may be indexed by, in the order axes are chosen for a plot.
 DIMENSIONS = ("layer", "head", "pos", "component", "neuron", "prompt", "rank")
 
@@ -133,12 +135,26 @@ class Result:
 
     @classmethod
     def load(cls, path: str | Path) -> Result:
-        payload = json.loads(Path(path).read_text())
-        frame = pd.DataFrame(payload["rows"], columns=payload["columns"])
-        for column, dtype in payload.get("dtypes", {}).items():
-            if dtype.startswith(("int", "float", "bool")):
-                frame[column] = frame[column].astype(dtype)
-        return cls(payload["experiment"], frame, payload.get("meta", {}), payload.get("value", "value"))
+        """Read a file written by :meth:`save`; a damaged one raises :class:`ResultFileError`."""
+        path = Path(path)
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+            frame = pd.DataFrame(payload["rows"], columns=payload["columns"])
+            for column, dtype in payload.get("dtypes", {}).items():
+                if dtype.startswith(("int", "float", "bool")):
+                    frame[column] = frame[column].astype(dtype)
+            return cls(payload["experiment"], frame, payload.get("meta", {}), payload.get("value", "value"))
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            # Truncated JSON, another file's JSON, or rows that do not fit the columns.
+            what = (
+                "not JSON"
+                if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError))
+                else f"not a saved result ({error!r})"
+            )
+            raise ResultFileError(
+                f"{path} is damaged: {what}; save the result again with result.save(path), "
+                "or load a file that Result.save wrote"
+            ) from None
 
     def __repr__(self) -> str:
         return f"<Result {self.title}: {len(self.frame)} rows over {self.dims}>"

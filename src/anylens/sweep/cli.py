@@ -144,9 +144,12 @@ def read_prompts(path: Path) -> list[Any]:
             raise _ArgumentError(f"--prompts {path} is not valid JSON: {error}") from None
         if not isinstance(prompts, list):
             raise _ArgumentError(f"--prompts {path} must hold a JSON list of prompts or pairs")
-        return prompts
-    lines = [line.rstrip("\r\n") for line in text.splitlines()]
-    return [tuple(line.split("\t")) if "\t" in line else line for line in lines if line.strip()]
+    else:
+        lines = [line.rstrip("\r\n") for line in text.splitlines()]
+        prompts = [tuple(line.split("\t")) if "\t" in line else line for line in lines if line.strip()]
+    if not prompts:
+        raise _ArgumentError(f"--prompts {path} holds no prompts: write one prompt per line, or a JSON list")
+    return prompts
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -155,6 +158,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from .runner import run as run_sweep
 
     try:
+        if args.n is not None and args.n < 1:
+            raise _ArgumentError(f"--n {args.n}: give a positive number of prompts, or leave --n out to take them all")
         options = experiment_options(args)
         prompts = read_prompts(args.prompts) if args.prompts is not None else None
         dataset_options = {"corruption": args.corruption} if args.corruption else {}

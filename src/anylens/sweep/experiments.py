@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from ..core.errors import MetricError
+from ..experiments import metrics
 from .store import SweepConfigError
 
 if TYPE_CHECKING:
@@ -96,34 +98,19 @@ def as_items(prompts: Sequence[Any]) -> list[Item]:
 
 
 # -- metrics named per item -----------------------------------------------------------------------
-#: metric name -> the item fields it is built from
-METRIC_FIELDS: dict[str, tuple[str, ...]] = {
-    "logit_diff": ("answer", "distractor"),
-    "prob": ("answer",),
-    "log_prob": ("answer",),
-    "rank": ("answer",),
-    "kl": (),
-}
+#: metric name -> the item fields it is built from (the table lives with the metrics)
+METRIC_FIELDS = metrics.NAMED
 
 
 def item_metric(value: Any, item: Item) -> Any:
     """``value`` itself, or for a metric name the metric built from this item's words."""
     if not isinstance(value, str):
         return value
-    from ..experiments import metrics
-
-    if value not in METRIC_FIELDS:
-        raise SweepConfigError(
-            f"unknown metric {value!r}; by name: {', '.join(METRIC_FIELDS)} (or pass a metric object)"
-        )
-    words = [getattr(item, name) for name in METRIC_FIELDS[value]]
-    if any(w is None for w in words):
-        raise SweepConfigError(
-            f"metric {value!r} is built from each prompt's {' and '.join(METRIC_FIELDS[value])}, and prompt "
-            f"{item.clean!r} has none: sweep pairs that carry them (a dataset, or (clean, corrupt, answer, distractor) "
-            "tuples), or pass a metric object such as al.metrics.logit_diff(' Paris', ' Rome')"
-        )
-    return getattr(metrics, value)(*words)
+    try:
+        return metrics.named(value, item)
+    except MetricError as error:
+        # A sweep's arguments are refused as one kind of error, whatever part of them is wrong.
+        raise SweepConfigError(str(error)) from None
 
 
 def check_metric(value: Any, items: Sequence[Item]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import math
+import os
 import platform
 import time
 import warnings
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from ..core.errors import OutputPathError
 from . import experiments as experiments_
 from .experiments import Item, as_items
 from .store import (
@@ -310,13 +312,17 @@ def run(
 
     Raises :class:`SweepConfigError` when ``out`` holds a sweep with another configuration (or the
     arguments are inconsistent), :class:`SweepBusyError` when another process is writing ``out``,
-    and :class:`SweepModelError` when a model does not load.
+    :class:`SweepModelError` when a model does not load, and :class:`anylens.OutputPathError` when
+    ``out`` cannot be written (it lies under a file, or its directory is not writable).
     """
     spec = experiments_.experiment(experiment)
     models = _check_models(models)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise SweepConfigError(f"chunk_size must be a positive integer, not {chunk_size!r}")
     spec.check_options(experiment_options)
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise SweepConfigError(f"n must be a positive number of prompts, not {n!r}: leave it out to take them all")
+    _check_out(out)
     dataset_options = dict(dataset_options or {})
     explicit = _explicit_items(spec, prompts, dataset, n)
     if explicit is not None:
@@ -356,6 +362,21 @@ def _check_models(models: Sequence[str]) -> list[str]:
     if repeated:
         raise SweepConfigError(f"models listed twice: {repeated}; list each once")
     return models
+
+
+def _check_out(out: str | Path) -> None:
+    """Refuse an output directory that cannot be created or written, before any model loads."""
+    path = Path(out)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent  # the nearest part of the path that exists: where writing starts
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise OutputPathError(f"cannot write the sweep to {path}: it {where}; choose a directory path for out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(
+            f"cannot write the sweep to {path}: {existing} is not writable; choose a directory you can write to"
+        )
 
 
 def _explicit_items(
