@@ -109,6 +109,9 @@ class AdapterSpec:
     * ``n_heads`` / ``n_kv_heads`` / ``d_head``: config attribute names (``d_head`` falls back
       to ``d_model // n_heads``, ``n_kv_heads`` to ``n_heads``);
     * ``logit_softcap``: config attribute holding the final-logit soft-cap, if any;
+    * ``max_positions``: config attribute holding how many positions the model was built for
+      (longer prompts are refused where a ``pos_embed`` role says positions are learned
+      embeddings, warned about otherwise); a config without it has no limit;
     * ``parallel``: attention and MLP read the same residual (no ``resid_mid``);
     * ``z_feeds_residual``: ``attn_out`` is exactly the output projection of ``z`` (no post-norm).
     """
@@ -123,6 +126,7 @@ class AdapterSpec:
     n_kv_heads: str = "num_key_value_heads"
     d_head: str = "head_dim"
     logit_softcap: str | None = None
+    max_positions: str | None = "max_position_embeddings"
     parallel: bool = False
     z_feeds_residual: bool = True
     variants: tuple[Variant, ...] = ()
