@@ -14,6 +14,7 @@ A tuple output is reduced to its first element unless an index follows ``output`
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,7 +203,15 @@ class AdapterSpec:
         except ModuleNotFoundError:  # Python 3.10
             import tomli as tomllib
         with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+            try:
+                data = tomllib.load(handle)
+            except tomllib.TOMLDecodeError as error:
+                line = re.search(r"line (\d+)", str(error))
+                where = f"line {line.group(1)}" if line else "somewhere"
+                raise AdapterSpecError(
+                    f"adapter file {str(path)!r} is not valid TOML at {where}: {error}; fix the syntax there "
+                    "(docs/adapters.md has an example file)"
+                ) from None
         return cls.from_dict(data.get("adapter", data))
 
     def to_toml(self) -> str:
