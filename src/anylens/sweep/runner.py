@@ -216,25 +216,11 @@ def _prompts_sha256(items: Sequence[Item]) -> str:
 
 # -- models -------------------------------------------------------------------------------------
 def load_source(source: str, dtype: str | None = "float32", device: str | None = None) -> AnyModel:
-    """``tiny:FAMILY`` (a random test model from :mod:`anylens.testing`) or anything ``al.load`` takes."""
-    import torch
-
+    """Anything ``al.load`` takes, ``tiny:FAMILY`` (a random test model) included."""
     try:
-        if source.startswith("tiny:"):
-            from ..testing import TINY_BUILDERS, tiny
-
-            family = source.removeprefix("tiny:")
-            if family not in TINY_BUILDERS:
-                raise SweepModelError(f"no tiny model family {family!r}; families: {', '.join(TINY_BUILDERS)}")
-            model = tiny(family)
-            if dtype is not None or device is not None:
-                model.hf.to(device=device, dtype=getattr(torch, dtype) if dtype else None)
-            return model
         from ..core.loading import load
 
         return load(source, dtype=dtype, device=device)
-    except SweepError:
-        raise
     except Exception as error:
         raise SweepModelError(
             f"cannot load model {source!r}: {type(error).__name__}: {error}. Finished chunks are kept; fix the source and rerun"
