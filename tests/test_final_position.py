@@ -8,7 +8,7 @@ import torch
 from tiny_models import PlainLM, model_cache, plain_lm_adapter
 
 import anylens as al
-from anylens.experiments.final_position import (
+from anylens.engine.final_position import (
     cut_to_final_position,
     final_logits,
     last_mlp,
