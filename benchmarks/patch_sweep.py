@@ -48,7 +48,7 @@ import nnsight
 import torch
 
 import anylens as al
-from anylens.experiments.components import rows_for_budget
+from anylens.engine import rows_for_budget
 from anylens.testing import tiny_tokenizer
 
 LENGTH = 16

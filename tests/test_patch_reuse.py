@@ -9,10 +9,14 @@ from test_patching import reference_patch
 from tiny_models import model_cache, random_prompt_pairs
 
 import anylens as al
-from anylens.experiments import patching, reuse
-from anylens.experiments.chunks import CostModel, plan_chunks
-from anylens.experiments.components import Component, PatchPlan, _patched_forward, moved_together, record
-from anylens.experiments.final_position import last_mlp
+from anylens.engine import baseline as recording
+from anylens.engine import blocks, engine_state, reuse, shortcut
+from anylens.engine import run as entry
+from anylens.engine.baseline import record
+from anylens.engine.executor import patched_forward
+from anylens.engine.final_position import last_mlp
+from anylens.engine.plan import Component, PatchPlan, moved_together
+from anylens.engine.scheduling import Chunk, CostModel, plan_chunks
 from anylens.testing import TINY_BUILDERS, tiny
 
 TOL = 1e-5
@@ -39,7 +43,7 @@ CASES = [("resid_pre", ("layer", "pos")), ("z", ("layer", "head")), ("mlp_out", 
 @pytest.fixture(params=[True, False], ids=["one-recording", "two-recordings"])
 def one_recording(request, monkeypatch):
     """Record the source run and the unpatched run in one forward, or in one each."""
-    monkeypatch.setattr(patching, "one_forward", lambda model, source, patched: request.param)
+    monkeypatch.setattr(entry, "one_forward", lambda model, source, patched: request.param)
     return request.param
 
 
@@ -67,7 +71,7 @@ def test_reuse_matches_full_runs_and_hook_reference(family, role, over, directio
     assert reused.meta["reuse"] and not full.meta["reuse"]
     assert full.meta["work_fraction"] == 1.0 and full.meta["unchanged"] == 0
     assert reused.meta["work_fraction"] < 1.0  # something was skipped
-    assert reuse.disabled_reason(model) is None  # every shortcut passed its guard
+    assert engine_state(model).reuse_off_reason is None  # every shortcut passed its guard
 
 
 @pytest.mark.parametrize("family", list(TINY_BUILDERS))
@@ -100,7 +104,7 @@ def test_shortcut_forward_equals_the_full_forward(family):
     clean, corrupt = prompt_pairs(seed=1)
     layers = model.layers()
     sources, _ = record(model, "resid_pre", clean, layers)
-    baseline = reuse.record_baseline(model, "resid_pre", corrupt, layers, n_blocks=model.n_layers - 1)
+    baseline = recording.record_baseline(model, "resid_pre", corrupt, layers, n_blocks=model.n_layers - 1)
     assert baseline.blocks is not None and len(baseline.blocks) == model.n_layers - 1
     last_layer = model.n_layers - 1
     components = [Component(1, 8), Component(last_layer, 7), Component(last_layer, 9), Component(1, None)]
@@ -115,8 +119,8 @@ def test_shortcut_forward_equals_the_full_forward(family):
         source_positions=list(range(LENGTH)),
     )
     rows = torch.arange(len(plan))
-    full = _patched_forward(model, plan, rows)
-    kv = reuse.kv_cache_reusable(model, corrupt)
+    full = patched_forward(model, plan, rows)
+    kv = blocks.kv_cache_reusable(model, corrupt)
     positions = (0, 7) if kv else (0,)  # 7 > the sliding window of the tiny Gemma 2
     # Growing chunks: rows sorted by the block they join at (at most their patched layer's).
     growing = {
@@ -129,14 +133,16 @@ def test_shortcut_forward_equals_the_full_forward(family):
                 continue
             if block == "growing":
                 chunk_rows, starts = growing[pos]
-                chunk = reuse.Chunk(chunk_rows, starts[0], pos, torch.tensor(starts))
+                chunk = Chunk(chunk_rows, starts[0], pos, torch.tensor(starts))
             else:
-                chunk = reuse.Chunk(rows[:3], block, pos) if pos else reuse.Chunk(rows, block, pos)
+                chunk = Chunk(rows[:3], block, pos) if pos else Chunk(rows, block, pos)
             # The prefix cache cut from the unpatched run's, and run afresh for the prefix alone.
             # With the last MLP run on the final position alone, and without.
             for full_cache, mlp_cut in ((baseline.cache, None), (None, last_mlp(model, "resid_pre", layers))):
-                caches = reuse.PrefixCaches(model, corrupt, full_cache) if pos else None
-                got, guard = reuse.shortcut_forward(model, plan, chunk.rows, chunk, baseline, caches, 0, True, mlp_cut)
+                caches = shortcut.PrefixCaches(model, corrupt, full_cache) if pos else None
+                got, guard = shortcut.shortcut_forward(
+                    model, plan, chunk.rows, chunk, baseline, caches, 0, True, mlp_cut
+                )
                 with torch.no_grad():
                     got, guard = model.unembed(got), model.unembed(guard)
                 assert (got - full[chunk.rows]).abs().max() <= TOL, (block, pos)
@@ -144,9 +150,9 @@ def test_shortcut_forward_equals_the_full_forward(family):
                 expected = baseline.last[plan.input_rows[chunk.rows[[0, -1]]]]
                 assert (guard - expected).abs().max() <= TOL, (block, pos)
     if kv and family != "gemma2":
-        assert reuse.PrefixCaches(model, corrupt, baseline.cache).full is not None
+        assert shortcut.PrefixCaches(model, corrupt, baseline.cache).full is not None
     if family == "gemma2":  # its sliding window dropped the first positions: prefixes are run again
-        assert reuse.PrefixCaches(model, corrupt, baseline.cache).full is None
+        assert shortcut.PrefixCaches(model, corrupt, baseline.cache).full is None
 
 
 def test_patches_that_write_equal_values_are_not_run():
@@ -165,21 +171,21 @@ def test_patches_that_write_equal_values_are_not_run():
 
 
 def test_key_value_caches_are_reused_for_attention_only():
-    assert reuse.kv_cache_reusable(model_of("llama"), prompt_pairs()[0])
-    assert reuse.kv_cache_reusable(model_of("gemma2"), prompt_pairs()[0])  # sliding-window layers too
+    assert blocks.kv_cache_reusable(model_of("llama"), prompt_pairs()[0])
+    assert blocks.kv_cache_reusable(model_of("gemma2"), prompt_pairs()[0])  # sliding-window layers too
     for family in ("mamba", "mamba2"):  # SSM state is not a per-position cache
-        assert not reuse.kv_cache_reusable(model_of(family), prompt_pairs()[0])
+        assert not blocks.kv_cache_reusable(model_of(family), prompt_pairs()[0])
 
 
 def test_a_failing_guard_turns_reuse_off_and_keeps_results_right(monkeypatch):
     model = tiny("gpt2")  # a fresh model: no shortcut verified yet
     clean, corrupt = prompt_pairs()
     full = al.patch(model, clean, corrupt, metric=METRIC, reuse=False)
-    original = reuse._cut
-    monkeypatch.setattr(reuse, "_cut", lambda output, inputs, p0: original(output, inputs, p0) * 2)  # a broken skip
+    original = shortcut._cut
+    monkeypatch.setattr(shortcut, "_cut", lambda output, inputs, p0: original(output, inputs, p0) * 2)  # a broken skip
     with pytest.warns(UserWarning, match="reuse of unpatched work is off"):
         broken = al.patch(model, clean, corrupt, metric=METRIC, batch_size=6)
-    assert "did not reproduce the unpatched run" in reuse.disabled_reason(model)
+    assert "did not reproduce the unpatched run" in engine_state(model).reuse_off_reason
     assert (metrics_of(broken) - metrics_of(full)).abs().max() <= TOL
     again = al.patch(model, clean, corrupt, metric=METRIC, batch_size=6)  # stays off, silently
     assert (metrics_of(again) - metrics_of(full)).abs().max() <= TOL
@@ -214,8 +220,9 @@ def test_memory_budget_records_inputs_in_groups(monkeypatch):
     corrupt[:, 5] = torch.randint(4, 400, (6,), generator=generator)
     full = al.patch(model, clean, corrupt, role="z", over=("layer", "head"), metric=METRIC, reuse=False)
     calls = []
-    original = reuse.record_baseline
-    monkeypatch.setattr(reuse, "record_baseline", lambda *a, **k: calls.append(a[2].shape[0]) or original(*a, **k))
+    original = recording.record_baseline
+    for module in (recording, reuse):  # the recording before the sweep, and the sweep's own
+        monkeypatch.setattr(module, "record_baseline", lambda *a, **k: calls.append(a[2].shape[0]) or original(*a, **k))
     sources = 2 * model.n_layers * 6 * LENGTH * model.d_model * 4  # clean and corrupt activations, roughly
     small = al.patch(model, clean, corrupt, role="z", over=("layer", "head"), metric=METRIC, memory_budget=sources * 2)
     assert len(calls) > 1 and sum(calls) >= 6  # the unpatched run is recorded group by group
