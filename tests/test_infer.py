@@ -13,9 +13,9 @@ import anylens as al
 from anylens.registry import infer
 from anylens.registry.infer import InferenceError, infer_adapter, infer_command
 from anylens.registry.manager import registry, reset_registry
-from anylens.registry.tiny_arch import tiny_model
 from anylens.testing import tiny_model as tiny_family
 from anylens.testing import tiny_tokenizer
+from anylens.tiny.arch import tiny_model
 
 #: Architectures without a hand-written adapter -> what their attention and MLP add to the
 #: residual stream, named by hand from each model's code (``{i}``: the layer). Post-norm blocks

@@ -135,7 +135,7 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
 
 
 def _load_tiny(family: str, dtype: torch.dtype | str | None, device: Any, **wrap_kwargs: Any) -> AnyModel:
-    from ..testing import tiny
+    from ..tiny import tiny
 
     model = tiny(family, **{k: v for k, v in wrap_kwargs.items() if v is not None})
     if isinstance(dtype, torch.dtype) or device is not None:

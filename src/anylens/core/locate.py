@@ -41,7 +41,7 @@ def zoo_names() -> tuple[str, ...]:
 
 
 def tiny_families() -> tuple[str, ...]:
-    from ..testing import TINY_BUILDERS
+    from ..tiny import TINY_BUILDERS
 
     return tuple(TINY_BUILDERS)
 

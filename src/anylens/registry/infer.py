@@ -228,7 +228,7 @@ def _candidates(groups: list[Group]) -> Iterator[tuple[dict[str, int], set[tuple
 def _check(hf_model: torch.nn.Module, spec: AdapterSpec) -> list[tuple[str, str]]:
     """(invariant, detail) of every failing check row; a crash is one failure of its own."""
     from ..core.loading import wrap
-    from ..testing import tiny_tokenizer
+    from ..tiny import tiny_tokenizer
     from .verify import check
 
     try:
@@ -381,7 +381,7 @@ def _find_patterns(hf_model: torch.nn.Module, anatomy: Anatomy) -> None:
         return
     from nnsight.modeling.transformers import TransformersModel
 
-    from ..testing import tiny_tokenizer
+    from ..tiny import tiny_tokenizer
 
     # the attention module, then the module that owns its projections (the pattern may live there)
     modules = [anatomy.attention] + sorted(
@@ -424,11 +424,11 @@ def _message(name: str, anatomy: Anatomy | None, attempts: list[Attempt], reason
 def load_for_inference(source: str) -> torch.nn.Module:
     """``tiny:FAMILY``, ``arch:<ClassName>`` or a local model directory, as a float32 HF model."""
     if source.startswith("tiny:"):
-        from ..testing import tiny_model
+        from ..tiny import tiny_model
 
         return tiny_model(source.removeprefix("tiny:"))[0]
     if source.startswith("arch:"):
-        from .tiny_arch import tiny_model as tiny_arch_model
+        from ..tiny.arch import tiny_model as tiny_arch_model
 
         return tiny_arch_model(source.removeprefix("arch:"))
     from transformers import AutoModelForCausalLM
