@@ -81,7 +81,7 @@ def measure(task: tuple[str, list[str], int]) -> Row:
 
 def _measure(row: Row) -> None:
     import anylens as al
-    from anylens.registry.infer import infer_outcome
+    from anylens.inference.infer import infer_outcome
     from anylens.tiny import tiny_tokenizer
     from anylens.tiny.arch import TinyBuildError, tiny_model
 
@@ -134,13 +134,13 @@ def _prepare() -> None:
     import nnsight.modeling.transformers  # noqa: F401
 
     import anylens as al
-    import anylens.registry.infer  # noqa: F401
+    import anylens.inference.infer  # noqa: F401
     from anylens.tiny import tiny_tokenizer
 
     al.registry()
     tiny_tokenizer()
     # one whole inference, so that lazy imports and first-use set-up happen once, here
-    from anylens.registry.infer import infer_outcome
+    from anylens.inference.infer import infer_outcome
     from anylens.tiny.arch import tiny_model
 
     infer_outcome(tiny_model("LlamaForCausalLM"))

@@ -171,7 +171,7 @@ COMMANDS: dict[str, Command] = {
     "roles": Command("show which module plays each role in a model", _roles_setup, _roles_run),
     "zoo": Command("the tiny trained models: anylens zoo train [...]", forward=_zoo_forward),
     "run": module_command("anylens.sweep.cli", "run one experiment across models and prompts, resumable on disk"),
-    "infer": module_command("anylens.registry.infer", "infer and verify an adapter for a model; print it as TOML"),
+    "infer": module_command("anylens.inference.infer", "infer and verify an adapter for a model; print it as TOML"),
     "demo": module_command("anylens.demo", "compare the zoo architectures: experiments, table, HTML report"),
 }
 

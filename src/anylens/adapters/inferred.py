@@ -6,8 +6,8 @@ third-party adapters always win. It runs last among resolvers (``trylast``): a p
 models by its own rules is asked first.
 
 The adapter it returns has been checked on a real trace of the very model being wrapped (see
-:mod:`anylens.registry.infer`); a model whose inferred map fails the invariants raises
-:class:`anylens.registry.infer.InferenceError` (an ``UnknownArchitectureError``) that says what was
+:mod:`anylens.inference.infer`); a model whose inferred map fails the invariants raises
+:class:`anylens.inference.infer.InferenceError` (an ``UnknownArchitectureError``) that says what was
 inferred, which invariant failed, and how to write the adapter as data.
 """
 
@@ -37,6 +37,6 @@ def anylens_adapters() -> list:
 def anylens_resolve(model: Any, config: Any) -> Any:  # noqa: ARG001 (the config is the model's own)
     if not _inferable(model):
         return None
-    from anylens.registry.infer import infer_adapter
+    from anylens.inference.infer import infer_adapter
 
     return infer_adapter(model)
