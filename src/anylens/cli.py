@@ -58,7 +58,7 @@ MODEL_HELP = "zoo:NAME, tiny:FAMILY (a tiny random model), a model directory, a 
 
 def load_model(source: str) -> Any:
     """The model a command line names, or a :class:`UsageError` saying why it cannot be loaded."""
-    from .core.loading import load
+    from .loading import load
 
     try:
         return load(source)

@@ -227,12 +227,12 @@ def _candidates(groups: list[Group]) -> Iterator[tuple[dict[str, int], set[tuple
 
 def _check(hf_model: torch.nn.Module, spec: AdapterSpec) -> list[tuple[str, str]]:
     """(invariant, detail) of every failing check row; a crash is one failure of its own."""
-    from ..core.loading import wrap
+    from ..core.wrapping import wrap_with_spec
     from ..registry.verify import check
     from ..tiny import tiny_tokenizer
 
     try:
-        model = wrap(hf_model, tiny_tokenizer(), adapter=spec)
+        model = wrap_with_spec(hf_model, spec, tiny_tokenizer())
         report = check(model)
     except Exception as error:  # a candidate that cannot even be traced is a failed candidate
         return [("crash", f"{type(error).__name__}: {error}".replace("\n", " ")[:300])]

@@ -18,7 +18,9 @@ __all__ = ["TINY_BUILDERS", "VOCAB", "tiny", "tiny_model", "tiny_tokenizer"]
 
 def tiny(family: str, seed: int = 0, **wrap_kwargs: Any):
     """A tiny random model of ``family`` wrapped as an :class:`anylens.AnyModel`."""
-    from ..core.loading import wrap
+    from ..core.wrapping import wrap_with_spec
+    from ..registry.resolve import adapter_for
 
     model, tokenizer = tiny_model(family, seed)
-    return wrap(model, tokenizer, **wrap_kwargs)
+    adapter = adapter_for(model, wrap_kwargs.pop("adapter", None))
+    return wrap_with_spec(model, adapter, tokenizer, **wrap_kwargs)

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelSourceError, SourcePathError
+from ..core.errors import ModelSourceError, SourcePathError
 
 #: A hub id: ``name`` or ``org/name``.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
