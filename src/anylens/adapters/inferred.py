@@ -1,7 +1,7 @@
 """The inferring adapter: serves a decoder-only model that no registered adapter claims by name.
 
-Registered through the ``anylens`` entry-point group like every built-in adapter, it implements
-only ``anylens_resolve``, which the registry calls after name lookup fails, so hand-written and
+Registered like every built-in adapter (the list in :mod:`anylens.registry.builtin`), it
+implements only ``anylens_resolve``, which the registry calls after name lookup fails, so hand-written and
 third-party adapters always win. It runs last among resolvers (``trylast``): a plugin that claims
 models by its own rules is asked first.
 
