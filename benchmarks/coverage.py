@@ -47,7 +47,7 @@ class TimeBox(BaseException):
     """Raised by the alarm; a BaseException so that no library code swallows it as an error."""
 
 
-def _alarm(signum, frame):  # noqa: ARG001
+def _alarm(signum, frame):
     raise TimeBox()
 
 
@@ -134,7 +134,7 @@ def _prepare() -> None:
     import nnsight.modeling.transformers  # noqa: F401
 
     import anylens as al
-    import anylens.inference.infer  # noqa: F401
+    import anylens.inference.infer
     from anylens.tiny import tiny_tokenizer
 
     al.registry()

@@ -87,8 +87,8 @@ __all__ = [
 ]
 
 
-from .experiments import metrics  # noqa: E402
-from .experiments.results import Result  # noqa: E402
+from .experiments import metrics
+from .experiments.results import Result
 
 #: Experiments, imported on first use so that ``import anylens`` stays light.
 _LAZY = {

@@ -34,7 +34,7 @@ def anylens_adapters() -> list:
 
 
 @hookimpl(trylast=True)
-def anylens_resolve(model: Any, config: Any) -> Any:  # noqa: ARG001 (the config is the model's own)
+def anylens_resolve(model: Any, config: Any) -> Any:
     if not _inferable(model):
         return None
     from anylens.inference.infer import infer_adapter
