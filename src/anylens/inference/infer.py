@@ -229,7 +229,7 @@ def _check(hf_model: torch.nn.Module, spec: AdapterSpec) -> list[tuple[str, str]
     """(invariant, detail) of every failing check row; a crash is one failure of its own."""
     from ..core.wrapping import wrap_with_spec
     from ..registry.verify import check
-    from ..tiny import tiny_tokenizer
+    from ..tiny.models import tiny_tokenizer
 
     try:
         model = wrap_with_spec(hf_model, spec, tiny_tokenizer())
@@ -381,7 +381,7 @@ def _find_patterns(hf_model: torch.nn.Module, anatomy: Anatomy) -> None:
         return
     from nnsight.modeling.transformers import TransformersModel
 
-    from ..tiny import tiny_tokenizer
+    from ..tiny.models import tiny_tokenizer
 
     # the attention module, then the module that owns its projections (the pattern may live there)
     modules = [anatomy.attention] + sorted(
@@ -424,7 +424,7 @@ def _message(name: str, anatomy: Anatomy | None, attempts: list[Attempt], reason
 def load_for_inference(source: str) -> torch.nn.Module:
     """``tiny:FAMILY``, ``arch:<ClassName>`` or a local model directory, as a float32 HF model."""
     if source.startswith("tiny:"):
-        from ..tiny import tiny_model
+        from ..tiny.models import tiny_model
 
         return tiny_model(source.removeprefix("tiny:"))[0]
     if source.startswith("arch:"):
