@@ -49,7 +49,7 @@ import torch
 
 import anylens as al
 from anylens.engine import rows_for_budget
-from anylens.testing import tiny_tokenizer
+from anylens.tiny import tiny_tokenizer
 
 LENGTH = 16
 DIFFERENT = (3, 8, 12)  # positions where the corrupt prompt differs from the clean one

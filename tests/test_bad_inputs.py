@@ -180,7 +180,7 @@ def _load_cut_gguf() -> None:
 
 
 def _intact_files_are_not_called_damaged() -> None:
-    from anylens.core.integrity import find_damage
+    from anylens.loading.integrity import find_damage
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = _saved_tiny(Path(tmp))
@@ -213,7 +213,8 @@ def _offline_load(source: str, *, offline: bool, cached: bool = False) -> Callab
     def run() -> None:
         import huggingface_hub.constants
 
-        from anylens.core import hub, loading
+        from anylens.loading import hub
+        from anylens.loading import loader as loading
 
         loader = _HubLoader()
         with tempfile.TemporaryDirectory() as cache, pytest.MonkeyPatch.context() as patch:
@@ -246,7 +247,8 @@ def _offline_load(source: str, *, offline: bool, cached: bool = False) -> Callab
 
 def _near_miss(source: str) -> Callable[[], None]:
     def run() -> None:
-        from anylens.core import hub, loading
+        from anylens.loading import hub
+        from anylens.loading import loader as loading
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(hub, "hub_reachable", lambda: pytest.fail("a near miss must not reach the hub"))
@@ -257,7 +259,7 @@ def _near_miss(source: str) -> Callable[[], None]:
 
 
 def _sources_parse_as_meant() -> None:
-    from anylens.core.locate import parse_source
+    from anylens.loading.locate import parse_source
 
     kinds = {
         "gpt2": "hub",

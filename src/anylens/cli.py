@@ -58,7 +58,7 @@ MODEL_HELP = "zoo:NAME, tiny:FAMILY (a tiny random model), a model directory, a 
 
 def load_model(source: str) -> Any:
     """The model a command line names, or a :class:`UsageError` saying why it cannot be loaded."""
-    from .core.loading import load
+    from .loading import load
 
     try:
         return load(source)
@@ -171,7 +171,7 @@ COMMANDS: dict[str, Command] = {
     "roles": Command("show which module plays each role in a model", _roles_setup, _roles_run),
     "zoo": Command("the tiny trained models: anylens zoo train [...]", forward=_zoo_forward),
     "run": module_command("anylens.sweep.cli", "run one experiment across models and prompts, resumable on disk"),
-    "infer": module_command("anylens.registry.infer", "infer and verify an adapter for a model; print it as TOML"),
+    "infer": module_command("anylens.inference.infer", "infer and verify an adapter for a model; print it as TOML"),
     "demo": module_command("anylens.demo", "compare the zoo architectures: experiments, table, HTML report"),
 }
 

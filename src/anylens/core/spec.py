@@ -38,6 +38,16 @@ VIEWS: tuple[str, ...] = (
 
 _IO = ("input", "output")
 
+#: Where a transformers attention module's eager attention function leaves the probabilities: the
+#: output of the dropout applied to the softmax (the identity in eval mode), as an operation path.
+EAGER_PATTERN_OPERATION = "source.attention_interface_1.source.nn_functional_dropout_0.output"
+
+
+def eager_pattern(attention_module: str) -> str:
+    """The ``pattern`` role path of ``attention_module`` (a module path, with ``{i}``) under eager
+    attention, for the transformers attention modules that call ``attention_interface``."""
+    return f"{attention_module}.{EAGER_PATTERN_OPERATION}"
+
 
 @dataclass(frozen=True)
 class RolePath:

@@ -77,7 +77,7 @@ def kv_cache_reusable(model: AnyModel, probe_ids: torch.Tensor) -> bool:
     try:
         from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
     except ImportError:  # pragma: no cover - transformers without the cache classes
-        DynamicCache = None  # noqa: N806
+        DynamicCache = None
     if DynamicCache is not None and {"attention_mask", "use_cache"} <= forward_kwargs(model):
         with torch.no_grad():
             output = model.hf(input_ids=probe_ids[:1, :2].to(model.device), use_cache=True, **last_logits_kwargs(model))

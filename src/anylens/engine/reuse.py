@@ -216,7 +216,7 @@ class ReusingRun:
             hidden, guard_hidden = shortcut_forward(
                 model, self.plan, rows, chunk, state, caches, first, guard, self.mlp_cut, prefix
             )
-        except Exception as error:  # noqa: BLE001 - a block that cannot take a growing batch
+        except Exception as error:
             if not growing:
                 raise
             self._stop_growing(f"a growing forward failed: {type(error).__name__}: {error}")

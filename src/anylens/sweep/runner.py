@@ -218,7 +218,7 @@ def _prompts_sha256(items: Sequence[Item]) -> str:
 def load_source(source: str, dtype: str | None = "float32", device: str | None = None) -> AnyModel:
     """Anything ``al.load`` takes, ``tiny:FAMILY`` (a random test model) included."""
     try:
-        from ..core.loading import load
+        from ..loading import load
 
         return load(source, dtype=dtype, device=device)
     except Exception as error:

@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 
-from .errors import AnylensError, DtypeError
+from ..core.errors import DtypeError
+from ..core.model import AnyModel
+from ..core.wrapping import wrap_with_spec
+from ..registry.resolve import adapter_for
 from .hub import hub_access
 from .integrity import find_damage
 from .locate import Source, parse_source
-from .model import AnyModel
 
 
 def wrap(
@@ -28,38 +30,8 @@ def wrap(
     are switched to eager attention unless ``attn_implementation`` says otherwise, because only
     eager attention materialises the probabilities that ``pattern`` reads and writes.
     """
-    from nnsight.modeling.transformers import TransformersModel
-    from transformers import PreTrainedModel
-
     spec = adapter_for(hf_model, adapter)
-    spec = spec.specialize(hf_model.config)
-    hf_model.eval()
-    if "pattern" in spec.roles and hasattr(hf_model, "set_attn_implementation"):
-        wanted = attn_implementation or "eager"
-        if getattr(hf_model.config, "_attn_implementation", None) != wanted:
-            hf_model.set_attn_implementation(wanted)
-    if not isinstance(hf_model, PreTrainedModel):
-        # A plain torch model (e.g. mamba-ssm's MambaLMHeadModel): nnsight's generic wrapper,
-        # traced with token-id tensors; a tokenizer is optional.
-        from nnsight import NNsight
-
-        return AnyModel(NNsight(hf_model), spec, tokenizer)
-    if tokenizer is None:
-        tokenizer = _tokenizer_for(hf_model)
-    nn_model = TransformersModel(hf_model, tokenizer=tokenizer)
-    return AnyModel(nn_model, spec, tokenizer)
-
-
-def adapter_for(module: torch.nn.Module, adapter: Any = None) -> Any:
-    """The adapter spec for ``module``: resolved by the registry, or the one ``adapter`` names or is
-    (an adapter name, a spec, a dict, or a TOML path)."""
-    from ..registry.manager import as_spec, registry
-
-    if adapter is None:
-        return registry().resolve(module)
-    if isinstance(adapter, str) and not adapter.endswith(".toml"):
-        return registry().adapter(adapter)
-    return as_spec(adapter)
+    return wrap_with_spec(hf_model, spec, tokenizer, attn_implementation=attn_implementation)
 
 
 def load(
@@ -75,7 +47,7 @@ def load(
     **hf_kwargs: Any,
 ) -> AnyModel:
     """Load a model: ``"zoo:NAME"``, ``"tiny:FAMILY"``, a named source (``"smollm2-135m"``), a local
-    directory, a ``.gguf`` file, or a hub id (see :mod:`anylens.core.locate`).
+    directory, a ``.gguf`` file, or a hub id (see :mod:`anylens.loading.locate`).
 
     A hub id that is not in the local Hugging Face cache while the hub cannot be reached
     (``HF_HUB_OFFLINE`` set, or no connection) fails at once with the local models listed.
@@ -135,7 +107,7 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
 
 
 def _load_tiny(family: str, dtype: torch.dtype | str | None, device: Any, **wrap_kwargs: Any) -> AnyModel:
-    from ..testing import tiny
+    from ..tiny import tiny
 
     model = tiny(family, **{k: v for k, v in wrap_kwargs.items() if v is not None})
     if isinstance(dtype, torch.dtype) or device is not None:
@@ -175,18 +147,3 @@ def _from_pretrained(location: str, **kwargs: Any) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(location, **kwargs)
-
-
-def _tokenizer_for(hf_model: torch.nn.Module) -> Any:
-    from transformers import AutoTokenizer
-
-    name = getattr(hf_model.config, "_name_or_path", "")
-    if name:
-        try:
-            return AutoTokenizer.from_pretrained(name)
-        except Exception:
-            pass
-    raise AnylensError(
-        f"no tokenizer for {type(hf_model).__name__}: pass one, al.wrap(model, tokenizer) "
-        "(any transformers tokenizer; experiments on strings need it)"
-    )

@@ -9,7 +9,7 @@ import json
 import struct
 from pathlib import Path
 
-from .errors import DamagedFileError
+from ..core.errors import DamagedFileError
 
 
 def safetensors_damage(path: Path) -> str | None:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelSourceError, SourcePathError
+from ..core.errors import ModelSourceError, SourcePathError
 
 #: A hub id: ``name`` or ``org/name``.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -41,7 +41,7 @@ def zoo_names() -> tuple[str, ...]:
 
 
 def tiny_families() -> tuple[str, ...]:
-    from ..testing import TINY_BUILDERS
+    from ..tiny import TINY_BUILDERS
 
     return tuple(TINY_BUILDERS)
 

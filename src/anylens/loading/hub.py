@@ -10,7 +10,7 @@ import threading
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import ModelSourceError
+from ..core.errors import ModelSourceError
 
 _TRUE = {"1", "on", "yes", "true"}
 
