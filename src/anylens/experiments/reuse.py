@@ -20,11 +20,17 @@ before ``p``, at every layer. A batched sweep with reuse therefore
 
 Only the adapter's paths of the block list and the unembedding are used: nothing here knows an
 architecture. Each new shortcut (prompt length, ``b0``, ``p0``, the blocks rows join at, block
-prefixes) is checked once per model: unpatched guard rows ride along in the chunk (one from
-``b0``, one joining last) and must reproduce the unpatched logits. If they do not, the newest
-kind of shortcut is turned off for that model with a warning (growing forwards, then block
-prefixes, then reuse as a whole) and the chunk is rerun; a growing forward that raises is
-turned off the same way.
+prefixes) is checked once per model: before the chunk runs, a guard forward takes the same
+shortcuts with unpatched copies of a few of its inputs (one joining at each block rows join at,
+and the last row's), which must reproduce the unpatched logits. If they do not, the newest kind
+of shortcut is turned off for that model with a warning (growing forwards, then block prefixes,
+then reuse as a whole); a growing forward that raises is turned off the same way.
+
+The guard runs apart, never inside the chunk: a row's result must not depend on whether its
+shortcut was new to the process. Matrix products over batches of other sizes may round
+differently (the kernels block the batch differently), so guard rows riding along in a first
+chunk would change its other rows in the last bits, and a resumed sweep would not reproduce an
+uninterrupted one. Each chunk therefore always runs exactly its own rows.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from .final_position import (
 if TYPE_CHECKING:
     from ..core.model import AnyModel
 
-#: Relative tolerance of the guard row (float32; scaled up for coarser dtypes): broken mechanics
+#: Relative tolerance of the guard forward (float32; scaled up for coarser dtypes): broken mechanics
 #: miss by far more than rounding does.
 GUARD_RTOL = 1e-4
 
@@ -455,10 +461,10 @@ def shortcut_forward(
     baseline: Baseline,
     caches: PrefixCaches | None,
     input_offset: int,
-    guard: bool,
+    patched: bool = True,
     mlp_cut: str | None = None,
     prefix: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """The unembedding's final-position input for ``rows``, skipping the chunk's blocks and
     positions, and with ``prefix`` the modules of its first block before the role.
 
@@ -470,17 +476,14 @@ def shortcut_forward(
 
     The unembedding itself is skipped too: a sweep applies it to many chunks' rows at once
     (:func:`.final_position.final_logits`), reading its weights once rather than once per
-    forward. With ``guard``, two unpatched copies run along: of the first row's input, from the
-    first block, and of the last row's, joining with it; they come back ``[2, d_model]``, for
-    checking. ``mlp_cut`` is the last MLP to run on the final position only (:mod:`.final_position`).
+    forward. ``patched=False`` runs the rows' inputs with the same shortcuts but without their
+    patches: the guard forward, whose logits must be the unpatched run's. ``mlp_cut`` is the last
+    MLP to run on the final position only (:mod:`.final_position`).
     """
     device = model.device
     p0, b0 = chunk.pos, chunk.block
     inputs = plan.input_rows[rows] - input_offset
     starts = chunk.starts if chunk.starts is not None else torch.full((len(rows),), b0)
-    if guard:
-        inputs = torch.cat([inputs[:1], inputs, inputs[-1:]])
-        starts = torch.cat([starts.new_full((1,), b0), starts, starts[-1:]])
     n_all = len(model.module(model.adapter.layers))
     present = [int((starts <= max(k, b0)).sum()) for k in range(n_all)]  # rows in the batch at block k
     total = len(inputs)
@@ -497,7 +500,7 @@ def shortcut_forward(
         data: Any = {"input_ids": ids[:, p0:], "attention_mask": torch.ones_like(ids)}  # the mask covers the cache
     else:
         data = ids
-    writes = writes_by_layer(plan, rows, device, start=p0, row_offset=1 if guard else 0)
+    writes = writes_by_layer(plan, rows, device, start=p0) if patched else {}
     owners = {layer: block_of(model, plan.role, layer) for layer in writes}
     if present[b0] < total and None in owners.values():  # a growing forward writes block by block
         raise AssertionError(f"role {plan.role!r} is written outside the blocks: a chunk of it cannot grow")
@@ -531,9 +534,7 @@ def shortcut_forward(
                 write(layer)
         cut_to_final_position(model, mlp_cut)
         last = read_unembedding_input(model)
-    if guard:
-        return last[1:-1], last[[0, -1]]
-    return last, None
+    return last
 
 
 def _skip_prefix(model: AnyModel, before: dict[str, Any], inputs: torch.Tensor, p0: int, mlp_cut: str | None) -> None:
@@ -570,7 +571,7 @@ def _rows(value: Any, n: int, total: int) -> Any:
 
 # -- guard ------------------------------------------------------------------------------------
 def disabled_reason(model: AnyModel) -> str | None:
-    """Why reuse is off for ``model`` (a guard row failed), or None."""
+    """Why reuse is off for ``model`` (a guard forward failed), or None."""
     return _disabled.get(model)
 
 
@@ -669,25 +670,12 @@ class ReusingRun:
             chunk = Chunk(chunk.rows, chunk.block, chunk.pos)
         joins = tuple(chunk.starts.unique().tolist()) if growing else ()
         key = (self.length, chunk.block, chunk.pos, prefix, joins)
-        guard = key not in _verified.setdefault(model, set())
-        try:
-            hidden, guard_hidden = shortcut_forward(
-                model, self.plan, rows, chunk, state, caches, first, guard, self.mlp_cut, prefix
-            )
-        except Exception as error:  # noqa: BLE001 - a block that cannot take a growing batch
-            if not growing:
-                raise
-            self._fixed_batch(f"a growing forward failed: {type(error).__name__}: {error}")
-            self._chunk(chunk, state, caches, first)
-            return
-        if guard:
-            expected = state.last[self.plan.input_rows[rows[[0, -1]]] - first]
-            with torch.no_grad():
-                guard_last = final_logits(model, guard_hidden, self.columns)
-            if not matches_within(guard_last, expected, GUARD_RTOL):
+        if key not in _verified.setdefault(model, set()):
+            problem = self._guard(chunk, state, caches, first, prefix)
+            if problem is not None:
                 # Take the newest shortcuts back one at a time; the rest of reuse stays on.
                 if growing:
-                    self._fixed_batch("a growing forward did not reproduce the unpatched run")
+                    self._fixed_batch(problem)
                 elif prefix:
                     self._prefix_off(chunk, state)
                 else:
@@ -698,11 +686,40 @@ class ReusingRun:
                 self._chunk(chunk, state, caches, first)
                 return
             _verified[model].add(key)
+        try:
+            hidden = shortcut_forward(model, self.plan, rows, chunk, state, caches, first, True, self.mlp_cut, prefix)
+        except Exception as error:  # noqa: BLE001 - a block that cannot take a growing batch
+            if not growing:
+                raise
+            self._fixed_batch(f"a growing forward failed: {type(error).__name__}: {error}")
+            self._chunk(chunk, state, caches, first)
+            return
         self._pending.append((rows, hidden))
         starts = chunk.starts if growing else torch.full((len(rows),), chunk.block)
         self._work += int((self.cost.n_blocks - starts).sum()) * (self.length - chunk.pos)
         if sum(len(r) for r, _ in self._pending) >= self.unembed_rows:
             self._flush()
+
+    def _guard(
+        self, chunk: Chunk, state: Baseline, caches: PrefixCaches | None, first: int, prefix: bool
+    ) -> str | None:
+        """Run the guard forward of a chunk whose shortcuts are new (unpatched copies of a few of
+        its inputs, apart from it); None when it reproduces the unpatched run, else what failed."""
+        guard = _guard_chunk(chunk)
+        try:
+            hidden = shortcut_forward(
+                self.model, self.plan, guard.rows, guard, state, caches, first, False, self.mlp_cut, prefix
+            )
+        except Exception as error:  # noqa: BLE001 - a block that cannot take a growing batch
+            if chunk.starts is None:
+                raise
+            return f"a growing forward failed: {type(error).__name__}: {error}"
+        expected = state.last[self.plan.input_rows[guard.rows] - first]
+        with torch.no_grad():
+            got = final_logits(self.model, hidden, self.columns)
+        if matches_within(got, expected, GUARD_RTOL):
+            return None
+        return f"a {'growing ' if chunk.starts is not None else ''}forward did not reproduce the unpatched run"
 
     def _full(self, rows: torch.Tensor) -> None:
         self.scores[rows] = self.score(self.plain_forward(rows), rows).detach().float().cpu()
@@ -768,6 +785,17 @@ def run_reusing(
     ``columns`` are the only logits ``score`` reads, if it says (:func:`.final_position.metric_columns`).
     """
     return ReusingRun(model, plan, score, plain_forward, batch_size, memory_budget, baseline, columns).run()
+
+
+def _guard_chunk(chunk: Chunk) -> Chunk:
+    """The guard forward of ``chunk``: its first row at each block rows join at, and its last row
+    (all from the chunk's first block when it does not grow); run unpatched."""
+    if chunk.starts is None:
+        picked = sorted({0, len(chunk.rows) - 1})
+        return Chunk(chunk.rows[picked], chunk.block, chunk.pos)
+    starts = chunk.starts.tolist()
+    picked = sorted({starts.index(s) for s in set(starts)} | {len(starts) - 1})
+    return Chunk(chunk.rows[picked], chunk.block, chunk.pos, chunk.starts[picked])
 
 
 def _subplan(plan: PatchPlan, rows: torch.Tensor) -> PatchPlan:
