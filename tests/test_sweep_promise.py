@@ -94,6 +94,24 @@ def test_a_resume_on_changed_weights_is_refused_and_fresh_starts_over(tmp_path, 
     np.testing.assert_array_equal(rows["value"].to_numpy(), direct["value"].to_numpy())
 
 
+def test_fresh_on_the_command_line_discards_another_sweep_and_recomputes_it(tmp_path, reference, capsys):  # noqa: F811
+    from test_sweep import MODELS, N_CHUNKS, _parse
+
+    from anylens.sweep.cli import run_cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = copy_of(reference, tmp_path)
+    argv = ["run", "logit_lens", "--models", *MODELS, "--prompts", str(prompts), "--out", str(out), "--quiet"]
+    argv += ["--chunk-size", "2", "--set", 'targets=[" Rome"]']
+    assert run_cli(_parse(argv)) == 2  # another configuration: refused, and kept
+    assert "--fresh" in capsys.readouterr().err
+    with pytest.warns(SweepWarning, match=f"discarding the sweep in {out} \\({N_CHUNKS} chunk files\\)"):
+        assert run_cli(_parse([*argv, "--fresh"])) == 0
+    assert f"{N_CHUNKS} chunks computed, 0 already done" in capsys.readouterr().out
+    assert set(load_results(out)["target"]) == {" Rome"}
+
+
 # -- a lost or damaged manifest ----------------------------------------------------------------------
 def _delete(path):
     path.unlink()
