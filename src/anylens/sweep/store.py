@@ -259,8 +259,8 @@ class Store:
         return sorted(p for p in directory.glob("*/*.json") if not p.name.startswith(".")) if directory.is_dir() else []
 
     def holds_sweep(self) -> bool:
-        """Whether there is anything of a sweep here: a manifest (readable or not) or chunk files."""
-        return self.manifest_path.exists() or bool(self.chunk_files())
+        """Whether there is anything of a sweep here: a manifest (readable or not) or a chunks folder."""
+        return self.manifest_path.exists() or (self.root / CHUNKS).exists()
 
     def discard(self) -> int:
         """Remove the sweep's own files (manifest, chunks, temporaries), nothing else; returns how
