@@ -140,14 +140,13 @@ def test_shortcut_forward_equals_the_full_forward(family):
             # With the last MLP run on the final position alone, and without.
             for full_cache, mlp_cut in ((baseline.cache, None), (None, last_mlp(model, "resid_pre", layers))):
                 caches = shortcut.PrefixCaches(model, corrupt, full_cache) if pos else None
-                got, guard = shortcut.shortcut_forward(
-                    model, plan, chunk.rows, chunk, baseline, caches, 0, True, mlp_cut
-                )
+                got = shortcut.shortcut_forward(model, plan, chunk.rows, chunk, baseline, caches, 0, True, mlp_cut)
+                guard = shortcut.shortcut_forward(model, plan, chunk.rows, chunk, baseline, caches, 0, False, mlp_cut)
                 with torch.no_grad():
                     got, guard = model.unembed(got), model.unembed(guard)
                 assert (got - full[chunk.rows]).abs().max() <= TOL, (block, pos)
-                # The guards: unpatched copies of the first row's input and of the last row's.
-                expected = baseline.last[plan.input_rows[chunk.rows[[0, -1]]]]
+                # The guard forward: the same shortcuts, unpatched, give the unpatched run's logits.
+                expected = baseline.last[plan.input_rows[chunk.rows]]
                 assert (guard - expected).abs().max() <= TOL, (block, pos)
     if kv and family != "gemma2":
         assert shortcut.PrefixCaches(model, corrupt, baseline.cache).full is not None
@@ -342,3 +341,40 @@ def test_index_tensors_reach_a_device_in_one_copy(device):
         back = moved_together(moved, torch.device("cpu"))  # and to the host in one copy too
         assert [t.tolist() for t in back] == [rows.tolist(), positions.tolist(), heads.tolist()]
     assert moved_together([rows], torch.device("cpu"))[0] is rows  # nothing to move
+
+
+FIRST_CALLS = """
+import json, sys, torch
+import anylens as al
+from anylens.datasets import ioi_pairs
+
+model = al.load("zoo:llama")
+pair = ioi_pairs(model.tokenizer, 1)[0]
+metric = al.metrics.logit_diff(pair.answer, pair.distractor)
+runs = [
+    torch.tensor(al.patch(model, pair.clean, pair.corrupt, role=role, over=over, metric=metric).frame["metric"].to_numpy())
+    for role, over in [("resid_pre", ("layer", "pos")), ("z", ("layer", "head"))]
+    for _ in range(2)
+]
+json.dump([torch.equal(runs[0], runs[1]), torch.equal(runs[2], runs[3]), float((runs[0] - runs[1]).abs().max())], sys.stdout)
+"""
+
+
+@pytest.mark.slow
+def test_the_first_patch_in_a_process_equals_the_later_ones_bit_for_bit():
+    """Reuse checks each new shortcut once per process; the check must not change any result.
+    (Unpatched check rows run inside a chunk made its batch larger, and matrix products over a
+    batch of another size round differently: the first call differed from later ones.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source = str(Path(al.__file__).parents[1])
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_CALLS], capture_output=True, text=True, env=environment, timeout=120, check=True
+    )
+    same_resid, same_z, largest = json.loads(done.stdout)
+    assert same_resid and same_z, f"first and second call differ by up to {largest}"

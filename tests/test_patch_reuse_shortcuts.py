@@ -100,7 +100,7 @@ def test_each_row_joins_the_forward_at_its_own_block(family, monkeypatch):
     clean, corrupt = clean[:2], corrupt[:2]
     kwargs = dict(role="resid_pre", over=("layer",), metric=METRIC, batch_size=64)
     full = al.patch(model, clean, corrupt, reuse=False, **kwargs)
-    al.patch(model, clean, corrupt, **kwargs)  # verifies the shortcut: no guard rows after this
+    al.patch(model, clean, corrupt, **kwargs)  # verifies the shortcut: no guard forward after this
     blocks = [f"{model.adapter.layers}.{k}" for k in range(model.n_layers)]
     with batch_rows_seen(model, blocks, monkeypatch) as seen:
         reused = al.patch(model, clean, corrupt, **kwargs)
@@ -244,7 +244,7 @@ def test_a_shortcut_that_fails_is_taken_back_and_results_stay_right(case, monkey
 
 def test_a_growing_chunk_of_a_role_outside_the_blocks_is_refused_not_dropped():
     """Writes of a growing forward are made block by block; one outside every block would never
-    be made, and the unpatched guard rows could not tell. It must raise instead."""
+    be made, and the unpatched guard forward could not tell. It must raise instead."""
     model = fresh("gpt2")
     clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
     sources, _ = record(model, "embed", clean, [None])
@@ -252,4 +252,4 @@ def test_a_growing_chunk_of_a_role_outside_the_blocks_is_refused_not_dropped():
     plan = PatchPlan("embed", corrupt, [Component(None), Component(None)], [0, 0], [0, 0], sources, [0], [0])
     chunk = Chunk(torch.tensor([0, 1]), 0, 0, torch.tensor([0, 1]))
     with pytest.raises(AssertionError, match="written outside the blocks"):
-        shortcut.shortcut_forward(model, plan, chunk.rows, chunk, baseline, None, 0, False)
+        shortcut.shortcut_forward(model, plan, chunk.rows, chunk, baseline, None, 0)

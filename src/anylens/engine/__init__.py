@@ -19,7 +19,7 @@ from .final_position import (
     metric_columns,
     read_last,
 )
-from .memory import rows_for_budget
+from .memory import rows_for_budget, steady_budget
 from .metric_rows import score_rows
 from .plan import (
     DIMS,
@@ -63,6 +63,7 @@ __all__ = [
     "record",
     "record_runs",
     "rows_for_budget",
+    "steady_budget",
     "run_patches",
     "score_rows",
 ]

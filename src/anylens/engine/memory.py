@@ -15,7 +15,8 @@ import torch
 if TYPE_CHECKING:
     from ..core.model import AnyModel
 
-#: Fallback memory budget when the free memory cannot be measured (psutil missing).
+#: Fallback memory budget when the free memory cannot be measured (psutil missing), and a
+#: sweep's budget on a CPU (:func:`steady_budget`).
 FIXED_BUDGET_BYTES = 2 * 2**30
 #: Share of the free memory a sweep may use by default.
 BUDGET_FRACTION = 0.25
@@ -56,6 +57,19 @@ def default_budget(model: AnyModel) -> int:
     except ImportError:
         return FIXED_BUDGET_BYTES
     return int(psutil.virtual_memory().available * BUDGET_FRACTION)
+
+
+def steady_budget(model: AnyModel) -> int:
+    """A budget that depends on the machine, not on the moment: for runs that must batch alike
+    every time (a sweep, whose resumed chunks must equal an uninterrupted run's bit for bit).
+    :data:`FIXED_BUDGET_BYTES` on a CPU; on an accelerator the share :func:`default_budget`
+    takes, of its total memory less the model's weights rather than of what is free now."""
+    device = model.device
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        weights = sum(p.numel() * p.element_size() for p in model.hf.parameters())
+        return max(int(max(total - weights, 0) * BUDGET_FRACTION * 2), 1)
+    return FIXED_BUDGET_BYTES
 
 
 def rows_for_budget(model: AnyModel, seq_len: int, memory_budget: int | None = None) -> int:
@@ -118,6 +132,7 @@ class Sizes:
 __all__ = [
     "BUDGET_FRACTION",
     "FIXED_BUDGET_BYTES",
+    "steady_budget",
     "MAX_CPU_ROWS",
     "MAX_DEVICE_ROWS",
     "PLANNED_SHARE",

@@ -20,12 +20,18 @@ before ``p``, at every layer. A batched sweep with reuse therefore
 
 Only the adapter's paths of the block list and the unembedding are used: nothing here knows an
 architecture. Each new shortcut (prompt length, ``b0``, ``p0``, the blocks rows join at, block
-prefixes) is checked once per model: unpatched guard rows ride along in the chunk (one from
-``b0``, one joining last) and must reproduce the unpatched logits. If they do not, the newest
-kind of shortcut is turned off for that model with a warning (growing forwards, then block
-prefixes, then reuse as a whole) and the chunk is rerun; a growing forward that raises is
-turned off the same way. What was verified and what is off lives in the model's
-:class:`.state.EngineState`.
+prefixes) is checked once per model: before the chunk runs, a guard forward takes the same
+shortcuts with unpatched copies of a few of its inputs (one joining at each block rows join at,
+and the last row's), which must reproduce the unpatched logits. If they do not, the newest kind
+of shortcut is turned off for that model with a warning (growing forwards, then block prefixes,
+then reuse as a whole); a growing forward that raises is turned off the same way. What was
+verified and what is off lives in the model's :class:`.state.EngineState`.
+
+The guard runs apart, never inside the chunk: a row's result must not depend on whether its
+shortcut was new to the process. Matrix products over batches of other sizes may round
+differently (the kernels block the batch differently), so guard rows riding along in a first
+chunk would change its other rows in the last bits, and a resumed sweep would not reproduce an
+uninterrupted one. Each chunk therefore always runs exactly its own rows.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from .state import engine_state
 if TYPE_CHECKING:
     from ..core.model import AnyModel
 
-#: Relative tolerance of the guard row (float32; scaled up for coarser dtypes): broken mechanics
+#: Relative tolerance of the guard forward (float32; scaled up for coarser dtypes): broken mechanics
 #: miss by far more than rounding does.
 GUARD_RTOL = 1e-4
 
@@ -211,25 +217,12 @@ class ReusingRun:
             chunk = Chunk(chunk.rows, chunk.block, chunk.pos)
         joins = tuple(chunk.starts.unique().tolist()) if growing else ()
         key = (self.length, chunk.block, chunk.pos, prefix, joins)
-        guard = key not in self.engine.verified
-        try:
-            hidden, guard_hidden = shortcut_forward(
-                model, self.plan, rows, chunk, state, caches, first, guard, self.mlp_cut, prefix
-            )
-        except Exception as error:
-            if not growing:
-                raise
-            self._stop_growing(f"a growing forward failed: {type(error).__name__}: {error}")
-            self._chunk(chunk, state, caches, first)
-            return
-        if guard:
-            expected = state.last[self.plan.input_rows[rows[[0, -1]]] - first]
-            with torch.no_grad():
-                guard_last = final_logits(model, guard_hidden, self.columns)
-            if not matches_within(guard_last, expected, GUARD_RTOL):
+        if key not in self.engine.verified:
+            problem = self._guard(chunk, state, caches, first, prefix)
+            if problem is not None:
                 # Take the newest shortcuts back one at a time; the rest of reuse stays on.
                 if growing:
-                    self._stop_growing("a growing forward did not reproduce the unpatched run")
+                    self._stop_growing(problem)
                 elif prefix:
                     self._prefix_off(chunk, state)
                 else:
@@ -240,11 +233,40 @@ class ReusingRun:
                 self._chunk(chunk, state, caches, first)
                 return
             self.engine.verified.add(key)
+        try:
+            hidden = shortcut_forward(model, self.plan, rows, chunk, state, caches, first, True, self.mlp_cut, prefix)
+        except Exception as error:
+            if not growing:
+                raise
+            self._stop_growing(f"a growing forward failed: {type(error).__name__}: {error}")
+            self._chunk(chunk, state, caches, first)
+            return
         self._pending.append((rows, hidden))
         starts = chunk.starts if growing else torch.full((len(rows),), chunk.block)
         self._work += int((self.cost.n_blocks - starts).sum()) * (self.length - chunk.pos)
         if sum(len(r) for r, _ in self._pending) >= self.unembed_rows:
             self._flush()
+
+    def _guard(
+        self, chunk: Chunk, state: Baseline, caches: PrefixCaches | None, first: int, prefix: bool
+    ) -> str | None:
+        """Run the guard forward of a chunk whose shortcuts are new (unpatched copies of a few of
+        its inputs, apart from it); None when it reproduces the unpatched run, else what failed."""
+        guard = _guard_chunk(chunk)
+        try:
+            hidden = shortcut_forward(
+                self.model, self.plan, guard.rows, guard, state, caches, first, False, self.mlp_cut, prefix
+            )
+        except Exception as error:
+            if chunk.starts is None:
+                raise
+            return f"a growing forward failed: {type(error).__name__}: {error}"
+        expected = state.last[self.plan.input_rows[guard.rows] - first]
+        with torch.no_grad():
+            got = final_logits(self.model, hidden, self.columns)
+        if matches_within(got, expected, GUARD_RTOL):
+            return None
+        return f"a {'growing ' if chunk.starts is not None else ''}forward did not reproduce the unpatched run"
 
     def _full(self, rows: torch.Tensor) -> None:
         self.scores[rows] = self.score(self.plain_forward(rows), rows).detach().float().cpu()
@@ -325,6 +347,17 @@ def _subplan(plan: PatchPlan, rows: torch.Tensor) -> PatchPlan:
         target_positions=plan.target_positions,
         source_positions=plan.source_positions,
     )
+
+
+def _guard_chunk(chunk: Chunk) -> Chunk:
+    """The guard forward of ``chunk``: its first row at each block rows join at, and its last row
+    (all from the chunk's first block when it does not grow); run unpatched."""
+    if chunk.starts is None:
+        picked = sorted({0, len(chunk.rows) - 1})
+        return Chunk(chunk.rows[picked], chunk.block, chunk.pos)
+    starts = chunk.starts.tolist()
+    picked = sorted({starts.index(s) for s in set(starts)} | {len(starts) - 1})
+    return Chunk(chunk.rows[picked], chunk.block, chunk.pos, chunk.starts[picked])
 
 
 __all__ = ["GUARD_RTOL", "first_changes", "run_reusing"]

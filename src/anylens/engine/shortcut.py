@@ -72,10 +72,10 @@ def shortcut_forward(
     baseline: Baseline,
     caches: PrefixCaches | None,
     input_offset: int,
-    guard: bool,
+    patched: bool = True,
     mlp_cut: str | None = None,
     prefix: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """The unembedding's final-position input for ``rows``, skipping the chunk's blocks and
     positions, and with ``prefix`` the modules of its first block before the role.
 
@@ -87,17 +87,14 @@ def shortcut_forward(
 
     The unembedding itself is skipped too: a sweep applies it to many chunks' rows at once
     (:func:`.final_position.final_logits`), reading its weights once rather than once per
-    forward. With ``guard``, two unpatched copies run along: of the first row's input, from the
-    first block, and of the last row's, joining with it; they come back ``[2, d_model]``, for
-    checking. ``mlp_cut`` is the last MLP to run on the final position only (:mod:`.final_position`).
+    forward. ``patched=False`` runs the rows' inputs with the same shortcuts but without their
+    patches: the guard forward, whose logits must be the unpatched run's. ``mlp_cut`` is the last
+    MLP to run on the final position only (:mod:`.final_position`).
     """
     device = model.device
     p0, b0 = chunk.pos, chunk.block
     inputs = plan.input_rows[rows] - input_offset
     starts = chunk.starts if chunk.starts is not None else torch.full((len(rows),), b0)
-    if guard:
-        inputs = torch.cat([inputs[:1], inputs, inputs[-1:]])
-        starts = torch.cat([starts.new_full((1,), b0), starts, starts[-1:]])
     n_all = len(model.module(model.adapter.layers))
     present = [int((starts <= max(k, b0)).sum()) for k in range(n_all)]  # rows in the batch at block k
     total = len(inputs)
@@ -114,7 +111,7 @@ def shortcut_forward(
         data: Any = {"input_ids": ids[:, p0:], "attention_mask": torch.ones_like(ids)}  # the mask covers the cache
     else:
         data = ids
-    writes = writes_by_layer(plan, rows, device, start=p0, row_offset=1 if guard else 0)
+    writes = writes_by_layer(plan, rows, device, start=p0) if patched else {}
     owners = {layer: block_of(model, plan.role, layer) for layer in writes}
     if present[b0] < total and None in owners.values():  # a growing forward writes block by block
         raise AssertionError(f"role {plan.role!r} is written outside the blocks: a chunk of it cannot grow")
@@ -148,9 +145,7 @@ def shortcut_forward(
                 write(layer)
         cut_to_final_position(model, mlp_cut)
         last = read_unembedding_input(model)
-    if guard:
-        return last[1:-1], last[[0, -1]]
-    return last, None
+    return last
 
 
 def _skip_prefix(model: AnyModel, before: dict[str, Any], inputs: torch.Tensor, p0: int, mlp_cut: str | None) -> None:
