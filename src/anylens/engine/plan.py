@@ -159,7 +159,7 @@ class PlanStats:
 
 
 def writes_by_layer(
-    plan: PatchPlan, rows: torch.Tensor, device: torch.device, start: int = 0, row_offset: int = 0
+    plan: PatchPlan, rows: torch.Tensor, device: torch.device, start: int = 0
 ) -> dict[int, list[tuple[tuple, tuple]]]:
     """Per layer, (target index, source index) pairs, one per group of alike components.
 
@@ -167,7 +167,6 @@ def writes_by_layer(
     written with one vectorised index, so a layer costs one write per group, not one per row.
     ``start`` is the first position the forward runs: target positions are counted from it, and
     writes before it are left out (the caller ensures they would not change anything).
-    ``row_offset``: the batch row of ``rows[0]`` (rows the caller puts before them).
     """
     row_list = rows.tolist()
     groups: dict[tuple[int, bool, bool], list[int]] = {}
@@ -181,7 +180,7 @@ def writes_by_layer(
     head_first = plan.role == "pattern"  # [batch, head, query, key]; the others are [batch, pos, ...]
     for (layer, all_pos, all_heads), locals_ in groups.items():
         chosen = [row_list[i] for i in locals_]
-        batch_rows = torch.tensor(locals_) + row_offset
+        batch_rows = torch.tensor(locals_)
         source_rows = plan.source_rows[chosen]
         if all_pos:
             kept = [i for i, p in enumerate(plan.target_positions) if p >= start]
