@@ -10,6 +10,8 @@ from ._version import __version__
 from .core.errors import (
     AdapterSpecError,
     AnylensError,
+    GenerationLengthError,
+    InterventionError,
     LayerIndexError,
     LocalWeightsError,
     MetricError,
@@ -23,6 +25,7 @@ from .core.errors import (
     RemoteError,
     ResultFileError,
     RoleWriteError,
+    SteeringVectorError,
     TokenizationError,
     UnknownArchitectureError,
     VerificationError,
@@ -45,6 +48,8 @@ __all__ = [
     "AnyModel",
     "CheckReport",
     "AnylensError",
+    "GenerationLengthError",
+    "InterventionError",
     "LayerIndexError",
     "LocalWeightsError",
     "MetricError",
@@ -58,6 +63,7 @@ __all__ = [
     "RemoteError",
     "ResultFileError",
     "RoleWriteError",
+    "SteeringVectorError",
     "TokenizationError",
     "UnknownArchitectureError",
     "Variant",
@@ -89,6 +95,10 @@ _LAZY = {
     "ablate": "anylens.experiments.ablation",
     "attribute": "anylens.experiments.attribution",
     "run": "anylens.sweep.runner",
+    "generate": "anylens.experiments.generation",
+    "steering_vector": "anylens.experiments.steering",
+    "steer": "anylens.experiments.steering",
+    "steering_sweep": "anylens.experiments.steering",
 }
 
 __all__ += ["Result", "metrics", *_LAZY]

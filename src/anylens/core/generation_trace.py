@@ -266,27 +266,27 @@ _exact_padding: dict[int, bool] = {}
 
 
 def pads_exactly(model: AnyModel) -> bool:
-    """Whether left padding leaves every prompt's generation unchanged.
+    """Whether left padding leaves a prompt's next-token logits unchanged, measured once per model.
 
-    True for models whose cache holds keys and values per position (attention masks the padding
-    out); False for recurrent state (an SSM reads the padding into its state).
+    Attention masks padding out; transformers' Mamba zeroes padded positions before and after its
+    convolution, so its recurrent state never sees them. A model that does neither fails here.
     """
     key = id(model.hf)
     if key not in _exact_padding:
-        try:
-            from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
-        except ImportError:  # pragma: no cover - transformers without the cache classes
-            _exact_padding[key] = False
-            return False
-        ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)
+        import inspect
+
+        ids = torch.tensor([[5, 7, 11, 13]], device=model.device) % model.d_vocab
+        pad = getattr(model.tokenizer, "pad_token_id", None) or 0
+        padded = torch.cat([torch.full((1, 3), pad, device=model.device), ids], 1)
+        mask = torch.cat([torch.zeros(1, 3, device=model.device), torch.ones(1, 4, device=model.device)], 1).long()
+        extra = {}
+        if "position_ids" in inspect.signature(model.hf.forward).parameters:  # as generate derives them
+            extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            output = model.hf(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-        layers = getattr(cache, "layers", None) or []
-        _exact_padding[key] = bool(layers) and all(
-            isinstance(layer, CacheLayerMixin) and not isinstance(layer, LinearAttentionCacheLayerMixin)
-            for layer in layers
-        )
+            alone = model.hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float()
+            in_batch = model.hf(input_ids=padded, attention_mask=mask, **extra).logits[0, -1].float()
+        tolerance = 1e-4 if model.dtype == torch.float32 else 2e-2
+        _exact_padding[key] = bool(torch.allclose(alone, in_batch, atol=tolerance, rtol=tolerance))
     return _exact_padding[key]
 
 
@@ -296,7 +296,7 @@ def check_padding(model: AnyModel, attention_mask: torch.Tensor) -> None:
     lengths = attention_mask.sum(-1).tolist()
     raise PromptError(
         f"prompts of different token lengths {lengths} need left padding, which {model.name!r} "
-        f"({model.adapter.name}) cannot mask: its cache is a recurrent state that reads the padding in, "
+        f"({model.adapter.name}) does not mask: a padded prompt's logits differ from the prompt's own, "
         "so the generations would differ from generating each prompt alone. Generate prompts of one "
         "length together, or one prompt at a time"
     )
