@@ -43,6 +43,9 @@ def _steps() -> Any:
     generation: GenerationTrace = _running.generation
     for step in Iterations(0, generation.max_steps):
         generation.step = step
+        # Wait for the model to begin this step, so that nothing of the block runs for a step the
+        # model never makes (it stops early at the end-of-sequence token).
+        generation.model.nn.inputs  # noqa: B018
         yield step
 
 
