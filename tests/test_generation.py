@@ -212,3 +212,17 @@ def test_smollm2_generation_matches_hugging_face():
         assert not torch.equal(edited.tokens, reference)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_generation_up_to_the_last_learned_position():
+    """GPT-2's positions end at n_positions: the longest generation that fits runs and matches."""
+    model = zoo("zoo:gpt2")
+    prompt = "The capital of Italy is"
+    fits = model.config.n_positions - len(model.tokenizer(prompt)["input_ids"]) + 1
+    encoded = model.to_tokens(prompt)
+    with torch.no_grad():
+        expected = model.hf.generate(**encoded, max_new_tokens=fits, do_sample=False, min_new_tokens=fits)
+    result = al.generate(model, prompt, max_new_tokens=fits, min_new_tokens=fits)
+    assert torch.equal(result.tokens, expected) and result.tokens.shape[1] == model.config.n_positions + 1
+    with pytest.raises(al.GenerationLengthError):
+        al.generate(model, prompt, max_new_tokens=fits + 1)

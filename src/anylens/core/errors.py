@@ -84,4 +84,5 @@ class SteeringVectorError(AnylensError, ValueError):
 
 
 class InterventionError(AnylensError, TypeError):
-    """An intervention that is neither a callable nor a well-formed role edit."""
+    """An intervention that is neither a callable nor a well-formed role edit, or a generation
+    block used out of place (``gen.steps`` outside it, ``gen.text`` before it ran)."""

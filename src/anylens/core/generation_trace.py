@@ -29,7 +29,7 @@ from nnsight.intervention.tracer import InterleavingTracer
 from nnsight.tracing.tracer import Tracer, push_result
 from nnsight.tracing.util import Scope
 
-from .errors import GenerationLengthError, PromptError, RemoteError
+from .errors import GenerationLengthError, InterventionError, PromptError, RemoteError
 
 if TYPE_CHECKING:
     from .model import AnyModel
@@ -96,7 +96,10 @@ class StepSelection(Tracer):
 
     def execute(self, code: CodeType) -> None:
         if self.generation.step is None:
-            raise RuntimeError("gen.steps[...] selects steps inside the block of `with model.generate(...) as gen:`")
+            raise InterventionError(
+                "gen.steps[...] selects steps inside the block of `with model.generate(...) as gen:`; "
+                "use it there, as `with gen.steps[0]:`"
+            )
         frame = self.info.frame
         scope = Scope(dict(frame.f_locals), {}, frame.f_globals)
         if self.selects(self.generation.step):
@@ -137,7 +140,9 @@ class GenerationTrace(InterleavingTracer):
     # -- afterwards ------------------------------------------------------------------------------
     def _done(self) -> Generated:
         if self.output is None:
-            raise RuntimeError("the generation has not run yet: read gen.tokens / gen.text after the `with` block")
+            raise InterventionError(
+                "the generation has not run yet: read gen.tokens / gen.text after the `with model.generate(...)` block"
+            )
         return self.output
 
     @property
