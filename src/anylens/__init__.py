@@ -10,30 +10,37 @@ from ._version import __version__
 from .core.errors import (
     AdapterSpecError,
     AnylensError,
+    DamagedFileError,
+    DtypeError,
     GenerationLengthError,
     InterventionError,
     LayerIndexError,
+    LayerIndexTypeError,
     LocalWeightsError,
     MetricError,
     MissingRoleError,
+    ModelSourceError,
     ModulePathError,
     NotWrappedError,
     OutputPathError,
     OutputStructureError,
     PluginError,
+    PositionLimitWarning,
     PromptError,
     RemoteError,
     ResultFileError,
+    RoleNameError,
     RoleWriteError,
+    SourcePathError,
     SteeringVectorError,
     TokenizationError,
     UnknownArchitectureError,
     VerificationError,
 )
-from .core.loading import load, wrap
 from .core.model import AnyModel
 from .core.roles import ALL_ROLES, LAYER_ROLES, MODEL_ROLES
 from .core.spec import AdapterSpec, Variant
+from .loading import load, wrap
 from .registry.hookspecs import hookimpl, hookspec
 from .registry.manager import register_adapter, register_plugin, registry
 from .registry.verify import CheckReport, check
@@ -48,21 +55,28 @@ __all__ = [
     "AnyModel",
     "CheckReport",
     "AnylensError",
+    "DamagedFileError",
+    "DtypeError",
     "GenerationLengthError",
     "InterventionError",
     "LayerIndexError",
+    "LayerIndexTypeError",
     "LocalWeightsError",
     "MetricError",
     "MissingRoleError",
+    "ModelSourceError",
     "ModulePathError",
     "NotWrappedError",
     "OutputPathError",
     "OutputStructureError",
     "PluginError",
+    "PositionLimitWarning",
     "PromptError",
     "RemoteError",
     "ResultFileError",
+    "RoleNameError",
     "RoleWriteError",
+    "SourcePathError",
     "SteeringVectorError",
     "TokenizationError",
     "UnknownArchitectureError",
@@ -79,8 +93,8 @@ __all__ = [
 ]
 
 
-from .experiments import metrics  # noqa: E402
-from .experiments.results import Result  # noqa: E402
+from .experiments import metrics
+from .experiments.results import Result
 
 #: Experiments, imported on first use so that ``import anylens`` stays light.
 _LAZY = {

@@ -30,6 +30,7 @@ from nnsight.tracing.tracer import Tracer, push_result
 from nnsight.tracing.util import Scope
 
 from .errors import GenerationLengthError, InterventionError, PromptError, RemoteError
+from .inputs import position_limit
 
 if TYPE_CHECKING:
     from .model import AnyModel
@@ -251,16 +252,10 @@ def run_untraced(tracer: GenerationTrace) -> Generated:
 
 
 # -- what cannot be generated exactly ------------------------------------------------------------
-def position_limit(model: AnyModel) -> int | None:
-    """How many positions a model with learned absolute positions has (None: no such limit)."""
-    if "pos_embed" not in model.roles:
-        return None
-    limit = getattr(model.config, "max_position_embeddings", None)
-    return int(limit) if limit else None
-
-
 def check_positions(model: AnyModel, prompt_length: int, max_new_tokens: int) -> None:
-    limit = position_limit(model)
+    """Refuse, before generating, what would read past a model's learned absolute positions (a
+    rotary model runs on; its traces warn past the trained context)."""
+    limit = position_limit(model) if "pos_embed" in model.roles else None
     # The last generated token is never fed back: the final step reads position prompt + new - 2.
     if limit is not None and prompt_length + max_new_tokens - 1 > limit:
         raise GenerationLengthError(
