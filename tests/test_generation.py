@@ -226,3 +226,16 @@ def test_generation_up_to_the_last_learned_position():
     assert torch.equal(result.tokens, expected) and result.tokens.shape[1] == model.config.n_positions + 1
     with pytest.raises(al.GenerationLengthError):
         al.generate(model, prompt, max_new_tokens=fits + 1)
+
+
+def test_reads_out_of_forward_order_at_a_later_step_are_refused():
+    """At step 0 nnsight refuses a read of a module the model has passed; at a later step such a
+    read would bind to the next step's occurrence, running the block a step late: refused too."""
+    from nnsight.intervention.interleaver import OutOfOrderError
+
+    model = zoo("zoo:gpt2")
+    with pytest.raises(OutOfOrderError, match="at step 1 of the generation"):  # noqa: SIM117
+        with torch.no_grad(), model.generate(PROMPTS[:1], max_new_tokens=NEW) as gen:  # noqa: SIM117
+            with gen.steps[1:]:
+                model.resid_post[2].save()
+                model.resid_post[1].save()

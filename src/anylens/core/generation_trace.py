@@ -24,6 +24,8 @@ from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 import torch
+from greenlet import getcurrent
+from nnsight.intervention.interleaver import OutOfOrderError
 from nnsight.intervention.iterator import Iterations
 from nnsight.intervention.tracer import InterleavingTracer
 from nnsight.tracing.tracer import Tracer, push_result
@@ -42,7 +44,17 @@ _running = threading.local()
 def _steps() -> Any:
     """The steps of the running generation, pinning nnsight's occurrence counter to each."""
     generation: GenerationTrace = _running.generation
+    begins = f"{generation.model.nn.path}.input"  # reached once per step: the model's own input
     for step in Iterations(0, generation.max_steps):
+        mediator = getcurrent().mediator()
+        if mediator.occurrence(begins) > step:
+            # A read or write of step - 1 came after the model had run past its module, so nnsight
+            # bound it to this step instead: the block would silently run a step late.
+            raise OutOfOrderError(
+                f"at step {step - 1} of the generation the block read or wrote a role after the model had "
+                "already run past it: within a step, read and write roles in forward order (earlier layers "
+                "first, and within a layer in the order of the README's role list)"
+            )
         generation.step = step
         # Wait for the model to begin this step, so that nothing of the block runs for a step the
         # model never makes (it stops early at the end-of-sequence token).
