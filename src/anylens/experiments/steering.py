@@ -117,7 +117,7 @@ def steer(
 def _edit(model: AnyModel, vector: Any, role: str, layer: int, scale: float, positions: str) -> RoleEdit:
     model.role(role)  # a clear error for a role this model lacks, before the vector's shape
     steps_of(positions)
-    layer = model.layer_index(layer)
+    layer = model.layer_index(layer) if role in _layer_roles() else None
     return RoleEdit(role, layer, add=check_vector(model, vector, role) * float(scale), positions=positions)
 
 
