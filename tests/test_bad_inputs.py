@@ -663,6 +663,12 @@ GENERATION_AND_STEERING: list[Case] = [
         (r"layer -5 is out of range",),
     ),
     Case(
+        "steer-per-layer-role-without-layer",
+        lambda: al.steer(zoo_gpt2(), CORRUPT, torch.zeros(128), max_new_tokens=1),
+        al.InterventionError,
+        (r"role 'resid_post' is per layer", r"layer= \(0\.\.3\)"),
+    ),
+    Case(
         "steer-unknown-positions",
         lambda: al.steer(zoo_gpt2(), CORRUPT, torch.zeros(128), layer=1, positions="last", max_new_tokens=1),
         al.InterventionError,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from ..core.errors import NotWrappedError, PromptError, SteeringVectorError
+from ..core.errors import InterventionError, NotWrappedError, PromptError, SteeringVectorError
 from ..core.generation_trace import Generated
 from . import metrics as metrics_module
 from .generation import RoleEdit, check_vector, generate, steps_of
@@ -69,7 +69,7 @@ def steering_vector(
     positive: Any,
     negative: Any,
     *,
-    layer: int,
+    layer: int | None = None,
     role: str = "resid_post",
     position: int = -1,
 ) -> torch.Tensor:
@@ -79,6 +79,9 @@ def steering_vector(
     indexes each prompt's own tokens (-1: its last token, whatever its length).
     """
     model = _wrapped(model, "al.steering_vector")
+    model.role(role)
+    if role in _layer_roles() and layer is None:
+        raise InterventionError(f"role {role!r} is per layer: give layer= (0..{model.n_layers - 1})")
     layer = model.layer_index(layer) if role in _layer_roles() else None
     difference = _role_at(model, positive, role, layer, position).mean(0)
     return difference - _role_at(model, negative, role, layer, position).mean(0)
@@ -95,7 +98,7 @@ def steer(
     prompts: Any,
     vector: Any,
     *,
-    layer: int,
+    layer: int | None = None,
     scale: float = 1.0,
     positions: str = "all",
     max_new_tokens: int = 10,
@@ -114,9 +117,11 @@ def steer(
     return generate(model, prompts, max_new_tokens=max_new_tokens, interventions=[edit], first_logits=True, **kwargs)
 
 
-def _edit(model: AnyModel, vector: Any, role: str, layer: int, scale: float, positions: str) -> RoleEdit:
+def _edit(model: AnyModel, vector: Any, role: str, layer: int | None, scale: float, positions: str) -> RoleEdit:
     model.role(role)  # a clear error for a role this model lacks, before the vector's shape
     steps_of(positions)
+    if role in _layer_roles() and layer is None:
+        raise InterventionError(f"role {role!r} is per layer: give layer= (0..{model.n_layers - 1})")
     layer = model.layer_index(layer) if role in _layer_roles() else None
     return RoleEdit(role, layer, add=check_vector(model, vector, role) * float(scale), positions=positions)
 
