@@ -629,7 +629,79 @@ EXPERIMENTS_AND_CLI: list[Case] = [
 ]
 
 
-CASES = [*LOADING_AND_ROLES, *EXPERIMENTS_AND_CLI]
+# -- generation and steering --------------------------------------------------------------------
+def unmasked_mamba() -> al.AnyModel:
+    """A tiny Mamba whose mixers ignore the attention mask (reading padding into their state)."""
+    from anylens.testing import tiny_model
+
+    hf, tokenizer = tiny_model("mamba")
+    for block in hf.backbone.layers:
+        forward = block.mixer.forward
+        block.mixer.forward = lambda hidden, *args, forward=forward, attention_mask=None, **kwargs: forward(
+            hidden, *args, **kwargs
+        )
+    return al.wrap(hf, tokenizer)
+
+
+GENERATION_AND_STEERING: list[Case] = [
+    Case(
+        "steering-vector-wrong-width",
+        lambda: al.steer(zoo_gpt2(), CORRUPT, torch.zeros(7), layer=1, max_new_tokens=1),
+        al.SteeringVectorError,
+        (r"shape \(7,\)", r"role 'resid_post'", r"shape \(128,\)"),
+    ),
+    Case(
+        "steer-layer-out-of-range",
+        lambda: al.steer(zoo_gpt2(), CORRUPT, torch.zeros(128), layer=9, max_new_tokens=1),
+        al.LayerIndexError,
+        (r"layer 9 is out of range", r"0\.\.3"),
+    ),
+    Case(
+        "steering-vector-layer-out-of-range",
+        lambda: al.steering_vector(zoo_gpt2(), CLEAN, CORRUPT, layer=-5),
+        al.LayerIndexError,
+        (r"layer -5 is out of range",),
+    ),
+    Case(
+        "steer-per-layer-role-without-layer",
+        lambda: al.steer(zoo_gpt2(), CORRUPT, torch.zeros(128), max_new_tokens=1),
+        al.InterventionError,
+        (r"role 'resid_post' is per layer", r"layer= \(0\.\.3\)"),
+    ),
+    Case(
+        "steer-unknown-positions",
+        lambda: al.steer(zoo_gpt2(), CORRUPT, torch.zeros(128), layer=1, positions="last", max_new_tokens=1),
+        al.InterventionError,
+        (r"positions='last'", r"'prompt'"),
+    ),
+    Case(
+        "generate-beyond-learned-positions",
+        lambda: al.generate(zoo_gpt2(), CORRUPT, max_new_tokens=64),
+        al.GenerationLengthError,
+        (r"6 tokens plus max_new_tokens=64", r"positions for 64 only", r"at most 59 new tokens"),
+    ),
+    Case(
+        "generate-zero-new-tokens",
+        lambda: al.generate(zoo_gpt2(), CORRUPT, max_new_tokens=0),
+        al.GenerationLengthError,
+        (r"max_new_tokens=0", r"at least 1"),
+    ),
+    Case(
+        "generate-malformed-role-edit",
+        lambda: al.generate(zoo_gpt2(), CORRUPT, max_new_tokens=1, interventions={"role": "resid_post", "layer": 1}),
+        al.InterventionError,
+        (r"exactly one of 'add' or 'set'",),
+    ),
+    Case(
+        "generate-unpadded-model-different-lengths",
+        lambda: al.generate(unmasked_mamba(), ["a b", "a b c d e"], max_new_tokens=1),
+        al.PromptError,
+        (r"different token lengths", r"does not mask", r"one length together"),
+    ),
+]
+
+
+CASES = [*LOADING_AND_ROLES, *EXPERIMENTS_AND_CLI, *GENERATION_AND_STEERING]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

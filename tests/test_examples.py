@@ -168,3 +168,49 @@ def test_ablation_study(tmp_path_factory, common):
             ablated = logit_diff(logits.float(), model, task.answers, task.distractors).mean()
             assert r["effects"][f"{role}/{method}"][1] == pytest.approx(float(ablated - baseline), abs=1e-4)
         assert_png(r["plot"])
+
+
+# -- 06 -----------------------------------------------------------------------------------------
+def block_output(model, prompts, layer: int, add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block ``layer``'s output at the last token ``[n, d_model]`` and the last-position logits
+    ``[n, vocab]`` of plain forwards of each prompt alone (no padding), with ``add`` added to that
+    output at every position."""
+    from hook_reference import block
+
+    kept = []
+
+    def hook(module, args, output):
+        kept.append(output[:, -1].detach())
+        return output if add is None else output + add
+
+    handle = block(model.hf, layer).register_forward_hook(hook)
+    try:
+        ids = [ids_of(model, [p]) if isinstance(p, str) else p[None] for p in prompts]
+        logits = torch.cat([last_logits(model, one) for one in ids])
+    finally:
+        handle.remove()
+    return torch.cat(kept), logits
+
+
+def test_steering_example(tmp_path_factory, common):
+    results, _ = run("06_steering", tmp_path_factory)
+    for source, r in results.items():
+        model = common.load(source)
+        task = r["task"]
+        target = model.token_id(task["target"])
+        assert sorted(r["rates"]) == list(range(model.n_layers))
+        _, unsteered = block_output(model, task["negative"], 0)
+        assert r["baseline"] == float(unsteered.argmax(-1).eq(target).float().mean())
+        # Every rate by hand: the vector from the block's output at the last token, added to that
+        # output at every position; success when the target is the top next token.
+        for layer, by_scale in r["rates"].items():
+            vector = block_output(model, task["positive"], layer)[0].mean(0)
+            vector = vector - block_output(model, task["negative"], layer)[0].mean(0)
+            for scale, rate in by_scale.items():
+                _, logits = block_output(model, task["negative"], layer, add=scale * vector)
+                assert rate == pytest.approx(float(logits.argmax(-1).eq(target).float().mean())), (source, layer, scale)
+        best_layer, best_scale = r["best"]
+        assert r["rates"][best_layer][best_scale] == max(
+            v for by_scale in r["rates"].values() for v in by_scale.values()
+        )
+        assert_png(r["plot"])

@@ -102,3 +102,16 @@ class LocalWeightsError(AnylensError, RuntimeError):
 
 class NotWrappedError(AnylensError, TypeError):
     """An experiment was given a model anylens has not wrapped (a Hugging Face or nnsight model)."""
+
+
+class GenerationLengthError(AnylensError, ValueError):
+    """A generation longer than the model can position, or a number of new tokens below 1."""
+
+
+class SteeringVectorError(AnylensError, ValueError):
+    """A steering vector whose width is not the model's, or that is not one vector."""
+
+
+class InterventionError(AnylensError, TypeError):
+    """An intervention that is neither a callable nor a well-formed role edit, or a generation
+    block used out of place (``gen.steps`` outside it, ``gen.text`` before it ran)."""

@@ -161,7 +161,20 @@ class AnyModel:
         return self.nn.trace(*inputs, **self._remote_kwargs(kwargs))
 
     def generate(self, *inputs: Any, **kwargs: Any) -> Any:
-        return self.nn.generate(*inputs, **self._remote_kwargs(kwargs))
+        """``with model.generate(prompts, max_new_tokens=N) as gen:`` runs its block, like a
+        trace's, at every generated step; ``gen.steps[...]`` picks steps, ``gen.text`` and
+        ``gen.tokens`` hold the output (see :mod:`anylens.core.generation_trace`). Called
+        without ``with``, it generates and returns that output. Greedy unless ``do_sample=True``."""
+        from nnsight.tracing.tracer import WithBlockNotFoundError
+
+        from .generation_trace import open_generation, run_untraced
+
+        tracer = open_generation(self, inputs, kwargs)
+        try:
+            tracer.capture()  # looks two frames up: the caller's line
+        except WithBlockNotFoundError:
+            return run_untraced(tracer)
+        return tracer
 
     def session(self, *args: Any, **kwargs: Any) -> Any:
         """An nnsight session; for a remote model the whole session is one remote job, so pass

@@ -124,6 +124,19 @@ class Rank(Metric):
 
 
 @dataclass(frozen=True)
+class Top1(Metric):
+    """1 where the target is the top prediction (the token greedy decoding picks), else 0."""
+
+    target: Target
+    name = "top1"
+    reads_clean_logits = False
+
+    def __call__(self, logits, model, clean_logits=None):
+        last = _last(logits).float()
+        return (last.argmax(-1) == target_ids(model, self.target, last.shape[0]).to(last.device)).float()
+
+
+@dataclass(frozen=True)
 class KL(Metric):
     """KL(clean || run) over the next-token distribution; 0 means the clean distribution."""
 
@@ -155,6 +168,10 @@ def log_prob(target: Target) -> LogProb:
 
 def rank(target: Target) -> Rank:
     return Rank(target)
+
+
+def top1(target: Target) -> Top1:
+    return Top1(target)
 
 
 def kl() -> KL:
@@ -266,4 +283,5 @@ __all__ = [
     "prob",
     "rank",
     "resolve",
+    "top1",
 ]
