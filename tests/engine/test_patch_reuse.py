@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_patching import reference_patch
+from hook_reference import reference_patch
 from tiny_models import model_cache, random_prompt_pairs
 
 import anylens as al

@@ -181,7 +181,7 @@ def test_attribution_correlates_with_exact_patching(family, record_property):
     Observed Pearson r over seeds 0-3: 0.84-1.00 for z per head on the attention families, 0.76
     and up for mixer_out per position on Mamba2 (0.96 on Mamba). Residual-stream patches are too
     non-linear on random weights for a stable bound. The stronger claim (r >= 0.8 on the trained
-    zoo models) is in tests/test_zoo_mechanisms.py.
+    zoo models) is in tests/zoo/test_zoo_mechanisms.py.
     """
     model = model_of(family)
     role, over = ("z", ("layer", "head")) if "z" in model.roles else ("mixer_out", ("layer", "pos"))

@@ -75,7 +75,7 @@ def model(request: pytest.FixtureRequest) -> al.AnyModel:
 def reference_of(hf: torch.nn.Module) -> Reference:
     name = type(hf).__name__
     if name not in REFERENCE:
-        pytest.fail(f"tests/test_dla.py has no reference for {name}: add it to REFERENCE")
+        pytest.fail(f"tests/experiments/test_dla.py has no reference for {name}: add it to REFERENCE")
     return REFERENCE[name]
 
 

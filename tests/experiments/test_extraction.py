@@ -99,7 +99,9 @@ def model(request: pytest.FixtureRequest) -> al.AnyModel:
 def modules_of(hf: torch.nn.Module) -> Modules:
     name = type(hf).__name__
     if name not in REFERENCE:
-        pytest.fail(f"tests/test_extraction.py has no reference module paths for {name}: add it to REFERENCE")
+        pytest.fail(
+            f"tests/experiments/test_extraction.py has no reference module paths for {name}: add it to REFERENCE"
+        )
     return REFERENCE[name]
 
 

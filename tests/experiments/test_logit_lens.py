@@ -45,7 +45,9 @@ def model(request: pytest.FixtureRequest) -> al.AnyModel:
 def reference_of(hf: torch.nn.Module) -> tuple[str, str, str, str | None]:
     name = type(hf).__name__
     if name not in REFERENCE:
-        pytest.fail(f"tests/test_logit_lens.py has no reference module paths for {name}: add it to REFERENCE")
+        pytest.fail(
+            f"tests/experiments/test_logit_lens.py has no reference module paths for {name}: add it to REFERENCE"
+        )
     return REFERENCE[name]
 
 

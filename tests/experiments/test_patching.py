@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hook_reference as ref
 import pytest
 import torch
+from hook_reference import reference_patch
 from tiny_models import model_cache
 from tiny_models import random_prompt_pairs as prompt_pairs
 
@@ -18,39 +18,6 @@ METRIC = al.metrics.logit_diff(ANSWER, DISTRACTOR)
 
 
 model_of = model_cache()
-
-
-def reference_patch(hf, role, over, clean, corrupt, direction, align=None):
-    """{(layer, head?, pos?): metric averaged over pairs}, one hooked forward per patch.
-
-    Each forward runs every prompt pair as a batch row with the same single patch.
-    """
-    target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-    if align is None:
-        source_of = {p: p for p in range(target.shape[1])}
-    else:
-        src_pos, tgt_pos = align if direction == "denoise" else align[::-1]
-        source_of = dict(zip(tgt_pos, src_pos))
-    heads = range(ref.n_heads(hf)) if "head" in over else [None]
-    positions = list(source_of) if "pos" in over else [None]
-    out = {}
-    with torch.no_grad():
-        source_acts, _ = ref.capture(hf, role, source)
-        for layer in range(ref.n_layers(hf)):
-            for head in heads:
-                for pos in positions:
-
-                    def edit(value, layer=layer, head=head, pos=pos):
-                        for tp in source_of if pos is None else [pos]:
-                            value = ref.replace(value, source_acts[layer], role, hf, tp, head, source_of[tp])
-                        return value
-
-                    logits = ref.run(hf, target, {(role, layer): edit})
-                    key = (layer,) + ((head,) if head is not None else ()) + ((pos,) if pos is not None else ())
-                    out[key] = ref.logit_diff(logits, ANSWER, DISTRACTOR).mean().item()
-        clean_metric = ref.logit_diff(ref.run(hf, clean), ANSWER, DISTRACTOR).mean().item()
-        corrupt_metric = ref.logit_diff(ref.run(hf, corrupt), ANSWER, DISTRACTOR).mean().item()
-    return out, clean_metric, corrupt_metric
 
 
 def keyed(frame, over):
