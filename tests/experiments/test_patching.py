@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from families import ANY_FAMILY, family_cases
 from hook_reference import reference_patch
 from tiny_models import model_cache
 from tiny_models import random_prompt_pairs as prompt_pairs
 
 import anylens as al
 from anylens.engine import OverError
-from anylens.testing import TINY_BUILDERS
 
 TOL = 1e-5
 ANSWER, DISTRACTOR = 300, 301  # " Paris", " Rome" in the tiny tokenizer
@@ -29,12 +29,9 @@ CASES = [("resid_pre", ("layer", "pos")), ("z", ("layer", "head")), ("mlp_out", 
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-@pytest.mark.parametrize("role,over", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+@pytest.mark.parametrize("family,role,over", family_cases(CASES))
 def test_patch_matches_hook_reference(family, role, over, direction):
     model = model_of(family)
-    if role not in model.roles:
-        pytest.skip(f"{family} has no role {role!r} (its adapter provides {', '.join(model.roles)})")
     clean, corrupt = prompt_pairs()
     result = al.patch(model, clean, corrupt, role=role, over=over, metric=METRIC, direction=direction)
     expected, clean_metric, corrupt_metric = reference_patch(model.hf, role, over, clean, corrupt, direction)
@@ -57,7 +54,7 @@ def test_patch_matches_hook_reference(family, role, over, direction):
 
 
 def test_patches_are_batched_into_few_forwards():
-    family = next(iter(TINY_BUILDERS))
+    family = ANY_FAMILY
     model = model_of(family)
     clean, corrupt = prompt_pairs()
     forwards = []
@@ -111,7 +108,7 @@ def test_patches_are_batched_into_few_forwards():
 
 
 def test_different_lengths_raise_prompt_error_showing_both_tokenizations():
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     clean, corrupt = "The capital of France is", "The Colosseum is in"
     with pytest.raises(al.PromptError) as error:
         al.patch(model, clean, corrupt, metric=METRIC)
@@ -123,7 +120,7 @@ def test_different_lengths_raise_prompt_error_showing_both_tokenizations():
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_align_patches_clean_position_into_corrupt_position(direction):
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     clean, _ = prompt_pairs(seed=1)
     clean = clean[:1]
     corrupt = torch.cat([clean[:, :2], torch.tensor([[42]]), clean[:, 2:]], dim=1)  # one token inserted
@@ -140,7 +137,7 @@ def test_align_patches_clean_position_into_corrupt_position(direction):
 
 
 def test_per_prompt_rows_average_to_the_summary():
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     clean, corrupt = prompt_pairs()
     summary = al.patch(model, clean, corrupt, role="resid_pre", over=("layer",), metric=METRIC).to_frame()
     per_prompt = al.patch(
@@ -153,7 +150,7 @@ def test_per_prompt_rows_average_to_the_summary():
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_tokens_and_pos_labels_are_those_of_the_patched_run(direction):
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     clean, corrupt = prompt_pairs()
     patched = corrupt if direction == "denoise" else clean
     result = al.patch(
@@ -167,7 +164,7 @@ def test_tokens_and_pos_labels_are_those_of_the_patched_run(direction):
 
 
 def test_targets_per_prompt_follow_their_rows():
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     clean, corrupt = prompt_pairs()
     swapped = al.metrics.logit_diff([ANSWER, DISTRACTOR], [DISTRACTOR, ANSWER])  # pair 1 asks the opposite
     both = al.patch(model, clean, corrupt, metric=swapped, per_prompt=True, batch_size=7).to_frame()
@@ -181,7 +178,7 @@ def test_targets_per_prompt_follow_their_rows():
 
 
 def test_invalid_sweeps_say_what_to_do():
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     clean, corrupt = prompt_pairs()
     with pytest.raises(OverError, match="no heads"):
         al.patch(model, clean, corrupt, role="resid_pre", over=("layer", "head"), metric=METRIC)
