@@ -7,21 +7,20 @@ from __future__ import annotations
 import nnsight.intervention.source as nnsight_source
 import pytest
 import torch
+from families import ANY_FAMILY
 from tiny_models import model_cache, random_prompt_pairs
 
 import anylens as al
-from anylens.testing import TINY_BUILDERS, tiny, tiny_tokenizer
+from anylens.testing import tiny, tiny_tokenizer
 
 model_of = model_cache()
 ATOL = 1e-6
+pytestmark = pytest.mark.needs_roles("pattern")  # the role that steps into operations
 
 
-@pytest.fixture(params=list(TINY_BUILDERS))
-def model(request: pytest.FixtureRequest) -> al.AnyModel:
-    model = model_of(request.param)
-    if "pattern" not in model.roles:
-        pytest.skip(f"{model.adapter.name} has no role that steps into operations")
-    return model
+@pytest.fixture
+def model(family: str) -> al.AnyModel:
+    return model_of(family)
 
 
 @pytest.fixture
@@ -115,7 +114,7 @@ def test_experiments_over_a_pattern_keep_its_hooks(model: al.AnyModel) -> None:
     ids=["patch", "attribute", "ablate", "logit_lens", "cache", "direct_logit_attribution"],
 )
 def test_experiments_given_an_unwrapped_model_say_to_wrap_it(experiment) -> None:
-    hf_model = model_of(next(iter(TINY_BUILDERS))).hf
+    hf_model = model_of(ANY_FAMILY).hf
     ids, _ = random_prompt_pairs()
     with pytest.raises(al.NotWrappedError, match=r"anylens\.wrap\(hf_model, tokenizer\)"):
         experiment(hf_model, ids)
@@ -124,7 +123,7 @@ def test_experiments_given_an_unwrapped_model_say_to_wrap_it(experiment) -> None
 def test_modules_opened_before_wrapping_run_plain_in_the_block_too(operation_calls: list[str]) -> None:
     from nnsight.modeling.transformers import TransformersModel
 
-    family = next(iter(TINY_BUILDERS))
+    family = ANY_FAMILY
     hf_model = tiny(family).hf
     ids, _ = random_prompt_pairs()
     mlp = "transformer.h.0.mlp" if family == "gpt2" else "model.layers.0.mlp"

@@ -14,7 +14,7 @@ import torch
 
 matplotlib.use("Agg")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 MODELS = ["tiny:gpt2", "tiny:llama", "tiny:mistral", "tiny:mamba"]
 ATOL = 1e-5
 

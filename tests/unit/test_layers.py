@@ -57,7 +57,7 @@ ALLOWED: dict[str, set[str]] = {
     "testing": {"tiny"},
 }
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = SRC / "anylens"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anylens as al
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "src" / "anylens"
 
 if sys.version_info >= (3, 11):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hook_reference as ref
 import pytest
 import torch
+from families import ANY_FAMILY, family_cases
 from tiny_models import model_cache
 
 import anylens as al
-from anylens.testing import TINY_BUILDERS
 
 TOL = 1e-5
 ANSWER, DISTRACTOR = 300, 301
@@ -54,12 +54,9 @@ METHODS = ["zero", "mean", "mean_over_positions", "resample"]
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("role,over", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+@pytest.mark.parametrize("family,role,over", family_cases(CASES))
 def test_ablate_matches_hook_reference(family, role, over, method):
     model = model_of(family)
-    if role not in model.roles:
-        pytest.skip(f"{family} has no role {role!r} (its adapter provides {', '.join(model.roles)})")
     ids = prompts()
     kwargs = {"method": "mean", "mean_over": "positions"} if method == "mean_over_positions" else {"method": method}
     result = al.ablate(model, ids, role=role, over=over, metric=METRIC, seed=3, **kwargs)
@@ -96,7 +93,7 @@ def test_ablate_matches_hook_reference(family, role, over, method):
 
 
 def test_resample_is_seeded_and_never_picks_the_same_prompt():
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     ids = prompts(n=5)
 
     def run(seed):
@@ -111,7 +108,7 @@ def test_resample_is_seeded_and_never_picks_the_same_prompt():
 
 
 def test_reference_batch_supplies_means_and_resamples():
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     ids, reference = prompts(n=2), prompts(n=4, seed=9)
     mean = al.ablate(
         model, ids, role="resid_pre", over=("layer", "pos"), method="mean", metric=METRIC, reference=reference
@@ -133,7 +130,7 @@ def test_reference_batch_supplies_means_and_resamples():
 
 
 def test_ablation_errors_say_what_to_do():
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     with pytest.raises(al.PromptError, match="at least two prompts"):
         al.ablate(model, prompts(n=1), role="resid_pre", over=("layer",), method="resample", metric=METRIC)
     with pytest.raises(al.PromptError, match="same token length"):

@@ -17,7 +17,7 @@ import anylens as al
 from anylens.engine import Component, PatchPlan, block_prefix, engine_state, record, reuse, shortcut
 from anylens.engine import baseline as recording
 from anylens.engine.scheduling import Chunk
-from anylens.testing import TINY_BUILDERS, tiny
+from anylens.testing import tiny
 
 TOL = 1e-5
 METRIC = al.metrics.logit_diff(300, 301)
@@ -93,7 +93,6 @@ def forwards_run(model, modules: list[str]):
             state.body = body
 
 
-@pytest.mark.parametrize("family", list(TINY_BUILDERS))
 def test_each_row_joins_the_forward_at_its_own_block(family, monkeypatch):
     model = fresh(family)
     clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
@@ -112,7 +111,6 @@ def test_each_row_joins_the_forward_at_its_own_block(family, monkeypatch):
     assert engine_state(model).reuse_off_reason is None and engine_state(model).growing_off_reason is None
 
 
-@pytest.mark.parametrize("family", list(TINY_BUILDERS))
 def test_modules_before_the_role_do_not_run_in_a_chunks_first_block(family, monkeypatch):
     model = fresh(family)
     role = next(r for r in ("z", "mixer_out", "resid_post") if r in model.roles)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import matplotlib
 import pytest
 import torch
+from families import ANY_FAMILY
 
 import anylens as al
 from anylens import MissingRoleError, PromptError
-from anylens.testing import TINY_BUILDERS, tiny
+from anylens.testing import tiny
 
 matplotlib.use("Agg")
 
@@ -18,17 +19,12 @@ PROMPT = "The capital of France is Paris"
 PROMPTS = ["The cat sat on the mat", "When Mary and John went"]
 
 
-@pytest.fixture(scope="module", params=list(TINY_BUILDERS))
-def model(request: pytest.FixtureRequest) -> al.AnyModel:
+@pytest.fixture(scope="module")
+def model(family: str) -> al.AnyModel:
     try:
-        return tiny(request.param)
+        return tiny(family)
     except ImportError as error:  # a family whose package (and hardware) is optional
-        pytest.skip(f"tiny {request.param!r} cannot be built here: {error}")
-
-
-def needs_pattern(model: al.AnyModel) -> None:
-    if "pattern" not in model.roles:
-        pytest.skip(f"{model.adapter.name} has no role 'pattern'")
+        pytest.skip(f"tiny {family!r} cannot be built here: {error}")
 
 
 def hf_attentions(model: al.AnyModel, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -68,8 +64,8 @@ def previous_token_by_hand(model: al.AnyModel, sequences: list[torch.Tensor]) ->
     return {key: sum(values) / len(values) for key, values in steps.items()}
 
 
+@pytest.mark.needs_roles("pattern")
 def test_head_scores_equal_a_hand_computation(model: al.AnyModel) -> None:
-    needs_pattern(model)
     seq_len = 6
     scores = al.head_scores(model, prompts=PROMPTS, seq_len=seq_len, seed=1, batch=2)
     frame = scores.to_frame()
@@ -98,8 +94,8 @@ def test_head_scores_equal_a_hand_computation(model: al.AnyModel) -> None:
         assert score["previous_token", layer, head] == pytest.approx(want, abs=ATOL)
 
 
+@pytest.mark.needs_roles("pattern")
 def test_head_scores_on_given_sequences(model: al.AnyModel) -> None:
-    needs_pattern(model)
     given = torch.tensor([[5, 9, 13, 17, 21], [6, 10, 14, 18, 22]])
     scores = al.head_scores(model, sequences=given)
     tokens = torch.tensor(scores.meta["induction_tokens"])
@@ -116,7 +112,7 @@ def test_head_scores_on_given_sequences(model: al.AnyModel) -> None:
 
 
 def test_plots_frames_and_errors() -> None:
-    model = tiny(next(iter(TINY_BUILDERS)))
+    model = tiny(ANY_FAMILY)
     result = al.attention_patterns(model, PROMPT)
     assert {"model", "layer", "head", "query_pos", "key_pos", "value"} <= set(result.to_frame().columns)
     assert result.meta["tokens"] == model.to_str_tokens(PROMPT)

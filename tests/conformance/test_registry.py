@@ -93,7 +93,7 @@ def test_builtin_architectures_resolve_by_config_and_by_class_name():
 
 def test_unknown_architecture_names_the_class_lists_adapters_and_says_how_to_register():
     # Not a torch model, so not even inference can serve it (a real unclaimed causal LM is
-    # inferred instead: tests/test_infer.py).
+    # inferred instead: tests/conformance/test_infer.py).
     with pytest.raises(al.UnknownArchitectureError) as caught:
         al.wrap(stub("MyLlama", ["MyLlama"]), tokenizer=object())
     message = str(caught.value)
@@ -169,7 +169,7 @@ class MyLlamaForCausalLM(LlamaForCausalLM):
 
 
 def test_the_toml_example_in_the_docs_works(tmp_path):
-    docs = Path(__file__).resolve().parents[1] / "docs" / "adapters.md"
+    docs = Path(__file__).resolve().parents[2] / "docs" / "adapters.md"
     blocks = re.findall(r"```toml\n(.*?)```", docs.read_text(), flags=re.S)
     example = next(block for block in blocks if block.startswith("[adapter]"))
     path = tmp_path / "myllama.toml"

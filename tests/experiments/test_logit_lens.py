@@ -6,10 +6,11 @@ from __future__ import annotations
 import matplotlib
 import pytest
 import torch
+from families import ANY_FAMILY
 
 import anylens as al
 from anylens import PromptError, TokenizationError
-from anylens.testing import TINY_BUILDERS, tiny
+from anylens.testing import tiny
 
 matplotlib.use("Agg")
 
@@ -34,18 +35,20 @@ REFERENCE: dict[str, tuple[str, str, str, str | None]] = {
 }
 
 
-@pytest.fixture(scope="module", params=list(TINY_BUILDERS))
-def model(request: pytest.FixtureRequest) -> al.AnyModel:
+@pytest.fixture(scope="module")
+def model(family: str) -> al.AnyModel:
     try:
-        return tiny(request.param)
+        return tiny(family)
     except ImportError as error:  # a family whose package (and hardware) is optional
-        pytest.skip(f"tiny {request.param!r} cannot be built here: {error}")
+        pytest.skip(f"tiny {family!r} cannot be built here: {error}")
 
 
 def reference_of(hf: torch.nn.Module) -> tuple[str, str, str, str | None]:
     name = type(hf).__name__
     if name not in REFERENCE:
-        pytest.fail(f"tests/test_logit_lens.py has no reference module paths for {name}: add it to REFERENCE")
+        pytest.fail(
+            f"tests/experiments/test_logit_lens.py has no reference module paths for {name}: add it to REFERENCE"
+        )
     return REFERENCE[name]
 
 
@@ -112,7 +115,7 @@ def test_a_middle_layer_equals_the_lens_by_hand(model: al.AnyModel) -> None:
 
 
 def test_result_frames_plot_and_persistence(tmp_path) -> None:
-    model = tiny(next(iter(TINY_BUILDERS)))
+    model = tiny(ANY_FAMILY)
     n_pos = prompt_ids(model).shape[1]
     result = al.logit_lens(model, PROMPT, targets=[" Paris", " Rome"], k=3, positions=[-2, -1])
     frame = result.to_frame()

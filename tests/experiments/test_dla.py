@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import matplotlib
 import pytest
 import torch
+from families import ANY_FAMILY, has_head_decomposition
 
 import anylens as al
-from anylens.testing import TINY_BUILDERS, tiny
+from anylens.testing import tiny
 
 matplotlib.use("Agg")
 
@@ -64,18 +65,18 @@ REFERENCE: dict[str, Reference] = {
 }
 
 
-@pytest.fixture(scope="module", params=list(TINY_BUILDERS))
-def model(request: pytest.FixtureRequest) -> al.AnyModel:
+@pytest.fixture(scope="module")
+def model(family: str) -> al.AnyModel:
     try:
-        return tiny(request.param)
+        return tiny(family)
     except ImportError as error:  # a family whose package (and hardware) is optional
-        pytest.skip(f"tiny {request.param!r} cannot be built here: {error}")
+        pytest.skip(f"tiny {family!r} cannot be built here: {error}")
 
 
 def reference_of(hf: torch.nn.Module) -> Reference:
     name = type(hf).__name__
     if name not in REFERENCE:
-        pytest.fail(f"tests/test_dla.py has no reference for {name}: add it to REFERENCE")
+        pytest.fail(f"tests/experiments/test_dla.py has no reference for {name}: add it to REFERENCE")
     return REFERENCE[name]
 
 
@@ -213,9 +214,8 @@ def test_the_bias_row_and_a_layer_component_equal_hand_computations(
     assert values["bias"] == pytest.approx(float(bias_by_hand), abs=ATOL)
 
 
+@pytest.mark.needs_roles(where=has_head_decomposition)
 def test_one_head_equals_a_hand_computation(model: al.AnyModel, hand: list, attribution: al.Result) -> None:
-    if not ("z" in model.roles and model.adapter.z_feeds_residual and model.adapter.out_proj):
-        pytest.skip(f"{model.adapter.name}: no per-head attribution (needs role 'z' feeding the residual through W_O)")
     ref = reference_of(model.hf)
     layer, head = model.n_layers - 1, 1
     paris, rome = answer_ids(model)
@@ -235,7 +235,7 @@ def test_one_head_equals_a_hand_computation(model: al.AnyModel, hand: list, attr
 
 # -- interface ----------------------------------------------------------------------------------
 def test_frame_plot_and_errors() -> None:
-    model = tiny(next(iter(TINY_BUILDERS)))
+    model = tiny(ANY_FAMILY)
     result = al.direct_logit_attribution(model, PROMPTS[0], (" Paris", " Rome"), per_head=False)
     frame = result.to_frame()
     assert {"model", "prompt", "component", "kind", "layer", "head", "value"} <= set(frame.columns)

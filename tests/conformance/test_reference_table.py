@@ -29,7 +29,7 @@ from anylens.registry.table import (
     versions,
 )
 
-REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
+REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 
 
 @pytest.fixture(autouse=True)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import hook_reference as ref
 import pytest
 import torch
+from families import ANY_FAMILY, family_cases
+from hook_reference import reference_patch
 from tiny_models import model_cache
 from tiny_models import random_prompt_pairs as prompt_pairs
 
 import anylens as al
 from anylens.engine import OverError
-from anylens.testing import TINY_BUILDERS
 
 TOL = 1e-5
 ANSWER, DISTRACTOR = 300, 301  # " Paris", " Rome" in the tiny tokenizer
@@ -18,39 +18,6 @@ METRIC = al.metrics.logit_diff(ANSWER, DISTRACTOR)
 
 
 model_of = model_cache()
-
-
-def reference_patch(hf, role, over, clean, corrupt, direction, align=None):
-    """{(layer, head?, pos?): metric averaged over pairs}, one hooked forward per patch.
-
-    Each forward runs every prompt pair as a batch row with the same single patch.
-    """
-    target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-    if align is None:
-        source_of = {p: p for p in range(target.shape[1])}
-    else:
-        src_pos, tgt_pos = align if direction == "denoise" else align[::-1]
-        source_of = dict(zip(tgt_pos, src_pos))
-    heads = range(ref.n_heads(hf)) if "head" in over else [None]
-    positions = list(source_of) if "pos" in over else [None]
-    out = {}
-    with torch.no_grad():
-        source_acts, _ = ref.capture(hf, role, source)
-        for layer in range(ref.n_layers(hf)):
-            for head in heads:
-                for pos in positions:
-
-                    def edit(value, layer=layer, head=head, pos=pos):
-                        for tp in source_of if pos is None else [pos]:
-                            value = ref.replace(value, source_acts[layer], role, hf, tp, head, source_of[tp])
-                        return value
-
-                    logits = ref.run(hf, target, {(role, layer): edit})
-                    key = (layer,) + ((head,) if head is not None else ()) + ((pos,) if pos is not None else ())
-                    out[key] = ref.logit_diff(logits, ANSWER, DISTRACTOR).mean().item()
-        clean_metric = ref.logit_diff(ref.run(hf, clean), ANSWER, DISTRACTOR).mean().item()
-        corrupt_metric = ref.logit_diff(ref.run(hf, corrupt), ANSWER, DISTRACTOR).mean().item()
-    return out, clean_metric, corrupt_metric
 
 
 def keyed(frame, over):
@@ -62,12 +29,9 @@ CASES = [("resid_pre", ("layer", "pos")), ("z", ("layer", "head")), ("mlp_out", 
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-@pytest.mark.parametrize("role,over", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+@pytest.mark.parametrize("family,role,over", family_cases(CASES))
 def test_patch_matches_hook_reference(family, role, over, direction):
     model = model_of(family)
-    if role not in model.roles:
-        pytest.skip(f"{family} has no role {role!r} (its adapter provides {', '.join(model.roles)})")
     clean, corrupt = prompt_pairs()
     result = al.patch(model, clean, corrupt, role=role, over=over, metric=METRIC, direction=direction)
     expected, clean_metric, corrupt_metric = reference_patch(model.hf, role, over, clean, corrupt, direction)
@@ -90,7 +54,7 @@ def test_patch_matches_hook_reference(family, role, over, direction):
 
 
 def test_patches_are_batched_into_few_forwards():
-    family = next(iter(TINY_BUILDERS))
+    family = ANY_FAMILY
     model = model_of(family)
     clean, corrupt = prompt_pairs()
     forwards = []
@@ -144,7 +108,7 @@ def test_patches_are_batched_into_few_forwards():
 
 
 def test_different_lengths_raise_prompt_error_showing_both_tokenizations():
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     clean, corrupt = "The capital of France is", "The Colosseum is in"
     with pytest.raises(al.PromptError) as error:
         al.patch(model, clean, corrupt, metric=METRIC)
@@ -156,7 +120,7 @@ def test_different_lengths_raise_prompt_error_showing_both_tokenizations():
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_align_patches_clean_position_into_corrupt_position(direction):
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     clean, _ = prompt_pairs(seed=1)
     clean = clean[:1]
     corrupt = torch.cat([clean[:, :2], torch.tensor([[42]]), clean[:, 2:]], dim=1)  # one token inserted
@@ -173,7 +137,7 @@ def test_align_patches_clean_position_into_corrupt_position(direction):
 
 
 def test_per_prompt_rows_average_to_the_summary():
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     clean, corrupt = prompt_pairs()
     summary = al.patch(model, clean, corrupt, role="resid_pre", over=("layer",), metric=METRIC).to_frame()
     per_prompt = al.patch(
@@ -186,7 +150,7 @@ def test_per_prompt_rows_average_to_the_summary():
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_tokens_and_pos_labels_are_those_of_the_patched_run(direction):
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     clean, corrupt = prompt_pairs()
     patched = corrupt if direction == "denoise" else clean
     result = al.patch(
@@ -200,7 +164,7 @@ def test_tokens_and_pos_labels_are_those_of_the_patched_run(direction):
 
 
 def test_targets_per_prompt_follow_their_rows():
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     clean, corrupt = prompt_pairs()
     swapped = al.metrics.logit_diff([ANSWER, DISTRACTOR], [DISTRACTOR, ANSWER])  # pair 1 asks the opposite
     both = al.patch(model, clean, corrupt, metric=swapped, per_prompt=True, batch_size=7).to_frame()
@@ -214,7 +178,7 @@ def test_targets_per_prompt_follow_their_rows():
 
 
 def test_invalid_sweeps_say_what_to_do():
-    model = model_of(next(iter(TINY_BUILDERS)))
+    model = model_of(ANY_FAMILY)
     clean, corrupt = prompt_pairs()
     with pytest.raises(OverError, match="no heads"):
         al.patch(model, clean, corrupt, role="resid_pre", over=("layer", "head"), metric=METRIC)

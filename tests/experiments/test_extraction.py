@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from families import ANY_FAMILY, has_head_decomposition
 
 import anylens as al
 from anylens import MissingRoleError
 from anylens.core.roles import ALL_ROLES
 from anylens.experiments.extraction import ActivationCache
-from anylens.testing import TINY_BUILDERS, tiny
+from anylens.testing import tiny
 
 ATOL = 1e-5
 PROMPTS = ["The cat sat on the mat", "The capital of France is Paris and the"]  # different lengths
@@ -91,15 +92,17 @@ def build(family: str) -> al.AnyModel:
         pytest.skip(f"tiny {family!r} cannot be built here: {error}")
 
 
-@pytest.fixture(scope="module", params=list(TINY_BUILDERS))
-def model(request: pytest.FixtureRequest) -> al.AnyModel:
-    return build(request.param)
+@pytest.fixture(scope="module")
+def model(family: str) -> al.AnyModel:
+    return build(family)
 
 
 def modules_of(hf: torch.nn.Module) -> Modules:
     name = type(hf).__name__
     if name not in REFERENCE:
-        pytest.fail(f"tests/test_extraction.py has no reference module paths for {name}: add it to REFERENCE")
+        pytest.fail(
+            f"tests/experiments/test_extraction.py has no reference module paths for {name}: add it to REFERENCE"
+        )
     return REFERENCE[name]
 
 
@@ -235,11 +238,10 @@ def test_decomposition_sums_back_to_resid_post(
                 assert [f"{w} {layer}" for w in writers] == [lab for lab in labels if lab.endswith(f" {layer}")]
 
 
+@pytest.mark.needs_roles(where=has_head_decomposition)
 def test_one_head_of_the_decomposition_is_z_times_its_output_weights(
     model: al.AnyModel, batch: ActivationCache, references: list[dict]
 ) -> None:
-    if not ("z" in model.roles and model.adapter.z_feeds_residual and model.adapter.out_proj):
-        pytest.skip(f"{model.adapter.name}: no per-head decomposition (role 'z' feeding the residual through W_O)")
     paths = modules_of(model.hf)
     layer, head = model.n_layers - 1, model.n_heads - 1
     z = references[1][("z", layer)][0]  # [pos, heads * d_head]
@@ -284,9 +286,8 @@ def test_cache_interface(model: al.AnyModel, batch: ActivationCache) -> None:
             al.cache(model, PROMPTS, roles=["resid_post", missing[0]])
 
 
+@pytest.mark.needs_roles("pattern")
 def test_pattern_positions_select_queries(model: al.AnyModel, batch: ActivationCache) -> None:
-    if "pattern" not in model.roles:
-        pytest.skip(f"{model.adapter.name} has no role 'pattern'")
     full = batch
     some = al.cache(model, PROMPTS, roles=["pattern"], layers=[0], positions=[0, -1])
     width = full.tokens.shape[1]
@@ -295,7 +296,7 @@ def test_pattern_positions_select_queries(model: al.AnyModel, batch: ActivationC
 
 
 def test_norm_frames() -> None:
-    model = build(next(iter(TINY_BUILDERS)))
+    model = build(ANY_FAMILY)
     cache = al.cache(model, PROMPTS, roles=["resid_post"], positions=[-2, -1])
     frame = cache.to_frame()
     assert len(frame) == model.n_layers * 2 * 2
@@ -310,7 +311,7 @@ def test_norm_frames() -> None:
 def test_reads_in_the_wrong_order_fall_back_to_one_trace_per_role(monkeypatch: pytest.MonkeyPatch) -> None:
     from anylens.experiments import extraction
 
-    model = build(next(iter(TINY_BUILDERS)))
+    model = build(ANY_FAMILY)
     roles = ["resid_pre", "attn_out", "resid_post", "logits"]
     in_order = al.cache(model, PROMPTS, roles=roles)
     forward = extraction.forward_order

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_patching import reference_patch
+from families import family_cases
+from hook_reference import reference_patch
 from tiny_models import model_cache, random_prompt_pairs
 
 import anylens as al
@@ -17,7 +18,7 @@ from anylens.engine.executor import patched_forward
 from anylens.engine.final_position import last_mlp
 from anylens.engine.plan import Component, PatchPlan, moved_together
 from anylens.engine.scheduling import Chunk, CostModel, plan_chunks
-from anylens.testing import TINY_BUILDERS, tiny
+from anylens.testing import tiny
 
 TOL = 1e-5
 ANSWER, DISTRACTOR = 300, 301
@@ -48,12 +49,9 @@ def one_recording(request, monkeypatch):
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-@pytest.mark.parametrize("role,over", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+@pytest.mark.parametrize("family,role,over", family_cases(CASES))
 def test_reuse_matches_full_runs_and_hook_reference(family, role, over, direction, one_recording):
     model = model_of(family)
-    if role not in model.roles:
-        pytest.skip(f"{family} has no role {role!r}")
     clean, corrupt = prompt_pairs()
     # Small chunks: many forwards, each starting at its own block and position.
     reused = al.patch(model, clean, corrupt, role=role, over=over, metric=METRIC, direction=direction, batch_size=5)
@@ -74,14 +72,12 @@ def test_reuse_matches_full_runs_and_hook_reference(family, role, over, directio
     assert engine_state(model).reuse_off_reason is None  # every shortcut passed its guard
 
 
-@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+@pytest.mark.needs_roles("pattern")
 def test_reuse_matches_full_runs_for_patterns_and_single_head_positions(family):
     try:
         model = tiny(family)  # its own copy: eager attention for the pattern
     except ImportError as error:
         pytest.skip(f"tiny {family!r} cannot be built here: {error}")
-    if "pattern" not in model.roles:
-        pytest.skip(f"{family} has no attention pattern")
     model.set_attn_implementation("eager")
     clean, corrupt = prompt_pairs()
     cases = [("pattern", ("layer", "head")), ("pattern", ("layer", "head", "pos")), ("z", ("layer", "head", "pos"))]
@@ -96,7 +92,6 @@ def test_reuse_matches_full_runs_for_patterns_and_single_head_positions(family):
             assert reused.meta["unchanged"] > 0
 
 
-@pytest.mark.parametrize("family", list(TINY_BUILDERS))
 def test_shortcut_forward_equals_the_full_forward(family):
     """Skipping blocks and cached positions, and unembedding apart, gives the logits of a full
     patched forward."""
@@ -194,12 +189,9 @@ ABLATION_CASES = [("z", ("layer", "head")), ("resid_pre", ("layer", "pos"))]
 
 
 @pytest.mark.parametrize("method", ["zero", "mean", "resample"])
-@pytest.mark.parametrize("role,over", ABLATION_CASES, ids=[c[0] for c in ABLATION_CASES])
-@pytest.mark.parametrize("family", list(TINY_BUILDERS))
+@pytest.mark.parametrize("family,role,over", family_cases(ABLATION_CASES))
 def test_ablation_reuse_matches_full_runs(family, role, over, method):
     model = model_of(family)
-    if role not in model.roles:
-        pytest.skip(f"{family} has no role {role!r}")
     ids = torch.randint(4, 400, (3, LENGTH), generator=torch.Generator().manual_seed(2))
     ids[:, :4] = ids[0, :4]  # a shared prefix: resampled positions there change nothing
     kwargs = dict(role=role, over=over, method=method, metric=METRIC, seed=1)
