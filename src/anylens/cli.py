@@ -110,12 +110,24 @@ def _table_run(args: argparse.Namespace) -> int:
 def _check_setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("--prompt", metavar="TEXT", help="check on this text (default: two random token sequences)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="precision to run the model in; tolerances scale with its epsilon (default: float32)",
+    )
 
 
 def _check_run(args: argparse.Namespace) -> int:
+    import torch
+
     from .registry.verify import check
 
     model = load_model(args.model)
+    # Parameters only, as loading with a dtype does: buffers such as rotary frequencies stay float32.
+    for parameter in model.hf.parameters():
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(getattr(torch, args.dtype))
     inputs = None
     if args.prompt is not None:
         try:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import anylens as al
 from anylens import cli
@@ -113,8 +114,10 @@ def test_check_tiny_llama_passes(capsys):
     assert "FAIL" not in out
 
 
-def test_check_exits_1_when_an_invariant_fails(capsys, monkeypatch):
-    """An adapter that reads attn_out from the MLP: the residual sums no longer add up."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_check_exits_1_when_an_invariant_fails(capsys, monkeypatch, dtype):
+    """An adapter that reads attn_out from the MLP: the residual sums no longer add up, also
+    within bfloat16's wider tolerance."""
     roles = {
         "resid_pre": "model.layers.{i}.input",
         "resid_post": "model.layers.{i}.output",
@@ -126,11 +129,36 @@ def test_check_exits_1_when_an_invariant_fails(capsys, monkeypatch):
     model, tokenizer = tiny_model("llama")
     wrapped = al.wrap(model, tokenizer, adapter=declaration)
     monkeypatch.setattr(cli, "load_model", lambda source: wrapped)
-    status, out, _ = run(capsys, "check", "anything", "--prompt", "The capital of France is")
+    status, out, _ = run(capsys, "check", "anything", "--prompt", "The capital of France is", "--dtype", dtype)
     assert status == 1
     assert "| 2 resid_pre + attn_out + mlp_out == resid_post | 0 |" in out
     assert "FAIL" in out
     assert "checks FAIL" in out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_check_in_half_precision_passes_and_states_the_epsilon(capsys, dtype):
+    status, out, err = run(capsys, "check", "tiny:llama", "--dtype", dtype)
+    assert status == 0, out + err
+    assert f"eps = {torch.finfo(getattr(torch, dtype)).eps:.1e} ({dtype})" in out
+    assert out.rstrip().endswith("all invariants pass")
+
+
+def test_check_dtype_casts_parameters_and_keeps_buffers_in_float32(capsys, monkeypatch):
+    """Like loading with a dtype: rotary frequencies in bfloat16 would shift every position's angle."""
+    model, tokenizer = tiny_model("llama")
+    wrapped = al.wrap(model, tokenizer)
+    monkeypatch.setattr(cli, "load_model", lambda source: wrapped)
+    status, out, err = run(capsys, "check", "anything", "--dtype", "bfloat16")
+    assert status == 0, out + err
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_check_dtype_must_be_one_of_the_floating_point_choices(capsys):
+    status, _, err = run(capsys, "check", "tiny:llama", "--dtype", "int8")
+    assert status == 2
+    assert "argument --dtype: invalid choice: 'int8'" in err
 
 
 def test_check_directory_without_config_exits_2_with_a_clear_message(capsys, tmp_path):

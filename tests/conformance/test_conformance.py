@@ -19,7 +19,8 @@ import torch
 import transformers
 
 import anylens as al
-from anylens.testing import TINY_BUILDERS, tiny_model, tiny_tokenizer
+from anylens.registry.verify import tolerance
+from anylens.testing import TINY_BUILDERS, tiny, tiny_model, tiny_tokenizer
 
 # -- the independent description of each family ----------------------------------------------
 
@@ -431,15 +432,27 @@ WRONG_MAPPINGS = {
 }
 
 
-@pytest.mark.parametrize("case", list(WRONG_MAPPINGS))
-def test_wrong_mapping_fails_check(case):
+def _check_wrong_mapping(case: str, dtype: torch.dtype) -> al.CheckReport:
     family, roles, facts = WRONG_MAPPINGS[case]
     spec = al.registry().adapter(ADAPTER_OF[family])
     wrong = dataclasses.replace(spec, name=f"{spec.name}-wrong", roles={**spec.roles, **roles}, **facts)
-    hf, tokenizer = tiny_model(family)
+    hf, tokenizer = tiny_model(family, dtype=dtype)
     model = al.wrap(hf, tokenizer, adapter=wrong)
-    report = al.check(model, write_layers=[0])
-    assert not report.passed, f"check missed a wrong mapping ({case}):\n{report}"
+    return al.check(model, write_layers=[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("case", list(WRONG_MAPPINGS))
+def test_wrong_mapping_fails_check(case, dtype):
+    report = _check_wrong_mapping(case, getattr(torch, dtype))
+    assert report.dtype == dtype
+    assert not report.passed, f"check missed a wrong mapping ({case}) in {dtype}:\n{report}"
+    if dtype != "float32":
+        # The tolerance that grows with the dtype's epsilon is not vacuous: exactly the rows that
+        # fail in float32 fail here too.
+        failing = {(row.invariant, row.layer) for row in report.failures}
+        in_float32 = {(row.invariant, row.layer) for row in _check_wrong_mapping(case, torch.float32).failures}
+        assert failing == in_float32, f"{dtype} fails {sorted(failing, key=str)}, float32 {sorted(in_float32, key=str)}"
 
 
 # -- (e) writes reach the model exactly like a hook-made ablation ------------------------------
@@ -490,3 +503,39 @@ def test_write_matches_hook_ablation(family):
     assert float((expected - clean).abs().max()) > 1e-4, "the ablation should move the logits"
     error = float((logits - expected).abs().max())
     assert error <= TOL, f"anylens write differs from the hook ablation by {error:.2e}"
+
+
+# -- (f) half precision ---------------------------------------------------------------------------
+
+ZOO = ["zoo:gpt2", "zoo:llama", "zoo:mistral", "zoo:mamba"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("source", ZOO)
+def test_check_passes_in_half_precision(source, dtype):
+    model = al.load(source, dtype=dtype)
+    assert model.dtype == getattr(torch, dtype)
+    report = al.check(model)
+    assert report.dtype == dtype and report.eps == torch.finfo(model.dtype).eps
+    assert report.passed, str(report)
+
+
+@pytest.mark.parametrize("magnitude", [0.01, 1.0, 300.0])
+def test_float32_tolerance_is_not_looser_than_1e_4_per_unit_of_magnitude(magnitude):
+    assert tolerance(magnitude, torch.finfo(torch.float32).eps) <= 1e-4 * max(1.0, magnitude)
+
+
+def test_an_op_missing_for_the_dtype_shows_as_failing_reads_with_torchs_message(monkeypatch):
+    """No kernel these models use is missing in float16 on a CPU in torch 2.13; one that is missing
+    elsewhere must surface, not vanish into a pass."""
+    model = tiny("llama", dtype=torch.float16)
+    message = "\"addmm_impl_cpu_\" not implemented for 'Half'"
+
+    def missing(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(model.hf.model.layers[1].mlp, "forward", missing)
+    report = al.check(model)
+    reads = [row for row in report.rows if row.invariant.startswith("read ")]
+    assert reads and not report.passed
+    assert all(not row.passed and message in row.detail for row in reads)

@@ -47,6 +47,15 @@ def test_check_passes_every_invariant(smollm):
     assert report.passed, str(report)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_check_passes_every_invariant_in_half_precision(smollm, dtype):
+    """The tolerance grows with the dtype's epsilon (docs/adapters.md lists the errors measured)."""
+    model = al.load("smollm2-135m", dtype=dtype)
+    assert model.dtype == getattr(torch, dtype)
+    report = al.check(model)
+    assert report.passed, str(report)
+
+
 def test_logit_lens_finds_paris_in_the_last_third(smollm):
     lens = al.logit_lens(smollm, "The capital of France is", targets=[" Paris"])
     frame = lens.to_frame()
