@@ -17,6 +17,7 @@ from ..core.errors import LayerIndexError, MissingRoleError
 from ..core.operations import only_role_operations
 from ..core.roles import LAYER_ROLE_ORDER, LAYER_ROLES, MODEL_ROLES_AFTER_LAYERS, MODEL_ROLES_BEFORE_LAYERS
 from .prompts import Prompts, tokenize
+from .renamed import renamed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -98,10 +99,12 @@ def _read_in_one_trace(
     return values
 
 
+@renamed()
 @only_role_operations("roles")
 def cache(
     model: AnyModel,
     prompts: Prompts,
+    *,
     roles: Iterable[str] | None = None,
     layers: Iterable[int] | int | None = None,
     positions: int | slice | Iterable[int] | None = None,

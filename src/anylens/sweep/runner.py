@@ -334,7 +334,7 @@ def run(
     dataset_options = dict(dataset_options or {})
     explicit = _explicit_items(spec, prompts, dataset, n)
     if explicit is not None:
-        experiments_.check_metric(experiment_options.get("metric"), explicit)
+        spec.check_metric(experiment_options, explicit)
     config = {
         "experiment": spec.name,
         "options": describe({k: v for k, v in experiment_options.items() if k not in EXECUTION_OPTIONS}),
