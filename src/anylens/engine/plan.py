@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.errors import AnylensError, PromptError
+from ..core.errors import OverError, PromptError
 from ..core.roles import HEAD_ROLES, LAYER_ROLES
 
 if TYPE_CHECKING:
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 DIMS = ("layer", "head", "pos")
 #: Roles whose heads are a dimension: the head roles plus ``pattern`` ([batch, head, query, key]).
 HEADED_ROLES = frozenset(HEAD_ROLES | {"pattern"})
-
-
-class OverError(AnylensError, ValueError):
-    """An ``over`` that the role cannot be swept over (e.g. heads of the residual stream)."""
 
 
 @dataclass(frozen=True)

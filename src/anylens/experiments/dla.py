@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from ..core.errors import AnylensError, PromptError
+from ..core.errors import LinearisationError, PromptError
 from ..core.model import linear_weight
 from ..core.operations import only_role_operations
 from .extraction import cache, decompose_resid
@@ -30,10 +30,6 @@ if TYPE_CHECKING:
 #: Probe magnitude: large enough that a norm's epsilon is negligible (eps / M**2), small
 #: enough that squares stay finite in float16.
 _PROBE = 100.0
-
-
-class LinearisationError(AnylensError, ValueError):
-    """The final norm is not of the form ``(x - c * mean(x)) / scale * gain + bias``."""
 
 
 @dataclass(frozen=True)
