@@ -76,6 +76,10 @@ class AnylensWarning(UserWarning):
     """Base class of every warning anylens gives on purpose."""
 
 
+class PositionError(PromptError, IndexError):
+    """A token position outside the prompt (it is a ``PromptError`` and an ``IndexError``)."""
+
+
 class PositionLimitWarning(AnylensWarning):
     """A prompt longer than the positions a rotary model was trained on: it runs, but past its
     context the model's behaviour is not what it learned."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.errors import OverError, PromptError
+from ..core.positions import normalize_positions
 from ..core.roles import HEAD_ROLES, LAYER_ROLES
 
 if TYPE_CHECKING:
@@ -85,16 +86,6 @@ def enumerate_components(
             raise ValueError("sweeping 'pos' needs the positions to sweep")
         pos_list = list(positions)
     return [Component(layer, pos, head) for layer in model.layers(layers) for head in head_list for pos in pos_list]
-
-
-def normalize_positions(positions: Sequence[int], length: int, what: str) -> list[int]:
-    """Positions in ``0..length-1`` (negative ones count from the end), or a clear error."""
-    out = []
-    for p in positions:
-        if not -length <= int(p) < length:
-            raise PromptError(f"{what} position {p} is out of range for a prompt of {length} tokens")
-        out.append(int(p) % length)
-    return out
 
 
 # -- the plan of a batched sweep --------------------------------------------------------------

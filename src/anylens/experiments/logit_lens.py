@@ -14,7 +14,8 @@ import torch
 
 from ..core.errors import MetricError, PromptError
 from ..core.operations import only_role_operations
-from .extraction import normalize_positions, read_roles
+from ..core.positions import normalize_positions
+from .extraction import read_roles
 from .metrics import NAMED, Metric, named
 from .prompts import Prompts, tokenize
 from .renamed import renamed
