@@ -3,7 +3,7 @@
 A *component* is one place in a role that an experiment patches: a layer, optionally one
 position and optionally one head. :func:`enumerate_components` lists them over the dimensions
 an experiment sweeps (``over``); a :class:`PatchPlan` gives each patched run (a batch row) its
-input, its component and the source row written in, and :func:`writes_by_layer` turns a chunk
+input, its component and the source row written in, and :func:`writes_by_layer` turns a batch
 of rows into the indexed writes a forward makes.
 
 Nothing here knows an architecture: roles say where activations live and how they are laid out.
