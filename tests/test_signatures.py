@@ -131,3 +131,12 @@ def test_the_logit_lens_takes_the_words_of_a_metric_object_or_name(model) -> Non
     assert_frame_equal(only_answer, al.logit_lens(model, PROMPT, metric=" Paris").to_frame())
     with pytest.raises(al.MetricError, match="has none"):
         al.logit_lens(model, PROMPT, metric="kl")
+
+
+def test_a_sweep_takes_the_old_names_too_with_a_warning(tmp_path) -> None:
+    options = dict(models=["tiny:gpt2"], prompts=[PROMPT], quiet=True)
+    with pytest.warns(FutureWarning, match="'targets' is now 'metric'"):
+        old = al.run("logit_lens", out=tmp_path / "old", targets=[" Paris"], **options)
+    new = al.run("logit_lens", out=tmp_path / "new", metric=[" Paris"], **options)
+    assert_frame_equal(old.frame, new.frame)
+    assert set(old.frame["target"]) == {" Paris"}
