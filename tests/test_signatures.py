@@ -108,7 +108,7 @@ def test_old_keyword_names_still_work_and_warn_naming_the_new_one(model, name, i
         if old_name != new_name:
             assert f"{old_name}=" in messages and f"{new_name}=" in messages
     assert_same(frame_of(before), frame_of(function(model, *inputs, **new)))
-    with pytest.raises(TypeError, match="pass"):  # both names at once: refused, not guessed
+    with pytest.raises(al.OptionError, match="pass"):  # both names at once: refused, not guessed
         function(model, *inputs, **old, **{k: v for k, v in new.items() if k not in old})
 
 
@@ -140,3 +140,10 @@ def test_a_sweep_takes_the_old_names_too_with_a_warning(tmp_path) -> None:
     new = al.run("logit_lens", out=tmp_path / "new", metric=[" Paris"], **options)
     assert_frame_equal(old.frame, new.frame)
     assert set(old.frame["target"]) == {" Paris"}
+
+
+def test_an_option_given_twice_or_too_many_positional_options_are_refused(model) -> None:
+    with pytest.warns(FutureWarning), pytest.raises(al.OptionError, match="by position and by keyword"):
+        al.attention_patterns(model, PROMPT, [0], layers=[1])
+    with pytest.raises(al.OptionError, match="pass the options by keyword"):
+        al.attention_patterns(model, PROMPT, [0], [1])

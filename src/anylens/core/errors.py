@@ -118,6 +118,11 @@ class NotWrappedError(AnylensError, TypeError):
 
 
 # -- experiments and the engine -------------------------------------------------------------------
+class OptionError(AnylensError, TypeError):
+    """An experiment's option given twice (under its new and its former name, or by position and by
+    keyword), or more options by position than the experiment ever took."""
+
+
 class OverError(AnylensError, ValueError):
     """An ``over`` that the role cannot be swept over (e.g. heads of the residual stream)."""
 

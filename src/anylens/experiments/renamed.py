@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ..core.errors import OptionError
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -38,8 +40,9 @@ def renamed(**old_to_new: str) -> Callable[[F], F]:
             if len(args) > leading:
                 extra, args = args[leading:], args[:leading]
                 if len(extra) > len(positional):
-                    raise TypeError(
-                        f"{name}() takes {leading} positional arguments but {leading + len(extra)} were given"
+                    raise OptionError(
+                        f"{name}() takes {leading} positional arguments (the model and the prompts) but "
+                        f"{leading + len(extra)} were given: pass the options by keyword ({', '.join(positional)})"
                     )
                 names = positional[: len(extra)]
                 warnings.warn(
@@ -50,13 +53,15 @@ def renamed(**old_to_new: str) -> Callable[[F], F]:
                 )
                 for option, value in zip(names, extra):
                     if option in kwargs:
-                        raise TypeError(f"{name}() got multiple values for argument {option!r}")
+                        raise OptionError(
+                            f"{name}() got {option!r} by position and by keyword: give it once, by keyword"
+                        )
                     kwargs[option] = value
             for old, new in old_to_new.items():
                 if old not in kwargs:
                     continue
                 if new in kwargs:
-                    raise TypeError(f"{name}() got both {old}= and {new}=; pass {new}= only ({old}= is its old name)")
+                    raise OptionError(f"{name}() got both {old}= and {new}=; pass {new}= only ({old}= is its old name)")
                 warnings.warn(
                     f"{name}({old}=...) is now {name}({new}=...); the old name stops working in the next release",
                     FutureWarning,
