@@ -17,7 +17,7 @@ from anylens.engine.baseline import record
 from anylens.engine.executor import patched_forward
 from anylens.engine.final_position import last_mlp
 from anylens.engine.plan import Component, PatchPlan, moved_together
-from anylens.engine.scheduling import Chunk, CostModel, plan_chunks
+from anylens.engine.scheduling import CostModel, RowBatch, plan_batches
 from anylens.testing import tiny
 
 TOL = 1e-5
@@ -53,7 +53,7 @@ def one_recording(request, monkeypatch):
 def test_reuse_matches_full_runs_and_hook_reference(family, role, over, direction, one_recording):
     model = model_of(family)
     clean, corrupt = prompt_pairs()
-    # Small chunks: many forwards, each starting at its own block and position.
+    # Small batches: many forwards, each starting at its own block and position.
     reused = al.patch(model, clean, corrupt, role=role, over=over, metric=METRIC, direction=direction, batch_size=5)
     full = al.patch(model, clean, corrupt, role=role, over=over, metric=METRIC, direction=direction, reuse=False)
     assert (metrics_of(reused) - metrics_of(full)).abs().max() <= TOL
@@ -117,7 +117,7 @@ def test_shortcut_forward_equals_the_full_forward(family):
     full = patched_forward(model, plan, rows)
     kv = blocks.kv_cache_reusable(model, corrupt)
     positions = (0, 7) if kv else (0,)  # 7 > the sliding window of the tiny Gemma 2
-    # Growing chunks: rows sorted by the block they join at (at most their patched layer's).
+    # Growing batches: rows sorted by the block they join at (at most their patched layer's).
     growing = {
         0: (torch.tensor([0, 3, 1, 2]), [0, 1, last_layer, last_layer]),
         7: (rows[:3], [1, last_layer, last_layer]),
@@ -127,21 +127,21 @@ def test_shortcut_forward_equals_the_full_forward(family):
             if pos and model.n_layers - 1 < 1:
                 continue
             if block == "growing":
-                chunk_rows, starts = growing[pos]
-                chunk = Chunk(chunk_rows, starts[0], pos, torch.tensor(starts))
+                batch_rows, starts = growing[pos]
+                batch = RowBatch(batch_rows, starts[0], pos, torch.tensor(starts))
             else:
-                chunk = Chunk(rows[:3], block, pos) if pos else Chunk(rows, block, pos)
+                batch = RowBatch(rows[:3], block, pos) if pos else RowBatch(rows, block, pos)
             # The prefix cache cut from the unpatched run's, and run afresh for the prefix alone.
             # With the last MLP run on the final position alone, and without.
             for full_cache, mlp_cut in ((baseline.cache, None), (None, last_mlp(model, "resid_pre", layers))):
                 caches = shortcut.PrefixCaches(model, corrupt, full_cache) if pos else None
-                got = shortcut.shortcut_forward(model, plan, chunk.rows, chunk, baseline, caches, 0, True, mlp_cut)
-                guard = shortcut.shortcut_forward(model, plan, chunk.rows, chunk, baseline, caches, 0, False, mlp_cut)
+                got = shortcut.shortcut_forward(model, plan, batch.rows, batch, baseline, caches, 0, True, mlp_cut)
+                guard = shortcut.shortcut_forward(model, plan, batch.rows, batch, baseline, caches, 0, False, mlp_cut)
                 with torch.no_grad():
                     got, guard = model.unembed(got), model.unembed(guard)
-                assert (got - full[chunk.rows]).abs().max() <= TOL, (block, pos)
+                assert (got - full[batch.rows]).abs().max() <= TOL, (block, pos)
                 # The guard forward: the same shortcuts, unpatched, give the unpatched run's logits.
-                expected = baseline.last[plan.input_rows[chunk.rows]]
+                expected = baseline.last[plan.input_rows[batch.rows]]
                 assert (guard - expected).abs().max() <= TOL, (block, pos)
     if kv and family != "gemma2":
         assert shortcut.PrefixCaches(model, corrupt, baseline.cache).full is not None
@@ -235,30 +235,30 @@ class _Cost:
         return (self.n_blocks - b0) * (self.length - p0)
 
 
-def test_plan_chunks_covers_every_row_once_within_the_cap():
+def test_plan_batches_covers_every_row_once_within_the_cap():
     blocks = torch.tensor([b for b in range(4) for _ in range(8)])
     positions = torch.tensor([p for _ in range(4) for p in range(8)])
     rows = torch.arange(32) + 100
     for per_forward, cap in ((0.0, 5), (1.0, 32), (1e9, 7)):
-        chunks = plan_chunks(blocks, positions, rows, cap, _Cost(per_forward))
-        covered = torch.cat([c.rows for c in chunks]).sort().values
+        batches = plan_batches(blocks, positions, rows, cap, _Cost(per_forward))
+        covered = torch.cat([c.rows for c in batches]).sort().values
         assert covered.tolist() == rows.tolist()
-        for chunk in chunks:
-            assert len(chunk.rows) <= cap
-            members = chunk.rows - 100
-            assert chunk.block == int(blocks[members].min()) and chunk.pos == int(positions[members].min())
+        for batch in batches:
+            assert len(batch.rows) <= cap
+            members = batch.rows - 100
+            assert batch.block == int(blocks[members].min()) and batch.pos == int(positions[members].min())
     # Forwards that cost nothing: every (block, position) cell alone. Forwards that cost a
     # fortune: as few as the cap allows.
-    assert len(plan_chunks(blocks, positions, rows, 64, _Cost(0.0))) == 32
-    assert len(plan_chunks(blocks, positions, rows, 64, _Cost(1e9))) == 1
-    assert len(plan_chunks(blocks, positions, rows, 7, _Cost(1e9))) == 5
+    assert len(plan_batches(blocks, positions, rows, 64, _Cost(0.0))) == 32
+    assert len(plan_batches(blocks, positions, rows, 64, _Cost(1e9))) == 1
+    assert len(plan_batches(blocks, positions, rows, 7, _Cost(1e9))) == 5
     # Growing forwards: each row joins at its own block, so a split by block saves no work and
-    # only positions are split; a chunk's rows come sorted by the block they join at.
-    chunks = plan_chunks(blocks, positions, rows, 64, _Cost(0.0), growing=True)
-    assert len(chunks) == 8
-    for chunk in chunks:
-        starts = chunk.starts.tolist()
-        assert starts == blocks[chunk.rows - 100].tolist() == sorted(starts) and chunk.block == starts[0]
+    # only positions are split; a batch's rows come sorted by the block they join at.
+    batches = plan_batches(blocks, positions, rows, 64, _Cost(0.0), growing=True)
+    assert len(batches) == 8
+    for batch in batches:
+        starts = batch.starts.tolist()
+        assert starts == blocks[batch.rows - 100].tolist() == sorted(starts) and batch.block == starts[0]
 
 
 def test_cost_model_prefers_fewer_forwards_on_tiny_models():
@@ -355,7 +355,7 @@ json.dump([torch.equal(runs[0], runs[1]), torch.equal(runs[2], runs[3]), float((
 @pytest.mark.slow
 def test_the_first_patch_in_a_process_equals_the_later_ones_bit_for_bit():
     """Reuse checks each new shortcut once per process; the check must not change any result.
-    (Unpatched check rows run inside a chunk made its batch larger, and matrix products over a
+    (Unpatched check rows run inside a batch made it larger, and matrix products over a
     batch of another size round differently: the first call differed from later ones.)"""
     import json
     import os

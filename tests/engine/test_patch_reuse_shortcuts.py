@@ -1,5 +1,5 @@
 """The finer shortcuts of reuse: growing forwards (each patched row joins at its own block) and
-block prefixes (modules of a chunk's first block that return before the role are handed their
+block prefixes (modules of a batch's first block that return before the role are handed their
 unpatched outputs). Each must do less work, on every tiny family, and each must be taken back,
 with a warning and right results, where it does not reproduce the unpatched run."""
 
@@ -16,7 +16,7 @@ from tiny_models import random_prompt_pairs
 import anylens as al
 from anylens.engine import Component, PatchPlan, block_prefix, engine_state, record, reuse, shortcut
 from anylens.engine import baseline as recording
-from anylens.engine.scheduling import Chunk
+from anylens.engine.scheduling import RowBatch
 from anylens.testing import tiny
 
 TOL = 1e-5
@@ -111,7 +111,7 @@ def test_each_row_joins_the_forward_at_its_own_block(family, monkeypatch):
     assert engine_state(model).reuse_off_reason is None and engine_state(model).growing_off_reason is None
 
 
-def test_modules_before_the_role_do_not_run_in_a_chunks_first_block(family, monkeypatch):
+def test_modules_before_the_role_do_not_run_in_a_batchs_first_block(family, monkeypatch):
     model = fresh(family)
     role = next(r for r in ("z", "mixer_out", "resid_post") if r in model.roles)
     layer = model.n_layers - 1
@@ -219,7 +219,7 @@ BREAKAGES = {
         "z",
         ("layer", "head"),
         _wrong_prefix,
-        "before 'z' in a chunk's first block is off",
+        "before 'z' in a batch's first block is off",
         "prefix_off_reason",
     ),
 }
@@ -240,7 +240,7 @@ def test_a_shortcut_that_fails_is_taken_back_and_results_stay_right(case, monkey
     assert engine_state(model).reuse_off_reason is None  # the rest of reuse stays on
 
 
-def test_a_growing_chunk_of_a_role_outside_the_blocks_is_refused_not_dropped():
+def test_a_growing_batch_of_a_role_outside_the_blocks_is_refused_not_dropped():
     """Writes of a growing forward are made block by block; one outside every block would never
     be made, and the unpatched guard forward could not tell. It must raise instead."""
     model = fresh("gpt2")
@@ -248,6 +248,6 @@ def test_a_growing_chunk_of_a_role_outside_the_blocks_is_refused_not_dropped():
     sources, _ = record(model, "embed", clean, [None])
     baseline = recording.record_baseline(model, "resid_pre", corrupt, model.layers(), n_blocks=1)
     plan = PatchPlan("embed", corrupt, [Component(None), Component(None)], [0, 0], [0, 0], sources, [0], [0])
-    chunk = Chunk(torch.tensor([0, 1]), 0, 0, torch.tensor([0, 1]))
+    batch = RowBatch(torch.tensor([0, 1]), 0, 0, torch.tensor([0, 1]))
     with pytest.raises(AssertionError, match="written outside the blocks"):
-        shortcut.shortcut_forward(model, plan, chunk.rows, chunk, baseline, None, 0)
+        shortcut.shortcut_forward(model, plan, batch.rows, batch, baseline, None, 0)

@@ -397,7 +397,7 @@ def empty_prompt_list(experiment: str) -> Callable[[], object]:
         "cache": lambda model: al.cache(model, []),
         "logit_lens": lambda model: al.logit_lens(model, []),
         "attention_patterns": lambda model: al.attention_patterns(model, []),
-        "direct_logit_attribution": lambda model: al.direct_logit_attribution(model, [], " Paris"),
+        "direct_logit_attribution": lambda model: al.direct_logit_attribution(model, [], metric=" Paris"),
         "patch": lambda model: al.patch(model, [], [], role="resid_pre", over=("layer",)),
         "attribute": lambda model: al.attribute(model, [], [], role="resid_pre", over=("layer",)),
         "ablate": lambda model: al.ablate(model, [], role="resid_pre", over=("layer",)),
@@ -421,9 +421,9 @@ def named_metric_equals_its_object(name: str, build: Callable[[list], object]) -
 
 def dla_logit_diff_by_name() -> None:
     model, pairs = zoo_gpt2(), ioi()
-    by_name = al.direct_logit_attribution(model, pairs, "logit_diff")
+    by_name = al.direct_logit_attribution(model, pairs, metric="logit_diff")
     answers, distractors = [p.answer for p in pairs], [p.distractor for p in pairs]
-    by_hand = al.direct_logit_attribution(model, [p.clean for p in pairs], (answers, distractors))
+    by_hand = al.direct_logit_attribution(model, [p.clean for p in pairs], metric=(answers, distractors))
     np.testing.assert_array_equal(by_name.frame["value"].to_numpy(), by_hand.frame["value"].to_numpy())
 
 

@@ -154,7 +154,7 @@ def hand(model: al.AnyModel) -> list[dict[str, torch.Tensor]]:
 @pytest.fixture(scope="module")
 def attribution(model: al.AnyModel) -> al.Result:
     """Per-head attribution of logit(Paris) - logit(Rome) on the two prompts (left-padded batch)."""
-    return al.direct_logit_attribution(model, PROMPTS, al.metrics.logit_diff(" Paris", " Rome"), per_head=True)
+    return al.direct_logit_attribution(model, PROMPTS, metric=al.metrics.logit_diff(" Paris", " Rome"), per_head=True)
 
 
 def values_of(result: al.Result, prompt: int) -> dict[str, float]:
@@ -174,7 +174,7 @@ def test_contributions_sum_to_the_real_logit_difference(model: al.AnyModel, hand
         real.append(float(seen["logits"][paris] - seen["logits"][rome]))
     if not cap:  # without a soft-cap the model's own logits are the pre-cap logits
         assert by_hand == pytest.approx(real, abs=ATOL)
-    whole_layers = al.direct_logit_attribution(model, PROMPTS, (" Paris", " Rome"), per_head=False)
+    whole_layers = al.direct_logit_attribution(model, PROMPTS, metric=(" Paris", " Rome"), per_head=False)
     for result in (attribution, whole_layers):
         sums = result.to_frame().groupby("prompt")["value"].sum()
         assert sums.tolist() == pytest.approx(by_hand, abs=ATOL)
@@ -189,7 +189,7 @@ def test_contributions_sum_to_the_real_logit_difference(model: al.AnyModel, hand
 
 def test_a_single_target_attributes_its_logit(model: al.AnyModel, hand: list) -> None:
     paris, _ = answer_ids(model)
-    result = al.direct_logit_attribution(model, PROMPTS[0], " Paris")
+    result = al.direct_logit_attribution(model, PROMPTS[0], metric=" Paris")
     assert result.to_frame()["value"].sum() == pytest.approx(
         float(pre_cap_logits(model, hand[0]["resid"])[paris]), abs=ATOL
     )
@@ -236,16 +236,16 @@ def test_one_head_equals_a_hand_computation(model: al.AnyModel, hand: list, attr
 # -- interface ----------------------------------------------------------------------------------
 def test_frame_plot_and_errors() -> None:
     model = tiny(ANY_FAMILY)
-    result = al.direct_logit_attribution(model, PROMPTS[0], (" Paris", " Rome"), per_head=False)
+    result = al.direct_logit_attribution(model, PROMPTS[0], metric=(" Paris", " Rome"), per_head=False)
     frame = result.to_frame()
     assert {"model", "prompt", "component", "kind", "layer", "head", "value"} <= set(frame.columns)
     assert frame["component"].iloc[0] == "embed" and frame["component"].iloc[-1] == "bias"
     assert frame.loc[frame["component"] == "mlp 0", "layer"].item() == 0
     assert result.plot().axes
     with pytest.raises(TypeError, match="linear"):
-        al.direct_logit_attribution(model, PROMPTS[0], al.metrics.prob(" Paris"))
+        al.direct_logit_attribution(model, PROMPTS[0], metric=al.metrics.prob(" Paris"))
     with pytest.raises(TypeError, match="pair"):
-        al.direct_logit_attribution(model, PROMPTS[0], [" Paris", " Rome", " Mary"])
+        al.direct_logit_attribution(model, PROMPTS[0], metric=[" Paris", " Rome", " Mary"])
 
 
 # -- the linearisation on its own: textbook norms of odd and even widths --------------------------

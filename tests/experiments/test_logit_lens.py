@@ -103,21 +103,21 @@ def test_last_layer_equals_the_models_logits(model: al.AnyModel) -> None:
     ids = prompt_ids(model)
     with torch.no_grad():
         log_probs = model.hf(input_ids=ids).logits[0].float().log_softmax(-1)
-    result = al.logit_lens(model, PROMPT, targets=TARGETS, k=5)
+    result = al.logit_lens(model, PROMPT, metric=TARGETS, k=5)
     assert_layer_matches(result, model.n_layers - 1, log_probs, model)
 
 
 def test_a_middle_layer_equals_the_lens_by_hand(model: al.AnyModel) -> None:
     layer = model.n_layers // 2
     assert 0 < layer < model.n_layers - 1 or model.n_layers < 3
-    result = al.logit_lens(model, PROMPT, targets=TARGETS, k=5)
+    result = al.logit_lens(model, PROMPT, metric=TARGETS, k=5)
     assert_layer_matches(result, layer, lens_by_hand(model.hf, prompt_ids(model), layer), model)
 
 
 def test_result_frames_plot_and_persistence(tmp_path) -> None:
     model = tiny(ANY_FAMILY)
     n_pos = prompt_ids(model).shape[1]
-    result = al.logit_lens(model, PROMPT, targets=[" Paris", " Rome"], k=3, positions=[-2, -1])
+    result = al.logit_lens(model, PROMPT, metric=[" Paris", " Rome"], k=3, positions=[-2, -1])
     frame = result.to_frame()
     assert {"model", "layer", "pos", "token", "target", "prob", "log_prob", "rank", "top_token", "value"} <= set(
         frame.columns
@@ -141,6 +141,6 @@ def test_result_frames_plot_and_persistence(tmp_path) -> None:
     assert plain.plot().axes
 
     with pytest.raises(TokenizationError, match="not one"):
-        al.logit_lens(model, PROMPT, targets=["capital of"])
+        al.logit_lens(model, PROMPT, metric=["capital of"])
     with pytest.raises(PromptError, match="one prompt"):
         al.logit_lens(model, [PROMPT, "The cat"])

@@ -67,7 +67,7 @@ def previous_token_by_hand(model: al.AnyModel, sequences: list[torch.Tensor]) ->
 @pytest.mark.needs_roles("pattern")
 def test_head_scores_equal_a_hand_computation(model: al.AnyModel) -> None:
     seq_len = 6
-    scores = al.head_scores(model, prompts=PROMPTS, seq_len=seq_len, seed=1, batch=2)
+    scores = al.head_scores(model, prompts=PROMPTS, seq_len=seq_len, seed=1, n_sequences=2)
     frame = scores.to_frame()
     assert set(frame["kind"]) == {"previous_token", "induction"}
     assert len(frame) == 2 * model.n_layers * model.n_heads
@@ -118,7 +118,7 @@ def test_plots_frames_and_errors() -> None:
     assert result.meta["tokens"] == model.to_str_tokens(PROMPT)
     figure = result.plot(layer=1)
     assert sum(ax.get_visible() and bool(ax.images) for ax in figure.axes) == model.n_heads
-    scores = al.head_scores(model, seq_len=4, batch=1)
+    scores = al.head_scores(model, seq_len=4, n_sequences=1)
     # Without prompts, previous-token scores come from the random repeated sequences.
     tokens = torch.tensor(scores.meta["induction_tokens"])
     score = scores.to_frame().set_index(["kind", "layer", "head"])["score"]

@@ -57,7 +57,7 @@ def test_check_passes_every_invariant_in_half_precision(smollm, dtype):
 
 
 def test_logit_lens_finds_paris_in_the_last_third(smollm):
-    lens = al.logit_lens(smollm, "The capital of France is", targets=[" Paris"])
+    lens = al.logit_lens(smollm, "The capital of France is", metric=[" Paris"])
     frame = lens.to_frame()
     last = frame[frame["pos"] == frame["pos"].max()].sort_values("layer")
     probs, ranks = last["prob"].to_numpy(), last["rank"].to_numpy()

@@ -95,6 +95,6 @@ def test_load_remote_local_keeps_weights_here_and_traces_through_serialisation(m
     seen = []
     original = model.nn.trace
     monkeypatch.setattr(model.nn, "trace", lambda *a, **k: seen.append(k.get("remote")) or original(*a, **k))
-    result = al.logit_lens(model, "The capital of France is", targets="Paris")
+    result = al.logit_lens(model, "The capital of France is", metric="Paris")
     assert seen and set(seen) == {"local"}
     assert result.to_frame()["prob"].notna().all()

@@ -43,7 +43,7 @@ PROMPTS = [
 ]
 CHUNK = 2  # 5 prompts -> chunks of 2, 2, 1 per model: 6 chunks in all
 N_CHUNKS = len(MODELS) * math.ceil(len(PROMPTS) / CHUNK)
-LENS = dict(targets=[" Paris"])
+LENS = dict(metric=[" Paris"])
 
 
 def sweep(out, **overrides):
@@ -105,7 +105,7 @@ def test_run_writes_chunks_manifest_and_a_tidy_frame(reference):
     assert config["experiment"] == "logit_lens"
     assert config["models"] == MODELS
     assert config["chunk_size"] == CHUNK
-    assert config["options"] == {"targets": [" Paris"]}
+    assert config["options"] == {"metric": [" Paris"]}
     assert config["prompts"]["count"] == len(PROMPTS) and len(config["prompts"]["sha256"]) == 64
     identities = list(manifest["models"].values())
     assert [m["source"] for m in identities] == MODELS
@@ -224,7 +224,7 @@ def test_progress_bars_show_the_sweep_and_each_model_unless_quiet(tmp_path, refe
     ("change", "named"),
     [
         (dict(chunk_size=3), "chunk_size: 2 on disk, 3 now"),
-        (dict(targets=[" Rome"]), "options.targets"),
+        (dict(metric=[" Rome"]), "options.metric"),
         (dict(models=["tiny:gpt2"]), "models"),
         (dict(prompts=PROMPTS[:4]), "prompts.count: 5 on disk, 4 now"),
         (dict(role="resid_pre"), "options.role: absent on disk"),
@@ -450,7 +450,7 @@ def test_cli_resumes_a_sweep_and_refuses_a_changed_one(tmp_path, reference, caps
         "2",
         "--quiet",
     ]
-    argv += ["--set", 'targets=[" Paris"]']
+    argv += ["--set", 'metric=[" Paris"]']
     args = _parse(argv)
     assert args.run is run_cli
     with pytest.warns(SweepWarning, match="missing"):
@@ -461,9 +461,9 @@ def test_cli_resumes_a_sweep_and_refuses_a_changed_one(tmp_path, reference, caps
     assert run_cli(_parse(argv)) == 0
     assert f"0 chunks computed, {N_CHUNKS} already done" in capsys.readouterr().out
 
-    assert run_cli(_parse([*argv[:-2], "--set", 'targets=[" Rome"]'])) == 2
+    assert run_cli(_parse([*argv[:-2], "--set", 'metric=[" Rome"]'])) == 2
     error = capsys.readouterr().err
-    assert error.startswith("anylens run: error:") and "options.targets" in error
+    assert error.startswith("anylens run: error:") and "options.metric" in error
 
 
 def test_cli_patches_over_a_dataset_and_reports_bad_arguments(tmp_path, capsys):

@@ -89,7 +89,7 @@ def test_a_resume_on_changed_weights_is_refused_and_fresh_starts_over(tmp_path, 
         fresh = sweep(out, models=[source], fresh=True)
     assert calls.count == len(PROMPTS) and fresh.skipped == [] and len(fresh.computed) == 3
     # Every row comes from the new weights, computed independently here.
-    direct = al.logit_lens(al.load(source), PROMPTS[0], targets=[" Paris"]).frame
+    direct = al.logit_lens(al.load(source), PROMPTS[0], metric=[" Paris"]).frame
     rows = fresh.frame[fresh.frame["prompt"] == 0].reset_index(drop=True)
     np.testing.assert_array_equal(rows["value"].to_numpy(), direct["value"].to_numpy())
 
@@ -103,7 +103,7 @@ def test_fresh_on_the_command_line_discards_another_sweep_and_recomputes_it(tmp_
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = copy_of(reference, tmp_path)
     argv = ["run", "logit_lens", "--models", *MODELS, "--prompts", str(prompts), "--out", str(out), "--quiet"]
-    argv += ["--chunk-size", "2", "--set", 'targets=[" Rome"]']
+    argv += ["--chunk-size", "2", "--set", 'metric=[" Rome"]']
     assert run_cli(_parse(argv)) == 2  # another configuration: refused, and kept
     assert "--fresh" in capsys.readouterr().err
     with pytest.warns(SweepWarning, match=f"discarding the sweep in {out} \\({N_CHUNKS} chunk files\\)"):
@@ -143,7 +143,7 @@ def test_chunks_of_another_configuration_are_not_adopted(tmp_path, reference, ca
     out = copy_of(reference, tmp_path)
     (out / MANIFEST).unlink()
     with pytest.raises(SweepConfigError, match="not this sweep's") as caught:
-        sweep(out, targets=[" Rome"])
+        sweep(out, metric=[" Rome"])
     assert "another configuration" in str(caught.value) and "fresh=True" in str(caught.value)
     assert calls.count == 0 and not (out / MANIFEST).exists()
 

@@ -109,7 +109,7 @@ def test_experiments_over_a_pattern_keep_its_hooks(model: al.AnyModel) -> None:
         lambda m, ids: al.ablate(m, ids),
         lambda m, ids: al.logit_lens(m, ids),
         lambda m, ids: al.cache(m, ids),
-        lambda m, ids: al.direct_logit_attribution(m, ids, 5),
+        lambda m, ids: al.direct_logit_attribution(m, ids, metric=5),
     ],
     ids=["patch", "attribute", "ablate", "logit_lens", "cache", "direct_logit_attribution"],
 )

@@ -87,25 +87,29 @@ class LogitDiff(Metric):
 
 
 @dataclass(frozen=True)
-class Prob(Metric):
+class TargetProbability(Metric):
+    """The target's share of the next-token distribution, as the class's ``normaliser`` of the
+    logits gives it (``"softmax"``: a probability, ``"log_softmax"``: a log-probability)."""
+
     target: Target
-    name = "prob"
     reads_clean_logits = False
+    normaliser = "softmax"
 
     def __call__(self, logits, model, clean_logits=None):
         last = _last(logits).float()
-        return _gather(last.softmax(-1), target_ids(model, self.target, last.shape[0]))
+        return _gather(getattr(last, self.normaliser)(-1), target_ids(model, self.target, last.shape[0]))
 
 
 @dataclass(frozen=True)
-class LogProb(Metric):
-    target: Target
-    name = "log_prob"
-    reads_clean_logits = False
+class Prob(TargetProbability):
+    name = "prob"
+    normaliser = "softmax"
 
-    def __call__(self, logits, model, clean_logits=None):
-        last = _last(logits).float()
-        return _gather(last.log_softmax(-1), target_ids(model, self.target, last.shape[0]))
+
+@dataclass(frozen=True)
+class LogProb(TargetProbability):
+    name = "log_prob"
+    normaliser = "log_softmax"
 
 
 @dataclass(frozen=True)
@@ -273,6 +277,7 @@ __all__ = [
     "LogitDiff",
     "Metric",
     "Prob",
+    "TargetProbability",
     "Rank",
     "kl",
     "log_prob",

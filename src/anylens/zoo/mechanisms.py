@@ -46,7 +46,7 @@ def logit_lens_rise(model: Any, every: int = 4) -> list[float]:
 
     per_prompt = []
     for fact in corpus.factual_eval_set()[::every]:
-        frame = al.logit_lens(model, fact.prompt, targets=fact.answer, positions=-1).to_frame()
+        frame = al.logit_lens(model, fact.prompt, metric=[fact.answer], positions=-1).to_frame()
         per_prompt.append(torch.tensor(frame.sort_values("layer")["prob"].to_numpy()))
     return torch.stack(per_prompt).mean(0).tolist()
 
