@@ -74,7 +74,7 @@ def test_steering_vector_steer_and_sweep_against_hooks(source):
     # The vector: difference of means of resid_post at each prompt's last token, and at its
     # second token (position 1, shifted past the left padding of the shorter prompts).
     for position in (-1, 1):
-        vector = al.steering_vector(model, FRANCE, ITALY, layer=layer, position=position)
+        vector = al.steering_vector(model, FRANCE, ITALY, layer=layer, positions=position)
         france = torch.stack([resid_post_alone(model, p, layer)[position] for p in FRANCE]).mean(0)
         italy = torch.stack([resid_post_alone(model, p, layer)[position] for p in ITALY]).mean(0)
         # float32; the padded batch sums in another order than the prompts alone (entries ~10-100)

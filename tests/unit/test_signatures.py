@@ -26,14 +26,26 @@ POSITIONAL = inspect.Parameter.POSITIONAL_OR_KEYWORD
 KEYWORD = inspect.Parameter.KEYWORD_ONLY
 
 
+#: What an experiment is about, given by position: the prompts (or clean and corrupt), and for
+#: steering the contrast sets or the vector. Everything else is an option, given by keyword.
+INPUTS = {
+    "steering_vector": ["model", "positive", "negative"],
+    "steer": ["model", "prompts", "vector"],
+    "steering_sweep": ["model", "prompts", "vector"],
+}
+#: Options passed on to ``transformers``' generate (``do_sample``, ...), by keyword too.
+VAR_KEYWORD = inspect.Parameter.VAR_KEYWORD
+
+
 @pytest.mark.parametrize("name", PUBLIC_EXPERIMENTS)
 def test_every_experiment_takes_the_model_and_prompts_by_position_and_the_rest_by_keyword(name: str) -> None:
     parameters = list(inspect.signature(getattr(al, name)).parameters.values())
-    inputs = ["model", "clean", "corrupt"] if parameters[1].name == "clean" else ["model", "prompts"]
+    default = ["model", "clean", "corrupt"] if parameters[1].name == "clean" else ["model", "prompts"]
+    inputs = INPUTS.get(name, default)
     leading, rest = parameters[: len(inputs)], parameters[len(inputs) :]
     assert [p.name for p in leading] == inputs
     assert all(p.kind is POSITIONAL for p in leading)
-    assert rest and all(p.kind is KEYWORD for p in rest), [(p.name, p.kind) for p in rest]
+    assert rest and all(p.kind in (KEYWORD, VAR_KEYWORD) for p in rest), [(p.name, p.kind) for p in rest]
     assert not OLD_NAMES & {p.name for p in parameters}
 
 

@@ -189,9 +189,10 @@ NAMED: dict[str, tuple[str, ...]] = {
     "prob": ("answer",),
     "log_prob": ("answer",),
     "rank": ("answer",),
+    "top1": ("answer",),
     "kl": (),
 }
-_BUILDERS = {"logit_diff": logit_diff, "prob": prob, "log_prob": log_prob, "rank": rank, "kl": kl}
+_BUILDERS = {"logit_diff": logit_diff, "prob": prob, "log_prob": log_prob, "rank": rank, "top1": top1, "kl": kl}
 
 
 def pair_word(prompt: Any, field: str) -> str | None:

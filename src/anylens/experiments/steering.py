@@ -20,6 +20,7 @@ from ..core.generation_trace import Generated
 from . import metrics as metrics_module
 from .generation import RoleEdit, check_vector, generate, steps_of
 from .prompts import as_batch
+from .renamed import renamed
 from .results import Result
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ def _role_at(model: AnyModel, prompts: Any, role: str, layer: int | None, positi
     return read[0].detach().cpu()
 
 
+@renamed(position="positions")
 def steering_vector(
     model: AnyModel,
     positive: Any,
@@ -71,13 +73,15 @@ def steering_vector(
     *,
     layer: int | None = None,
     role: str = "resid_post",
-    position: int = -1,
+    positions: int = -1,
 ) -> torch.Tensor:
-    """``mean(role[layer] at position | positive) - mean(... | negative)``, float32 on the CPU.
+    """``mean(role[layer] at positions | positive) - mean(... | negative)``, float32 on the CPU.
 
-    ``positive`` and ``negative`` are prompts (a string, a list, or token ids); ``position``
-    indexes each prompt's own tokens (-1: its last token, whatever its length).
+    ``positive`` and ``negative`` are prompts (a string, a list, or token ids); ``positions``
+    (one position, or a list of one) indexes each prompt's own tokens (-1: its last token,
+    whatever its length).
     """
+    position = _one_position(positions)
     model = _wrapped(model, "al.steering_vector")
     model.role(role)
     if role in _layer_roles() and layer is None:
@@ -85,6 +89,19 @@ def steering_vector(
     layer = model.layer_index(layer) if role in _layer_roles() else None
     difference = _role_at(model, positive, role, layer, position).mean(0)
     return difference - _role_at(model, negative, role, layer, position).mean(0)
+
+
+def _one_position(positions: Any) -> int:
+    """The one position a steering vector is read at: an int, or a list of one."""
+    if isinstance(positions, (list, tuple)) and len(positions) == 1:
+        positions = positions[0]
+    if (
+        isinstance(positions, bool)
+        or not isinstance(positions, (int, torch.Tensor))
+        or (isinstance(positions, torch.Tensor) and positions.numel() != 1)
+    ):
+        raise InterventionError(f"a steering vector is read at one position; got positions={positions!r} (give an int)")
+    return int(positions)
 
 
 def _layer_roles() -> tuple[str, ...]:
@@ -129,20 +146,20 @@ def _edit(model: AnyModel, vector: Any, role: str, layer: int | None, scale: flo
 def steering_sweep(
     model: AnyModel,
     prompts: Any,
-    vector_or_pairs: Any,
+    vector: Any,
     *,
     layers: Iterable[int] | None = None,
     scales: Sequence[float] = (1.0,),
     metric: Any = None,
     positions: str = "all",
     role: str = "resid_post",
-    position: int = -1,
+    vector_position: int = -1,
     max_new_tokens: int = 1,
 ) -> Result:
     """Steer ``prompts`` at every layer x scale and score each run.
 
-    ``vector_or_pairs``: one vector used at every layer, or ``(positive, negative)`` prompts from
-    which :func:`steering_vector` builds each layer's own vector (at ``position``). ``metric``: a
+    ``vector``: one vector used at every layer, or ``(positive, negative)`` prompts from which
+    :func:`steering_vector` builds each layer's own vector (at ``vector_position``). ``metric``: a
     metric object (``al.metrics.top1(" Paris")`` for the rate at which the first generated token
     is " Paris", ``al.metrics.logit_diff(...)``, ...), a metric name whose words come from prompt
     pairs, or None for the KL divergence from the unsteered next-token distribution; it is
@@ -154,8 +171,8 @@ def steering_sweep(
     metric = metrics_module.resolve(metric, prompts)
     model.role(role)
     steps_of(positions)
-    pairs = _as_pairs(vector_or_pairs)
-    shared = check_vector(model, vector_or_pairs, role) if pairs is None else None
+    pairs = _as_pairs(vector)
+    shared = check_vector(model, vector, role) if pairs is None else None
     batch = as_batch(prompts)
     texts = None if isinstance(batch, torch.Tensor) else list(batch)
     baseline = generate(model, prompts, max_new_tokens=max_new_tokens, first_logits=True)
@@ -163,10 +180,14 @@ def steering_sweep(
     baseline_value = metric(clean, model, clean_logits=clean).float()
     rows = []
     for layer in chosen_layers:
-        vector = shared if pairs is None else steering_vector(model, *pairs, layer=layer, role=role, position=position)
+        at_layer = (
+            shared
+            if pairs is None
+            else steering_vector(model, *pairs, layer=layer, role=role, positions=vector_position)
+        )
         for scale in scales:
             out = steer(
-                model, prompts, vector, layer=layer, scale=scale, positions=positions, max_new_tokens=max_new_tokens
+                model, prompts, at_layer, layer=layer, scale=scale, positions=positions, max_new_tokens=max_new_tokens
             )
             values = metric(out.first_logits, model, clean_logits=clean).float()
             for index, (value, text) in enumerate(zip(values.tolist(), out.text)):
