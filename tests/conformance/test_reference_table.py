@@ -18,7 +18,7 @@ import anylens as al
 from anylens.adapters.llama import LLAMA
 from anylens.core.roles import ALL_ROLES
 from anylens.registry.builtin import BUILTIN_PLUGINS
-from anylens.registry.compact import wrap
+from anylens.registry.compact import describe_path, wrap
 from anylens.registry.manager import as_spec, registry, reset_registry
 from anylens.registry.table import (
     COLUMNS,
@@ -277,3 +277,23 @@ def test_wrap_keeps_every_character_within_the_width(width):
     text = LLAMA.roles["pattern"]
     lines = wrap(text, width)
     assert all(len(line) <= width for line in lines) and "".join(lines) == text
+
+
+@pytest.mark.parametrize(
+    "path,words",
+    [
+        (
+            "transformer.h.{i}.attn.c_attn.output|qkv_fused:k",
+            "output of transformer.h.{i}.attn.c_attn, the k part of a fused",
+        ),
+        ("output.logits", "field logits of the output of the whole model"),
+        ("blocks.{i}.output.1", "element 1 of the output of blocks.{i}"),
+        ("h.{i}.attn.source.matmul_0.output", "output of operation matmul_0 in the forward of h.{i}.attn"),
+        (
+            "h.{i}.attn.source.eager_1.source.softmax_0.output",
+            "output of operation softmax_0 inside eager_1 in the forward",
+        ),
+    ],
+)
+def test_describe_path_says_which_module_side_and_view(path, words):
+    assert describe_path(path).startswith(words)
