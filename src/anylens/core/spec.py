@@ -124,9 +124,7 @@ class AdapterSpec:
       (longer prompts are refused where a ``pos_embed`` role says positions are learned
       embeddings, warned about otherwise); a config without it has no limit;
     * ``parallel``: attention and MLP read the same residual (no ``resid_mid``);
-    * ``z_feeds_residual``: ``attn_out`` is exactly the output projection of ``z`` (no post-norm);
-    * ``reference_modules``: named internal modules (name -> module path, ``{i}`` for the layer)
-      that no role covers, listed in the reference table for orientation (Mamba's ``conv1d``).
+    * ``z_feeds_residual``: ``attn_out`` is exactly the output projection of ``z`` (no post-norm).
     """
 
     name: str
@@ -144,6 +142,8 @@ class AdapterSpec:
     z_feeds_residual: bool = True
     variants: tuple[Variant, ...] = ()
     description: str = ""
+    #: Named internal modules no role covers (name -> module path, ``{i}`` for the layer), listed
+    #: in the reference table for orientation (Mamba's ``conv1d``); nothing reads them.
     reference_modules: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
