@@ -16,6 +16,7 @@ from .core.errors import (
     DamagedFileError,
     DtypeError,
     GenerationLengthError,
+    HookNameError,
     InferenceError,
     InterventionError,
     LayerIndexError,
@@ -54,6 +55,7 @@ from .core.errors import (
     UnknownArchitectureError,
     VerificationError,
 )
+from .core.hook_names import HookPoint, hook_for_role, role_for_hook
 from .core.model import AnyModel
 from .core.roles import ALL_ROLES, LAYER_ROLES, MODEL_ROLES
 from .core.spec import AdapterSpec, Variant
@@ -78,6 +80,7 @@ __all__ = [
     "DamagedFileError",
     "DtypeError",
     "GenerationLengthError",
+    "HookNameError",
     "InterventionError",
     "InferenceError",
     "LayerIndexError",
@@ -117,6 +120,9 @@ __all__ = [
     "Variant",
     "VerificationError",
     "check",
+    "hook_for_role",
+    "HookPoint",
+    "role_for_hook",
     "hookimpl",
     "hookspec",
     "load",

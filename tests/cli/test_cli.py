@@ -35,13 +35,73 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 # -- anylens table -------------------------------------------------------------------------------
-def test_table_markdown_is_the_reference_document(capsys):
+def test_table_markdown_is_the_table_alone(capsys):
     status, out, _ = run(capsys, "table")
     assert status == 0
     assert out == render(table_rows(), "markdown")
-    assert out.startswith("# Role reference")
+    assert all(line.startswith("|") for line in out.splitlines())  # no prose: that is --reference
+    assert out.startswith("| adapter | variant |")
     assert "| llama |  | LlamaForCausalLM | built-in | hand-written |" in out
-    assert "_Generated from the adapter registry with anylens " in out
+
+
+def grid_line(out: str, label: str) -> str:
+    """The first line of a side-by-side view whose first column is ``label``."""
+    return next(line for line in out.splitlines() if line.split("  ")[0].strip() == label)
+
+
+def test_table_adapters_side_by_side(capsys):
+    status, out, _ = run(capsys, "table", "--adapters", "llama,mamba,gpt2")
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["role", "TransformerLens", "llama", "mamba", "gpt2"]
+    assert max(map(len, lines)) <= 160
+    assert grid_line(out, "resid_pre").split() == ["resid_pre", "hook_resid_pre", "{i}.input", "{i}.input", "{i}.input"]
+    assert grid_line(out, "mixer_out").split()[-3:] == ["-", "{i}.mixer.output", "-"]
+    assert grid_line(out, "z").split() == [
+        "z",
+        "attn.hook_z",
+        "{i}.self_attn.o_proj.input|heads",
+        "-",
+        "{i}.attn.c_proj.input|heads",
+    ]
+    assert grid_line(out, "layers").split() == ["layers", "model.layers", "backbone.layers", "transformer.h"]
+    assert grid_line(out, "module conv1d").split()[-3:] == ["-", "{i}.mixer.conv1d", "-"]
+    assert "  llama pattern: softmax probabilities inside eager attention of model.layers.{i}.self_attn" in out
+    assert "{i}.X is the module X of block i: <layers>.{i}.X" in out
+
+
+def test_table_adapters_split_into_blocks_that_fit(capsys):
+    names = sorted({row.adapter for row in table_rows()})
+    status, out, _ = run(capsys, "table", "--adapters", ",".join(names))
+    assert status == 0
+    headers = [line.split() for line in out.splitlines() if line.startswith("role ")]
+    assert len(headers) > 1  # thirteen adapters do not fit one block of 160 characters
+    assert [name for header in headers for name in header[2:] if name in names] == [
+        name for name in names for _ in range(1 + sum(row.variant != "" for row in table_rows() if row.adapter == name))
+    ]
+    assert max(map(len, out.splitlines())) <= 160
+
+
+def test_table_adapters_take_architecture_names_in_other_formats(capsys):
+    status, out, _ = run(capsys, "table", "--adapters", "LlamaForCausalLM,gpt2", "--format", "json")
+    assert status == 0
+    assert [row["adapter"] for row in json.loads(out)["rows"]] == ["llama", "gpt2"]
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (("table", "--adapters", "llama,mambaa"), "no adapter or architecture named 'mambaa'; did you mean 'mamba'"),
+        (("table", "--adapters", ","), "--adapters needs at least one adapter or architecture name"),
+        (("roles", "lama"), "no adapter or architecture named 'lama'; did you mean 'llama'"),
+        (("roles", "NOSUCH"), "no adapter or architecture named 'NOSUCH'; adapters: gemma, gemma2, gpt2"),
+    ],
+)
+def test_unknown_adapter_names_are_one_line_usage_errors(capsys, argv, fragment):
+    status, out, err = run(capsys, *argv)
+    assert (status, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith(f"anylens {argv[0]}: error: ")
+    assert fragment in err
 
 
 def test_table_json(capsys):
@@ -202,9 +262,41 @@ def test_roles_of_a_tiny_model(capsys):
     assert status == 0
     lines = out.splitlines()
     assert lines[1] == "adapter: gpt2 (GPT2LMHeadModel), 3 layers"
-    assert "  pos_embed  -> transformer.wpe.output" in lines
-    assert "  z          -> transformer.h.{i}.attn.c_proj.input|heads" in lines
+    assert "  pos_embed  -> transformer.wpe.output" in lines[3]
+    assert lines[3].split() == ["pos_embed", "->", "transformer.wpe.output", "hook_pos_embed"]
+    assert ["z", "->", "transformer.h.{i}.attn.c_proj.input|heads", "blocks.{i}.attn.hook_z"] in [
+        line.split() for line in lines
+    ]
     assert not any(line.strip().startswith("mixer_out") for line in lines)
+    assert "pattern: softmax probabilities inside eager attention of transformer.h.{i}.attn" in out
+
+
+@pytest.mark.parametrize("name", ["llama", "LlamaForCausalLM", "LLAMA"])
+def test_roles_of_an_adapter_or_architecture_name(capsys, name):
+    status, out, _ = run(capsys, "roles", name)
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0] == "adapter: llama (LlamaForCausalLM), built-in"
+    assert [line.split()[0] for line in lines[1:] if line.startswith("  ")] == list(
+        role for role in al.ALL_ROLES if role in LLAMA.roles
+    )
+    assert ["resid_post", "->", "model.layers.{i}.output", "blocks.{i}.hook_resid_post"] in [
+        line.split() for line in lines
+    ]
+
+
+def test_roles_of_an_adapter_show_its_variants_and_reference_modules(capsys):
+    status, out, _ = run(capsys, "roles", "gpt_neox")
+    assert status == 0
+    assert (
+        "variant when use_parallel_residual=false: resid_mid -> gpt_neox.layers.{i}.post_attention_layernorm.input"
+        in out
+    )
+    status, out, _ = run(capsys, "roles", "mamba")
+    assert status == 0
+    modules = out.split("modules (for reference; no role reads them):\n")[1].splitlines()
+    assert [line.split()[0] for line in modules] == ["in_proj", "conv1d", "x_proj", "dt_proj", "out_proj"]
+    assert "  conv1d   -> backbone.layers.{i}.mixer.conv1d" in modules
 
 
 def test_roles_of_a_saved_model_directory(capsys, tmp_path):

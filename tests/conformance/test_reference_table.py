@@ -10,12 +10,15 @@ import json
 import re
 from pathlib import Path
 
+import families
 import pytest
+import torch
 
 import anylens as al
 from anylens.adapters.llama import LLAMA
 from anylens.core.roles import ALL_ROLES
 from anylens.registry.builtin import BUILTIN_PLUGINS
+from anylens.registry.compact import describe_path, wrap
 from anylens.registry.manager import as_spec, registry, reset_registry
 from anylens.registry.table import (
     COLUMNS,
@@ -28,6 +31,7 @@ from anylens.registry.table import (
     version_stamp,
     versions,
 )
+from anylens.testing import tiny
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 
@@ -171,7 +175,7 @@ def test_markdown_escapes_the_view_separator_in_cells():
 
 
 def test_unknown_format_is_refused():
-    with pytest.raises(ValueError, match="unknown table format 'xml'; choose one of markdown, json, csv"):
+    with pytest.raises(ValueError, match="unknown table format 'xml'; choose one of markdown, json, csv, text$"):
         render(table_rows(), "xml")
 
 
@@ -215,3 +219,81 @@ def test_docs_reference_is_current():
             )[:40]
         )
         pytest.fail(f"docs/reference.md is stale; regenerate it with `{REGENERATE_COMMAND}`\n{diff}")
+
+
+# -- TransformerLens names, paths in words, reference modules -----------------------------------------
+def reference_section(title: str) -> list[str]:
+    """The table lines of a ``## title`` section of the reference document."""
+    lines = reference_markdown().split(f"## {title}\n\n")[1].split("\n\n")[0].splitlines()
+    assert lines[1].startswith("|---|")
+    return lines[2:]
+
+
+def test_role_legend_gives_each_roles_transformerlens_name():
+    legend = {_split_md_row(line)[0]: _split_md_row(line)[1] for line in reference_section("Roles")}
+    assert list(legend) == list(ALL_ROLES)
+    assert legend["resid_post"] == "blocks.{i}.hook_resid_post" and legend["embed"] == "hook_embed"
+    assert legend["logits"] == legend["mixer_out"] == ""  # TransformerLens has no hook of either
+    for role, name in legend.items():
+        if name:
+            assert al.role_for_hook(name.replace("{i}", "0")) == (role, 0 if "{i}" in name else None)
+
+
+def test_paths_into_a_forward_are_described_in_words():
+    rows = table_rows(builtin_only=True)
+    stepping = [
+        (row.adapter, row.variant, role) for row in rows for role, text in row.roles.items() if ".source." in text
+    ]
+    assert ("llama", "", "pattern") in stepping
+    described = reference_section("Paths into a module's forward")
+    assert [tuple(_split_md_row(line)[:3]) for line in described][: len(stepping)] == stepping
+    llama = next(_split_md_row(line) for line in described if line.startswith("| llama |"))
+    assert llama[3].startswith("softmax probabilities inside eager attention of model.layers.{i}.self_attn")
+    assert llama[4] == LLAMA.roles["pattern"]  # the machine path is kept beside the words
+
+
+def test_reference_modules_are_listed_and_exist_on_the_tiny_models():
+    listed = [tuple(_split_md_row(line)) for line in reference_section("Modules for reference")]
+    assert ("mamba", "conv1d", "backbone.layers.{i}.mixer.conv1d") in listed
+    for family in families.selected:
+        spec = families.spec_of(family)
+        assert [(a, n, p) for a, n, p in listed if a == spec.name] == [
+            (spec.name, name, path) for name, path in spec.reference_modules.items()
+        ]
+        if spec.reference_modules:
+            model = tiny(family)
+            for path in spec.reference_modules.values():
+                assert isinstance(model.module(path.replace("{i}", str(model.n_layers - 1))), torch.nn.Module)
+
+
+def test_json_carries_the_reference_modules():
+    payload = json.loads(render(table_rows(), "json"))
+    mamba = next(entry for entry in payload["rows"] if entry["adapter"] == "mamba")
+    assert mamba["reference_modules"]["x_proj"] == "backbone.layers.{i}.mixer.x_proj"
+
+
+@pytest.mark.parametrize("width", [8, 20, 40])
+def test_wrap_keeps_every_character_within_the_width(width):
+    text = LLAMA.roles["pattern"]
+    lines = wrap(text, width)
+    assert all(len(line) <= width for line in lines) and "".join(lines) == text
+
+
+@pytest.mark.parametrize(
+    "path,words",
+    [
+        (
+            "transformer.h.{i}.attn.c_attn.output|qkv_fused:k",
+            "output of transformer.h.{i}.attn.c_attn, the k part of a fused",
+        ),
+        ("output.logits", "field logits of the output of the whole model"),
+        ("blocks.{i}.output.1", "element 1 of the output of blocks.{i}"),
+        ("h.{i}.attn.source.matmul_0.output", "output of operation matmul_0 in the forward of h.{i}.attn"),
+        (
+            "h.{i}.attn.source.eager_1.source.softmax_0.output",
+            "output of operation softmax_0 inside eager_1 in the forward",
+        ),
+    ],
+)
+def test_describe_path_says_which_module_side_and_view(path, words):
+    assert describe_path(path).startswith(words)

@@ -193,3 +193,7 @@ class SteeringVectorError(AnylensError, ValueError):
 class InterventionError(AnylensError, TypeError):
     """An intervention that is neither a callable nor a well-formed role edit, or a generation
     block used out of place (``gen.steps`` outside it, ``gen.text`` before it ran)."""
+
+
+class HookNameError(MissingRoleError):
+    """A TransformerLens hook name anylens does not know, or a role that has none."""
