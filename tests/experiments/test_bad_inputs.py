@@ -553,7 +553,11 @@ EXPERIMENTS_AND_CLI: list[Case] = [
         "metric-name-unknown",
         lambda: al.ablate(zoo_gpt2(), [CLEAN, CORRUPT], role="resid_pre", over=("layer",), metric="kl_div"),
         al.MetricError,
-        (r"unknown metric 'kl_div'", r"logit_diff, prob, log_prob, rank, kl"),
+        (
+            r"unknown metric 'kl_div'",
+            r"did you mean 'kl'\?",
+            r"metrics by name: logit_diff, prob, log_prob, rank, .*kl",
+        ),
     ),
     Case(
         "metric-name-needing-no-answers",

@@ -7,6 +7,7 @@ whole batch or one word per prompt.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -216,8 +217,10 @@ def named(name: str, prompts: Any = None) -> Metric:
     One word when every pair has the same, else one word per pair.
     """
     if name not in NAMED:
+        close = difflib.get_close_matches(name, list(NAMED), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise MetricError(
-            f"unknown metric {name!r}; metrics by name: {', '.join(NAMED)} (or pass a metric object such as "
+            f"unknown metric {name!r}; {hint}metrics by name: {', '.join(NAMED)} (or pass a metric object such as "
             "al.metrics.logit_diff(' Paris', ' Rome'))"
         )
     fields = NAMED[name]
