@@ -217,7 +217,10 @@ def named(name: str, prompts: Any = None) -> Metric:
     One word when every pair has the same, else one word per pair.
     """
     if name not in NAMED:
-        close = difflib.get_close_matches(name, list(NAMED), n=1, cutoff=0.5)
+        # A known name the given one starts with ("kl_div" -> "kl") before spelling neighbours.
+        close = [known for known in NAMED if name.startswith(known)] or difflib.get_close_matches(
+            name, list(NAMED), n=1, cutoff=0.5
+        )
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise MetricError(
             f"unknown metric {name!r}; {hint}metrics by name: {', '.join(NAMED)} (or pass a metric object such as "
