@@ -3,6 +3,6 @@ tests import. Production code imports :mod:`anylens.tiny` instead."""
 
 from __future__ import annotations
 
-from .tiny import TINY_BUILDERS, VOCAB, tiny, tiny_model, tiny_tokenizer
+from .tiny import TINY_ADAPTERS, TINY_BUILDERS, VOCAB, tiny, tiny_model, tiny_tokenizer
 
-__all__ = ["TINY_BUILDERS", "VOCAB", "tiny", "tiny_model", "tiny_tokenizer"]
+__all__ = ["TINY_ADAPTERS", "TINY_BUILDERS", "VOCAB", "tiny", "tiny_model", "tiny_tokenizer"]

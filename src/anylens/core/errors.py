@@ -115,3 +115,13 @@ class SteeringVectorError(AnylensError, ValueError):
 class InterventionError(AnylensError, TypeError):
     """An intervention that is neither a callable nor a well-formed role edit, or a generation
     block used out of place (``gen.steps`` outside it, ``gen.text`` before it ran)."""
+
+
+class ForwardContractError(AnylensError, TypeError):
+    """A model whose forward cannot take what anylens passes (token ids ``[batch, pos]``,
+    positionally) or whose output holds no logits (docs/adapters.md, "Bring your own model")."""
+
+
+class MissingFactError(AnylensError, LookupError):
+    """An adapter fact (``n_heads``, ``d_model``, ...) that neither the adapter nor the model's
+    config gives, needed by the computation asked for."""

@@ -18,6 +18,7 @@ import torch
 from ..core.errors import AnylensError
 from ..core.model import linear_weight
 from ..core.operations import only_role_operations
+from ..core.roles import residual_writers
 from .extraction import cache, decompose_resid
 from .metrics import LogitDiff, Metric, named, target_ids
 from .prompts import Prompts
@@ -181,7 +182,7 @@ def direct_logit_attribution(
     model.role("final_norm")  # a clear MissingRoleError: DLA goes through the final norm
     roles = [
         r
-        for r in ("embed", "pos_embed", "resid_pre", "attn_out", "mlp_out", "mixer_out", "z", "resid_post", "logits")
+        for r in ("embed", "pos_embed", "resid_pre", *residual_writers(model.roles), "z", "resid_post", "logits")
         if r in model.roles
     ]
     if not per_head and "z" in roles:

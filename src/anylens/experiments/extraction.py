@@ -15,7 +15,13 @@ import torch
 
 from ..core.errors import LayerIndexError, MissingRoleError
 from ..core.operations import only_role_operations
-from ..core.roles import LAYER_ROLE_ORDER, LAYER_ROLES, MODEL_ROLES_AFTER_LAYERS, MODEL_ROLES_BEFORE_LAYERS
+from ..core.roles import (
+    LAYER_ROLE_ORDER,
+    LAYER_ROLES,
+    MODEL_ROLES_AFTER_LAYERS,
+    MODEL_ROLES_BEFORE_LAYERS,
+    residual_writers,
+)
 from .prompts import Prompts, tokenize
 
 if TYPE_CHECKING:
@@ -361,7 +367,7 @@ def decompose_resid(cache: ActivationCache, layer: int = -1, per_head: bool = Fa
         components.append(pos)
         labels.append("pos_embed")
 
-    writers = [role for role in ("attn_out", "mlp_out", "mixer_out") if role in model.roles]
+    writers = list(residual_writers(model.roles))
     if not writers:
         raise MissingRoleError(
             f"adapter {model.adapter.name!r} has none of attn_out, mlp_out, mixer_out: "

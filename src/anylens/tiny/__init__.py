@@ -12,8 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from .models import TINY_BUILDERS, VOCAB, tiny_model, tiny_tokenizer
+from .plain import PLAIN_ADAPTER
 
-__all__ = ["TINY_BUILDERS", "VOCAB", "tiny", "tiny_model", "tiny_tokenizer"]
+__all__ = ["TINY_ADAPTERS", "TINY_BUILDERS", "VOCAB", "tiny", "tiny_model", "tiny_tokenizer"]
+
+#: Families whose adapter is their own data, given to the wrap as a user gives theirs, not a
+#: built-in the registry resolves (see :mod:`.plain`).
+TINY_ADAPTERS = {"plain": PLAIN_ADAPTER}
 
 
 def tiny(family: str, seed: int = 0, **wrap_kwargs: Any):
@@ -22,5 +27,5 @@ def tiny(family: str, seed: int = 0, **wrap_kwargs: Any):
     from ..registry.resolve import adapter_for
 
     model, tokenizer = tiny_model(family, seed)
-    adapter = adapter_for(model, wrap_kwargs.pop("adapter", None))
+    adapter = adapter_for(model, wrap_kwargs.pop("adapter", None) or TINY_ADAPTERS.get(family))
     return wrap_with_spec(model, adapter, tokenizer, **wrap_kwargs)

@@ -177,6 +177,12 @@ def _mamba2() -> torch.nn.Module:
     return Mamba2ForCausalLM(config)
 
 
+def _plain() -> torch.nn.Module:
+    from .plain import TinyPlainLM
+
+    return TinyPlainLM(VOCAB)
+
+
 def _mamba_ssm() -> torch.nn.Module:
     """The native mamba-ssm model; needs the package and CUDA (its kernels have no CPU path)."""
     try:
@@ -207,6 +213,7 @@ TINY_BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
     "gptj": _gptj,
     "mamba": _mamba,
     "mamba2": _mamba2,
+    "plain": _plain,
     "mamba_ssm": _mamba_ssm,
 }
 
