@@ -6,7 +6,8 @@ A transformers model takes keyword inputs (``input_ids=``, ``attention_mask=``) 
 * token ids, a ``[batch, pos]`` LongTensor, as the forward's first positional argument;
 * ``attention_mask=`` (``[batch, pos]``, 1 for real tokens) only if the forward has a parameter
   of that name (read from its signature once, when the model is wrapped);
-* other keyword options an experiment asks for (``logits_to_keep=1``) only if accepted.
+* ``logits_to_keep=`` (an optimisation that leaves the last position's logits as they are)
+  only if accepted; any other keyword goes to the forward as given.
 
 Its output may be the logits tensor itself, a tuple whose first element is the logits, or an
 object with a ``.logits`` tensor. Anything else, or a forward that cannot take one positional
@@ -73,6 +74,8 @@ class PlainForward:
     def arguments(self, model: AnyModel, inputs: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         """The positional and keyword arguments of the forward for a trace's ``inputs``: strings
         tokenized with the model's tokenizer, a tokenized dict split into ids and mask."""
+        if "logits_to_keep" in kwargs and not self.accepts("logits_to_keep"):
+            kwargs = {key: value for key, value in kwargs.items() if key != "logits_to_keep"}
         if len(inputs) != 1:
             return inputs, kwargs
         data = inputs[0]
