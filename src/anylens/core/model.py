@@ -247,6 +247,24 @@ class AnyModel:
             )
         return self._access[name]
 
+    def first_role(self, role: str | Sequence[str]) -> str:
+        """``role`` itself, or for a list of roles (``["z", "mixer_out"]``) the first this model
+        has: one call that runs on attention and state-space models alike. A list none of whose
+        roles the model has raises :class:`MissingRoleError` naming them and the roles it has."""
+        if isinstance(role, str):
+            return role
+        candidates = list(role)
+        for name in candidates:
+            try:
+                self.role(name)
+            except MissingRoleError:
+                continue
+            return name
+        raise MissingRoleError(
+            f"adapter {self.adapter.name!r} ({self.name!r}) has none of the roles {candidates}; "
+            f"it provides: {', '.join(self.roles)}"
+        )
+
     def layer_index(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int):
             layer = _integer_index(layer)
