@@ -416,11 +416,7 @@ class AnyModel:
     # -- tokens ------------------------------------------------------------------------------
     def to_tokens(self, prompts: str | Sequence[str], padding_side: str = "left") -> dict[str, torch.Tensor]:
         """Tokenize like a trace does: a batch, padded on ``padding_side``, with its attention mask."""
-        if self.tokenizer is None:
-            raise TokenizationError(
-                f"{self.name!r} has no tokenizer, so it cannot read the text {prompts!r}: pass token ids "
-                "(a [batch, pos] LongTensor), or wrap the model with a tokenizer: al.wrap(model, tokenizer, ...)"
-            )
+        self.require_tokenizer(prompts)
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         previous = self.tokenizer.padding_side
         self.tokenizer.padding_side = padding_side
@@ -432,6 +428,14 @@ class AnyModel:
         if empty:
             raise PromptError(f"prompt {empty[0]!r} has no tokens: give a prompt of at least one token")
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def require_tokenizer(self, text: Any) -> None:
+        """Refuse text for a model without a tokenizer, saying what to pass instead."""
+        if self.tokenizer is None:
+            raise TokenizationError(
+                f"{self.name!r} has no tokenizer, so it cannot read the text {text!r}: pass token ids "
+                "(a [batch, pos] LongTensor), or wrap the model with a tokenizer: al.wrap(model, tokenizer, ...)"
+            )
 
     def to_str_tokens(self, prompt: str | torch.Tensor) -> list[str]:
         ids = prompt if isinstance(prompt, torch.Tensor) else self.to_tokens(prompt)["input_ids"][0]

@@ -214,7 +214,7 @@ def direct_logit_attribution(
         "adapter": model.adapter.name,
         "metric": label,
         "tokens": tokens,
-        "prompt": prompt if isinstance(prompt, str) else [model.tokenizer.decode(row) for row in run.tokens],
+        "prompt": prompt if isinstance(prompt, str) else [model.decode(row) for row in run.tokens],
         "position": position,
         "over": ["component"],
         "per_head": any(lab.startswith("head ") for lab in labels),

@@ -110,7 +110,7 @@ def attention_patterns(model: AnyModel, prompt: Prompts, layers: Iterable[int] |
         "adapter": model.adapter.name,
         "role": "pattern",
         "tokens": model.to_str_tokens(inputs["input_ids"][0]),
-        "prompt": prompt if isinstance(prompt, str) else model.tokenizer.decode(inputs["input_ids"][0]),
+        "prompt": prompt if isinstance(prompt, str) else model.decode(inputs["input_ids"][0]),
         "over": ["layer", "head", "query_pos", "key_pos"],
     }
     return PatternResult("attention_patterns", frame, meta, "value")
