@@ -59,7 +59,9 @@ def test_table_csv(capsys):
     rows = list(csv.DictReader(io.StringIO(out)))
     assert rows == [row.cells() for row in table_rows()]
     gpt2 = next(row for row in rows if row["adapter"] == "gpt2")
-    assert gpt2["pos_embed"] == "transformer.wpe.output" and gpt2["mixer_out"] == ""
+    assert gpt2["pos_embed"] == "transformer.wpe.output" and gpt2["mixer_out"] == gpt2["attn_out"]
+    mamba = next(row for row in rows if row["adapter"] == "mamba")
+    assert mamba["z"] == "" and mamba["mixer_out"] == "backbone.layers.{i}.mixer.output"
 
 
 def test_table_write_reference_gives_the_reference_file(capsys, tmp_path):
@@ -176,7 +178,7 @@ def test_roles_of_a_tiny_model(capsys):
     assert lines[1] == "adapter: gpt2 (GPT2LMHeadModel), 3 layers"
     assert "  pos_embed  -> transformer.wpe.output" in lines
     assert "  z          -> transformer.h.{i}.attn.c_proj.input|heads" in lines
-    assert not any(line.strip().startswith("mixer_out") for line in lines)
+    assert "  mixer_out  -> transformer.h.{i}.attn.output" in lines  # attention is the token mixer
 
 
 def test_roles_of_a_saved_model_directory(capsys, tmp_path):
