@@ -3,11 +3,16 @@ has, and a role some model lacks is refused before anything is computed."""
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import pytest
 
 import anylens as al
 from anylens.loading import loader
-from anylens.sweep import SweepConfigError
+from anylens.sweep import SweepConfigError, load_results
+from anylens.sweep.cli import add_run_parser, run_cli
+from anylens.sweep.store import MANIFEST
 from anylens.testing import tiny
 
 PAIRS = [("The capital of France is", "The capital of Italy is")]
@@ -59,3 +64,21 @@ def test_a_missing_role_names_every_model_before_any_weights_load(tmp_path, monk
     assert not any(tmp_path.iterdir())  # nothing written
     with pytest.raises(SweepConfigError, match=r"zoo:mamba \(its role 'mixer_out' has no heads"):
         al.run("patch", ["zoo:gpt2", "zoo:mamba"], PAIRS, role=["z", "mixer_out"], over=("layer", "head"), out=tmp_path)
+
+
+def test_the_command_line_takes_a_role_list(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="anylens")
+    add_run_parser(parser.add_subparsers(dest="command"))
+    argv = ["run", "ablate", "--models", "tiny:gpt2", "tiny:mamba", "--out", str(tmp_path), "--quiet"]
+    args = parser.parse_args([*argv, "--prompts", str(_prompts(tmp_path)), "--role", "z,mixer_out", "--over", "layer"])
+    assert run_cli(args) == 0
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["config"]["options"]["role"] == ["z", "mixer_out"]
+    frame = load_results(tmp_path)
+    assert dict(frame.groupby("model")["role"].first()) == {"tiny:gpt2": "z", "tiny:mamba": "mixer_out"}
+
+
+def _prompts(tmp_path) -> object:
+    path = tmp_path.parent / f"{tmp_path.name}-prompts.txt"
+    path.write_text("The cat sat\n")
+    return path
