@@ -19,7 +19,7 @@ import pytest
 
 from anylens import registry
 from anylens.core.spec import AdapterSpec
-from anylens.testing import TINY_BUILDERS
+from anylens.testing import TINY_ADAPTERS, TINY_BUILDERS
 
 #: Every tiny family, in the order of ``anylens.testing.TINY_BUILDERS``.
 ALL_FAMILIES: tuple[str, ...] = tuple(TINY_BUILDERS)
@@ -56,7 +56,8 @@ def select(names: Iterable[str]) -> None:
 def spec_of(family: str) -> AdapterSpec:
     """The adapter of ``family``'s tiny model, with the variants its config selects applied."""
     name, config = ADAPTER_OF[family]
-    return registry().adapter(name).specialize(SimpleNamespace(**config))
+    spec = TINY_ADAPTERS[family] if family in TINY_ADAPTERS else registry().adapter(name)
+    return spec.specialize(SimpleNamespace(**config))
 
 
 Need = Callable[[AdapterSpec], bool]

@@ -24,7 +24,7 @@ class Paths:
     out_proj: str | None = None  # its input is z, laid out [batch, pos, heads * d_head]
     mlp: str | None = None  # its output is what the MLP adds to the residual stream
     mid_norm: str | None = None  # its input is the residual after attention (resid_mid)
-    heads: str = "num_attention_heads"  # config attribute counting query heads
+    heads: str | int = "num_attention_heads"  # config attribute counting query heads, or the count
     flat: tuple[str, ...] = ()  # roles whose module sees tokens flattened to [batch * pos, ...]
 
 
@@ -54,6 +54,8 @@ PATHS: dict[str, Paths] = {
     ),
     "MambaForCausalLM": Paths("backbone.layers"),
     "Mamba2ForCausalLM": Paths("backbone.layers", "mixer.out_proj", heads="num_heads"),
+    # tiny:plain, a plain torch model with no config, returning bare logits.
+    "TinyPlainLM": Paths("blocks", "mix.out", "ff", "norm_b", heads=4),
 }
 
 
@@ -77,7 +79,14 @@ def n_layers(hf: torch.nn.Module) -> int:
 
 
 def n_heads(hf: torch.nn.Module) -> int:
-    return int(getattr(hf.config, paths_of(hf).heads))
+    heads = paths_of(hf).heads
+    return heads if isinstance(heads, int) else int(getattr(hf.config, heads))
+
+
+def forward_logits(hf: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of one plain forward (a plain torch model may return the tensor itself)."""
+    output = hf(input_ids=ids)
+    return output if isinstance(output, torch.Tensor) else output.logits
 
 
 # -- hooking one role at one layer ------------------------------------------------------------
@@ -141,7 +150,7 @@ def run(hf: torch.nn.Module, ids: torch.Tensor, edits: dict[tuple[str, int], Edi
     """Logits ``[batch, pos, vocab]`` of one plain forward with the given edits hooked in."""
     handles = [_hook(hf, role, layer, edit, tuple(ids.shape)) for (role, layer), edit in (edits or {}).items()]
     try:
-        return hf(input_ids=ids).logits
+        return forward_logits(hf, ids)
     finally:
         for handle in handles:
             handle.remove()
@@ -185,9 +194,9 @@ def gradients(hf: torch.nn.Module, role: str, ids: torch.Tensor, metric: Callabl
             handles.append(module.register_forward_pre_hook(keep_input, with_kwargs=True))
     try:
         with torch.enable_grad():
-            logits = hf(input_ids=ids).logits
+            out = forward_logits(hf, ids)
             tensors = [store[layer] for layer in range(n_layers(hf))]
-            grads = torch.autograd.grad(metric(logits).sum(), tensors)
+            grads = torch.autograd.grad(metric(out).sum(), tensors)
     finally:
         for handle in handles:
             handle.remove()
@@ -197,7 +206,7 @@ def gradients(hf: torch.nn.Module, role: str, ids: torch.Tensor, metric: Callabl
             value = value.view(*ids.shape, *value.shape[1:])
         return heads_view(hf, value) if role == "z" else value
 
-    return [layout(t.detach()) for t in tensors], [layout(g) for g in grads], logits.detach()
+    return [layout(t.detach()) for t in tensors], [layout(g) for g in grads], out.detach()
 
 
 def heads_view(hf: torch.nn.Module, value: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from anylens.core.roles import residual_writers
+
 DEFAULT_MODELS = ["zoo:gpt2", "zoo:llama", "zoo:mistral", "zoo:mamba"]
 #: Plots are saved small: these examples are committed with their outputs.
 DPI = 80
@@ -55,8 +57,9 @@ def component_role(model: Any) -> tuple[str, tuple[str, ...]]:
 
 
 def writer_roles(model: Any) -> list[str]:
-    """The per-layer roles that write into the residual stream, those this model has."""
-    return [role for role in ("attn_out", "mlp_out", "mixer_out") if role in model.roles]
+    """The per-layer roles that write into the residual stream, those this model has (``mixer_out``
+    only where it is not the attention output under another name)."""
+    return list(residual_writers(model.roles))
 
 
 # -- prompts -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 from .tiny import (
     DEFAULT_SHAPE,
     GROUPED_FAMILIES,
+    TINY_ADAPTERS,
     TINY_BUILDERS,
     VOCAB,
     TinyShape,
@@ -18,6 +19,7 @@ from .tiny import (
 __all__ = [
     "DEFAULT_SHAPE",
     "GROUPED_FAMILIES",
+    "TINY_ADAPTERS",
     "TINY_BUILDERS",
     "VOCAB",
     "TinyShape",

@@ -56,7 +56,7 @@ def test_table_adapters_side_by_side(capsys):
     assert lines[0].split() == ["role", "TransformerLens", "llama", "mamba", "gpt2"]
     assert max(map(len, lines)) <= 160
     assert grid_line(out, "resid_pre").split() == ["resid_pre", "hook_resid_pre", "{i}.input", "{i}.input", "{i}.input"]
-    assert grid_line(out, "mixer_out").split()[-3:] == ["-", "{i}.mixer.output", "-"]
+    assert grid_line(out, "mixer_out").split()[-3:] == ["{i}.self_attn.output", "{i}.mixer.output", "{i}.attn.output"]
     assert grid_line(out, "z").split() == [
         "z",
         "attn.hook_z",
@@ -120,7 +120,9 @@ def test_table_csv(capsys):
     rows = list(csv.DictReader(io.StringIO(out)))
     assert rows == [row.cells() for row in table_rows()]
     gpt2 = next(row for row in rows if row["adapter"] == "gpt2")
-    assert gpt2["pos_embed"] == "transformer.wpe.output" and gpt2["mixer_out"] == ""
+    assert gpt2["pos_embed"] == "transformer.wpe.output" and gpt2["mixer_out"] == gpt2["attn_out"]
+    mamba = next(row for row in rows if row["adapter"] == "mamba")
+    assert mamba["z"] == "" and mamba["mixer_out"] == "backbone.layers.{i}.mixer.output"
 
 
 def test_table_write_reference_gives_the_reference_file(capsys, tmp_path):
@@ -267,7 +269,9 @@ def test_roles_of_a_tiny_model(capsys):
     assert ["z", "->", "transformer.h.{i}.attn.c_proj.input|heads", "blocks.{i}.attn.hook_z"] in [
         line.split() for line in lines
     ]
-    assert not any(line.strip().startswith("mixer_out") for line in lines)
+    assert ["mixer_out", "->", "transformer.h.{i}.attn.output"] in [
+        line.split()[:3] for line in lines
+    ]  # attention mixes tokens
     assert "pattern: softmax probabilities inside eager attention of transformer.h.{i}.attn" in out
 
 

@@ -20,7 +20,7 @@ import transformers
 
 import anylens as al
 from anylens.registry.verify import tolerance
-from anylens.testing import TINY_BUILDERS, tiny, tiny_model, tiny_tokenizer
+from anylens.testing import TINY_ADAPTERS, TINY_BUILDERS, tiny, tiny_model, tiny_tokenizer
 
 # -- the independent description of each family ----------------------------------------------
 
@@ -49,6 +49,10 @@ class Layout:
     residual_tensors: bool = True  # block input / output are the residual stream
     has_final_norm: bool = True  # read from output_hidden_states[-1], which transformers reports normed
     hf: bool = True  # a transformers model (output_hidden_states / output_attentions)
+    # For a model that is not (hf=False), from the model root: the final norm, and under one block
+    # the module whose output is the attention probabilities.
+    final_norm: str | None = None
+    probs: str | None = None
 
 
 _LLAMA_LIKE = dict(
@@ -140,12 +144,30 @@ LAYOUTS: dict[str, Layout] = {
         has_final_norm=False,
         hf=False,
     ),
+    # A plain torch model with its own names, no config and a bare-tensor output.
+    "plain": Layout(
+        blocks="blocks",
+        embed="embedding",
+        pos_embed="positions",
+        heads=(4, 4, 16),
+        attn="mix",
+        mlp="ff",
+        mid="norm_b",
+        out_proj="mix.out",
+        qkv=("mix.query", "mix.key", "mix.value"),
+        neurons="ff.down",
+        has_final_norm=False,
+        hf=False,
+        final_norm="norm_out",
+        probs="mix.softmax",
+    ),
 }
 
 #: Which adapter must claim each tiny family.
 ADAPTER_OF = {family: family for family in LAYOUTS} | {"gpt_neox_sequential": "gpt_neox"}
 
-#: Full-size default configs of each family: (config class, model class, config overrides).
+#: Full-size default configs of each family with a built-in adapter: (config class, model class,
+#: config overrides). A family whose adapter is its own data (TINY_ADAPTERS) has no full size.
 FULL_SIZE = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -172,7 +194,7 @@ TOL = 1e-5
 
 
 def test_every_tiny_family_is_described():
-    assert set(TINY_BUILDERS) == set(LAYOUTS) == set(FULL_SIZE)
+    assert set(TINY_BUILDERS) == set(LAYOUTS) == set(FULL_SIZE) | set(TINY_ADAPTERS)
 
 
 def _require(family: str) -> None:
@@ -205,9 +227,9 @@ def _models(family: str) -> tuple[al.AnyModel, torch.nn.Module]:
     """The wrapped tiny model, and an untouched copy of the same weights for the hook side."""
     hf, tokenizer = tiny_model(family)
     reference = copy.deepcopy(hf)
-    if LAYOUTS[family].heads is not None:
+    if LAYOUTS[family].heads is not None and LAYOUTS[family].hf:
         reference.set_attn_implementation("eager")  # the only implementation that returns patterns
-    return al.wrap(hf, tokenizer), reference
+    return al.wrap(hf, tokenizer, adapter=TINY_ADAPTERS.get(family)), reference
 
 
 # -- (a) the seven invariants ----------------------------------------------------------------
@@ -227,6 +249,11 @@ def test_check_passes(family):
 
 def _first(value):
     return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def _logits(output):
+    """A model output's logits: a plain model may return the tensor itself."""
+    return output if isinstance(output, torch.Tensor) else output.logits
 
 
 def _hidden_input(args, kwargs):
@@ -263,6 +290,8 @@ def _reference_values(family: str, ids: torch.Tensor) -> dict[str, object]:
         return lambda x: x.reshape(batch, seq, n_heads, layout.heads[2])
 
     hook_output(ref.get_submodule(layout.embed), "embed")
+    if layout.final_norm:
+        hook_output(ref.get_submodule(layout.final_norm), "final_norm")
     if layout.pos_embed:
         hook_output(ref.get_submodule(layout.pos_embed), "pos_embed")
     for block in blocks:
@@ -279,6 +308,8 @@ def _reference_values(family: str, ids: torch.Tensor) -> dict[str, object]:
             hook_output(block.get_submodule(layout.mixer), "mixer_out", _first)
         if layout.neurons:
             hook_input(block.get_submodule(layout.neurons), "mlp_post", tokens)
+        if layout.probs:
+            hook_output(block.get_submodule(layout.probs), "pattern")
         if layout.heads:
             n_q, n_kv, _ = layout.heads
             hook_input(block.get_submodule(layout.out_proj), "z", split_heads(n_q))
@@ -298,17 +329,19 @@ def _reference_values(family: str, ids: torch.Tensor) -> dict[str, object]:
         for handle in handles:
             handle.remove()
 
-    values: dict[str, object] = {"logits": out.logits}
-    for name in ("embed", "pos_embed"):
+    values: dict[str, object] = {"logits": _logits(out)}
+    for name in ("embed", "pos_embed", "final_norm"):
         if name in captured:
             values[name] = captured.pop(name)[0]
     if layout.has_final_norm:
         values["final_norm"] = out.hidden_states[-1]
-    if layout.heads:
+    if layout.heads and layout.hf:
         values["pattern"] = list(out.attentions)
         if "qkv" in captured:
             values.update(_split_qkv(captured.pop("qkv"), layout, batch, seq))
     values.update(captured)
+    if "attn_out" in values and not layout.mixer:  # attention is the token mixer
+        values["mixer_out"] = values["attn_out"]
     for name, per_layer in values.items():
         if isinstance(per_layer, list):
             assert len(per_layer) == n_layers, f"{name}: {len(per_layer)} hook calls for {n_layers} layers"
@@ -379,7 +412,7 @@ def _import(dotted: str):
     return getattr(importlib.import_module(module), name)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FULL_SIZE))
 def test_paths_resolve_on_full_size_model(family):
     from anylens.core.spec import RolePath
 
@@ -487,7 +520,7 @@ def test_write_matches_hook_ablation(family):
         handle = block.get_submodule(layout.mixer).register_forward_hook(ablate)
     try:
         with torch.no_grad():
-            expected = ref(ids).logits
+            expected = _logits(ref(ids))
     finally:
         handle.remove()
 
@@ -499,7 +532,7 @@ def test_write_matches_hook_ablation(family):
         logits = model.logits.save()
 
     with torch.no_grad():
-        clean = ref(ids).logits
+        clean = _logits(ref(ids))
     assert float((expected - clean).abs().max()) > 1e-4, "the ablation should move the logits"
     error = float((logits - expected).abs().max())
     assert error <= TOL, f"anylens write differs from the hook ablation by {error:.2e}"

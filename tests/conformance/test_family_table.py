@@ -30,7 +30,8 @@ def test_families_with_keeps_the_families_that_have_every_role():
     assert set(with_heads) == {f for f in families.selected if {"z", "pattern"} <= set(families.spec_of(f).roles)}
     assert families.families_with("z", where=lambda spec: False) == []
     cases = families.family_cases([("z", 1), "mixer_out"])
-    assert [p.id for p in cases if p.values[0] in ("gpt2", "mamba")] == ["gpt2-z", "mamba-mixer_out"]
+    assert [p.id for p in cases if p.values[0] in ("gpt2", "mamba")] == ["gpt2-z", "gpt2-mixer_out", "mamba-mixer_out"]
+    assert families.families_with("mixer_out") == list(families.selected)  # one sweep across architectures
 
 
 SAMPLE = """
@@ -69,6 +70,7 @@ def test_family_option_restricts_every_family_parametrization(sample: pytest.Pyt
     result = sample.runpytest_subprocess("--co", "-q", "--family", "mamba", "--family", "llama")
     collected = sorted(line.split("::")[1] for line in result.outlines if "::" in line)
     assert collected == [
+        "test_cases[llama-mixer_out]",
         "test_cases[mamba-mixer_out]",
         "test_fixture[llama]",
         "test_fixture[mamba]",

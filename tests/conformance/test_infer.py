@@ -91,6 +91,7 @@ def test_inferred_adapter_passes_check_and_agrees_with_plain_hooks(architecture)
     assert model.adapter.name == f"inferred:{architecture}"
     assert model.adapter.description == "inferred"
     assert {"resid_pre", "resid_post", "attn_out", "mlp_out", "z", "logits"} <= set(model.roles)
+    assert model.adapter.roles["mixer_out"] == model.adapter.roles["attn_out"]  # attention is the token mixer
 
     report = al.check(model)
     assert report.passed, str(report)

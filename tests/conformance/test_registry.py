@@ -189,6 +189,8 @@ def test_to_toml_round_trips_through_from_toml(tmp_path):
         LLAMA,
         name="round_trip",
         logit_softcap="final_logit_softcapping",
+        n_heads=4,  # a fact as a number (a model without a config)
+        d_model=64,
         parallel=True,
         variants=(
             al.Variant(when={"model_type": "x", "flag": True}, roles={"resid_mid": "model.layers.{i}.mid.input"}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hook_reference import forward_logits
 from tiny_models import PlainLM, model_cache, plain_lm_adapter
 
 import anylens as al
@@ -40,7 +41,7 @@ def test_cut_last_mlp_keeps_the_final_logits(family):
     handle = mlp.register_forward_hook(lambda m, args, out: shapes.append(tuple(_first(out).shape)))
     try:
         with torch.no_grad():
-            expected = model.hf(input_ids=ids).logits[:, -1]
+            expected = forward_logits(model.hf, ids)[:, -1]
             with model.trace(ids):
                 cut_to_final_position(model, path)
                 got = model.logits[:, -1].save()
@@ -158,7 +159,7 @@ def test_final_logits_of_columns_equal_the_model_logits_there(family):
     handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0][:, -1].clone()))
     try:
         with torch.no_grad():
-            expected = model.hf(input_ids=ids).logits[:, -1]
+            expected = forward_logits(model.hf, ids)[:, -1]
     finally:
         handle.remove()
     columns = torch.tensor([3, 11, model.d_vocab - 1])

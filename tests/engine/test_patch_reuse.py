@@ -78,7 +78,8 @@ def test_reuse_matches_full_runs_for_patterns_and_single_head_positions(family):
         model = tiny(family)  # its own copy: eager attention for the pattern
     except ImportError as error:
         pytest.skip(f"tiny {family!r} cannot be built here: {error}")
-    model.set_attn_implementation("eager")
+    if hasattr(model.hf, "set_attn_implementation"):  # a plain model's pattern is a module output
+        model.set_attn_implementation("eager")
     clean, corrupt = prompt_pairs()
     cases = [("pattern", ("layer", "head")), ("pattern", ("layer", "head", "pos")), ("z", ("layer", "head", "pos"))]
     for role, over in cases:

@@ -114,7 +114,7 @@ def test_gradients_of_viewed_roles_equal_those_of_a_write_through_the_view(famil
                     zeros = torch.zeros_like(value).requires_grad_(True)
                     access.write(1, value + zeros)
                 zeros = zeros.save()
-                logits = model.nn.output.logits.save()
+                logits = model.logits.save()
             (grad,) = torch.autograd.grad(reference_metric(logits).sum(), zeros)
             grads[how] = access.view_of(grad, 1) if how == "perturb" else grad
     assert grads["write"].abs().max() > 1e-4  # the role matters to the metric

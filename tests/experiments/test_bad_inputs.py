@@ -705,7 +705,174 @@ GENERATION_AND_STEERING: list[Case] = [
 ]
 
 
-CASES = [*LOADING_AND_ROLES, *EXPERIMENTS_AND_CLI, *GENERATION_AND_STEERING]
+# -- a model of one's own (docs/adapters.md, "Bring your own model") -----------------------------
+class _Own(torch.nn.Module):
+    """A plain torch model: embedding, one residual block, readout; ``output`` says what its
+    forward returns (the logits, or a dict without them)."""
+
+    def __init__(self, output: str = "logits") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.output = output
+        self.embed, self.head = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8)])
+
+    def forward(self, input_ids: torch.Tensor) -> object:
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = x + block(x)
+        logits = self.head(x)
+        return {"scores": logits} if self.output == "dict" else logits
+
+
+class _TwoInputs(_Own):
+    def forward(self, embeddings: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.head(embeddings + positions)
+
+
+class _KeywordsOnly(_Own):
+    def forward(self, *, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.head(self.embed(input_ids))
+
+
+_OWN_ADAPTER = {
+    "name": "own",
+    "architectures": ["_Own"],
+    "layers": "blocks",
+    "unembed": "head",
+    "roles": {"embed": "embed.output", "z": "blocks.{i}.input|heads", "logits": "output"},
+}
+_IDS = torch.tensor([[1, 2, 3, 4]])
+
+
+def _own(output: str = "logits", **facts: object) -> al.AnyModel:
+    return al.wrap(_Own(output), adapter={**_OWN_ADAPTER, **facts})
+
+
+def _read_logits(model: al.AnyModel, inputs: object = _IDS) -> None:
+    with torch.no_grad(), model.trace(inputs):
+        model.logits.save()
+
+
+def _read_z(model: al.AnyModel) -> None:
+    with torch.no_grad(), model.trace(_IDS):
+        model.z[0].save()
+
+
+def _own_reads_equal_plain_hooks() -> None:
+    """The contract's happy path: token ids in, a bare logits tensor out, heads from numeric facts."""
+    model = _own(n_heads=2, d_head=4)
+    with torch.no_grad(), model.trace(_IDS):
+        z = model.z[0].save()
+        logits = model.logits.save()
+    seen = []
+    handle = model.hf.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            expected = model.hf(_IDS)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(z, seen[0].unflatten(-1, (2, 4)), rtol=0, atol=1e-6)
+
+
+def _register_with_fact(**facts: object) -> Callable[[], object]:
+    return lambda: al.register_adapter({**_OWN_ADAPTER, "name": "own-facts", "architectures": ["OwnFacts"], **facts})
+
+
+def _unmasked_plain_with_tokenizer() -> al.AnyModel:
+    from anylens.testing import tiny_tokenizer
+
+    return al.wrap(_Own(), tiny_tokenizer(), adapter=_OWN_ADAPTER)
+
+
+CUSTOM_MODELS: list[Case] = [
+    Case("own-model-reads-equal-hooks", _own_reads_equal_plain_hooks, None),
+    Case(
+        "own-forward-needs-two-inputs",
+        lambda: al.wrap(_TwoInputs(), adapter=_OWN_ADAPTER),
+        al.ForwardContractError,
+        (r"_TwoInputs\.forward requires 2 arguments", r"token ids", r"Bring your own model"),
+    ),
+    Case(
+        "own-forward-takes-no-positional-ids",
+        lambda: al.wrap(_KeywordsOnly(), adapter=_OWN_ADAPTER),
+        al.ForwardContractError,
+        (r"no positional argument", r"\[batch, pos\] LongTensor"),
+    ),
+    Case(
+        "own-output-without-logits",
+        lambda: _read_logits(_own("dict")),
+        al.ForwardContractError,
+        (r"returned a dict, which holds no logits", r"a tuple whose first element is the logits", r"\.logits"),
+    ),
+    *[
+        Case(
+            f"own-fact-{name}-{value!r}",
+            _register_with_fact(**{name: value}),
+            al.AdapterSpecError,
+            (rf"fact {name}={re.escape(repr(value))}", r"neither a positive integer nor a config attribute name"),
+        )
+        for name, value in (("n_heads", "four heads"), ("d_head", 4.5), ("n_kv_heads", True), ("max_positions", -3))
+    ],
+    Case(
+        "own-heads-without-fact-or-config",
+        lambda: _read_z(_own()),
+        al.MissingFactError,
+        (r"needs n_heads", r"this model has no config", r"declare it in the adapter as a number"),
+    ),
+    Case(
+        "own-model-without-tokenizer-given-text",
+        lambda: al.logit_lens(_own(), "The cat sat"),
+        al.TokenizationError,
+        (r"has no tokenizer", r"'The cat sat'", r"pass token ids", r"al\.wrap\(model, tokenizer"),
+    ),
+    Case(
+        "own-model-without-tokenizer-given-text-pairs",
+        lambda: al.patch(_own(n_heads=2, d_head=4), "The cat sat", "The dog sat", role="z", over=("layer",)),
+        al.TokenizationError,
+        (r"has no tokenizer", r"pass token ids"),
+    ),
+    Case(
+        "own-model-without-tokenizer-given-metric-words",
+        lambda: al.metrics.logit_diff(" Paris", " Rome")(torch.zeros(1, 50), _own()),
+        al.TokenizationError,
+        (r"no tokenizer to find the token ' Paris'", r"pass its token id"),
+    ),
+    Case(
+        "own-forward-without-mask-given-padded-text",
+        lambda: _read_logits(_unmasked_plain_with_tokenizer(), ["The cat sat on the mat", "Paris"]),
+        al.PromptError,
+        (r"different token lengths", r"takes no attention_mask", r"one token length"),
+    ),
+    Case(
+        "own-model-generates",
+        lambda: al.generate(_own(), _IDS, max_new_tokens=1),
+        al.ForwardContractError,
+        (r"generation runs transformers' generate", r"model\.trace\(token_ids\)"),
+    ),
+    Case(
+        "role-list-none-present",
+        lambda: al.ablate(_tiny("mamba"), "The cat sat", role=["z", "attn_out"], over=("layer",)),
+        al.MissingRoleError,
+        (r"has none of the roles \['z', 'attn_out'\]", r"it provides: .*mixer_out"),
+    ),
+    Case(
+        "sweep-role-missing-on-some-models",
+        lambda: al.run(
+            "ablate", ["tiny:gpt2", "tiny:mamba", "tiny:mamba2"], ["The cat sat"], role="z", out=tempfile.mkdtemp()
+        ),
+        SweepConfigError,
+        (
+            r"tiny:mamba \(adapter 'mamba' has none of \['z'\]",
+            r"tiny:mamba2 \(adapter 'mamba2'",
+            r"\['z', 'mixer_out'\]",
+        ),
+    ),
+]
+
+
+CASES = [*LOADING_AND_ROLES, *EXPERIMENTS_AND_CLI, *GENERATION_AND_STEERING, *CUSTOM_MODELS]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

@@ -11,6 +11,7 @@ from types import ModuleType
 import matplotlib
 import pytest
 import torch
+from hook_reference import forward_logits
 
 matplotlib.use("Agg")
 
@@ -44,7 +45,7 @@ def run(name: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path
 def last_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """``[batch, vocab]`` logits at the last position from the Hugging Face model itself."""
     with torch.no_grad():
-        return model.hf(ids.to(model.device)).logits[:, -1].float()
+        return forward_logits(model.hf, ids.to(model.device))[:, -1].float()
 
 
 def ids_of(model, prompts) -> torch.Tensor:

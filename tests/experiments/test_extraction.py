@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from families import ANY_FAMILY, has_head_decomposition
+from hook_reference import forward_logits
 
 import anylens as al
 from anylens import MissingRoleError
@@ -82,6 +83,7 @@ REFERENCE: dict[str, Modules] = {
     ),
     "MambaForCausalLM": _MAMBA_LIKE,
     "Mamba2ForCausalLM": _MAMBA_LIKE,
+    "TinyPlainLM": Modules("blocks", "embedding", "norm_out", "positions", attn="mix", mlp="ff", out_proj="mix.out"),
 }
 
 
@@ -153,7 +155,7 @@ def reference_run(hf: torch.nn.Module, ids: torch.Tensor) -> dict[tuple[str, int
             on(f"{block}.{paths.out_proj}", ("z", i), hook_input=True)
     try:
         with torch.no_grad():
-            seen[("logits", None)] = hf(input_ids=ids).logits.detach().clone()
+            seen[("logits", None)] = forward_logits(hf, ids).detach().clone()
     finally:
         for handle in handles:
             handle.remove()
@@ -234,7 +236,9 @@ def test_decomposition_sums_back_to_resid_post(
                 assert f"head {layer}.{model.n_heads - 1}" in labels and "attn bias" in labels
                 assert f"attn {layer}" not in labels
             else:
-                writers = [r.removesuffix("_out") for r in ("attn_out", "mlp_out", "mixer_out") if r in model.roles]
+                # mixer_out is the attention output under a second name where attention is the mixer
+                mixer = ("mixer_out",) if "attn_out" not in model.roles else ()
+                writers = [r.removesuffix("_out") for r in ("attn_out", "mlp_out", *mixer) if r in model.roles]
                 assert [f"{w} {layer}" for w in writers] == [lab for lab in labels if lab.endswith(f" {layer}")]
 
 

@@ -7,6 +7,7 @@ import matplotlib
 import pytest
 import torch
 from families import ANY_FAMILY
+from hook_reference import forward_logits
 
 import anylens as al
 from anylens import PromptError, TokenizationError
@@ -32,6 +33,7 @@ REFERENCE: dict[str, tuple[str, str, str, str | None]] = {
     "OPTForCausalLM": ("model.decoder.layers", "model.decoder.final_layer_norm", "lm_head", None),
     "MambaForCausalLM": ("backbone.layers", "backbone.norm_f", "lm_head", None),
     "Mamba2ForCausalLM": ("backbone.layers", "backbone.norm_f", "lm_head", None),
+    "TinyPlainLM": ("blocks", "norm_out", "readout", None),
 }
 
 
@@ -102,7 +104,7 @@ def assert_layer_matches(result: al.Result, layer: int, log_probs: torch.Tensor,
 def test_last_layer_equals_the_models_logits(model: al.AnyModel) -> None:
     ids = prompt_ids(model)
     with torch.no_grad():
-        log_probs = model.hf(input_ids=ids).logits[0].float().log_softmax(-1)
+        log_probs = forward_logits(model.hf, ids)[0].float().log_softmax(-1)
     result = al.logit_lens(model, PROMPT, metric=TARGETS, k=5)
     assert_layer_matches(result, model.n_layers - 1, log_probs, model)
 

@@ -27,9 +27,29 @@ def model(family: str) -> al.AnyModel:
         pytest.skip(f"tiny {family!r} cannot be built here: {error}")
 
 
+#: For a model that is not a transformers model (no output_attentions): per class, the module
+#: under each block whose output is the attention probabilities.
+PROBABILITIES = {"TinyPlainLM": ("blocks", "mix.softmax")}
+
+
 def hf_attentions(model: al.AnyModel, ids: torch.Tensor) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [a.float() for a in model.hf(input_ids=ids, output_attentions=True).attentions]
+    name = type(model.hf).__name__
+    if name not in PROBABILITIES:
+        with torch.no_grad():
+            return [a.float() for a in model.hf(input_ids=ids, output_attentions=True).attentions]
+    blocks, probs = PROBABILITIES[name]
+    seen: list[torch.Tensor] = []
+    handles = [
+        block.get_submodule(probs).register_forward_hook(lambda module, args, output: seen.append(output.float()))
+        for block in model.hf.get_submodule(blocks)
+    ]
+    try:
+        with torch.no_grad():
+            model.hf(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def test_patterns_equal_output_attentions_or_raise_missing_role(model: al.AnyModel) -> None:

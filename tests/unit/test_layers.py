@@ -26,10 +26,11 @@ ALLOWED: dict[str, set[str]] = {
     # the plugin that hands models no adapter claims to structural inference
     "adapters.inferred": {"core", PUBLIC, "adapters", "inference"},
     # tiny random models built from configs; the builders need only the core
-    "tiny.models": {"core"},
+    "tiny.models": {"core", "tiny.plain"},
+    "tiny.plain": {"core"},
     "tiny.arch": {"core"},
     # ``anylens.tiny``: the builders, and tiny() that wraps one through the registry
-    "tiny": {"core", "registry", "tiny.models", "tiny.arch"},
+    "tiny": {"core", "registry", "tiny.models", "tiny.arch", "tiny.plain"},
     # hookspecs, plugin manager, built-in list (module names as strings), resolution, table, verify
     "registry": {"core", "inference", "tiny.arch"},
     # adapters inferred from structure, verified with the registry's check

@@ -15,7 +15,8 @@ from anylens.testing import tiny, tiny_tokenizer
 
 model_of = model_cache()
 ATOL = 1e-6
-pytestmark = pytest.mark.needs_roles("pattern")  # the role that steps into operations
+# The role that steps into operations, where it does (a plain model's pattern is a module output).
+pytestmark = pytest.mark.needs_roles("pattern", where=lambda spec: spec.role_path("pattern").steps_into_operations)
 
 
 @pytest.fixture

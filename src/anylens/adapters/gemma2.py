@@ -27,6 +27,7 @@ GEMMA2 = AdapterSpec(
         "resid_mid": f"{_LAYER}.pre_feedforward_layernorm.input",
         "resid_post": f"{_LAYER}.output",
         "attn_out": f"{_LAYER}.post_attention_layernorm.output",
+        "mixer_out": f"{_LAYER}.post_attention_layernorm.output",  # the token-mixing sublayer: attention
         "mlp_out": f"{_LAYER}.post_feedforward_layernorm.output",
         "z": f"{_LAYER}.self_attn.o_proj.input|heads",
         "q": f"{_LAYER}.self_attn.q_proj.output|heads",

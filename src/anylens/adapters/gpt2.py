@@ -15,6 +15,7 @@ GPT2 = AdapterSpec(
         "resid_mid": "transformer.h.{i}.ln_2.input",
         "resid_post": "transformer.h.{i}.output",
         "attn_out": "transformer.h.{i}.attn.output",
+        "mixer_out": "transformer.h.{i}.attn.output",  # the token-mixing sublayer: attention
         "mlp_out": "transformer.h.{i}.mlp.output",
         "z": "transformer.h.{i}.attn.c_proj.input|heads",
         "q": "transformer.h.{i}.attn.c_attn.output|qkv_fused:q",

@@ -22,6 +22,7 @@ GPT_NEOX = AdapterSpec(
         "resid_pre": f"{_LAYER}.input",
         "resid_post": f"{_LAYER}.output",
         "attn_out": f"{_LAYER}.attention.output",
+        "mixer_out": f"{_LAYER}.attention.output",  # the token-mixing sublayer: attention
         "mlp_out": f"{_LAYER}.mlp.output",
         "z": f"{_LAYER}.attention.dense.input|heads",
         "q": f"{_LAYER}.attention.query_key_value.output|qkv_interleaved:q",

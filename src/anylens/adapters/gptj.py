@@ -18,6 +18,7 @@ GPTJ = AdapterSpec(
         "resid_pre": f"{_LAYER}.input",
         "resid_post": f"{_LAYER}.output",
         "attn_out": f"{_LAYER}.attn.output",
+        "mixer_out": f"{_LAYER}.attn.output",  # the token-mixing sublayer: attention
         "mlp_out": f"{_LAYER}.mlp.output",
         "z": f"{_LAYER}.attn.out_proj.input|heads",
         "q": f"{_LAYER}.attn.q_proj.output|heads",

@@ -10,6 +10,7 @@ LLAMA_STYLE_ROLES = {
     "resid_mid": "model.layers.{i}.post_attention_layernorm.input",
     "resid_post": "model.layers.{i}.output",
     "attn_out": "model.layers.{i}.self_attn.output",
+    "mixer_out": "model.layers.{i}.self_attn.output",  # the token-mixing sublayer: attention
     "mlp_out": "model.layers.{i}.mlp.output",
     "z": "model.layers.{i}.self_attn.o_proj.input|heads",
     "q": "model.layers.{i}.self_attn.q_proj.output|heads",

@@ -28,6 +28,7 @@ OPT = AdapterSpec(
         "resid_mid": f"{_LAYER}.final_layer_norm.input|tokens",
         "resid_post": f"{_LAYER}.output",
         "attn_out": f"{_LAYER}.self_attn.output",
+        "mixer_out": f"{_LAYER}.self_attn.output",  # the token-mixing sublayer: attention
         "mlp_out": f"{_LAYER}.fc2.output|tokens",
         "z": f"{_LAYER}.self_attn.out_proj.input|heads",
         "q": f"{_LAYER}.self_attn.q_proj.output|heads",  # before OPT's 1/sqrt(d_head) scaling
@@ -41,7 +42,7 @@ OPT = AdapterSpec(
     variants=(
         Variant(
             when={"do_layer_norm_before": False},
-            drop=("resid_mid", "attn_out", "mlp_out"),
+            drop=("resid_mid", "attn_out", "mixer_out", "mlp_out"),
             roles={
                 "embed": "model.decoder.project_in.output",
                 "final_norm": "model.decoder.project_out.output",

@@ -22,6 +22,7 @@ PHI3 = AdapterSpec(
         "resid_mid": f"{_LAYER}.post_attention_layernorm.input",
         "resid_post": f"{_LAYER}.output",
         "attn_out": f"{_LAYER}.self_attn.output",
+        "mixer_out": f"{_LAYER}.self_attn.output",  # the token-mixing sublayer: attention
         "mlp_out": f"{_LAYER}.mlp.output",
         "z": f"{_LAYER}.self_attn.o_proj.input|heads",
         "q": f"{_LAYER}.self_attn.qkv_proj.output|qkv_fused:q",

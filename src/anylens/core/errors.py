@@ -197,3 +197,13 @@ class InterventionError(AnylensError, TypeError):
 
 class HookNameError(MissingRoleError):
     """A TransformerLens hook name anylens does not know, or a role that has none."""
+
+
+class ForwardContractError(AnylensError, TypeError):
+    """A model whose forward cannot take what anylens passes (token ids ``[batch, pos]``,
+    positionally) or whose output holds no logits (docs/adapters.md, "Bring your own model")."""
+
+
+class MissingFactError(AnylensError, LookupError):
+    """An adapter fact (``n_heads``, ``d_model``, ...) that neither the adapter nor the model's
+    config gives, needed by the computation asked for."""

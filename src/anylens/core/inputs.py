@@ -19,10 +19,9 @@ if TYPE_CHECKING:
 
 
 def position_limit(model: AnyModel) -> int | None:
-    """How many positions the model was built for (the adapter's ``max_positions`` config
-    attribute), or None for a model without one (an SSM)."""
-    name = model.adapter.max_positions
-    value = getattr(model.config, name, None) if name else None
+    """How many positions the model was built for (the adapter's ``max_positions``: a number or
+    a config attribute), or None for a model without one (an SSM)."""
+    value = model.adapter.fact("max_positions", model.config)
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
@@ -48,6 +47,7 @@ def check_inputs(model: AnyModel) -> None:
     limit = position_limit(model)
     absolute = "pos_embed" in model.adapter.roles
     name, attribute = model.adapter.name, model.adapter.max_positions
+    where = f"config.{attribute}" if isinstance(attribute, str) else "its adapter's max_positions"
 
     def check(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         count = token_count(args, kwargs)
@@ -58,9 +58,7 @@ def check_inputs(model: AnyModel) -> None:
             )
         if limit is None or count is None or count <= limit:
             return
-        message = (
-            f"the prompt is {count} tokens but this model (adapter {name!r}) has {limit} positions (config.{attribute})"
-        )
+        message = f"the prompt is {count} tokens but this model (adapter {name!r}) has {limit} positions ({where})"
         if absolute:
             raise PromptError(f"{message}: shorten the prompt to at most {limit} tokens or split it")
         warnings.warn(

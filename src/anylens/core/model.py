@@ -12,15 +12,18 @@ import torch
 
 from .access import RoleAccess, envoy_at
 from .errors import (
+    ForwardContractError,
     LayerIndexError,
     LayerIndexTypeError,
     LocalWeightsError,
+    MissingFactError,
     MissingRoleError,
     ModulePathError,
     PromptError,
     RoleNameError,
     TokenizationError,
 )
+from .forward import PlainForward, check_output_on_every_forward
 from .hook_names import HookPoint, looks_like_hook_name, role_for_hook
 from .inputs import check_inputs
 from .operations import OperationHooks
@@ -60,7 +63,10 @@ class AnyModel:
         #: Where traces run: False here, True on NDIF, "local" through nnsight's serialising dry run.
         self.remote = remote
         self.hf = nn_model._module
-        self.config = self.hf.config
+        #: The model's config; None for a plain torch model without one (its adapter gives the facts).
+        self.config = getattr(self.hf, "config", None)
+        #: How a plain torch model's forward is called (None for a transformers model): see core/forward.py.
+        self.plain_forward = None if _is_transformers_model(self.hf) else PlainForward(self.hf)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(nn_model, "tokenizer", None)
         self.adapter = adapter.specialize(self.config)
         #: What the model was loaded from ("zoo:llama", a path, a hub id); None when wrapped.
@@ -74,6 +80,8 @@ class AnyModel:
         if not remote:  # a remote model's forward runs on the server
             self._check_selections_on_first_forward()
             check_inputs(self)
+            if self.plain_forward is not None:
+                check_output_on_every_forward(self)
         self._prepare_sources()
         if any(access.path.view == "tokens" for access in self._access.values()):
             self._record_token_shapes()
@@ -102,37 +110,56 @@ class AnyModel:
     def name(self) -> str:
         return self.source or getattr(self.config, "_name_or_path", "") or type(self.hf).__name__
 
+    def fact(self, name: str) -> Any:
+        """An adapter fact's value for this model: the adapter's number, or its config attribute."""
+        return self.adapter.fact(name, self.config)
+
+    def _missing_fact(self, name: str, why: str) -> MissingFactError:
+        given = getattr(self.adapter, name)
+        source = "this model has no config" if self.config is None else f"its config has no {given!r}"
+        return MissingFactError(
+            f"{why} needs {name}, which adapter {self.adapter.name!r} takes from the config attribute {given!r}, "
+            f"but {source}: declare it in the adapter as a number ({name}=...) or name the config attribute "
+            "that holds it"
+        )
+
     @property
     def d_model(self) -> int:
-        width = getattr(self.config, "hidden_size", None) or getattr(self.config, "d_model", None)
+        width = self.fact("d_model")
+        if width is None:
+            width = getattr(self.config, "hidden_size", None) or getattr(self.config, "d_model", None)
+        if width is None:  # the unembedding reads the residual stream
+            try:
+                width = linear_weight(self.module(self.adapter.unembed)).shape[0]
+            except ModulePathError:
+                raise self._missing_fact("d_model", "the residual width") from None
         return int(width)
 
     @property
     def d_vocab(self) -> int:
-        return int(self.module(self.adapter.unembed).weight.shape[0])
+        size = self.fact("d_vocab")
+        return int(size) if size else int(self.module(self.adapter.unembed).weight.shape[0])
 
     @property
     def n_heads(self) -> int:
-        value = getattr(self.config, self.adapter.n_heads, None)
+        value = self.fact("n_heads")
         if value is None:
-            raise MissingRoleError(f"adapter {self.adapter.name!r}: the config has no {self.adapter.n_heads!r}")
+            raise self._missing_fact("n_heads", "splitting attention into heads")
         return int(value)
 
     @property
     def n_kv_heads(self) -> int:
-        value = getattr(self.config, self.adapter.n_kv_heads, None)
+        value = self.fact("n_kv_heads")
         return int(value) if value else self.n_heads
 
     @property
     def d_head(self) -> int:
-        value = getattr(self.config, self.adapter.d_head, None)
+        value = self.fact("d_head")
         return int(value) if value else self.d_model // self.n_heads
 
     @property
     def logit_softcap(self) -> float | None:
-        if self.adapter.logit_softcap is None:
-            return None
-        value = getattr(self.config, self.adapter.logit_softcap, None)
+        value = self.fact("logit_softcap")
         return float(value) if value else None
 
     @property
@@ -159,6 +186,8 @@ class AnyModel:
         """An nnsight trace; inside it, roles read and write the running model.
 
         A remote model's traces run remotely unless ``remote=`` is given."""
+        if self.plain_forward is not None:
+            inputs, kwargs = self.plain_forward.arguments(self, inputs, kwargs)
         return self.nn.trace(*inputs, **self._remote_kwargs(kwargs))
 
     def generate(self, *inputs: Any, **kwargs: Any) -> Any:
@@ -170,6 +199,11 @@ class AnyModel:
 
         from .generation_trace import open_generation, run_untraced
 
+        if self.plain_forward is not None:
+            raise ForwardContractError(
+                f"generation runs transformers' generate, which {self.plain_forward.name} (a plain torch model) "
+                "does not have: read and patch roles in model.trace(token_ids) instead, one forward at a time"
+            )
         tracer = open_generation(self, inputs, kwargs)
         try:
             tracer.capture()  # looks two frames up: the caller's line
@@ -227,6 +261,24 @@ class AnyModel:
                 f"({type(self.hf).__name__}) does not have; it provides: {', '.join(self.roles)}"
             )
         return HookPoint(name, self.role(role), None if layer is None else self.layer_index(layer))
+
+    def first_role(self, role: str | Sequence[str]) -> str:
+        """``role`` itself, or for a list of roles (``["z", "mixer_out"]``) the first this model
+        has: one call that runs on attention and state-space models alike. A list none of whose
+        roles the model has raises :class:`MissingRoleError` naming them and the roles it has."""
+        if isinstance(role, str):
+            return role
+        candidates = list(role)
+        for name in candidates:
+            try:
+                self.role(name)
+            except MissingRoleError:
+                continue
+            return name
+        raise MissingRoleError(
+            f"adapter {self.adapter.name!r} ({self.name!r}) has none of the roles {candidates}; "
+            f"it provides: {', '.join(self.roles)}"
+        )
 
     def layer_index(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int):
@@ -379,8 +431,7 @@ class AnyModel:
     # -- tokens ------------------------------------------------------------------------------
     def to_tokens(self, prompts: str | Sequence[str], padding_side: str = "left") -> dict[str, torch.Tensor]:
         """Tokenize like a trace does: a batch, padded on ``padding_side``, with its attention mask."""
-        if self.tokenizer is None:
-            raise TokenizationError("this model has no tokenizer; pass token ids or wrap it with one")
+        self.require_tokenizer(prompts)
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         previous = self.tokenizer.padding_side
         self.tokenizer.padding_side = padding_side
@@ -393,15 +444,35 @@ class AnyModel:
             raise PromptError(f"prompt {empty[0]!r} has no tokens: give a prompt of at least one token")
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
+    def require_tokenizer(self, text: Any) -> None:
+        """Refuse text for a model without a tokenizer, saying what to pass instead."""
+        if self.tokenizer is None:
+            raise TokenizationError(
+                f"{self.name!r} has no tokenizer, so it cannot read the text {text!r}: pass token ids "
+                "(a [batch, pos] LongTensor), or wrap the model with a tokenizer: al.wrap(model, tokenizer, ...)"
+            )
+
     def to_str_tokens(self, prompt: str | torch.Tensor) -> list[str]:
         ids = prompt if isinstance(prompt, torch.Tensor) else self.to_tokens(prompt)["input_ids"][0]
-        return [self.tokenizer.decode([i]) for i in ids.reshape(-1).tolist()]
+        return [self.decode([i]) for i in ids.reshape(-1).tolist()]
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+        """The text of token ids, for labels; ``<id>`` per token for a model without a tokenizer."""
+        ids = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
+        if self.tokenizer is None:
+            return "".join(f"<{i}>" for i in ids)
+        return self.tokenizer.decode(ids)
 
     def token_id(self, word: str) -> int:
         """The id of a word that must be exactly one token (e.g. ``" Paris"``), or a token id
         checked against the vocabulary; a word the tokenizer reads as its unknown token is refused."""
         if isinstance(word, int):
             return self._checked_token_id(word)
+        if self.tokenizer is None:
+            raise TokenizationError(
+                f"{self.name!r} has no tokenizer to find the token {word!r}: pass its token id (an int), "
+                "or wrap the model with a tokenizer"
+            )
         ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             pieces = [self.tokenizer.decode([i]) for i in ids]
@@ -428,6 +499,12 @@ class AnyModel:
                 "pass an id in that range, or the word itself"
             )
         return token
+
+
+def _is_transformers_model(module: torch.nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(module, PreTrainedModel)
 
 
 def _close_words(tokenizer: Any, word: str, n: int = 3) -> list[str]:

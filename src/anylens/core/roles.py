@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 #: Roles that exist once per model.
 MODEL_ROLES: tuple[str, ...] = ("embed", "pos_embed", "final_norm", "logits")
 
@@ -22,6 +24,21 @@ LAYER_ROLES: tuple[str, ...] = (
 )
 
 ALL_ROLES: tuple[str, ...] = MODEL_ROLES + LAYER_ROLES
+
+
+def residual_writers(roles: Iterable[str]) -> tuple[str, ...]:
+    """The roles that, added to ``resid_pre[i]``, give ``resid_post[i]``.
+
+    ``mixer_out`` is the token-mixing sublayer's output: on an attention model the same tensor as
+    ``attn_out`` (so a sweep of one role runs on attention and state-space models alike), on an
+    SSM the mixer. It counts only where ``attn_out`` is absent, so that nothing is counted twice.
+    """
+    roles = set(roles)
+    writers = [role for role in ("attn_out", "mlp_out") if role in roles]
+    if "mixer_out" in roles and "attn_out" not in roles:
+        writers.append("mixer_out")
+    return tuple(writers)
+
 
 #: Roles split into attention heads; their last two dimensions are [heads, d_head].
 HEAD_ROLES: frozenset[str] = frozenset({"z", "q", "k", "v"})
@@ -55,7 +72,7 @@ ROLE_MEANINGS: dict[str, str] = {
     "resid_post": "output of layer i",
     "attn_out": "what attention adds to the residual",
     "mlp_out": "what the MLP adds to the residual",
-    "mixer_out": "what an SSM mixer adds to the residual",
+    "mixer_out": "what the token-mixing sublayer adds to the residual: attention (= attn_out), or an SSM mixer",
     "z": "per-head attention values: input of the output projection",
     "q": "per-head query projections",
     "k": "per-head key projections",
@@ -73,10 +90,10 @@ LAYER_ROLE_ORDER: tuple[str, ...] = (
     "pattern",
     "z",
     "attn_out",
+    "mixer_out",  # the attention output where attention is the mixer
     "resid_mid",
     "mlp_post",
     "mlp_out",
-    "mixer_out",
     "resid_post",
 )
 MODEL_ROLES_BEFORE_LAYERS: tuple[str, ...] = ("embed", "pos_embed")

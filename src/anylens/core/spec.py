@@ -117,10 +117,13 @@ class AdapterSpec:
     * ``layers``: path of the list of blocks;
     * ``unembed``: path of the unembedding module (applied as a function by ``model.unembed``);
     * ``out_proj``: path of the attention output projection, for per-head weights ``W_O``;
-    * ``n_heads`` / ``n_kv_heads`` / ``d_head``: config attribute names (``d_head`` falls back
-      to ``d_model // n_heads``, ``n_kv_heads`` to ``n_heads``);
+    * ``n_heads`` / ``n_kv_heads`` / ``d_head`` / ``d_model`` / ``d_vocab``: each a config
+      attribute name or a number (``n_heads=4`` for a model without a config; ``d_head`` falls
+      back to ``d_model // n_heads``, ``n_kv_heads`` to ``n_heads``, ``d_model`` to the config's
+      ``hidden_size`` / ``d_model`` or the unembedding's input width, ``d_vocab`` to the
+      unembedding's output width);
     * ``logit_softcap``: config attribute holding the final-logit soft-cap, if any;
-    * ``max_positions``: config attribute holding how many positions the model was built for
+    * ``max_positions``: config attribute holding (or a number: how many) positions the model was built for
       (longer prompts are refused where a ``pos_embed`` role says positions are learned
       embeddings, warned about otherwise); a config without it has no limit;
     * ``parallel``: attention and MLP read the same residual (no ``resid_mid``);
@@ -133,11 +136,13 @@ class AdapterSpec:
     roles: Mapping[str, str]
     unembed: str = "lm_head"
     out_proj: str | None = None
-    n_heads: str = "num_attention_heads"
-    n_kv_heads: str = "num_key_value_heads"
-    d_head: str = "head_dim"
-    logit_softcap: str | None = None
-    max_positions: str | None = "max_position_embeddings"
+    n_heads: str | int = "num_attention_heads"
+    n_kv_heads: str | int = "num_key_value_heads"
+    d_head: str | int = "head_dim"
+    d_model: str | int | None = None
+    d_vocab: str | int | None = None
+    logit_softcap: str | float | None = None
+    max_positions: str | int | None = "max_position_embeddings"
     parallel: bool = False
     z_feeds_residual: bool = True
     variants: tuple[Variant, ...] = ()
@@ -158,6 +163,14 @@ class AdapterSpec:
         for variant in self.variants:
             _check_role_table(self.name, variant.roles)
         _check_role_table(self.name, self.roles)
+        for fact in FACTS:
+            _check_fact(self.name, fact, getattr(self, fact))
+
+    def fact(self, name: str, config: Any) -> Any:
+        """The value of fact ``name``: the number the adapter gives, or the config attribute it
+        names (None where the config lacks it or there is no config)."""
+        value = getattr(self, name)
+        return getattr(config, value, None) if isinstance(value, str) else value
 
     # -- derived views ---------------------------------------------------------------------
     def role_path(self, role: str) -> RolePath:
@@ -229,6 +242,23 @@ class AdapterSpec:
 
     def to_toml(self) -> str:
         return _to_toml(self.to_dict())
+
+
+#: Facts that are a config attribute name or a number.
+FACTS: tuple[str, ...] = ("n_heads", "n_kv_heads", "d_head", "d_model", "d_vocab", "logit_softcap", "max_positions")
+
+
+def _check_fact(name: str, fact: str, value: Any) -> None:
+    if value is None or (isinstance(value, str) and value.isidentifier()):
+        return
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if numeric and (isinstance(value, int) or fact == "logit_softcap"):
+        return
+    kind = "a positive number" if fact == "logit_softcap" else "a positive integer"
+    raise AdapterSpecError(
+        f"adapter {name!r}: fact {fact}={value!r} is neither {kind} nor a config attribute name; "
+        f"give a number, or the name of the config attribute that holds it as a string"
+    )
 
 
 def _check_role_table(name: str, roles: Mapping[str, str]) -> None:

@@ -31,15 +31,15 @@ def wrap_with_spec(
     from nnsight.modeling.transformers import TransformersModel
     from transformers import PreTrainedModel
 
-    spec = spec.specialize(hf_model.config)
+    spec = spec.specialize(getattr(hf_model, "config", None))
     hf_model.eval()
-    if "pattern" in spec.roles and hasattr(hf_model, "set_attn_implementation"):
+    if "pattern" in spec.roles and hasattr(hf_model, "set_attn_implementation") and hasattr(hf_model, "config"):
         wanted = attn_implementation or "eager"
         if getattr(hf_model.config, "_attn_implementation", None) != wanted:
             hf_model.set_attn_implementation(wanted)
     if not isinstance(hf_model, PreTrainedModel):
-        # A plain torch model (e.g. mamba-ssm's MambaLMHeadModel): nnsight's generic wrapper,
-        # traced with token-id tensors; a tokenizer is optional.
+        # A plain torch model (e.g. mamba-ssm's MambaLMHeadModel, or a user's own): nnsight's
+        # generic wrapper, called as core/forward.py says; a tokenizer is optional.
         from nnsight import NNsight
 
         return AnyModel(NNsight(hf_model), spec, tokenizer)

@@ -87,6 +87,7 @@ def ablate(
         raise ValueError(f"method={method!r}: use one of {METHODS}")
     if mean_over not in MEAN_OVER:
         raise ValueError(f"mean_over={mean_over!r}: use 'batch' (a mean per position) or 'positions' (one mean)")
+    role = model.first_role(role)  # a list: the first role this model has
     over = check_over(model, role, over)
     metric = metrics_.resolve(metric, prompts)
     ids = tokenize_aligned(model, prompts)

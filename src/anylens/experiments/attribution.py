@@ -141,6 +141,7 @@ def attribute(
     ``metric`` defaults to KL divergence from the clean run (whose gradient vanishes on the clean
     run itself, so give a target metric when noising).
     """
+    role = model.first_role(role)  # a list: the first role this model has
     over = check_over(model, role, over)
     metric = metrics_.resolve(metric, clean)
     runs = prepare_pairs(model, clean, corrupt, direction, align, positions)

@@ -18,6 +18,7 @@ import torch
 from ..core.errors import LinearisationError, PromptError
 from ..core.model import linear_weight
 from ..core.operations import only_role_operations
+from ..core.roles import residual_writers
 from .extraction import cache, decompose_resid
 from .metrics import LogitDiff, Metric, named, target_ids
 from .prompts import Prompts
@@ -180,7 +181,7 @@ def direct_logit_attribution(
     model.role("final_norm")  # a clear MissingRoleError: DLA goes through the final norm
     roles = [
         r
-        for r in ("embed", "pos_embed", "resid_pre", "attn_out", "mlp_out", "mixer_out", "z", "resid_post", "logits")
+        for r in ("embed", "pos_embed", "resid_pre", *residual_writers(model.roles), "z", "resid_post", "logits")
         if r in model.roles
     ]
     if not per_head and "z" in roles:
@@ -212,7 +213,7 @@ def direct_logit_attribution(
         "adapter": model.adapter.name,
         "metric": label,
         "tokens": tokens,
-        "prompt": prompts if isinstance(prompts, str) else [model.tokenizer.decode(row) for row in run.tokens],
+        "prompt": prompts if isinstance(prompts, str) else [model.decode(row) for row in run.tokens],
         "position": position,
         "over": ["component"],
         "per_head": any(lab.startswith("head ") for lab in labels),

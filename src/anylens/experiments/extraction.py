@@ -16,7 +16,13 @@ import torch
 from ..core.errors import LayerIndexError, MissingRoleError
 from ..core.operations import only_role_operations
 from ..core.positions import normalize_positions
-from ..core.roles import LAYER_ROLE_ORDER, LAYER_ROLES, MODEL_ROLES_AFTER_LAYERS, MODEL_ROLES_BEFORE_LAYERS
+from ..core.roles import (
+    LAYER_ROLE_ORDER,
+    LAYER_ROLES,
+    MODEL_ROLES_AFTER_LAYERS,
+    MODEL_ROLES_BEFORE_LAYERS,
+    residual_writers,
+)
 from .prompts import Prompts, tokenize
 from .renamed import renamed
 
@@ -101,7 +107,9 @@ def cache(
 
     * ``roles``: role names; None means every role this model has (roles it lacks, or cannot
       provide in its current configuration, such as ``pattern`` under sdpa attention, are
-      skipped). Naming a role the model lacks raises :class:`MissingRoleError`.
+      skipped). Naming a role the model lacks raises :class:`MissingRoleError`. An item that is
+      a list (``roles=[["z", "mixer_out"], "resid_post"]``) means the first of its roles the
+      model has.
     * ``layers``: layer indices for per-layer roles (all when None).
     * ``positions``: token positions to keep (an int, a slice or a list; all when None). The
       pattern role keeps all key positions and selects query positions.
@@ -140,8 +148,9 @@ def _available_roles(model: AnyModel) -> list[str]:
     return names
 
 
-def _requested_roles(model: AnyModel, roles: Iterable[str]) -> list[str]:
-    names = [roles] if isinstance(roles, str) else list(roles)
+def _requested_roles(model: AnyModel, roles: Iterable[str | Sequence[str]]) -> list[str]:
+    # An item that is itself a list of roles stands for the first of them the model has.
+    names = [roles] if isinstance(roles, str) else [model.first_role(role) for role in roles]
     for role in names:
         model.role(role)  # raises MissingRoleError naming the roles the adapter has
     return list(dict.fromkeys(names))
@@ -352,7 +361,7 @@ def decompose_resid(cache: ActivationCache, layer: int = -1, per_head: bool = Fa
         components.append(pos)
         labels.append("pos_embed")
 
-    writers = [role for role in ("attn_out", "mlp_out", "mixer_out") if role in model.roles]
+    writers = list(residual_writers(model.roles))
     if not writers:
         raise MissingRoleError(
             f"adapter {model.adapter.name!r} has none of attn_out, mlp_out, mixer_out: "

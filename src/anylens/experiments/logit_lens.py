@@ -139,7 +139,7 @@ def logit_lens(
 
     tokens = model.to_str_tokens(inputs["input_ids"][0])
     target_ids = _target_ids(model, targets)
-    target_labels = [t if isinstance(t, str) else model.tokenizer.decode([int(t)]) for t in _as_list(targets)]
+    target_labels = [t if isinstance(t, str) else model.decode([int(t)]) for t in _as_list(targets)]
     k = max(1, min(k, model.d_vocab))
     main, top = [], []
     with torch.no_grad():
@@ -162,7 +162,7 @@ def logit_lens(
         "role": role,
         "metric": "prob" if target_ids else "top-1 prob",
         "tokens": tokens,
-        "prompt": model.tokenizer.decode(inputs["input_ids"][0]) if not isinstance(prompts, str) else prompts,
+        "prompt": model.decode(inputs["input_ids"][0]) if not isinstance(prompts, str) else prompts,
         "over": ["layer", "pos"],
         "targets": target_labels,
         "k": k,
@@ -207,7 +207,7 @@ def _top_rows(
             "pos": np.repeat(positions, k),
             "token": np.repeat([tokens[p] for p in positions], k),
             "rank": np.tile(np.arange(k), n_pos),
-            "top_token": [model.tokenizer.decode([int(i)]) for i in ids.reshape(-1)],
+            "top_token": [model.decode([int(i)]) for i in ids.reshape(-1)],
             "top_id": ids.reshape(-1),
             "prob": np.exp(lp).reshape(-1),
             "log_prob": lp.reshape(-1),
@@ -232,7 +232,7 @@ def _main_rows(
             "layer": layer,
             "pos": positions,
             "token": [tokens[p] for p in positions],
-            "top_token": [model.tokenizer.decode([int(i)]) for i in top_ids[:, 0].cpu()],
+            "top_token": [model.decode([int(i)]) for i in top_ids[:, 0].cpu()],
             "top_id": top_ids[:, 0].cpu().numpy(),
             "top_prob": top_lp[:, 0].exp().cpu().numpy(),
         }

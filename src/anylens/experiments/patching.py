@@ -163,6 +163,7 @@ def patch(
     the patched position, patches that write the values already there — with the same results;
     ``reuse=False`` runs every patched row through the whole model.
     """
+    role = model.first_role(role)  # a list: the first role this model has
     over = check_over(model, role, over)
     metric = metrics_.resolve(metric, clean)
     runs = prepare_pairs(model, clean, corrupt, direction, align, positions)

@@ -112,7 +112,7 @@ def attention_patterns(model: AnyModel, prompts: Prompts, *, layers: Iterable[in
         "adapter": model.adapter.name,
         "role": "pattern",
         "tokens": model.to_str_tokens(inputs["input_ids"][0]),
-        "prompt": prompts if isinstance(prompts, str) else model.tokenizer.decode(inputs["input_ids"][0]),
+        "prompt": prompts if isinstance(prompts, str) else model.decode(inputs["input_ids"][0]),
         "over": ["layer", "head", "query_pos", "key_pos"],
     }
     return PatternResult("attention_patterns", frame, meta, "value")

@@ -60,6 +60,7 @@ def tokenize_aligned(model: AnyModel, prompts: Prompts, side: str = "clean") -> 
     batch = as_batch(prompts, side)
     if isinstance(batch, torch.Tensor):
         return batch
+    model.require_tokenizer(batch)
     encoded = [model.tokenizer(p, return_tensors="pt")["input_ids"][0] for p in batch]
     lengths = {len(e) for e in encoded}
     if len(lengths) > 1:

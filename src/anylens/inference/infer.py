@@ -90,6 +90,8 @@ def candidate_groups(anatomy: Anatomy) -> list[Group]:
     if anatomy.components:
         names = {"attn": "attn_out", "mlp": "mlp_out", "mixer": "mixer_out"}
         roles = {names[kind]: piece.path(layer) for kind, piece in anatomy.components.items()}
+        if "attn_out" in roles and "mixer_out" not in roles:  # attention is the token mixer
+            roles["mixer_out"] = roles["attn_out"]
         parallel = {"attn", "mlp"} <= anatomy.components.keys() and anatomy.resid_mid is None
         optional("components", [Option(roles, {"parallel": parallel})])
     if anatomy.resid_mid:

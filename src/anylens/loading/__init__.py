@@ -8,6 +8,6 @@ models, and :mod:`.loader` holds ``load`` and ``wrap`` (the registry picks the a
 
 from __future__ import annotations
 
-from .loader import load, wrap
+from .loader import adapter_of_source, load, wrap
 
-__all__ = ["load", "wrap"]
+__all__ = ["adapter_of_source", "load", "wrap"]

@@ -10,6 +10,7 @@ import torch
 
 from ..core.errors import DtypeError
 from ..core.model import AnyModel
+from ..core.spec import AdapterSpec
 from ..core.wrapping import wrap_with_spec
 from ..registry.resolve import adapter_for
 from .hub import hub_access
@@ -92,6 +93,36 @@ def load(
     model.source = str(source)
     model.remote = remote
     return model
+
+
+def adapter_of_source(source: str | os.PathLike) -> AdapterSpec:
+    """The adapter (specialised to the config) that ``load(source)`` would wrap the model with,
+    from the config alone where a registered adapter claims its architecture (no weights read);
+    otherwise the model is loaded and released. For checking roles before a sweep computes."""
+    parsed = parse_source(source)
+    if parsed.kind == "tiny":
+        from ..tiny import TINY_ADAPTERS
+
+        if parsed.name in TINY_ADAPTERS:
+            return TINY_ADAPTERS[parsed.name]
+    elif parsed.kind in ("zoo", "directory"):
+        from transformers import AutoConfig
+
+        from ..registry.manager import registry
+
+        try:
+            config = AutoConfig.from_pretrained(_locate(parsed)[0])
+        except Exception:  # no readable config: the full load below reports what is wrong
+            config = None
+        claims = registry().claims
+        for arch in getattr(config, "architectures", None) or []:
+            if arch in claims:
+                return claims[arch].adapter.specialize(config)
+    model = load(source)
+    try:
+        return model.adapter
+    finally:
+        del model
 
 
 #: The dtype names ``load`` accepts ("auto": the checkpoint's own dtype).

@@ -22,6 +22,7 @@ import torch
 
 from ..core.errors import AnylensError
 from ..core.model import AnyModel
+from ..core.roles import residual_writers
 
 #: Absolute tolerance, relative to the reference magnitude (at least 1), for float32 equalities;
 #: the floor of every dtype's tolerance.
@@ -177,7 +178,7 @@ def _structural(model: AnyModel, v: dict[str, Any], report: CheckReport) -> None
     if {"resid_pre", "resid_post"} <= v.keys():
         for i in range(n - 1):
             _compare(report, "1 resid_post[i] == resid_pre[i+1]", i, v["resid_post"][i], v["resid_pre"][i + 1])
-    components = [role for role in ("attn_out", "mlp_out", "mixer_out") if role in v]
+    components = [role for role in residual_writers(model.roles) if role in v]
     if {"resid_pre", "resid_post"} <= v.keys() and components:
         label = "2 resid_pre + " + " + ".join(components) + " == resid_post"
         for i in range(n):
@@ -185,6 +186,9 @@ def _structural(model: AnyModel, v: dict[str, Any], report: CheckReport) -> None
             for role in components:
                 total = total + v[role][i]
             _compare(report, label, i, total, v["resid_post"][i])
+    if {"attn_out", "mixer_out"} <= v.keys():  # attention is the mixer: one tensor, two names
+        for i in range(n):
+            _compare(report, "2 mixer_out == attn_out", i, v["mixer_out"][i], v["attn_out"][i])
     if {"resid_mid", "resid_pre", "attn_out"} <= v.keys():
         for i in range(n):
             _compare(

@@ -69,7 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metric", choices=sorted(METRIC_FIELDS), help="metric built per prompt from its answer/distractor"
     )
-    parser.add_argument("--role", help="role to patch, ablate or read (e.g. resid_pre, z)")
+    parser.add_argument(
+        "--role",
+        help="role to patch, ablate or read (e.g. resid_pre, z); a comma-separated list (z,mixer_out) "
+        "means the first role each model has",
+    )
     parser.add_argument(
         "--over", metavar="DIMS", help="comma-separated dimensions to sweep, e.g. layer,pos or layer,head"
     )
@@ -103,7 +107,8 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.metric:
         options["metric"] = args.metric
     if args.role:
-        options["role"] = args.role
+        roles = [role.strip() for role in args.role.split(",") if role.strip()]
+        options["role"] = roles[0] if len(roles) == 1 else roles
     if args.over:
         options["over"] = [d.strip() for d in args.over.split(",") if d.strip()]
     if args.method:

@@ -284,6 +284,8 @@ def tidy(result: Result, prompt: int, item: Item) -> pd.DataFrame:
     # One prompt per call: an experiment's own prompt index is always 0 here, the sweep's is global.
     frame = result.to_frame().drop(columns=["model", "prompt"], errors="ignore")
     frame.insert(0, "prompt", prompt)
+    if isinstance(result.meta.get("role"), str) and "role" not in frame.columns:
+        frame["role"] = result.meta["role"]  # which role this model used, where role= was a list
     if result.value != "value" and result.value in frame.columns:
         frame["value"] = frame[result.value]
     tokens = result.meta.get("tokens")

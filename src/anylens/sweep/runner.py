@@ -238,7 +238,8 @@ def load_source(source: str, dtype: str | None = "float32", device: str | None =
 def model_identity(model: AnyModel, source: str) -> dict[str, Any]:
     """What tells two loads of a source apart: adapter, architecture, size, a config hash, and a
     fingerprint of the weights (:func:`anylens.sweep.fingerprint.weights_fingerprint`)."""
-    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    settings = model.config.to_dict() if hasattr(model.config, "to_dict") else {}  # a plain model may have none
+    config = {k: v for k, v in settings.items() if not k.startswith("_") and k != "transformers_version"}
     return {
         "source": source,
         "adapter": model.adapter.name,
@@ -323,6 +324,7 @@ def run(
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise SweepConfigError(f"chunk_size must be a positive integer, not {chunk_size!r}")
     spec.check_options(experiment_options)
+    _check_roles(models, experiment_options)
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise SweepConfigError(f"n must be a positive number of prompts, not {n!r}: leave it out to take them all")
     _check_out(out)
@@ -365,6 +367,45 @@ def _check_models(models: Sequence[str]) -> list[str]:
     if repeated:
         raise SweepConfigError(f"models listed twice: {repeated}; list each once")
     return models
+
+
+def _check_roles(models: Sequence[str], options: dict[str, Any]) -> None:
+    """Refuse, before any model computes, a ``role`` some model lacks (with ``over`` over heads,
+    a chosen role without heads), naming every such model in one error. A list of roles means
+    the first each model has. A model whose adapter cannot be found here is left to its load."""
+    from ..core.roles import ALL_ROLES
+    from ..engine.plan import HEADED_ROLES
+    from ..loading import adapter_of_source
+
+    role = options.get("role")
+    if role is None:
+        return
+    candidates = [role] if isinstance(role, str) else list(role)
+    unknown = [name for name in candidates if name not in ALL_ROLES]
+    if unknown:
+        raise SweepConfigError(f"role {unknown[0]!r} is not a role; roles are: {', '.join(ALL_ROLES)}")
+    over = options.get("over", ())
+    heads = "head" in ((over,) if isinstance(over, str) else tuple(over))
+    problems = []
+    for source in models:
+        try:
+            adapter = adapter_of_source(source)
+        except Exception:  # reported as a SweepModelError when the sweep reaches this model
+            continue
+        chosen = next((name for name in candidates if name in adapter.roles), None)
+        if chosen is None:
+            problems.append(
+                f"{source} (adapter {adapter.name!r} has none of {candidates}; it has {', '.join(adapter.role_names)})"
+            )
+        elif heads and chosen not in HEADED_ROLES:
+            problems.append(f"{source} (its role {chosen!r} has no heads to sweep over)")
+    if problems:
+        given = repr(role if isinstance(role, str) else candidates)
+        raise SweepConfigError(
+            f"role={given} does not run on every model: " + "; ".join(problems) + ". Give a list of roles, the "
+            "first of which each model has, e.g. role=['z', 'mixer_out'] (with over=('layer',) where one has no heads), "
+            "or leave those models out"
+        )
 
 
 def _check_out(out: str | Path) -> None:

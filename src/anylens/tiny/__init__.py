@@ -23,10 +23,12 @@ from .models import (
     tiny_model,
     tiny_tokenizer,
 )
+from .plain import PLAIN_ADAPTER
 
 __all__ = [
     "DEFAULT_SHAPE",
     "GROUPED_FAMILIES",
+    "TINY_ADAPTERS",
     "TINY_BUILDERS",
     "VOCAB",
     "TinyShape",
@@ -35,6 +37,10 @@ __all__ = [
     "tiny_model",
     "tiny_tokenizer",
 ]
+
+#: Families whose adapter is their own data, given to the wrap as a user gives theirs, not a
+#: built-in the registry resolves (see :mod:`.plain`).
+TINY_ADAPTERS = {"plain": PLAIN_ADAPTER}
 
 
 def tiny(
@@ -50,5 +56,5 @@ def tiny(
     from ..registry.resolve import adapter_for
 
     model, tokenizer = tiny_model(family, seed, shape, dtype)
-    adapter = adapter_for(model, wrap_kwargs.pop("adapter", None))
+    adapter = adapter_for(model, wrap_kwargs.pop("adapter", None) or TINY_ADAPTERS.get(family))
     return wrap_with_spec(model, adapter, tokenizer, **wrap_kwargs)

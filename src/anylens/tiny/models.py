@@ -224,6 +224,14 @@ def _mamba2(shape: TinyShape) -> torch.nn.Module:
     return Mamba2ForCausalLM(config)
 
 
+def _plain(shape: TinyShape) -> torch.nn.Module:
+    """The plain-torch toy: only its vocabulary follows ``shape``; its other sizes are fixed, since
+    its adapter declares them as numbers, as a user's own adapter would."""
+    from .plain import TinyPlainLM
+
+    return TinyPlainLM(shape.d_vocab)
+
+
 def _mamba_ssm(shape: TinyShape) -> torch.nn.Module:
     """The native mamba-ssm model; needs the package and CUDA (its kernels have no CPU path)."""
     try:
@@ -256,6 +264,7 @@ TINY_BUILDERS: dict[str, Callable[[TinyShape], torch.nn.Module]] = {
     "gptj": _gptj,
     "mamba": _mamba,
     "mamba2": _mamba2,
+    "plain": _plain,
     "mamba_ssm": _mamba_ssm,
 }
 
