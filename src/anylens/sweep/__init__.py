@@ -17,7 +17,8 @@ from ..core.errors import (
     SweepWarning,
     SweepWeightsChangedError,
 )
-from .runner import SweepResult, aggregate, run
+from .results import SweepResult, aggregate
+from .runner import run
 from .store import load_results
 
 __all__ = [

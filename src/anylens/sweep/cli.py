@@ -31,8 +31,8 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .checks import DATASETS
     from .experiments import EXPERIMENTS, METRIC_FIELDS
-    from .runner import DATASETS
 
     parser.add_argument(
         "experiment", metavar="EXPERIMENT", choices=sorted(EXPERIMENTS), help=f"one of: {', '.join(EXPERIMENTS)}"

@@ -15,24 +15,21 @@ alone, and patched runs are batched from a memory budget fixed for the machine
 from __future__ import annotations
 
 import gc
-import importlib.metadata
 import inspect
 import math
-import os
-import platform
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
-from ..core.errors import OutputPathError, SweepModelError
+from ..core.errors import SweepModelError
 from . import experiments as experiments_
+from .checks import check_models, check_out, check_roles, explicit_items
 from .experiments import Item, as_items
-from .fingerprint import weights_fingerprint
+from .identity import describe, differences, environment, model_identity, normalize, prompts_sha256
+from .results import SweepResult
 from .store import (
     FORMAT,
     Store,
@@ -42,7 +39,6 @@ from .store import (
     canonical_json,
     chunk_key,
     frame_to_payload,
-    load_results,
     model_dirname,
     rebuild_manifest,
     remove_stale_temporaries,
@@ -51,175 +47,6 @@ from .store import (
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
-
-DATASETS = ("ioi", "factual")
-#: z value of a two-sided 95% interval under the normal approximation.
-Z95 = 1.959963984540054
-#: Columns that name a component; ``aggregate`` groups by those present unless told otherwise.
-COMPONENT_COLUMNS = (
-    "model",
-    "layer",
-    "head",
-    "pos",
-    "component",
-    "kind",
-    "query_pos",
-    "key_pos",
-    "neuron",
-    "target_role",
-)
-
-
-# -- the result --------------------------------------------------------------------------------
-@dataclass
-class SweepResult:
-    """What ``run`` did, and the way to its results: ``frame`` / ``aggregate()``."""
-
-    out: Path
-    experiment: str
-    models: list[str]
-    computed: list[str] = field(default_factory=list)  # chunk keys computed by this call
-    skipped: list[str] = field(default_factory=list)  # finished earlier, checksum verified
-    recomputed: list[str] = field(default_factory=list)  # found damaged and computed again
-    _frame: pd.DataFrame | None = field(default=None, repr=False)
-
-    @property
-    def frame(self) -> pd.DataFrame:
-        """Every model's rows as one tidy frame (read from disk once, then kept)."""
-        if self._frame is None:
-            self._frame = load_results(self.out)
-        return self._frame
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame.copy()
-
-    def aggregate(self, by: Sequence[str] | None = None, value: str = "value") -> pd.DataFrame:
-        return aggregate(self.frame, by=by, value=value)
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return Store(self.out).read_manifest()
-
-    def results(self, by: Sequence[str] | None = None) -> dict[str, Any]:
-        """Per model, the mean over prompts as an :class:`anylens.Result` (``.plot()`` draws its heatmap).
-
-        The frame keeps the aggregate's columns, with ``value`` = ``mean``.
-        """
-        from ..experiments.results import Result
-
-        summary = self.aggregate(by=by)
-        options = self.manifest["config"]["options"]
-        over = options.get("over") if isinstance(options, dict) else None
-        results = {}
-        for source in self.models:
-            frame = summary[summary["model"] == source].drop(columns=["model"]).reset_index(drop=True)
-            frame["value"] = frame["mean"]
-            meta = {"model": source, "metric": f"mean over prompts of {self.experiment}", "sweep": str(self.out)}
-            if isinstance(over, list) and all(d in frame.columns for d in over):
-                meta["over"] = over
-            results[source] = Result(self.experiment, frame, meta)
-        return results
-
-
-def aggregate(frame: pd.DataFrame, by: Sequence[str] | None = None, value: str = "value") -> pd.DataFrame:
-    """Per component: ``mean``, ``std`` (sample, ddof=1), ``count`` and a 95% interval over prompts.
-
-    The interval is the normal approximation ``mean ± 1.96 · std / √count``: fine for a few
-    dozen prompts or more, optimistic for a handful (it ignores the t-distribution's wider
-    tails); with one prompt ``std`` and the interval are NaN. ``by`` defaults to the component
-    columns present (model, layer, head, pos, ...); NaN values are left out of every statistic.
-    """
-    if value not in frame.columns:
-        raise KeyError(f"no column {value!r} to aggregate; columns: {list(frame.columns)}")
-    if by is None:
-        by = [c for c in COMPONENT_COLUMNS if c in frame.columns and frame[c].notna().any()]
-    by = [by] if isinstance(by, str) else list(by)
-    missing = [c for c in by if c not in frame.columns]
-    if missing:
-        raise KeyError(f"cannot group by {missing}: not columns of the frame ({list(frame.columns)})")
-    values = frame[value].astype(float)
-    if not by:
-        grouped = values.agg(["mean", "std", "count"]).to_frame().T
-    else:
-        grouped = (
-            values.groupby([frame[c] for c in by], dropna=False, sort=True).agg(["mean", "std", "count"]).reset_index()
-        )
-    grouped["count"] = grouped["count"].astype(int)
-    half = Z95 * grouped["std"] / grouped["count"].pow(0.5)
-    grouped["ci_low"] = grouped["mean"] - half
-    grouped["ci_high"] = grouped["mean"] + half
-    return grouped.reset_index(drop=True)
-
-
-# -- configuration ------------------------------------------------------------------------------
-def describe(value: Any) -> Any:
-    """A JSON description of an option that is equal exactly when the options are equal:
-    metrics by their class and fields, callables by their qualified name, tensors by hash."""
-    import dataclasses
-
-    import torch
-
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [describe(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): describe(v) for k, v in value.items()}
-    if isinstance(value, (set, frozenset)):
-        return sorted((describe(v) for v in value), key=repr)
-    if isinstance(value, torch.Tensor):
-        data = value.detach().cpu().contiguous()
-        return {"tensor": list(data.shape), "dtype": str(data.dtype), "sha256": sha256_bytes(data.numpy().tobytes())}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        return {"type": type(value).__qualname__, **fields}
-    if callable(value):
-        return {"callable": f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"}
-    return repr(value)
-
-
-def differences(old: Any, new: Any, path: str = "") -> list[str]:
-    """Human-readable differences between two JSON values, one line per differing leaf."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        lines: list[str] = []
-        for key in sorted(set(old) | set(new), key=str):
-            where = f"{path}.{key}" if path else str(key)
-            if key not in old:
-                lines.append(f"{where}: absent on disk, {new[key]!r} now")
-            elif key not in new:
-                lines.append(f"{where}: {old[key]!r} on disk, absent now")
-            else:
-                lines.extend(differences(old[key], new[key], where))
-        return lines
-    return [] if old == new else [f"{path or 'value'}: {old!r} on disk, {new!r} now"]
-
-
-def environment() -> dict[str, str]:
-    """Library versions the results were computed with, and torch's thread count: matrix
-    products split their sums over threads, so another count may change the last bits."""
-    import torch
-
-    import anylens
-
-    versions = {"anylens": getattr(anylens, "__version__", "?"), "python": platform.python_version()}
-    for package in ("torch", "transformers", "nnsight"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "absent"
-    versions["torch_threads"] = str(torch.get_num_threads())
-    return versions
-
-
-def _normalize(value: Any) -> Any:
-    # What the manifest will hold after a JSON round trip (tuples become lists, ...).
-    import json
-
-    return json.loads(canonical_json(value))
-
-
-def _prompts_sha256(items: Sequence[Item]) -> str:
-    return sha256_bytes(canonical_json([item.record() for item in items]))
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -233,21 +60,6 @@ def load_source(source: str, dtype: str | None = "float32", device: str | None =
         raise SweepModelError(
             f"cannot load model {source!r}: {type(error).__name__}: {error}. Finished chunks are kept; fix the source and rerun"
         ) from error
-
-
-def model_identity(model: AnyModel, source: str) -> dict[str, Any]:
-    """What tells two loads of a source apart: adapter, architecture, size, a config hash, and a
-    fingerprint of the weights (:func:`anylens.sweep.fingerprint.weights_fingerprint`)."""
-    settings = model.config.to_dict() if hasattr(model.config, "to_dict") else {}  # a plain model may have none
-    config = {k: v for k, v in settings.items() if not k.startswith("_") and k != "transformers_version"}
-    return {
-        "source": source,
-        "adapter": model.adapter.name,
-        "architecture": type(model.hf).__name__,
-        "parameters": int(sum(p.numel() for p in model.hf.parameters())),
-        "config_sha256": sha256_bytes(canonical_json(config)),
-        "weights": weights_fingerprint(model),
-    }
 
 
 def _release(model: Any) -> None:
@@ -320,16 +132,16 @@ def run(
     directory is not writable).
     """
     spec = experiments_.experiment(experiment)
-    models = _check_models(models)
+    models = check_models(models)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise SweepConfigError(f"chunk_size must be a positive integer, not {chunk_size!r}")
     spec.check_options(experiment_options)
-    _check_roles(models, experiment_options)
+    check_roles(models, experiment_options)
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise SweepConfigError(f"n must be a positive number of prompts, not {n!r}: leave it out to take them all")
-    _check_out(out)
+    check_out(out)
     dataset_options = dict(dataset_options or {})
-    explicit = _explicit_items(spec, prompts, dataset, n)
+    explicit = explicit_items(spec, prompts, dataset, n)
     if explicit is not None:
         spec.check_metric(experiment_options, explicit)
     config = {
@@ -337,114 +149,18 @@ def run(
         "options": describe({k: v for k, v in experiment_options.items() if k not in EXECUTION_OPTIONS}),
         "models": list(models),
         "prompts": (
-            {"kind": "explicit", "count": len(explicit), "sha256": _prompts_sha256(explicit)}
+            {"kind": "explicit", "count": len(explicit), "sha256": prompts_sha256(explicit)}
             if explicit is not None
             else {"kind": "dataset", "dataset": dataset, "n": n, "options": describe(dataset_options)}
         ),
         "chunk_size": chunk_size,
         "dtype": dtype,
     }
-    config = _normalize(config)
+    config = normalize(config)
     store = Store(out)
     with store.locked():
         sweep = _Sweep(spec, store, config, explicit, experiment_options, dataset_options, quiet, dtype, device)
         return sweep.run(fresh=fresh)
-
-
-def _check_models(models: Sequence[str]) -> list[str]:
-    if isinstance(models, str):
-        models = [models]
-    models = list(models)
-    if not models:
-        raise SweepConfigError("no models to sweep: give models=['zoo:gpt2', ...]")
-    bad = [m for m in models if not isinstance(m, str)]
-    if bad:
-        raise SweepConfigError(
-            f"models are given by source string (what al.load takes, or 'tiny:FAMILY'), not {type(bad[0]).__name__}: "
-            "a sweep reloads them one at a time and records where each came from"
-        )
-    repeated = sorted({m for m in models if models.count(m) > 1})
-    if repeated:
-        raise SweepConfigError(f"models listed twice: {repeated}; list each once")
-    return models
-
-
-def _check_roles(models: Sequence[str], options: dict[str, Any]) -> None:
-    """Refuse, before any model computes, a ``role`` some model lacks (with ``over`` over heads,
-    a chosen role without heads), naming every such model in one error. A list of roles means
-    the first each model has. A model whose adapter cannot be found here is left to its load."""
-    from ..core.roles import ALL_ROLES
-    from ..engine.plan import HEADED_ROLES
-    from ..loading import adapter_of_source
-
-    role = options.get("role")
-    if role is None:
-        return
-    candidates = [role] if isinstance(role, str) else list(role)
-    unknown = [name for name in candidates if name not in ALL_ROLES]
-    if unknown:
-        raise SweepConfigError(f"role {unknown[0]!r} is not a role; roles are: {', '.join(ALL_ROLES)}")
-    over = options.get("over", ())
-    heads = "head" in ((over,) if isinstance(over, str) else tuple(over))
-    problems = []
-    for source in models:
-        try:
-            adapter = adapter_of_source(source)
-        except Exception:  # reported as a SweepModelError when the sweep reaches this model
-            continue
-        chosen = next((name for name in candidates if name in adapter.roles), None)
-        if chosen is None:
-            problems.append(
-                f"{source} (adapter {adapter.name!r} has none of {candidates}; it has {', '.join(adapter.role_names)})"
-            )
-        elif heads and chosen not in HEADED_ROLES:
-            problems.append(f"{source} (its role {chosen!r} has no heads to sweep over)")
-    if problems:
-        given = repr(role if isinstance(role, str) else candidates)
-        raise SweepConfigError(
-            f"role={given} does not run on every model: " + "; ".join(problems) + ". Give a list of roles, the "
-            "first of which each model has, e.g. role=['z', 'mixer_out'] (with over=('layer',) where one has no heads), "
-            "or leave those models out"
-        )
-
-
-def _check_out(out: str | Path) -> None:
-    """Refuse an output directory that cannot be created or written, before any model loads."""
-    path = Path(out)
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent  # the nearest part of the path that exists: where writing starts
-    if existing.exists() and not existing.is_dir():
-        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
-        raise OutputPathError(f"cannot write the sweep to {path}: it {where}; choose a directory path for out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputPathError(
-            f"cannot write the sweep to {path}: {existing} is not writable; choose a directory you can write to"
-        )
-
-
-def _explicit_items(
-    spec: experiments_.ExperimentSpec, prompts: Any, dataset: str | None, n: int | None
-) -> list[Item] | None:
-    if (prompts is None) == (dataset is None):
-        raise SweepConfigError("give either prompts=[...] or dataset='ioi' / 'factual', and not both")
-    if dataset is not None:
-        if dataset not in DATASETS:
-            raise SweepConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-        if n is not None and (not isinstance(n, int) or n < 1):
-            raise SweepConfigError(f"n must be a positive number of pairs, not {n!r}")
-        return None
-    items = as_items(prompts)
-    if n is not None:
-        items = items[:n]
-    if spec.needs_pairs:
-        lone = [item.clean for item in items if item.corrupt is None]
-        if lone:
-            raise SweepConfigError(
-                f"{spec.name} compares clean and corrupt prompts, but {len(lone)} prompts have no corrupt partner "
-                f"(first: {lone[0]!r}); give (clean, corrupt[, answer, distractor]) pairs or dataset='ioi'"
-            )
-    return items
 
 
 @dataclass
@@ -665,7 +381,7 @@ class _Sweep:
             )
         identity.update(
             n_prompts=len(items),
-            prompts_sha256=_prompts_sha256(items),
+            prompts_sha256=prompts_sha256(items),
             n_chunks=math.ceil(len(items) / self.config["chunk_size"]),
         )
         recorded = self.manifest["models"].get(plan.dirname)
@@ -766,14 +482,4 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-__all__ = [
-    "SweepModelError",
-    "SweepResult",
-    "aggregate",
-    "describe",
-    "differences",
-    "environment",
-    "load_source",
-    "model_identity",
-    "run",
-]
+__all__ = ["SweepModelError", "SweepResult", "load_source", "run"]
