@@ -8,8 +8,14 @@ from __future__ import annotations
 
 from ._version import __version__
 from .core.errors import (
+    ActivationsBusyError,
+    ActivationsConfigError,
+    ActivationsIntegrityError,
+    ActivationsNotFoundError,
     AdapterSpecError,
     AnylensError,
+    ExtractionOptionError,
+    LabelError,
     LayerIndexError,
     LocalWeightsError,
     MetricError,
@@ -19,6 +25,7 @@ from .core.errors import (
     OutputPathError,
     OutputStructureError,
     PluginError,
+    PositionError,
     PromptError,
     RemoteError,
     ResultFileError,
@@ -40,11 +47,17 @@ __all__ = [
     "ALL_ROLES",
     "LAYER_ROLES",
     "MODEL_ROLES",
+    "ActivationsBusyError",
+    "ActivationsConfigError",
+    "ActivationsIntegrityError",
+    "ActivationsNotFoundError",
     "AdapterSpec",
     "AdapterSpecError",
     "AnyModel",
     "CheckReport",
     "AnylensError",
+    "ExtractionOptionError",
+    "LabelError",
     "LayerIndexError",
     "LocalWeightsError",
     "MetricError",
@@ -54,6 +67,7 @@ __all__ = [
     "OutputPathError",
     "OutputStructureError",
     "PluginError",
+    "PositionError",
     "PromptError",
     "RemoteError",
     "ResultFileError",
@@ -79,6 +93,7 @@ from .experiments.results import Result  # noqa: E402
 #: Experiments, imported on first use so that ``import anylens`` stays light.
 _LAZY = {
     "cache": "anylens.experiments.extraction",
+    "ActivationCache": "anylens.experiments.extraction",
     "stack": "anylens.experiments.extraction",
     "decompose_resid": "anylens.experiments.extraction",
     "logit_lens": "anylens.experiments.logit_lens",
@@ -89,6 +104,10 @@ _LAZY = {
     "ablate": "anylens.experiments.ablation",
     "attribute": "anylens.experiments.attribution",
     "run": "anylens.sweep.runner",
+    "extract": "anylens.experiments.activations",
+    "load_activations": "anylens.experiments.activation_store",
+    "Activations": "anylens.experiments.activation_store",
+    "probe": "anylens.experiments.probes",
 }
 
 __all__ += ["Result", "metrics", *_LAZY]

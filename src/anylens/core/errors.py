@@ -73,3 +73,31 @@ class LocalWeightsError(AnylensError, RuntimeError):
 
 class NotWrappedError(AnylensError, TypeError):
     """An experiment was given a model anylens has not wrapped (a Hugging Face or nnsight model)."""
+
+
+class LabelError(AnylensError, ValueError):
+    """Probe labels that do not fit the prompts: another count, or a single class."""
+
+
+class PositionError(AnylensError, IndexError):
+    """A token position outside a prompt's real tokens."""
+
+
+class ExtractionOptionError(AnylensError, ValueError):
+    """An extraction option that cannot be used: a role without a per-token layout, a bad budget."""
+
+
+class ActivationsConfigError(AnylensError, ValueError):
+    """An extraction directory that holds another configuration, or files that are no extraction."""
+
+
+class ActivationsNotFoundError(AnylensError, FileNotFoundError):
+    """A directory that holds no extraction."""
+
+
+class ActivationsIntegrityError(AnylensError, ValueError):
+    """A stored activation shard whose bytes no longer match its recorded checksum."""
+
+
+class ActivationsBusyError(AnylensError, RuntimeError):
+    """Another process is writing the same extraction directory."""

@@ -1,0 +1,458 @@
+"""Activation extraction over a dataset, streamed into sharded safetensors files.
+
+``extract(model, prompts, roles=..., layers=..., positions=..., out=DIR)`` runs the prompts in
+batches, keeps the requested roles at the requested positions, and writes a shard whenever the
+rows held in memory reach ``memory_budget`` bytes. Each row is one (prompt, position).
+
+Positions count a prompt's *real* tokens: batches are left-padded (the model sees the attention
+mask), and padding is never stored. ``"last"`` keeps each prompt's last token, ``None``/``"all"``
+every real token (prompts of different lengths give different numbers of rows), an int or a list
+of ints the same positions of every prompt (negative ones from the prompt's end), and a list of
+lists one list of positions per prompt (e.g. where each prompt's subject ends).
+
+A directory is resumable: shards are written atomically and listed in the manifest with their
+sha256 once complete. Shard boundaries depend only on the configuration (batches of
+``batch_size`` prompts, a shard closed after the batch that reaches the budget), so a resumed
+run writes the very bytes an uninterrupted one would. A directory holding another configuration
+is refused, never overwritten, unless ``fresh=True`` asks to start it over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import os
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..core.errors import (
+    ActivationsBusyError,
+    ActivationsConfigError,
+    ExtractionOptionError,
+    LabelError,
+    OutputPathError,
+    PositionError,
+)
+from ..core.operations import only_role_operations
+from ..core.roles import LAYER_ROLES
+from ..sweep.store import Store, SweepBusyError, canonical_json, remove_stale_temporaries, sha256_bytes, write_atomic
+from . import activation_store as files
+from .extraction import _requested_roles, read_roles
+from .prompts import Prompts, as_batch
+
+if TYPE_CHECKING:
+    from ..core.model import AnyModel
+
+Positions = int | str | Sequence[int] | Sequence[Sequence[int]] | None
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@only_role_operations("roles")
+def extract(
+    model: AnyModel,
+    prompts: Prompts,
+    *,
+    roles: Iterable[str] | str = ("resid_post",),
+    layers: Iterable[int] | int | None = None,
+    positions: Positions = None,
+    out: str | os.PathLike | None = None,
+    dtype: torch.dtype | str | None = None,
+    batch_size: int = 16,
+    memory_budget: int | str = "512MiB",
+    labels: Sequence[Any] | None = None,
+    fresh: bool = False,
+    quiet: bool = False,
+) -> files.Activations:
+    """Activations of ``roles`` at ``layers`` and ``positions`` for every prompt.
+
+    * ``prompts``: strings, prompt pairs (their clean prompt, e.g. ``factual_pairs(...)``) or
+      token ids ``[n, pos]``.
+    * ``roles``: role names (``pattern`` is refused: its key axis differs between prompts);
+      ``layers``: layer indices for per-layer roles (all when None).
+    * ``positions``: see the module docs; ``None`` keeps every real token.
+    * ``out``: a directory to write (resumable); None keeps everything in memory.
+    * ``dtype``: what to store (the model's dtype when None); ``batch_size``: prompts per forward;
+      ``memory_budget``: bytes of rows held before a shard is written (``"512MiB"`` or an int;
+      one batch more may be held while it is computed).
+    * ``labels``: one label per prompt (JSON values), stored with the activations.
+    * ``fresh``: discard an extraction of another configuration in ``out`` and start over.
+    * ``quiet``: no progress bar.
+
+    Returns :class:`~anylens.experiments.activation_store.Activations` (memory-mapped when on disk).
+    """
+    texts = as_batch(prompts)
+    token_lists = _token_lists(model, texts)
+    n_prompts = len(token_lists)
+    if labels is not None:
+        labels = _check_labels(labels, n_prompts)
+    names = _requested_roles(model, roles)
+    if "pattern" in names:
+        raise ExtractionOptionError(
+            "role 'pattern' cannot be extracted to rows: its key axis has each prompt's own length; "
+            "read it with al.cache(model, prompts, roles=['pattern']) or al.attention_patterns"
+        )
+    chosen_layers = model.layers([layers] if isinstance(layers, int) else layers)
+    keys = [(role, layer) for role in names for layer in (chosen_layers if role in LAYER_ROLES else [None])]
+    per_prompt, described = resolve_positions(positions, [len(ids) for ids in token_lists])
+    store_dtype = _dtype(dtype, model)
+    budget = parse_bytes(memory_budget)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ExtractionOptionError(f"batch_size={batch_size!r}: give a positive number of prompts per forward")
+
+    config = {
+        "roles": names,
+        "layers": chosen_layers,
+        "positions": described,
+        "dtype": str(store_dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+        "memory_budget": budget,
+        "n_prompts": n_prompts,
+        "prompts_sha256": sha256_bytes(canonical_json(token_lists)),
+        "positions_sha256": sha256_bytes(canonical_json(per_prompt)),
+    }
+    manifest = {
+        "format": files.FORMAT,
+        "config": config,
+        "model": {"name": model.name, "n_layers": model.n_layers, **model_identity(model)},
+        "labels": labels,
+        "tensors": {},
+        "shards": [],
+        "complete": False,
+        "environment": _environment(),
+    }
+    job = _Job(model, token_lists, per_prompt, keys, store_dtype, batch_size, budget, quiet)
+    if out is None:
+        shards = job.run(manifest, 0, lambda tensors, stop: None)
+        manifest["complete"] = True
+        return files.Activations(shards, manifest)
+    return _extract_to(Path(out), job, manifest, fresh)
+
+
+# -- options ------------------------------------------------------------------------------------
+def resolve_positions(spec: Positions, lengths: Sequence[int]) -> tuple[list[list[int]], Any]:
+    """Per prompt, the real-token positions to keep (0 = its first token), and a JSON description."""
+    if spec is None or spec == "all":
+        return [list(range(n)) for n in lengths], "all"
+    if spec == "last":
+        return [[n - 1] for n in lengths], "last"
+    if isinstance(spec, (str, bool)):
+        raise ExtractionOptionError(
+            f"positions={spec!r}: give 'last', 'all' (or None), an int, a list of ints, or one list per prompt"
+        )
+    if isinstance(spec, int):
+        return [_absolute([spec], n, i) for i, n in enumerate(lengths)], [spec]
+    items = list(spec)
+    if items and all(isinstance(p, (list, tuple)) for p in items):
+        if len(items) != len(lengths):
+            raise ExtractionOptionError(
+                f"positions has {len(items)} lists for {len(lengths)} prompts: give one list of positions per prompt"
+            )
+        per_prompt = [_absolute(list(p), n, i) for i, (p, n) in enumerate(zip(items, lengths))]
+        return per_prompt, "per prompt"
+    if not items or not all(isinstance(p, int) and not isinstance(p, bool) for p in items):
+        raise ExtractionOptionError(
+            f"positions={spec!r}: give 'last', 'all' (or None), an int, a list of ints, or one list per prompt"
+        )
+    return [_absolute(items, n, i) for i, n in enumerate(lengths)], items
+
+
+def _absolute(positions: list[int], n: int, prompt: int) -> list[int]:
+    for p in positions:
+        if isinstance(p, bool) or not isinstance(p, int):
+            raise ExtractionOptionError(f"position {p!r} of prompt {prompt} is not an int")
+        if not -n <= p < n:
+            raise PositionError(
+                f"position {p} is outside prompt {prompt}, which has {n} tokens (valid: 0..{n - 1} or -{n}..-1); "
+                "positions count each prompt's real tokens: use 'last', negative positions, or one list per prompt"
+            )
+    return [p % n for p in positions]
+
+
+def parse_bytes(budget: int | str) -> int:
+    """``512MiB``, ``2GB``, ``1048576`` -> bytes."""
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        value = budget
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(budget), re.IGNORECASE)
+        if match is None:
+            raise ExtractionOptionError(f"memory_budget={budget!r}: give bytes as an int or a size such as '512MiB'")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    if value <= 0:
+        raise ExtractionOptionError(f"memory_budget={budget!r}: the budget must be a positive number of bytes")
+    return value
+
+
+def _dtype(dtype: torch.dtype | str | None, model: AnyModel) -> torch.dtype:
+    if dtype is None:
+        return model.dtype
+    chosen = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(chosen, torch.dtype) or not chosen.is_floating_point:
+        raise ExtractionOptionError(f"dtype={dtype!r}: give a floating-point dtype such as 'float32' or 'bfloat16'")
+    return chosen
+
+
+def _check_labels(labels: Sequence[Any], n_prompts: int) -> list[Any]:
+    labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)
+    if len(labels) != n_prompts:
+        raise LabelError(f"{len(labels)} labels for {n_prompts} prompts: give exactly one label per prompt")
+    return labels
+
+
+def _token_lists(model: AnyModel, texts: list[str] | torch.Tensor) -> list[list[int]]:
+    """Each prompt's real token ids, tokenized as a batch would be (before padding)."""
+    if isinstance(texts, torch.Tensor):
+        return texts.tolist()
+    return [list(ids) for ids in model.tokenizer(texts)["input_ids"]]
+
+
+def model_identity(model: AnyModel) -> dict[str, Any]:
+    """What tells two models apart: adapter, architecture, size, config hash and weights hash."""
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    return {
+        "adapter": model.adapter.name,
+        "architecture": type(model.hf).__name__,
+        "parameters": int(sum(p.numel() for p in model.hf.parameters())),
+        "config_sha256": sha256_bytes(canonical_json(config)),
+        "weights_sha256": weights_sha256(model),
+    }
+
+
+def weights_sha256(model: AnyModel) -> str | None:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes); None for a remote model."""
+    if model.remote:
+        return None
+    digest = hashlib.sha256()
+    tensors = itertools.chain(model.hf.named_parameters(), model.hf.named_buffers())
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
+        if tensor.device.type == "meta":
+            continue
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(data.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _environment() -> dict[str, str]:
+    import importlib.metadata
+
+    import anylens
+
+    versions = {"anylens": anylens.__version__}
+    for package in ("torch", "transformers", "nnsight", "safetensors"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+# -- running ------------------------------------------------------------------------------------
+class _Job:
+    """The batches of one extraction, from any prompt on, grouped into shards by the budget."""
+
+    def __init__(self, model, token_lists, per_prompt, keys, dtype, batch_size, budget, quiet):
+        self.model = model
+        self.token_lists = token_lists
+        self.per_prompt = per_prompt
+        self.keys = keys
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.budget = budget
+        self.quiet = quiet
+        tokenizer = model.tokenizer
+        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        if pad is None and tokenizer is not None:
+            pad = getattr(tokenizer, "eos_token_id", None)
+        self.pad_id = int(pad) if pad is not None else 0
+
+    def run(self, manifest: dict[str, Any], start: int, write: Any) -> list[dict[str, torch.Tensor]]:
+        """Compute prompts ``start..`` and hand each shard to ``write(tensors, stop)``; returns the shards
+        (kept in memory only when ``write`` does not store them: it returns None)."""
+        from tqdm.auto import tqdm
+
+        n = len(self.token_lists)
+        kept: list[dict[str, torch.Tensor]] = []
+        pending: list[dict[str, torch.Tensor]] = []
+        held = 0
+        with tqdm(total=n, initial=start, disable=self.quiet, unit="prompt", desc=f"extract {self.model.name}") as bar:
+            for begin in range(start, n, self.batch_size):
+                stop = min(begin + self.batch_size, n)
+                rows = self.batch(begin, stop)
+                pending.append(rows)
+                held += sum(t.numel() * t.element_size() for t in rows.values())
+                bar.update(stop - begin)
+                if held >= self.budget or stop == n:
+                    tensors = {name: torch.cat([p[name] for p in pending]) for name in pending[0]}
+                    if not manifest["tensors"]:
+                        manifest["tensors"] = {
+                            name: {"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
+                            for name, t in tensors.items()
+                            if name not in files.INDEX_KEYS
+                        }
+                    if write(tensors, stop) is None:
+                        kept.append(tensors)
+                    pending, held = [], 0
+        return kept
+
+    def batch(self, begin: int, stop: int) -> dict[str, torch.Tensor]:
+        """The rows of prompts ``begin..stop-1``: one left-padded forward, then the kept positions."""
+        ids = self.token_lists[begin:stop]
+        width = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        batch_rows, columns, prompts, positions = [], [], [], []
+        for r, row in enumerate(ids):
+            pad = width - len(row)
+            input_ids[r, pad:] = torch.tensor(row, dtype=torch.long)
+            mask[r, pad:] = 1
+            for p in self.per_prompt[begin + r]:
+                batch_rows.append(r)
+                columns.append(pad + p)
+                prompts.append(begin + r)
+                positions.append(p)
+        # Read only the padded columns some prompt keeps (one column for "last").
+        union = sorted(set(columns))
+        where = {c: j for j, c in enumerate(union)}
+        read_at = None if len(union) == width else union
+        inputs = {"input_ids": input_ids.to(self.model.device), "attention_mask": mask.to(self.model.device)}
+        values = read_roles(self.model, inputs, self.keys, read_at)
+        select_rows = torch.tensor(batch_rows, dtype=torch.long)
+        select_columns = torch.tensor([where[c] if read_at is not None else c for c in columns], dtype=torch.long)
+        out = {}
+        for (role, layer), value in values.items():
+            value = value.expand(len(ids), *value.shape[1:])  # roles computed once for the batch ([1, pos, d])
+            picked = value[select_rows.to(value.device), select_columns.to(value.device)]
+            out[files.tensor_name(role, layer)] = picked.to(device="cpu", dtype=self.dtype).contiguous()
+        out["prompt"] = torch.tensor(prompts, dtype=torch.long)
+        out["position"] = torch.tensor(positions, dtype=torch.long)
+        out["token"] = input_ids[select_rows, torch.tensor(columns, dtype=torch.long)]
+        return out
+
+
+def _extract_to(root: Path, job: _Job, manifest: dict[str, Any], fresh: bool) -> files.Activations:
+    _check_out(root)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(Store(root).locked())
+        except SweepBusyError:
+            raise ActivationsBusyError(
+                f"another process is writing the extraction in {root}; wait for it or choose another out"
+            ) from None
+        remove_stale_temporaries(root)
+        manifest, start = _open(root, manifest, fresh)
+
+        def write(tensors: dict[str, torch.Tensor], stop: int) -> bool:
+            index = len(manifest["shards"])
+            begin = manifest["shards"][-1]["prompts"][1] if manifest["shards"] else 0
+            data = files.shard_bytes(tensors)
+            name = files.shard_file(index)
+            write_atomic(root / name, data)
+            entry = {"file": name, "sha256": sha256_bytes(data), "bytes": len(data), "prompts": [begin, stop]}
+            entry["rows"] = int(tensors["prompt"].shape[0])
+            manifest["shards"].append(entry)
+            manifest["complete"] = stop == manifest["config"]["n_prompts"]
+            files.write_manifest(root, manifest)  # the shard counts as finished from here on
+            return True
+
+        if not manifest["complete"]:
+            job.run(manifest, start, write)
+            if not manifest["complete"]:  # nothing to do: e.g. zero prompts left
+                manifest["complete"] = True
+                files.write_manifest(root, manifest)
+    return files.load_activations(root, verify=False)
+
+
+def _check_out(root: Path) -> None:
+    for parent in [root, *root.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(f"out={str(root)!r} lies under {parent}, which is a file: choose a directory")
+            if not os.access(parent, os.W_OK):
+                raise OutputPathError(f"out={str(root)!r}: {parent} is not writable; choose another out")
+            return
+
+
+def _open(root: Path, manifest: dict[str, Any], fresh: bool) -> tuple[dict[str, Any], int]:
+    """The manifest to continue and the first prompt to compute; refuses another configuration."""
+    if not (root / files.MANIFEST).exists():
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in (".lock", files.SHARDS))
+        shards_dir = root / files.SHARDS
+        if shards_dir.is_dir() and any(shards_dir.iterdir()):
+            foreign.append(files.SHARDS)
+        if foreign and not fresh:
+            raise ActivationsConfigError(
+                f"out={str(root)!r} holds files that are not an extraction ({', '.join(foreign[:5])}); "
+                "extract into a new out"
+            )
+        files.write_manifest(root, manifest)
+        return manifest, 0
+    recorded = files.read_manifest(root)
+    lines = differences(recorded, manifest)
+    if lines:
+        if not fresh:
+            shown = "; ".join(lines[:8]) + ("; ..." if len(lines) > 8 else "")
+            raise ActivationsConfigError(
+                f"out={str(root)!r} holds an extraction with another configuration ({shown}); "
+                f"its {len(recorded['shards'])} finished shards are kept: extract into a new out, "
+                "or pass fresh=True to discard them and start over"
+            )
+        _discard(root, recorded)
+        files.write_manifest(root, manifest)
+        return manifest, 0
+    # Same configuration: keep the longest run of intact shards; later ones are recomputed.
+    manifest = dict(recorded, environment=manifest["environment"])
+    for index, entry in enumerate(recorded["shards"]):
+        problem = files.shard_problem(root, entry)
+        if problem is not None:
+            warnings.warn(
+                f"shard {entry['file']} in {root} is damaged ({problem}); recomputing it and the shards after it",
+                files.ActivationsWarning,
+                stacklevel=4,
+            )
+            manifest["shards"] = recorded["shards"][:index]
+            manifest["complete"] = False
+            files.write_manifest(root, manifest)
+            break
+    start = manifest["shards"][-1]["prompts"][1] if manifest["shards"] else 0
+    return manifest, start
+
+
+def differences(recorded: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """What differs between the configuration on disk and the one asked for, one line per item."""
+    lines = []
+    for section in ("config", "model"):
+        old, new = recorded.get(section, {}), manifest[section]
+        for key in sorted(set(old) | set(new)):
+            if section == "model" and key == "name":
+                continue  # the same weights loaded from elsewhere are the same model
+            if key == "positions_sha256" and any(line.startswith("positions:") for line in lines):
+                continue  # already said: the positions differ
+            if canonical_json(old.get(key)) != canonical_json(new.get(key)):
+                lines.append(f"{key}: {_short(old.get(key))} on disk, {_short(new.get(key))} now")
+    if canonical_json(recorded.get("labels")) != canonical_json(manifest["labels"]):
+        lines.append("labels differ")
+    return lines
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _discard(root: Path, recorded: dict[str, Any]) -> None:
+    """Remove an extraction's own files (shards first: a crash leaves a manifest, never orphans)."""
+    for entry in recorded.get("shards", []):
+        with contextlib.suppress(FileNotFoundError):
+            (root / entry["file"]).unlink()
+    for leftover in (root / files.SHARDS).glob("*.safetensors") if (root / files.SHARDS).is_dir() else ():
+        leftover.unlink()
+    (root / files.MANIFEST).unlink()
+
+
+__all__ = ["extract", "model_identity", "parse_bytes", "resolve_positions", "weights_sha256"]
