@@ -26,6 +26,7 @@ from .core.errors import (
     OutputStructureError,
     PluginError,
     PositionError,
+    ProbeOptionError,
     PromptError,
     RemoteError,
     ResultFileError,
@@ -68,6 +69,7 @@ __all__ = [
     "OutputStructureError",
     "PluginError",
     "PositionError",
+    "ProbeOptionError",
     "PromptError",
     "RemoteError",
     "ResultFileError",
@@ -108,6 +110,7 @@ _LAZY = {
     "load_activations": "anylens.experiments.activation_store",
     "Activations": "anylens.experiments.activation_store",
     "probe": "anylens.experiments.probes",
+    "ProbeResult": "anylens.experiments.probes",
 }
 
 __all__ += ["Result", "metrics", *_LAZY]

@@ -101,3 +101,7 @@ class ActivationsIntegrityError(AnylensError, ValueError):
 
 class ActivationsBusyError(AnylensError, RuntimeError):
     """Another process is writing the same extraction directory."""
+
+
+class ProbeOptionError(AnylensError, ValueError):
+    """A probe option that cannot be used: a test share outside (0, 1), prompts missing for a model."""

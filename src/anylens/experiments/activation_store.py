@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.errors import ActivationsConfigError, ActivationsIntegrityError, ActivationsNotFoundError, LabelError
+from ..core.errors import (
+    ActivationsConfigError,
+    ActivationsIntegrityError,
+    ActivationsNotFoundError,
+    LabelError,
+    LayerIndexError,
+    MissingRoleError,
+)
 from ..core.roles import LAYER_ROLES
 from ..sweep.store import sha256_bytes, write_atomic
 
@@ -177,19 +184,27 @@ class Activations:
 
     # -- tensors -------------------------------------------------------------------------------
     def _name(self, role: str, layer: int | None) -> str:
-        if role in LAYER_ROLES:
-            if layer is None:
-                raise KeyError(f"{role!r} is per layer: index it with a layer, acts[{role!r}, {self.layers[0]}]")
-            n_layers = int(self.manifest["model"]["n_layers"])
-            if -n_layers <= layer < 0:
-                layer += n_layers
-        name = tensor_name(role, layer)
-        if name not in self.manifest["tensors"]:
-            raise KeyError(
-                f"{name!r} is not stored here (roles {list(self.roles)}, layers {self.layers}); "
-                "extract it with al.extract(model, prompts, roles=[...], layers=[...], out=<a new directory>)"
+        if role not in self.roles:
+            raise MissingRoleError(
+                f"role {role!r} is not in these activations (roles {list(self.roles)}); extract it with "
+                f"al.extract(model, prompts, roles=[{role!r}], out=<a new directory>)"
             )
-        return name
+        if role in LAYER_ROLES:
+            n_layers = int(self.manifest["model"]["n_layers"])
+            if layer is None or not -n_layers <= layer < n_layers:
+                raise LayerIndexError(
+                    f"{role!r} is per layer: index it with a layer of the {n_layers}, stored layers {self.layers}"
+                    if layer is None
+                    else f"layer {layer} is out of range for {n_layers} layers (valid: 0..{n_layers - 1} or -{n_layers}..-1)"
+                )
+            layer %= n_layers
+            if layer not in self.layers:
+                raise LayerIndexError(
+                    f"layer {layer} was not extracted (layers {self.layers}); extract it into a new out"
+                )
+        elif layer is not None:
+            raise LayerIndexError(f"{role!r} is a model-wide role: index it without a layer, acts[{role!r}]")
+        return tensor_name(role, layer)
 
     def shards(self, role: str, layer: int | None = None) -> list[torch.Tensor]:
         """The rows of ``role`` at ``layer`` in each shard, memory-mapped: nothing is read yet."""

@@ -300,6 +300,19 @@ class _Job:
                     pending, held = [], 0
         return kept
 
+    def _read(self, inputs: dict[str, torch.Tensor], read_at: list[int] | None) -> dict:
+        # nnsight counts a left-padded row's positions from its first token only when the
+        # tokenizer says it pads on the left; these batches are left-padded whatever it says.
+        tokenizer = self.model.tokenizer
+        side = getattr(tokenizer, "padding_side", None)
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"
+        try:
+            return read_roles(self.model, inputs, self.keys, read_at)
+        finally:
+            if tokenizer is not None:
+                tokenizer.padding_side = side
+
     def batch(self, begin: int, stop: int) -> dict[str, torch.Tensor]:
         """The rows of prompts ``begin..stop-1``: one left-padded forward, then the kept positions."""
         ids = self.token_lists[begin:stop]
@@ -321,7 +334,7 @@ class _Job:
         where = {c: j for j, c in enumerate(union)}
         read_at = None if len(union) == width else union
         inputs = {"input_ids": input_ids.to(self.model.device), "attention_mask": mask.to(self.model.device)}
-        values = read_roles(self.model, inputs, self.keys, read_at)
+        values = self._read(inputs, read_at)
         select_rows = torch.tensor(batch_rows, dtype=torch.long)
         select_columns = torch.tensor([where[c] if read_at is not None else c for c in columns], dtype=torch.long)
         out = {}
