@@ -182,6 +182,8 @@ def probe(
         "test_fraction": test_fraction,
         "seed": seed,
         "l2": l2,
+        "test_prompts": (~train_prompts).nonzero().flatten().tolist(),
+        "classes": classes,
         "over": ["layer"],
         "value_label": "held-out accuracy",
     }
