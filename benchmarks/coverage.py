@@ -1,7 +1,7 @@
 """Which transformers causal-LM architectures anylens serves, measured on tiny random instances.
 
 For every class in transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` this script builds a tiny
-random model from the config class (see ``anylens.registry.tiny_arch``), then records one status:
+random model from the config class (see ``anylens.tiny.arch``), then records one status:
 
 * ``hand``: a registered hand-written adapter claims it and ``anylens check`` passes;
 * ``hand-failing``: a hand-written adapter claims it but an invariant fails;
@@ -47,7 +47,7 @@ class TimeBox(BaseException):
     """Raised by the alarm; a BaseException so that no library code swallows it as an error."""
 
 
-def _alarm(signum, frame):  # noqa: ARG001
+def _alarm(signum, frame):
     raise TimeBox()
 
 
@@ -81,9 +81,9 @@ def measure(task: tuple[str, list[str], int]) -> Row:
 
 def _measure(row: Row) -> None:
     import anylens as al
-    from anylens.registry.infer import infer_outcome
-    from anylens.registry.tiny_arch import TinyBuildError, tiny_model
-    from anylens.testing import tiny_tokenizer
+    from anylens.inference.infer import infer_outcome
+    from anylens.tiny import tiny_tokenizer
+    from anylens.tiny.arch import TinyBuildError, tiny_model
 
     try:
         model = tiny_model(row.architecture)
@@ -134,14 +134,14 @@ def _prepare() -> None:
     import nnsight.modeling.transformers  # noqa: F401
 
     import anylens as al
-    import anylens.registry.infer  # noqa: F401
-    from anylens.testing import tiny_tokenizer
+    import anylens.inference.infer
+    from anylens.tiny import tiny_tokenizer
 
     al.registry()
     tiny_tokenizer()
     # one whole inference, so that lazy imports and first-use set-up happen once, here
-    from anylens.registry.infer import infer_outcome
-    from anylens.registry.tiny_arch import tiny_model
+    from anylens.inference.infer import infer_outcome
+    from anylens.tiny.arch import tiny_model
 
     infer_outcome(tiny_model("LlamaForCausalLM"))
 
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "coverage.md")
     args = parser.parse_args(argv)
 
-    from anylens.registry.tiny_arch import causal_lm_classes
+    from anylens.tiny.arch import causal_lm_classes
 
     types_of: dict[str, list[str]] = {}
     for model_type, name in causal_lm_classes().items():

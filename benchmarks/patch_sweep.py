@@ -48,8 +48,8 @@ import nnsight
 import torch
 
 import anylens as al
-from anylens.experiments.components import rows_for_budget
-from anylens.testing import tiny_tokenizer
+from anylens.engine import rows_for_budget
+from anylens.tiny import tiny_tokenizer
 
 LENGTH = 16
 DIFFERENT = (3, 8, 12)  # positions where the corrupt prompt differs from the clean one

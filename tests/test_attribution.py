@@ -10,9 +10,9 @@ from tiny_models import model_cache
 from tiny_models import random_prompt_pairs as prompt_pairs
 
 import anylens as al
+from anylens.engine.scheduling import CostModel, one_forward
 from anylens.experiments import attribution
 from anylens.experiments.attribution import role_gradients
-from anylens.experiments.chunks import CostModel, one_forward
 from anylens.testing import TINY_BUILDERS, tiny
 
 TOL = 1e-5

@@ -10,6 +10,7 @@ subclass) whose message matches every regular expression in ``match``; or ``erro
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import io
 import json
@@ -28,6 +29,7 @@ import torch
 import anylens as al
 from anylens import cli
 from anylens.sweep import SweepConfigError
+from anylens.testing import tiny, tiny_model
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,333 @@ class Case:
 
 
 # -- loading, sources, adapters, roles -----------------------------------------------------------
-LOADING_AND_ROLES: list[Case] = []
+@functools.cache
+def _tiny(family: str) -> al.AnyModel:
+    return tiny(family)
+
+
+def _trace(family: str, body: Callable[[al.AnyModel], object], prompt: str = "The cat sat") -> Callable[[], None]:
+    def run() -> None:
+        model = _tiny(family)
+        with model.trace(prompt):
+            body(model)
+
+    return run
+
+
+def _read_layer(index: object) -> Callable[[al.AnyModel], object]:
+    return lambda model: model.resid_post[index].save()
+
+
+def _integer_layer_indices_read_the_same_layer() -> None:
+    """ints, negative ints, numpy integers and 0-d integer tensors all name layer 1, checked
+    against output_hidden_states (block 1's output is hidden_states[2] below the last layer)."""
+    model = _tiny("gpt2")
+    forms = [1, 1 - model.n_layers, np.int64(1), torch.tensor(1)]
+    reads = []
+    with model.trace("The cat sat"):
+        for form in forms:
+            reads.append(model.resid_post[form].save())
+    ids = model.to_tokens("The cat sat")
+    with torch.no_grad():
+        expected = model.hf(**ids, output_hidden_states=True).hidden_states[2]
+    for form, read in zip(forms, reads):
+        torch.testing.assert_close(read, expected, rtol=0, atol=1e-6, msg=f"layer index {form!r}")
+
+
+def _attribute_lookups_still_behave() -> None:
+    model = _tiny("gpt2")
+    assert issubclass(al.RoleNameError, AttributeError) and issubclass(al.RoleNameError, al.MissingRoleError)
+    assert not hasattr(model, "resid_prex")
+    assert getattr(model, "no_such_thing", 7) == 7
+    assert copy.copy(model).adapter is model.adapter
+    bare = al.AnyModel.__new__(al.AnyModel)  # as pickle and copy make it, before any state
+    with pytest.raises(AttributeError) as raised:
+        bare.adapter  # noqa: B018
+    assert not isinstance(raised.value, al.AnylensError)
+
+
+def _long_prompt(model: al.AnyModel) -> str:
+    return "the cat " * (model.config.max_position_embeddings // 2 + 10)
+
+
+def _token_count(model: al.AnyModel, prompt: str) -> int:
+    return len(model.tokenizer(prompt)["input_ids"])
+
+
+def _absolute_positions_refuse_a_long_prompt() -> None:
+    model = _tiny("gpt2")
+    prompt = _long_prompt(model)
+    expected = rf"{_token_count(model, prompt)} tokens.* 128 positions"
+    with pytest.raises(al.PromptError, match=expected), model.trace(prompt):
+        model.logits.save()
+
+
+def _rotary_positions_warn_on_a_long_prompt() -> None:
+    model = _tiny("llama")
+    prompt = _long_prompt(model)
+    expected = rf"{_token_count(model, prompt)} tokens.* 128 positions"
+    with pytest.warns(al.PositionLimitWarning, match=expected), model.trace(prompt):
+        logits = model.logits.save()
+    assert logits.shape[1] == _token_count(model, prompt)
+
+
+def _write_meta_tensor(model: al.AnyModel) -> None:
+    model.resid_post[0] = torch.zeros(1, 3, model.d_model, device="meta")
+    model.logits.save()
+
+
+def _bad_index_adapter() -> al.AnyModel:
+    """A LLaMA adapter whose ``attn_out`` selects element 5 of the attention's 2-tuple output."""
+    hf, tokenizer = tiny_model("llama")
+    spec = al.registry().adapter("llama").to_dict()
+    spec["name"] = "llama-bad-index"
+    spec["roles"]["attn_out"] = "model.layers.{i}.self_attn.output.5"
+    return al.wrap(hf, tokenizer, adapter=spec)
+
+
+_BAD_INDEX = (r"'llama-bad-index'", r"'attn_out'", r"model\.layers\.\{i\}\.self_attn\.output\.5", r"2 elements")
+
+
+def _first_trace_of_bad_index_adapter() -> None:
+    model = _bad_index_adapter()
+    with model.trace("The cat sat"):  # attn_out is not read: the first trace checks it anyway
+        model.logits.save()
+
+
+def _read_of_bad_index_adapter() -> None:
+    model = _bad_index_adapter()
+    with model.trace("The cat sat"):
+        model.attn_out[1].save()
+
+
+def _saved_tiny(directory: Path) -> Path:
+    hf, tokenizer = tiny_model("gpt2")
+    hf.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _cut(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _load_cut_safetensors(keep: float) -> Callable[[], object]:
+    def run() -> object:
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = _saved_tiny(Path(tmp))
+            _cut(directory / "model.safetensors", keep)
+            return al.load(directory)
+
+    return run
+
+
+def _load_cut_gguf() -> None:
+    """A real GGUF file (one LLaMA-named tensor) written with the gguf package, then cut."""
+    gguf = pytest.importorskip("gguf")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_block_count(1)
+        writer.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        _cut(path, 0.5)
+        al.load(path)
+
+
+def _intact_files_are_not_called_damaged() -> None:
+    from anylens.loading.integrity import find_damage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = _saved_tiny(Path(tmp))
+        assert find_damage(directory) is None
+        assert al.load(directory).adapter.name == "gpt2"
+
+
+def _bad_toml() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "broken_adapter.toml"
+        path.write_text('[adapter]\nname = "mine"\narchitectures = ["X"\nlayers = "model.layers"\n')
+        al.register_adapter(path)
+
+
+class _HubLoader:
+    """Stands in for from_pretrained: records calls, loads nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def __call__(self, location: str, **kwargs: object) -> None:
+        self.calls.append((location, kwargs))
+        raise RuntimeError("stop: the test loads nothing")
+
+
+def _offline_load(source: str, *, offline: bool, cached: bool = False) -> Callable[[], None]:
+    """``al.load(source)`` with the hub unreachable (``HF_HUB_OFFLINE``, or a failed connection
+    check) and an empty Hugging Face cache (or one holding ``source``'s config)."""
+
+    def run() -> None:
+        import huggingface_hub.constants
+
+        from anylens.loading import hub
+        from anylens.loading import loader as loading
+
+        loader = _HubLoader()
+        with tempfile.TemporaryDirectory() as cache, pytest.MonkeyPatch.context() as patch:
+            patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
+            patch.setattr(loading, "_from_pretrained", loader)
+            patch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+            if offline:
+                patch.setenv("HF_HUB_OFFLINE", "1")
+                patch.setattr(hub, "hub_reachable", lambda: pytest.fail("offline: no connection check"))
+            else:
+                patch.delenv("HF_HUB_OFFLINE", raising=False)
+                patch.setattr(hub, "hub_reachable", lambda: False)
+            if cached:
+                snapshot = Path(cache) / f"models--{source.replace('/', '--')}" / "snapshots" / "abc123"
+                snapshot.mkdir(parents=True)
+                (snapshot / "config.json").write_text("{}")
+                (snapshot.parent.parent / "refs").mkdir()
+                (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+                with pytest.raises(RuntimeError, match="stop"):
+                    al.load(source)
+                assert loader.calls and loader.calls[0][1].get("local_files_only") is True
+                return
+            try:
+                al.load(source)
+            finally:
+                assert loader.calls == [], "the hub loader was called"
+
+    return run
+
+
+def _near_miss(source: str) -> Callable[[], None]:
+    def run() -> None:
+        from anylens.loading import hub
+        from anylens.loading import loader as loading
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(hub, "hub_reachable", lambda: pytest.fail("a near miss must not reach the hub"))
+            patch.setattr(loading, "_from_pretrained", lambda *a, **k: pytest.fail("a near miss must not load"))
+            al.load(source)
+
+    return run
+
+
+def _sources_parse_as_meant() -> None:
+    from anylens.loading.locate import parse_source
+
+    kinds = {
+        "gpt2": "hub",
+        "HuggingFaceTB/SmolLM2-135M": "hub",
+        "zoo:llama": "zoo",
+        "tiny:mamba": "tiny",
+        "smollm2-135m": "named",
+        str(Path(al.__file__).parent / "zoo" / "models" / "gpt2"): "directory",
+    }
+    for text, kind in kinds.items():
+        assert parse_source(text).kind == kind, text
+
+
+def _command_line_and_sweeps_parse_sources_the_same_way() -> None:
+    from anylens import cli
+    from anylens.sweep.runner import load_source
+
+    with pytest.raises(cli.UsageError, match="SourcePathError: model path './models/mine' does not exist"):
+        cli.load_model("./models/mine")
+    with pytest.raises(Exception, match="SourcePathError: model path './models/mine' does not exist"):
+        load_source("./models/mine")
+
+
+LOADING_AND_ROLES: list[Case] = [
+    *[
+        Case(
+            f"layer-index-{type(index).__name__}",
+            _trace("gpt2", _read_layer(index)),
+            al.LayerIndexTypeError,
+            ("must be an integer", re.escape(repr(index)), r"resid_post\[3\]"),
+        )
+        for index in (1.7, "1", True, torch.tensor(1.0))
+    ],
+    Case("layer-index-integer-forms", _integer_layer_indices_read_the_same_layer, None),
+    *[
+        Case(
+            f"missing-path-{path}",
+            functools.partial(al.load, path),
+            al.SourcePathError,
+            (re.escape(path), "does not exist"),
+        )
+        for path in ("./models/mine", "/tmp/nope/model", "~/anylens-no-such-dir/x", "models/")
+    ],
+    Case("sources-parse-as-meant", _sources_parse_as_meant, None),
+    Case("cli-and-sweeps-share-the-parser", _command_line_and_sweeps_parse_sources_the_same_way, None),
+    Case(
+        "damaged-safetensors-header",
+        _load_cut_safetensors(0.0005),
+        al.DamagedFileError,
+        (r"model\.safetensors", "damaged", "truncated download", "again"),
+    ),
+    Case(
+        "damaged-safetensors-data",
+        _load_cut_safetensors(0.5),
+        al.DamagedFileError,
+        (r"model\.safetensors", "damaged", r"tensors need \d+ bytes but the file has \d+", "again"),
+    ),
+    Case("damaged-gguf", _load_cut_gguf, al.DamagedFileError, (r"model\.gguf", "damaged", "again")),
+    Case("intact-files-load", _intact_files_are_not_called_damaged, None),
+    Case(
+        "unknown-dtype",
+        functools.partial(al.load, "tiny:gpt2", dtype="float17"),
+        al.DtypeError,
+        ("'float17'", "float32", "bfloat16", "float16"),
+    ),
+    Case(
+        "role-typo",
+        _trace("gpt2", lambda model: model.resid_prex),
+        al.RoleNameError,
+        ("'resid_prex'", "did you mean 'resid_pre'", "resid_post, attn_out"),
+    ),
+    Case("attribute-lookups-still-behave", _attribute_lookups_still_behave, None),
+    Case("empty-prompt", _trace("gpt2", lambda model: model.logits.save(), prompt=""), al.PromptError, ("no tokens",)),
+    Case(
+        "empty-prompt-in-a-batch",
+        lambda: _tiny("gpt2").to_tokens(["The cat", ""]),
+        al.PromptError,
+        ("prompt '' has no tokens",),
+    ),
+    Case("long-prompt-absolute-positions", _absolute_positions_refuse_a_long_prompt, None),
+    Case("long-prompt-rotary-positions", _rotary_positions_warn_on_a_long_prompt, None),
+    Case(
+        "meta-tensor-write",
+        _trace("gpt2", _write_meta_tensor),
+        al.RoleWriteError,
+        ("meta device", "no data", "real tensor"),
+    ),
+    Case("output-index-out-of-range-first-trace", _first_trace_of_bad_index_adapter, al.ModulePathError, _BAD_INDEX),
+    Case("output-index-out-of-range-read", _read_of_bad_index_adapter, al.ModulePathError, _BAD_INDEX),
+    Case("adapter-toml-syntax", _bad_toml, al.AdapterSpecError, ("broken_adapter.toml", "line 4", "fix the syntax")),
+    Case(
+        "hub-id-offline",
+        _offline_load("gpt2", offline=True),
+        al.ModelSourceError,
+        ("'gpt2'", "not available locally", "HF_HUB_OFFLINE", "zoo:gpt2", "smollm2-135m", "tiny:llama"),
+    ),
+    Case(
+        "hub-id-unreachable",
+        _offline_load("gpt2", offline=False),
+        al.ModelSourceError,
+        ("'gpt2'", "not available locally", "cannot be reached", "zoo:llama"),
+    ),
+    Case("hub-id-cached-loads-offline", _offline_load("gpt2", offline=True, cached=True), None),
+    Case("near-miss-named", _near_miss("smollm2"), al.ModelSourceError, ("did you mean 'smollm2-135m'",)),
+    Case("near-miss-case", _near_miss("SmolLM2-135M"), al.ModelSourceError, ("did you mean 'smollm2-135m'",)),
+    Case("near-miss-zoo", _near_miss("zoo:lama"), al.ModelSourceError, ("did you mean 'zoo:llama'", "gpt2, llama")),
+    Case("near-miss-tiny", _near_miss("tiny:lama"), al.ModelSourceError, ("did you mean 'tiny:llama'",)),
+]
 
 
 # -- experiments, metrics, results, command line ---------------------------------------------------

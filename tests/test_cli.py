@@ -106,7 +106,7 @@ def test_installed_console_script_prints_the_table():
 def test_check_tiny_llama_passes(capsys):
     status, out, err = run(capsys, "check", "tiny:llama")
     assert status == 0, out + err
-    assert "anylens check: LlamaForCausalLM (adapter llama)" in out
+    assert "anylens check: tiny:llama (adapter llama)" in out
     assert "| invariant | layer | max abs error | tolerance | result | detail |" in out
     assert "| 1 resid_post[i] == resid_pre[i+1] | 0 |" in out
     assert out.rstrip().endswith("all invariants pass")

@@ -8,7 +8,7 @@ import torch
 from tiny_models import PlainLM, model_cache, plain_lm_adapter
 
 import anylens as al
-from anylens.experiments.final_position import (
+from anylens.engine.final_position import (
     cut_to_final_position,
     final_logits,
     last_mlp,
@@ -168,3 +168,27 @@ def test_final_logits_of_columns_equal_the_model_logits_there(family):
     assert got[:, others].isnan().all()
     assert matches_within(got, got.clone(), 1e-4)
     assert not matches_within(got, expected, 1e-4)  # computed where the other is NaN: no match
+
+
+@pytest.mark.parametrize("experiment", ["patch", "ablate"])
+def test_sweeps_with_reuse_compute_only_the_columns_a_metric_reads(experiment, monkeypatch):
+    model = model_of("gpt2")
+    ids = _ids(model, n=2, length=6)
+    metric = al.metrics.logit_diff(7, 3)
+    kwargs = dict(role="resid_pre", over=("layer",), metric=metric)
+
+    def sweep(reuse: bool):
+        if experiment == "patch":
+            return al.patch(model, ids, ids.flip(0), reuse=reuse, normalize=False, **kwargs)
+        return al.ablate(model, ids, reuse=reuse, **kwargs)
+
+    full = sweep(reuse=False)  # every logit, from the model's own forward
+    asked = []
+    original = model.unembed_columns
+    monkeypatch.setattr(
+        model, "unembed_columns", lambda hidden, columns: asked.append(columns.tolist()) or original(hidden, columns)
+    )
+    reused = sweep(reuse=True)
+    assert asked and all(columns == [3, 7] for columns in asked)
+    got, expected = (torch.tensor(r.to_frame()["metric"].to_numpy()) for r in (reused, full))
+    assert (got - expected).abs().max() <= TOL

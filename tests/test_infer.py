@@ -10,12 +10,12 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 import anylens as al
-from anylens.registry import infer
-from anylens.registry.infer import InferenceError, infer_adapter, infer_command
+from anylens.inference import infer
+from anylens.inference.infer import InferenceError, infer_adapter, infer_command
 from anylens.registry.manager import registry, reset_registry
-from anylens.registry.tiny_arch import tiny_model
 from anylens.testing import tiny_model as tiny_family
 from anylens.testing import tiny_tokenizer
+from anylens.tiny.arch import tiny_model
 
 #: Architectures without a hand-written adapter -> what their attention and MLP add to the
 #: residual stream, named by hand from each model's code (``{i}``: the layer). Post-norm blocks
@@ -237,5 +237,5 @@ def test_infer_command_prints_toml_that_registers_and_serves_the_model(tmp_path,
     assert model.adapter.name == spec.name
     assert al.check(model).passed
 
-    assert infer.main(["arch:Qwen3ForCausalLM"]) == 0  # python -m anylens.registry.infer
+    assert infer.main(["arch:Qwen3ForCausalLM"]) == 0  # python -m anylens.inference.infer
     assert capsys.readouterr().out == text

@@ -93,7 +93,7 @@ def test_comparing_and_unknown_metrics_get_the_clean_logits(model):
 
 
 def test_sweeps_hand_the_clean_logits_only_to_metrics_that_read_them(model):
-    from anylens.experiments.components import score_rows
+    from anylens.engine import score_rows
 
     seen = []
 

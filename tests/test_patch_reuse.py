@@ -9,10 +9,14 @@ from test_patching import reference_patch
 from tiny_models import model_cache, random_prompt_pairs
 
 import anylens as al
-from anylens.experiments import patching, reuse
-from anylens.experiments.chunks import CostModel, plan_chunks
-from anylens.experiments.components import Component, PatchPlan, _patched_forward, moved_together, record
-from anylens.experiments.final_position import last_mlp
+from anylens.engine import baseline as recording
+from anylens.engine import blocks, engine_state, reuse, shortcut
+from anylens.engine import run as entry
+from anylens.engine.baseline import record
+from anylens.engine.executor import patched_forward
+from anylens.engine.final_position import last_mlp
+from anylens.engine.plan import Component, PatchPlan, moved_together
+from anylens.engine.scheduling import Chunk, CostModel, plan_chunks
 from anylens.testing import TINY_BUILDERS, tiny
 
 TOL = 1e-5
@@ -39,7 +43,7 @@ CASES = [("resid_pre", ("layer", "pos")), ("z", ("layer", "head")), ("mlp_out", 
 @pytest.fixture(params=[True, False], ids=["one-recording", "two-recordings"])
 def one_recording(request, monkeypatch):
     """Record the source run and the unpatched run in one forward, or in one each."""
-    monkeypatch.setattr(patching, "one_forward", lambda model, source, patched: request.param)
+    monkeypatch.setattr(entry, "one_forward", lambda model, source, patched: request.param)
     return request.param
 
 
@@ -67,7 +71,7 @@ def test_reuse_matches_full_runs_and_hook_reference(family, role, over, directio
     assert reused.meta["reuse"] and not full.meta["reuse"]
     assert full.meta["work_fraction"] == 1.0 and full.meta["unchanged"] == 0
     assert reused.meta["work_fraction"] < 1.0  # something was skipped
-    assert reuse.disabled_reason(model) is None  # every shortcut passed its guard
+    assert engine_state(model).reuse_off_reason is None  # every shortcut passed its guard
 
 
 @pytest.mark.parametrize("family", list(TINY_BUILDERS))
@@ -100,7 +104,7 @@ def test_shortcut_forward_equals_the_full_forward(family):
     clean, corrupt = prompt_pairs(seed=1)
     layers = model.layers()
     sources, _ = record(model, "resid_pre", clean, layers)
-    baseline = reuse.record_baseline(model, "resid_pre", corrupt, layers, n_blocks=model.n_layers - 1)
+    baseline = recording.record_baseline(model, "resid_pre", corrupt, layers, n_blocks=model.n_layers - 1)
     assert baseline.blocks is not None and len(baseline.blocks) == model.n_layers - 1
     last_layer = model.n_layers - 1
     components = [Component(1, 8), Component(last_layer, 7), Component(last_layer, 9), Component(1, None)]
@@ -115,8 +119,8 @@ def test_shortcut_forward_equals_the_full_forward(family):
         source_positions=list(range(LENGTH)),
     )
     rows = torch.arange(len(plan))
-    full = _patched_forward(model, plan, rows)
-    kv = reuse.kv_cache_reusable(model, corrupt)
+    full = patched_forward(model, plan, rows)
+    kv = blocks.kv_cache_reusable(model, corrupt)
     positions = (0, 7) if kv else (0,)  # 7 > the sliding window of the tiny Gemma 2
     # Growing chunks: rows sorted by the block they join at (at most their patched layer's).
     growing = {
@@ -129,24 +133,25 @@ def test_shortcut_forward_equals_the_full_forward(family):
                 continue
             if block == "growing":
                 chunk_rows, starts = growing[pos]
-                chunk = reuse.Chunk(chunk_rows, starts[0], pos, torch.tensor(starts))
+                chunk = Chunk(chunk_rows, starts[0], pos, torch.tensor(starts))
             else:
-                chunk = reuse.Chunk(rows[:3], block, pos) if pos else reuse.Chunk(rows, block, pos)
+                chunk = Chunk(rows[:3], block, pos) if pos else Chunk(rows, block, pos)
             # The prefix cache cut from the unpatched run's, and run afresh for the prefix alone.
             # With the last MLP run on the final position alone, and without.
             for full_cache, mlp_cut in ((baseline.cache, None), (None, last_mlp(model, "resid_pre", layers))):
-                caches = reuse.PrefixCaches(model, corrupt, full_cache) if pos else None
-                got, guard = reuse.shortcut_forward(model, plan, chunk.rows, chunk, baseline, caches, 0, True, mlp_cut)
+                caches = shortcut.PrefixCaches(model, corrupt, full_cache) if pos else None
+                got = shortcut.shortcut_forward(model, plan, chunk.rows, chunk, baseline, caches, 0, True, mlp_cut)
+                guard = shortcut.shortcut_forward(model, plan, chunk.rows, chunk, baseline, caches, 0, False, mlp_cut)
                 with torch.no_grad():
                     got, guard = model.unembed(got), model.unembed(guard)
                 assert (got - full[chunk.rows]).abs().max() <= TOL, (block, pos)
-                # The guards: unpatched copies of the first row's input and of the last row's.
-                expected = baseline.last[plan.input_rows[chunk.rows[[0, -1]]]]
+                # The guard forward: the same shortcuts, unpatched, give the unpatched run's logits.
+                expected = baseline.last[plan.input_rows[chunk.rows]]
                 assert (guard - expected).abs().max() <= TOL, (block, pos)
     if kv and family != "gemma2":
-        assert reuse.PrefixCaches(model, corrupt, baseline.cache).full is not None
+        assert shortcut.PrefixCaches(model, corrupt, baseline.cache).full is not None
     if family == "gemma2":  # its sliding window dropped the first positions: prefixes are run again
-        assert reuse.PrefixCaches(model, corrupt, baseline.cache).full is None
+        assert shortcut.PrefixCaches(model, corrupt, baseline.cache).full is None
 
 
 def test_patches_that_write_equal_values_are_not_run():
@@ -165,21 +170,21 @@ def test_patches_that_write_equal_values_are_not_run():
 
 
 def test_key_value_caches_are_reused_for_attention_only():
-    assert reuse.kv_cache_reusable(model_of("llama"), prompt_pairs()[0])
-    assert reuse.kv_cache_reusable(model_of("gemma2"), prompt_pairs()[0])  # sliding-window layers too
+    assert blocks.kv_cache_reusable(model_of("llama"), prompt_pairs()[0])
+    assert blocks.kv_cache_reusable(model_of("gemma2"), prompt_pairs()[0])  # sliding-window layers too
     for family in ("mamba", "mamba2"):  # SSM state is not a per-position cache
-        assert not reuse.kv_cache_reusable(model_of(family), prompt_pairs()[0])
+        assert not blocks.kv_cache_reusable(model_of(family), prompt_pairs()[0])
 
 
 def test_a_failing_guard_turns_reuse_off_and_keeps_results_right(monkeypatch):
     model = tiny("gpt2")  # a fresh model: no shortcut verified yet
     clean, corrupt = prompt_pairs()
     full = al.patch(model, clean, corrupt, metric=METRIC, reuse=False)
-    original = reuse._cut
-    monkeypatch.setattr(reuse, "_cut", lambda output, inputs, p0: original(output, inputs, p0) * 2)  # a broken skip
+    original = shortcut._cut
+    monkeypatch.setattr(shortcut, "_cut", lambda output, inputs, p0: original(output, inputs, p0) * 2)  # a broken skip
     with pytest.warns(UserWarning, match="reuse of unpatched work is off"):
         broken = al.patch(model, clean, corrupt, metric=METRIC, batch_size=6)
-    assert "did not reproduce the unpatched run" in reuse.disabled_reason(model)
+    assert "did not reproduce the unpatched run" in engine_state(model).reuse_off_reason
     assert (metrics_of(broken) - metrics_of(full)).abs().max() <= TOL
     again = al.patch(model, clean, corrupt, metric=METRIC, batch_size=6)  # stays off, silently
     assert (metrics_of(again) - metrics_of(full)).abs().max() <= TOL
@@ -214,8 +219,9 @@ def test_memory_budget_records_inputs_in_groups(monkeypatch):
     corrupt[:, 5] = torch.randint(4, 400, (6,), generator=generator)
     full = al.patch(model, clean, corrupt, role="z", over=("layer", "head"), metric=METRIC, reuse=False)
     calls = []
-    original = reuse.record_baseline
-    monkeypatch.setattr(reuse, "record_baseline", lambda *a, **k: calls.append(a[2].shape[0]) or original(*a, **k))
+    original = recording.record_baseline
+    for module in (recording, reuse):  # the recording before the sweep, and the sweep's own
+        monkeypatch.setattr(module, "record_baseline", lambda *a, **k: calls.append(a[2].shape[0]) or original(*a, **k))
     sources = 2 * model.n_layers * 6 * LENGTH * model.d_model * 4  # clean and corrupt activations, roughly
     small = al.patch(model, clean, corrupt, role="z", over=("layer", "head"), metric=METRIC, memory_budget=sources * 2)
     assert len(calls) > 1 and sum(calls) >= 6  # the unpatched run is recorded group by group
@@ -335,3 +341,40 @@ def test_index_tensors_reach_a_device_in_one_copy(device):
         back = moved_together(moved, torch.device("cpu"))  # and to the host in one copy too
         assert [t.tolist() for t in back] == [rows.tolist(), positions.tolist(), heads.tolist()]
     assert moved_together([rows], torch.device("cpu"))[0] is rows  # nothing to move
+
+
+FIRST_CALLS = """
+import json, sys, torch
+import anylens as al
+from anylens.datasets import ioi_pairs
+
+model = al.load("zoo:llama")
+pair = ioi_pairs(model.tokenizer, 1)[0]
+metric = al.metrics.logit_diff(pair.answer, pair.distractor)
+runs = [
+    torch.tensor(al.patch(model, pair.clean, pair.corrupt, role=role, over=over, metric=metric).frame["metric"].to_numpy())
+    for role, over in [("resid_pre", ("layer", "pos")), ("z", ("layer", "head"))]
+    for _ in range(2)
+]
+json.dump([torch.equal(runs[0], runs[1]), torch.equal(runs[2], runs[3]), float((runs[0] - runs[1]).abs().max())], sys.stdout)
+"""
+
+
+@pytest.mark.slow
+def test_the_first_patch_in_a_process_equals_the_later_ones_bit_for_bit():
+    """Reuse checks each new shortcut once per process; the check must not change any result.
+    (Unpatched check rows run inside a chunk made its batch larger, and matrix products over a
+    batch of another size round differently: the first call differed from later ones.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source = str(Path(al.__file__).parents[1])
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_CALLS], capture_output=True, text=True, env=environment, timeout=120, check=True
+    )
+    same_resid, same_z, largest = json.loads(done.stdout)
+    assert same_resid and same_z, f"first and second call differ by up to {largest}"

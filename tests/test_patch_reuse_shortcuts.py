@@ -14,8 +14,9 @@ from nnsight.intervention.source import STATE
 from tiny_models import random_prompt_pairs
 
 import anylens as al
-from anylens.experiments import block_prefix, reuse
-from anylens.experiments.components import Component, PatchPlan, record
+from anylens.engine import Component, PatchPlan, block_prefix, engine_state, record, reuse, shortcut
+from anylens.engine import baseline as recording
+from anylens.engine.scheduling import Chunk
 from anylens.testing import TINY_BUILDERS, tiny
 
 TOL = 1e-5
@@ -99,7 +100,7 @@ def test_each_row_joins_the_forward_at_its_own_block(family, monkeypatch):
     clean, corrupt = clean[:2], corrupt[:2]
     kwargs = dict(role="resid_pre", over=("layer",), metric=METRIC, batch_size=64)
     full = al.patch(model, clean, corrupt, reuse=False, **kwargs)
-    al.patch(model, clean, corrupt, **kwargs)  # verifies the shortcut: no guard rows after this
+    al.patch(model, clean, corrupt, **kwargs)  # verifies the shortcut: no guard forward after this
     blocks = [f"{model.adapter.layers}.{k}" for k in range(model.n_layers)]
     with batch_rows_seen(model, blocks, monkeypatch) as seen:
         reused = al.patch(model, clean, corrupt, **kwargs)
@@ -108,7 +109,7 @@ def test_each_row_joins_the_forward_at_its_own_block(family, monkeypatch):
     assert reused.meta["forwards"] == 1
     # (A model whose sliding window dropped the prefix's keys runs the prefix first: the last call.)
     assert [seen[name][-1] for name in blocks] == [2 * (k + 1) for k in range(model.n_layers)]
-    assert reuse.disabled_reason(model) is None and model not in reuse._fixed_batch
+    assert engine_state(model).reuse_off_reason is None and engine_state(model).growing_off_reason is None
 
 
 @pytest.mark.parametrize("family", list(TINY_BUILDERS))
@@ -132,7 +133,7 @@ def test_modules_before_the_role_do_not_run_in_a_chunks_first_block(family, monk
     assert (metrics_of(reused) - metrics_of(full)).abs().max() <= TOL
     assert runs[role_module] == runs[earlier[role_module]] + 1, runs  # the patched forward runs it
     assert all(runs[name] == runs[earlier[name]] for name in modules), runs  # and none of these
-    assert block_prefix.off_reason(model) is None
+    assert engine_state(model).prefix_off_reason is None
 
 
 @pytest.mark.parametrize(
@@ -180,9 +181,9 @@ def test_a_model_the_probe_cannot_run_gets_no_prefixes_and_right_results(monkeyp
 
 
 def _wrong_joins(monkeypatch):  # rows joining a growing forward enter with wrong values
-    original = reuse._present_rows
+    original = shortcut._present_rows
     monkeypatch.setattr(
-        reuse,
+        shortcut,
         "_present_rows",
         lambda inputs, n, total, joining: original(inputs, n, total, None if joining is None else joining * 2),
     )
@@ -192,28 +193,28 @@ def _refused_growth(monkeypatch):  # a block that cannot take a growing batch
     def refuse(*args):
         raise RuntimeError("this block takes its whole batch")
 
-    monkeypatch.setattr(reuse, "_present_rows", refuse)
+    monkeypatch.setattr(shortcut, "_present_rows", refuse)
 
 
 def _wrong_prefix(monkeypatch):  # block-prefix outputs handed back wrong
-    original = reuse._kept_prefixes
+    original = recording._kept_prefixes
 
     def doubled(*args):
         return {b: {path: out * 2 for path, out in outputs.items()} for b, outputs in original(*args).items()}
 
-    monkeypatch.setattr(reuse, "_kept_prefixes", doubled)
+    monkeypatch.setattr(recording, "_kept_prefixes", doubled)
 
 
 BREAKAGES = {
-    # (family, role, over, breakage, warning, the shortcut it turns off)
-    "wrong-joins": ("llama", "z", ("layer", "head"), _wrong_joins, "growing forwards are off", reuse._fixed_batch),
+    # (family, role, over, breakage, warning, the engine state's reason the shortcut is off)
+    "wrong-joins": ("llama", "z", ("layer", "head"), _wrong_joins, "growing forwards are off", "growing_off_reason"),
     "refused-growth": (
         "gpt2",
         "resid_pre",
         ("layer", "pos"),
         _refused_growth,
         "this block takes its whole batch",
-        reuse._fixed_batch,
+        "growing_off_reason",
     ),
     "wrong-prefix": (
         "gpt2",
@@ -221,7 +222,7 @@ BREAKAGES = {
         ("layer", "head"),
         _wrong_prefix,
         "before 'z' in a chunk's first block is off",
-        block_prefix._off,
+        "prefix_off_reason",
     ),
 }
 
@@ -236,19 +237,19 @@ def test_a_shortcut_that_fails_is_taken_back_and_results_stay_right(case, monkey
     breakage(monkeypatch)
     with pytest.warns(UserWarning, match=warning):
         broken = al.patch(model, clean, corrupt, **kwargs)
-    assert model in turned_off
+    assert getattr(engine_state(model), turned_off) is not None
     assert (metrics_of(broken) - metrics_of(full)).abs().max() <= TOL
-    assert reuse.disabled_reason(model) is None  # the rest of reuse stays on
+    assert engine_state(model).reuse_off_reason is None  # the rest of reuse stays on
 
 
 def test_a_growing_chunk_of_a_role_outside_the_blocks_is_refused_not_dropped():
     """Writes of a growing forward are made block by block; one outside every block would never
-    be made, and the unpatched guard rows could not tell. It must raise instead."""
+    be made, and the unpatched guard forward could not tell. It must raise instead."""
     model = fresh("gpt2")
     clean, corrupt = random_prompt_pairs(0, LENGTH, DIFFERENT)
     sources, _ = record(model, "embed", clean, [None])
-    baseline = reuse.record_baseline(model, "resid_pre", corrupt, model.layers(), n_blocks=1)
+    baseline = recording.record_baseline(model, "resid_pre", corrupt, model.layers(), n_blocks=1)
     plan = PatchPlan("embed", corrupt, [Component(None), Component(None)], [0, 0], [0, 0], sources, [0], [0])
-    chunk = reuse.Chunk(torch.tensor([0, 1]), 0, 0, torch.tensor([0, 1]))
+    chunk = Chunk(torch.tensor([0, 1]), 0, 0, torch.tensor([0, 1]))
     with pytest.raises(AssertionError, match="written outside the blocks"):
-        reuse.shortcut_forward(model, plan, chunk.rows, chunk, baseline, None, 0, False)
+        shortcut.shortcut_forward(model, plan, chunk.rows, chunk, baseline, None, 0)

@@ -9,7 +9,7 @@ from tiny_models import model_cache
 from tiny_models import random_prompt_pairs as prompt_pairs
 
 import anylens as al
-from anylens.experiments.components import OverError
+from anylens.engine import OverError
 from anylens.testing import TINY_BUILDERS
 
 TOL = 1e-5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import difflib
-import importlib.metadata
+import importlib
 import io
 import json
 import re
@@ -15,6 +15,7 @@ import pytest
 import anylens as al
 from anylens.adapters.llama import LLAMA
 from anylens.core.roles import ALL_ROLES
+from anylens.registry.builtin import BUILTIN_PLUGINS
 from anylens.registry.manager import as_spec, registry, reset_registry
 from anylens.registry.table import (
     COLUMNS,
@@ -39,11 +40,10 @@ def fresh_registry():
 
 
 def builtin_adapter_names() -> set[str]:
-    """Adapter names straight from the package's entry points, not through the registry."""
+    """Adapter names straight from the built-in plugin modules, not through the registry."""
     names = set()
-    for point in importlib.metadata.entry_points(group="anylens"):
-        if point.dist is not None and point.dist.name == "anylens":
-            names |= {as_spec(item).name for item in point.load().anylens_adapters()}
+    for module in BUILTIN_PLUGINS:
+        names |= {as_spec(item).name for item in importlib.import_module(module).anylens_adapters()}
     return names
 
 

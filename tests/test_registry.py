@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.metadata
 import re
 import sys
 import textwrap
@@ -17,10 +19,12 @@ from transformers import LlamaForCausalLM
 
 import anylens as al
 from anylens.adapters.llama import LLAMA
+from anylens.registry.builtin import BUILTIN_PLUGINS, plugin_name
 from anylens.registry.manager import (
     AdapterConflictWarning,
     PluginLoadWarning,
     Registry,
+    as_spec,
     registry,
     reset_registry,
 )
@@ -240,11 +244,41 @@ def test_resolution_is_deterministic_first_registration_wins():
 
 def test_entry_points_load_builtins_first_in_name_order():
     first, second = Registry(), Registry()
-    first.load_entry_points()
-    second.load_entry_points()
+    first.load_plugins()
+    second.load_plugins()
     assert list(first.claims) == list(second.claims)
     assert all(claim.builtin for claim in first.adapters.values())
     assert {"gpt2", "llama"} <= set(first.adapters)
+
+
+def builtin_declarations() -> dict[str, list]:
+    """Each built-in module's adapters, asked of the module itself rather than the registry."""
+    return {module: importlib.import_module(module).anylens_adapters() for module in BUILTIN_PLUGINS}
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        pytest.param([], id="no-entry-point-metadata"),
+        pytest.param(  # what an older install's metadata advertised: must not register them twice
+            [importlib.metadata.EntryPoint(module.rsplit(".", 1)[-1], module, "anylens") for module in BUILTIN_PLUGINS],
+            id="stale-builtin-entry-points",
+        ),
+    ],
+)
+def test_builtin_adapters_register_from_the_static_list(monkeypatch, points):
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kwargs: points)
+    with recorded_warnings() as caught:
+        reg = registry()
+    assert not messages(caught, Warning) and not reg.failures
+    assert sorted(name for name, _ in reg.pm.list_name_plugin()) == sorted(map(plugin_name, BUILTIN_PLUGINS))
+    expected = {as_spec(item).name: as_spec(item) for items in builtin_declarations().values() for item in items}
+    assert {"gpt2", "llama", "mistral", "mamba", "opt"} <= set(expected)
+    for name, spec in expected.items():
+        assert reg.adapters[name].builtin
+        for arch in spec.architectures:
+            assert reg.resolve(stub(arch)).name == name, arch
+    assert reg.pm.get_plugin(plugin_name("anylens.adapters.inferred")).anylens_resolve  # the fallback resolver
 
 
 def test_registering_an_adapter_again_replaces_its_claims():

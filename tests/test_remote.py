@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import anylens as al
-from anylens.core.remote import load_remote
+from anylens.loading.remote import load_remote
 from anylens.zoo import corpus, model_dir
 
 TOL = 1e-5  # float32; the remote and the local model run the same attention implementation

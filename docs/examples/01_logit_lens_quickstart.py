@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_MODELS, Report, cli, factual_task, load, slug  # noqa: E402
+from _common import DEFAULT_MODELS, Report, cli, factual_task, load, slug
 
-import anylens as al  # noqa: E402
+import anylens as al
 
 
 def main(models: list[str] = DEFAULT_MODELS, out: str = "docs/examples/output") -> dict:

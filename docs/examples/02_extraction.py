@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_MODELS, Report, cli, load, prompt_batch  # noqa: E402
+from _common import DEFAULT_MODELS, Report, cli, load, prompt_batch
 
-import anylens as al  # noqa: E402
+import anylens as al
 
 #: What to extract, where the model has it; roles a model lacks are skipped, never faked.
 ROLES = ("embed", "pos_embed", "resid_pre", "resid_post", "attn_out", "z", "mlp_out", "mixer_out")

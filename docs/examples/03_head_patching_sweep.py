@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_MODELS, Report, cli, component_role, ioi_task, load, slug  # noqa: E402
+from _common import DEFAULT_MODELS, Report, cli, component_role, ioi_task, load, slug
 
-import anylens as al  # noqa: E402
+import anylens as al
 
 N_PAIRS = 8
 TOP = 5

@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_MODELS, Report, cli, factual_task, load  # noqa: E402
+from _common import DEFAULT_MODELS, Report, cli, factual_task, load
 
-import anylens as al  # noqa: E402
+import anylens as al
 
 K = 3
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_MODELS, Report, cli, factual_task, load, slug, writer_roles  # noqa: E402
+from _common import DEFAULT_MODELS, Report, cli, factual_task, load, slug, writer_roles
 
-import anylens as al  # noqa: E402
+import anylens as al
 
 METHODS = ("zero", "mean")
 N_PROMPTS = 8

@@ -31,7 +31,7 @@ def cli(main: Any, doc: str | None) -> None:
 
 # -- models --------------------------------------------------------------------------------------
 def load(source: str) -> Any:
-    """Anything ``al.load`` takes, plus ``tiny:FAMILY`` (a random model from ``anylens.testing``)."""
+    """Anything ``al.load`` takes, plus ``tiny:FAMILY`` (a random model from ``anylens.tiny``)."""
     from anylens.sweep.runner import load_source
 
     return load_source(source)

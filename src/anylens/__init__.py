@@ -14,31 +14,38 @@ from .core.errors import (
     ActivationsNotFoundError,
     AdapterSpecError,
     AnylensError,
+    DamagedFileError,
+    DtypeError,
     ExtractionOptionError,
     LabelError,
     LayerIndexError,
+    LayerIndexTypeError,
     LocalWeightsError,
     MetricError,
     MissingRoleError,
+    ModelSourceError,
     ModulePathError,
     NotWrappedError,
     OutputPathError,
     OutputStructureError,
     PluginError,
     PositionError,
+    PositionLimitWarning,
     ProbeOptionError,
     PromptError,
     RemoteError,
     ResultFileError,
+    RoleNameError,
     RoleWriteError,
+    SourcePathError,
     TokenizationError,
     UnknownArchitectureError,
     VerificationError,
 )
-from .core.loading import load, wrap
 from .core.model import AnyModel
 from .core.roles import ALL_ROLES, LAYER_ROLES, MODEL_ROLES
 from .core.spec import AdapterSpec, Variant
+from .loading import load, wrap
 from .registry.hookspecs import hookimpl, hookspec
 from .registry.manager import register_adapter, register_plugin, registry
 from .registry.verify import CheckReport, check
@@ -57,23 +64,30 @@ __all__ = [
     "AnyModel",
     "CheckReport",
     "AnylensError",
+    "DamagedFileError",
+    "DtypeError",
     "ExtractionOptionError",
     "LabelError",
     "LayerIndexError",
+    "LayerIndexTypeError",
     "LocalWeightsError",
     "MetricError",
     "MissingRoleError",
+    "ModelSourceError",
     "ModulePathError",
     "NotWrappedError",
     "OutputPathError",
     "OutputStructureError",
     "PluginError",
     "PositionError",
+    "PositionLimitWarning",
     "ProbeOptionError",
     "PromptError",
     "RemoteError",
     "ResultFileError",
+    "RoleNameError",
     "RoleWriteError",
+    "SourcePathError",
     "TokenizationError",
     "UnknownArchitectureError",
     "Variant",
@@ -89,8 +103,8 @@ __all__ = [
 ]
 
 
-from .experiments import metrics  # noqa: E402
-from .experiments.results import Result  # noqa: E402
+from .experiments import metrics
+from .experiments.results import Result
 
 #: Experiments, imported on first use so that ``import anylens`` stays light.
 _LAZY = {

@@ -58,25 +58,12 @@ MODEL_HELP = "zoo:NAME, tiny:FAMILY (a tiny random model), a model directory, a 
 
 def load_model(source: str) -> Any:
     """The model a command line names, or a :class:`UsageError` saying why it cannot be loaded."""
-    if source.startswith("tiny:"):
-        return _load_tiny(source.removeprefix("tiny:"))
-    from .core.loading import load
+    from .loading import load
 
     try:
         return load(source)
     except Exception as error:  # whatever the loaders raise, the user gets one clear line
         raise UsageError(f"cannot load {source!r}: {_one_line(error)}") from None
-
-
-def _load_tiny(family: str) -> Any:
-    from .testing import TINY_BUILDERS, tiny
-
-    if family not in TINY_BUILDERS:
-        raise UsageError(f"no tiny model family {family!r}; families: {', '.join(TINY_BUILDERS)}")
-    try:
-        return tiny(family)
-    except Exception as error:
-        raise UsageError(f"cannot build tiny:{family}: {_one_line(error)}") from None
 
 
 def _one_line(error: BaseException) -> str:
@@ -184,7 +171,7 @@ COMMANDS: dict[str, Command] = {
     "roles": Command("show which module plays each role in a model", _roles_setup, _roles_run),
     "zoo": Command("the tiny trained models: anylens zoo train [...]", forward=_zoo_forward),
     "run": module_command("anylens.sweep.cli", "run one experiment across models and prompts, resumable on disk"),
-    "infer": module_command("anylens.registry.infer", "infer and verify an adapter for a model; print it as TOML"),
+    "infer": module_command("anylens.inference.infer", "infer and verify an adapter for a model; print it as TOML"),
     "demo": module_command("anylens.demo", "compare the zoo architectures: experiments, table, HTML report"),
 }
 

@@ -10,6 +10,7 @@ softmax, so it is unaffected) and the final logits are soft-capped after ``lm_he
 """
 
 from anylens import AdapterSpec, hookimpl
+from anylens.core.spec import eager_pattern
 
 _LAYER = "model.layers.{i}"
 
@@ -31,7 +32,7 @@ GEMMA2 = AdapterSpec(
         "q": f"{_LAYER}.self_attn.q_proj.output|heads",
         "k": f"{_LAYER}.self_attn.k_proj.output|kv_heads",
         "v": f"{_LAYER}.self_attn.v_proj.output|kv_heads",
-        "pattern": f"{_LAYER}.self_attn.source.attention_interface_1.source.nn_functional_dropout_0.output",
+        "pattern": eager_pattern(f"{_LAYER}.self_attn"),
         "mlp_post": f"{_LAYER}.mlp.down_proj.input",
         "final_norm": "model.norm.output",
         "logits": "output.logits",

@@ -1,6 +1,7 @@
 """GPT-2: learned absolute positions, fused QKV (``c_attn``), ``Conv1D`` projections."""
 
 from anylens import AdapterSpec, hookimpl
+from anylens.core.spec import eager_pattern
 
 GPT2 = AdapterSpec(
     name="gpt2",
@@ -19,7 +20,7 @@ GPT2 = AdapterSpec(
         "q": "transformer.h.{i}.attn.c_attn.output|qkv_fused:q",
         "k": "transformer.h.{i}.attn.c_attn.output|qkv_fused:k",
         "v": "transformer.h.{i}.attn.c_attn.output|qkv_fused:v",
-        "pattern": "transformer.h.{i}.attn.source.attention_interface_1.source.nn_functional_dropout_0.output",
+        "pattern": eager_pattern("transformer.h.{i}.attn"),
         "mlp_post": "transformer.h.{i}.mlp.c_proj.input",
         "final_norm": "transformer.ln_f.output",
         "logits": "output.logits",

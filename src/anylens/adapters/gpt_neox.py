@@ -7,6 +7,7 @@ model) attention and MLP both read the layer input, so there is no ``resid_mid``
 """
 
 from anylens import AdapterSpec, Variant, hookimpl
+from anylens.core.spec import eager_pattern
 
 _LAYER = "gpt_neox.layers.{i}"
 
@@ -26,7 +27,7 @@ GPT_NEOX = AdapterSpec(
         "q": f"{_LAYER}.attention.query_key_value.output|qkv_interleaved:q",
         "k": f"{_LAYER}.attention.query_key_value.output|qkv_interleaved:k",
         "v": f"{_LAYER}.attention.query_key_value.output|qkv_interleaved:v",
-        "pattern": f"{_LAYER}.attention.source.attention_interface_1.source.nn_functional_dropout_0.output",
+        "pattern": eager_pattern(f"{_LAYER}.attention"),
         "mlp_post": f"{_LAYER}.mlp.dense_4h_to_h.input",
         "final_norm": "gpt_neox.final_layer_norm.output",
         "logits": "output.logits",

@@ -3,6 +3,7 @@ positions on the first ``rotary_dim`` channels, separate q/k/v projections witho
 ``lm_head`` with a bias."""
 
 from anylens import AdapterSpec, hookimpl
+from anylens.core.spec import eager_pattern
 
 _LAYER = "transformer.h.{i}"
 
@@ -22,7 +23,7 @@ GPTJ = AdapterSpec(
         "q": f"{_LAYER}.attn.q_proj.output|heads",
         "k": f"{_LAYER}.attn.k_proj.output|heads",
         "v": f"{_LAYER}.attn.v_proj.output|heads",
-        "pattern": f"{_LAYER}.attn.source.attention_interface_1.source.nn_functional_dropout_0.output",
+        "pattern": eager_pattern(f"{_LAYER}.attn"),
         "mlp_post": f"{_LAYER}.mlp.fc_out.input",
         "final_norm": "transformer.ln_f.output",
         "logits": "output.logits",

@@ -1,13 +1,13 @@
 """The inferring adapter: serves a decoder-only model that no registered adapter claims by name.
 
-Registered through the ``anylens`` entry-point group like every built-in adapter, it implements
-only ``anylens_resolve``, which the registry calls after name lookup fails, so hand-written and
+Registered like every built-in adapter (the list in :mod:`anylens.registry.builtin`), it
+implements only ``anylens_resolve``, which the registry calls after name lookup fails, so hand-written and
 third-party adapters always win. It runs last among resolvers (``trylast``): a plugin that claims
 models by its own rules is asked first.
 
 The adapter it returns has been checked on a real trace of the very model being wrapped (see
-:mod:`anylens.registry.infer`); a model whose inferred map fails the invariants raises
-:class:`anylens.registry.infer.InferenceError` (an ``UnknownArchitectureError``) that says what was
+:mod:`anylens.inference.infer`); a model whose inferred map fails the invariants raises
+:class:`anylens.inference.infer.InferenceError` (an ``UnknownArchitectureError``) that says what was
 inferred, which invariant failed, and how to write the adapter as data.
 """
 
@@ -34,9 +34,9 @@ def anylens_adapters() -> list:
 
 
 @hookimpl(trylast=True)
-def anylens_resolve(model: Any, config: Any) -> Any:  # noqa: ARG001 (the config is the model's own)
+def anylens_resolve(model: Any, config: Any) -> Any:
     if not _inferable(model):
         return None
-    from anylens.registry.infer import infer_adapter
+    from anylens.inference.infer import infer_adapter
 
     return infer_adapter(model)

@@ -1,6 +1,7 @@
 """LLaMA: RMSNorm, rotary positions (``q``/``k`` are read before RoPE), GQA, gated SiLU MLP."""
 
 from anylens import AdapterSpec, hookimpl
+from anylens.core.spec import eager_pattern
 
 #: The role table shared by the LLaMA-style decoders (LLaMA, Mistral, Qwen2, ...).
 LLAMA_STYLE_ROLES = {
@@ -14,7 +15,7 @@ LLAMA_STYLE_ROLES = {
     "q": "model.layers.{i}.self_attn.q_proj.output|heads",
     "k": "model.layers.{i}.self_attn.k_proj.output|kv_heads",
     "v": "model.layers.{i}.self_attn.v_proj.output|kv_heads",
-    "pattern": "model.layers.{i}.self_attn.source.attention_interface_1.source.nn_functional_dropout_0.output",
+    "pattern": eager_pattern("model.layers.{i}.self_attn"),
     "mlp_post": "model.layers.{i}.mlp.down_proj.input",
     "final_norm": "model.norm.output",
     "logits": "output.logits",

@@ -12,6 +12,7 @@ width: there the residual stream is not a sum of sublayer outputs, so the varian
 """
 
 from anylens import AdapterSpec, Variant, hookimpl
+from anylens.core.spec import eager_pattern
 
 _LAYER = "model.decoder.layers.{i}"
 
@@ -32,7 +33,7 @@ OPT = AdapterSpec(
         "q": f"{_LAYER}.self_attn.q_proj.output|heads",  # before OPT's 1/sqrt(d_head) scaling
         "k": f"{_LAYER}.self_attn.k_proj.output|heads",
         "v": f"{_LAYER}.self_attn.v_proj.output|heads",
-        "pattern": f"{_LAYER}.self_attn.source.attention_interface_1.source.nn_functional_dropout_0.output",
+        "pattern": eager_pattern(f"{_LAYER}.self_attn"),
         "mlp_post": f"{_LAYER}.fc2.input|tokens",
         "final_norm": "model.decoder.final_layer_norm.output",
         "logits": "output.logits",

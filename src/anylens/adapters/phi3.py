@@ -7,6 +7,7 @@ and up halves, so the neurons (``mlp_post``) are read where they are combined: t
 """
 
 from anylens import AdapterSpec, hookimpl
+from anylens.core.spec import eager_pattern
 
 _LAYER = "model.layers.{i}"
 
@@ -26,7 +27,7 @@ PHI3 = AdapterSpec(
         "q": f"{_LAYER}.self_attn.qkv_proj.output|qkv_fused:q",
         "k": f"{_LAYER}.self_attn.qkv_proj.output|qkv_fused:k",
         "v": f"{_LAYER}.self_attn.qkv_proj.output|qkv_fused:v",
-        "pattern": f"{_LAYER}.self_attn.source.attention_interface_1.source.nn_functional_dropout_0.output",
+        "pattern": eager_pattern(f"{_LAYER}.self_attn"),
         "mlp_post": f"{_LAYER}.mlp.down_proj.input",
         "final_norm": "model.norm.output",
         "logits": "output.logits",

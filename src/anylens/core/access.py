@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import OutputStructureError, RoleWriteError
+from .errors import ModulePathError, OutputStructureError, RoleWriteError
 from .spec import RolePath
 
 if TYPE_CHECKING:
@@ -41,6 +41,22 @@ def envoy_at(model: AnyModel, path: str) -> Any:
     return descend(model.nn, path)
 
 
+def selection_problem(value: Any, key: str | int) -> str | None:
+    """Why ``key`` cannot be taken from a module's input or output ``value`` (None when it can)."""
+    if isinstance(key, int):
+        if isinstance(value, torch.Tensor):  # an index would silently take batch row `key`
+            return f"the value is a bare tensor of shape {tuple(value.shape)}, not a tuple: drop the index"
+        if not isinstance(value, (tuple, list)):
+            return f"the value is a {type(value).__name__}, not a tuple"
+        if not -len(value) <= key < len(value):
+            return f"the value is a tuple of {len(value)} elements (indices 0..{len(value) - 1})"
+        return None
+    if not hasattr(value, key):
+        fields = list(value.keys()) if hasattr(value, "keys") else []
+        return f"the value ({type(value).__name__}) has no field {key!r}" + (f"; fields: {fields}" if fields else "")
+    return None
+
+
 class RoleAccess:
     """One role of one wrapped model: resolves its path, normalises, views, writes."""
 
@@ -57,11 +73,22 @@ class RoleAccess:
 
     def _raw(self, layer: int | None) -> Any:
         value = getattr(self.envoy(layer), self.path.io)
-        for key in self.path.select:
-            value = value[key] if isinstance(key, int) else getattr(value, key)
         if self.path.select:
-            return value
+            return self.select(value)
         return self._primary(value, layer)
+
+    def select(self, value: Any) -> Any:
+        """The element of a module's input or output that the path selects (``output.0``,
+        ``output.logits``), or an error naming the adapter, the role and what the value holds."""
+        for key in self.path.select:
+            problem = selection_problem(value, key)
+            if problem:
+                raise ModulePathError(
+                    f"adapter {self.model.adapter.name!r}, role {self.role!r}: path {self.path.text!r} selects "
+                    f"{key!r}, but {problem}; fix the role path in the adapter"
+                )
+            value = value[key] if isinstance(key, int) else getattr(value, key)
+        return value
 
     def _primary(self, value: Any, layer: int | None) -> Any:
         """The tensor a module contributes, whether it returns a tuple or a bare tensor.
@@ -177,6 +204,11 @@ class RoleAccess:
             setattr(envoy, self.path.io, replace(current))
 
     def _conform(self, value: Any, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(value, torch.Tensor) and value.is_meta and not target.is_meta:
+            raise RoleWriteError(
+                f"cannot write a tensor on the meta device to role {self.role!r}: it has a shape "
+                f"{tuple(value.shape)} but no data; write a real tensor (e.g. torch.zeros(..., device=model.device))"
+            )
         value = torch.as_tensor(value).to(device=target.device, dtype=target.dtype)
         if value.shape == target.shape:  # the usual case; broadcast_shapes costs a Python walk
             return value

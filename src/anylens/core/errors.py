@@ -15,8 +15,32 @@ class MissingRoleError(AnylensError, LookupError):
     """The adapter of this model does not provide the requested role."""
 
 
+class RoleNameError(MissingRoleError, AttributeError):
+    """``model.<name>`` for a name that is neither an attribute nor a role (a typo of a role)."""
+
+
 class LayerIndexError(AnylensError, IndexError):
     """A layer index outside the model's layers."""
+
+
+class LayerIndexTypeError(LayerIndexError, TypeError):
+    """A layer index that is not an integer (a float, a string, a bool)."""
+
+
+class ModelSourceError(AnylensError, LookupError):
+    """A model source that names nothing loadable here: an unknown name, or a hub id while offline."""
+
+
+class SourcePathError(AnylensError, FileNotFoundError):
+    """A local model path (directory or ``.gguf`` file) that does not exist or holds no model."""
+
+
+class DamagedFileError(AnylensError, OSError):
+    """A weights file that cannot be read to its end (a truncated download, a damaged copy)."""
+
+
+class DtypeError(AnylensError, ValueError):
+    """A ``dtype`` that names no floating-point torch dtype."""
 
 
 class ModulePathError(AnylensError, LookupError):
@@ -41,6 +65,11 @@ class RoleWriteError(AnylensError, TypeError):
 
 class PromptError(AnylensError, ValueError):
     """Prompts that cannot be used together (for example, different token lengths)."""
+
+
+class PositionLimitWarning(UserWarning):
+    """A prompt longer than the positions a rotary model was trained on: it runs, but past its
+    context the model's behaviour is not what it learned."""
 
 
 class TokenizationError(AnylensError, ValueError):

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
 from .access import RoleAccess, envoy_at
-from .errors import LayerIndexError, LocalWeightsError, MissingRoleError, ModulePathError, TokenizationError
+from .errors import (
+    LayerIndexError,
+    LayerIndexTypeError,
+    LocalWeightsError,
+    MissingRoleError,
+    ModulePathError,
+    PromptError,
+    RoleNameError,
+    TokenizationError,
+)
+from .inputs import check_inputs
 from .operations import OperationHooks
 from .roles import LAYER_ROLES, MODEL_ROLES
 from .spec import AdapterSpec
@@ -59,9 +70,27 @@ class AnyModel:
         self.n_layers = len(self.module(self.adapter.layers))
         self._operations = OperationHooks()
         self._validate_paths()
+        if not remote:  # a remote model's forward runs on the server
+            self._check_selections_on_first_forward()
+            check_inputs(self)
         self._prepare_sources()
         if any(access.path.view == "tokens" for access in self._access.values()):
             self._record_token_shapes()
+
+    def __getattr__(self, name: str) -> Any:
+        """Reached only when ordinary lookup fails: a typo of a role gets the model's roles and the
+        nearest one. Private names stay plain AttributeErrors (pickle and copy probe them, also on
+        an instance whose ``__init__`` has not run)."""
+        adapter = self.__dict__.get("adapter")
+        if name.startswith("_") or adapter is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        roles = adapter.role_names
+        near = difflib.get_close_matches(name, roles, n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise RoleNameError(
+            f"AnyModel has no attribute or role {name!r}; {hint}adapter {adapter.name!r} provides the roles: "
+            f"{', '.join(roles)}"
+        )
 
     # -- facts -------------------------------------------------------------------------------
     @property
@@ -173,10 +202,7 @@ class AnyModel:
 
     def layer_index(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int):
-            try:
-                layer = int(layer)  # numpy / torch integers
-            except (TypeError, ValueError):
-                raise LayerIndexError(f"layer index must be an integer, got {layer!r}") from None
+            layer = _integer_index(layer)
         if not -self.n_layers <= layer < self.n_layers:
             raise LayerIndexError(
                 f"layer {layer} is out of range: this model has {self.n_layers} layers, "
@@ -208,6 +234,24 @@ class AnyModel:
                     self.module(access.path.torch_module_path(layer))
                 except ModulePathError as error:
                     raise ModulePathError(f"role {role!r} ({access.path.text}): {error}") from None
+
+    def _check_selections_on_first_forward(self) -> None:
+        """Check role paths that select an element of a module's output (``output.1``) against the
+        first real output, so that a wrong index fails on the model's first trace whether or not
+        the role is read. A plain hook on one layer's module does it and removes itself once the
+        check has passed: no probe forward at wrap time, no cost after the first trace."""
+        for access in self._access.values():
+            path = access.path
+            if not path.select or path.io != "output" or path.steps_into_operations:
+                continue
+            handles: list[Any] = []
+
+            def check(module: torch.nn.Module, args: Any, output: Any, access=access, handles=handles) -> None:
+                access.select(output)
+                handles[0].remove()
+
+            module = self.module(path.torch_module_path(0 if path.per_layer else None))
+            handles.append(module.register_forward_hook(check))
 
     def _prepare_sources(self) -> None:
         """Hook the operations of modules that roles step into, before any trace runs.
@@ -316,6 +360,9 @@ class AnyModel:
             encoded = self.tokenizer(batch, return_tensors="pt", padding=True)
         finally:
             self.tokenizer.padding_side = previous
+        empty = [prompt for prompt, row in zip(batch, encoded["attention_mask"]) if not row.any()]
+        if empty:
+            raise PromptError(f"prompt {empty[0]!r} has no tokens: give a prompt of at least one token")
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     def to_str_tokens(self, prompt: str | torch.Tensor) -> list[str]:
@@ -364,6 +411,21 @@ def _close_words(tokenizer: Any, word: str, n: int = 3) -> list[str]:
     if type(backend).__name__ != "WordLevel":
         return []
     return difflib.get_close_matches(word, list(tokenizer.get_vocab()), n=n)
+
+
+def _integer_index(layer: Any) -> int:
+    """A numpy integer or a 0-d integer tensor as an int; anything else (a float, a string, a
+    bool) is refused rather than truncated, so that ``resid_post[1.7]`` cannot quietly mean layer 1."""
+    is_bool = isinstance(layer, bool) or (isinstance(layer, torch.Tensor) and layer.dtype == torch.bool)
+    if not is_bool:  # bools have __index__
+        try:
+            return operator.index(layer)  # numpy / torch integers; floats and strings have no __index__
+        except TypeError:
+            pass
+    raise LayerIndexTypeError(
+        f"layer index must be an integer, got {layer!r} ({type(layer).__name__}); "
+        "index layers with an int such as model.resid_post[3] (negative counts from the end)"
+    )
 
 
 def linear_weight(module: torch.nn.Module) -> torch.Tensor:

@@ -14,6 +14,7 @@ A tuple output is reduced to its first element unless an index follows ``output`
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,16 @@ VIEWS: tuple[str, ...] = (
 )
 
 _IO = ("input", "output")
+
+#: Where a transformers attention module's eager attention function leaves the probabilities: the
+#: output of the dropout applied to the softmax (the identity in eval mode), as an operation path.
+EAGER_PATTERN_OPERATION = "source.attention_interface_1.source.nn_functional_dropout_0.output"
+
+
+def eager_pattern(attention_module: str) -> str:
+    """The ``pattern`` role path of ``attention_module`` (a module path, with ``{i}``) under eager
+    attention, for the transformers attention modules that call ``attention_interface``."""
+    return f"{attention_module}.{EAGER_PATTERN_OPERATION}"
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,9 @@ class AdapterSpec:
     * ``n_heads`` / ``n_kv_heads`` / ``d_head``: config attribute names (``d_head`` falls back
       to ``d_model // n_heads``, ``n_kv_heads`` to ``n_heads``);
     * ``logit_softcap``: config attribute holding the final-logit soft-cap, if any;
+    * ``max_positions``: config attribute holding how many positions the model was built for
+      (longer prompts are refused where a ``pos_embed`` role says positions are learned
+      embeddings, warned about otherwise); a config without it has no limit;
     * ``parallel``: attention and MLP read the same residual (no ``resid_mid``);
     * ``z_feeds_residual``: ``attn_out`` is exactly the output projection of ``z`` (no post-norm).
     """
@@ -123,6 +137,7 @@ class AdapterSpec:
     n_kv_heads: str = "num_key_value_heads"
     d_head: str = "head_dim"
     logit_softcap: str | None = None
+    max_positions: str | None = "max_position_embeddings"
     parallel: bool = False
     z_feeds_residual: bool = True
     variants: tuple[Variant, ...] = ()
@@ -198,7 +213,15 @@ class AdapterSpec:
         except ModuleNotFoundError:  # Python 3.10
             import tomli as tomllib
         with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+            try:
+                data = tomllib.load(handle)
+            except tomllib.TOMLDecodeError as error:
+                line = re.search(r"line (\d+)", str(error))
+                where = f"line {line.group(1)}" if line else "somewhere"
+                raise AdapterSpecError(
+                    f"adapter file {str(path)!r} is not valid TOML at {where}: {error}; fix the syntax there "
+                    "(docs/adapters.md has an example file)"
+                ) from None
         return cls.from_dict(data.get("adapter", data))
 
     def to_toml(self) -> str:

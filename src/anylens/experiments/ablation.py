@@ -21,21 +21,20 @@ import torch
 
 from ..core.errors import PromptError
 from ..core.operations import only_role_operations
-from . import metrics as metrics_
-from .components import (
+from ..engine import (
     PatchPlan,
     check_over,
     enumerate_components,
     normalize_positions,
     record,
-    rows_for_budget,
-    run_plan,
+    record_runs,
+    run_patches,
     score_rows,
 )
+from . import metrics as metrics_
 from .patching import sweep_frame
 from .prompts import Prompts, tokenize_aligned
 from .results import Result
-from .reuse import record_for_plan
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -78,14 +77,13 @@ def ablate(
     gives every prompt the activations of a different prompt of ``prompts``. Prompts must share
     a token length (and the reference too, unless ``mean_over="positions"``). ``reuse`` (on by
     default) skips the blocks before each ablated layer and, where an ablation leaves earlier
-    positions alone, those positions, with the same results; ``reuse=False`` runs every ablated
-    row through the whole model.
+    positions alone, those positions, and computes only the logits ``metric`` reads, with the same
+    results; ``reuse=False`` runs every ablated row through the whole model.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: use one of {METHODS}")
     if mean_over not in MEAN_OVER:
         raise ValueError(f"mean_over={mean_over!r}: use 'batch' (a mean per position) or 'positions' (one mean)")
-    reuse = reuse and not model.remote  # reuse runs blocks here, which a remote model cannot
     over = check_over(model, role, over)
     metric = metrics_.resolve(metric, prompts)
     ids = tokenize_aligned(model, prompts)
@@ -102,12 +100,10 @@ def ablate(
     targets = list(range(length)) if positions is None else normalize_positions(positions, length, "prompt")
     components = enumerate_components(model, role, over, layer_list, targets)
 
-    baseline_run = None
-    if reuse:
-        baseline_run = record_for_plan(model, role, ids, layer_list, {}, memory_budget, need_acts=True)
-        acts, baseline_last = baseline_run.acts, baseline_run.last
-    else:
-        acts, baseline_last = record(model, role, ids, layer_list, rows_for_budget(model, length, memory_budget))
+    recorded = record_runs(
+        model, role, layer_list, ids, metric, need_acts=True, memory_budget=memory_budget, reuse=reuse
+    )
+    acts, baseline_last = recorded.unpatched_acts, recorded.unpatched_last
     every_prompt = torch.arange(n_prompts)
     baseline = score_rows(metric, model, baseline_last, every_prompt, n_prompts, baseline_last).float().cpu()
     sources, source_of_prompt = _replacements(model, role, method, acts, ids, reference, mean_over, seed, layer_list)
@@ -122,12 +118,15 @@ def ablate(
         target_positions=targets,
         source_positions=targets,
     )
-
-    def score(last: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return score_rows(metric, model, last, plan.input_rows[rows], n_prompts, baseline_last)
-
-    values, stats = run_plan(
-        model, plan, score, batch_size=batch_size, memory_budget=memory_budget, reuse=reuse, baseline=baseline_run
+    values, stats = run_patches(
+        model,
+        plan,
+        metric,
+        reference=baseline_last,
+        recorded=recorded,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        reuse=reuse,
     )
     values = values.reshape(len(components), n_prompts)
     base = baseline[None, :].expand_as(values)
@@ -151,7 +150,7 @@ def ablate(
         "patches": stats.patches,
         "forwards": stats.forwards,
         "patches_per_forward": stats.patches_per_forward,
-        "reuse": reuse,
+        "reuse": recorded.reuse,
         "unchanged": stats.unchanged,
         "work_fraction": stats.work_fraction,
     }

@@ -15,10 +15,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.operations import only_role_operations
+from ..engine import (
+    HEADED_ROLES,
+    check_over,
+    cut_to_final_position,
+    enumerate_components,
+    last_logits,
+    last_logits_kwargs,
+    last_mlp,
+    metric_columns,
+    one_forward,
+    read_last,
+    record,
+    score_rows,
+)
 from . import metrics as metrics_
-from .chunks import one_forward
-from .components import HEADED_ROLES, check_over, enumerate_components, record, score_rows
-from .final_position import cut_to_final_position, last_logits, last_logits_kwargs, last_mlp, metric_columns, read_last
 from .patching import PatchResult, prepare_pairs, sweep_frame, sweep_meta
 from .prompts import Prompts
 

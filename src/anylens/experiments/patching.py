@@ -18,22 +18,18 @@ import torch
 
 from ..core.errors import PromptError
 from ..core.operations import only_role_operations
-from . import metrics as metrics_
-from .chunks import one_forward
-from .components import (
+from ..engine import (
     PatchPlan,
     check_over,
     enumerate_components,
     normalize_positions,
-    record,
-    rows_for_budget,
-    run_plan,
+    record_runs,
+    run_patches,
     score_rows,
 )
-from .final_position import metric_columns
+from . import metrics as metrics_
 from .prompts import Prompts, paired
 from .results import Result
-from .reuse import record_for_plan, record_pair
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -164,28 +160,23 @@ def patch(
     the patched position, patches that write the values already there — with the same results;
     ``reuse=False`` runs every patched row through the whole model.
     """
-    reuse = reuse and not model.remote  # reuse runs blocks here, which a remote model cannot
     over = check_over(model, role, over)
     metric = metrics_.resolve(metric, clean)
     runs = prepare_pairs(model, clean, corrupt, direction, align, positions)
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 
-    recording_rows = rows_for_budget(model, runs.source.shape[1], memory_budget)
-    columns = metric_columns(model, metric) if reuse else None
-    baseline = None
-    if reuse and one_forward(model, runs.source, runs.patched):  # both runs recorded in one forward
-        sources, source_last, baseline = record_pair(model, role, runs.source, runs.patched, layer_list, columns)
-        patched_last = baseline.last
-    else:
-        sources, source_last = record(
-            model, role, runs.source, layer_list, recording_rows, last_only=reuse, columns=columns
-        )
-        if reuse:
-            baseline = record_for_plan(model, role, runs.patched, layer_list, sources, memory_budget, columns=columns)
-            patched_last = baseline.last
-        else:
-            _, patched_last = record(model, role, runs.patched, [], recording_rows)
+    recorded = record_runs(
+        model,
+        role,
+        layer_list,
+        runs.patched,
+        metric,
+        source_inputs=runs.source,
+        memory_budget=memory_budget,
+        reuse=reuse,
+    )
+    source_last, patched_last = recorded.source_last, recorded.unpatched_last
     clean_last, corrupt_last = (source_last, patched_last) if direction == "denoise" else (patched_last, source_last)
     n_pairs = runs.n_pairs
     every_pair = torch.arange(n_pairs)
@@ -199,23 +190,19 @@ def patch(
         components=[c for c in components for _ in range(n_pairs)],
         input_rows=every_pair.repeat(len(components)),
         source_rows=every_pair.repeat(len(components)),
-        sources=sources,
+        sources=recorded.sources,
         target_positions=runs.target_positions,
         source_positions=runs.source_positions,
     )
-
-    def score(last: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return score_rows(metric, model, last, plan.input_rows[rows], n_pairs, clean_last)
-
-    values, stats = run_plan(
+    values, stats = run_patches(
         model,
         plan,
-        score,
+        metric,
+        reference=clean_last,
+        recorded=recorded,
         batch_size=batch_size,
         memory_budget=memory_budget,
         reuse=reuse,
-        baseline=baseline,
-        columns=columns,
     )
     values = values.reshape(len(components), n_pairs)
 
@@ -226,7 +213,7 @@ def patch(
         patches=stats.patches,
         forwards=stats.forwards,
         patches_per_forward=stats.patches_per_forward,
-        reuse=reuse,
+        reuse=recorded.reuse,
         unchanged=stats.unchanged,
         work_fraction=stats.work_fraction,
     )

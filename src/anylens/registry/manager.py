@@ -1,5 +1,5 @@
-"""The plugin manager: built-in adapters, entry-point plugins and run-time registrations,
-all registered through one path, resolved deterministically."""
+"""The plugin manager: built-in adapters (the static list of :mod:`.builtin`), entry-point plugins
+and run-time registrations, all registered through one path, resolved deterministically."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pluggy
 from ..core.errors import AdapterSpecError, PluginError, UnknownArchitectureError
 from ..core.spec import AdapterSpec
 from . import hookspecs
+from .builtin import BUILTIN_PLUGINS, plugin_name
 
 ENTRY_POINT_GROUP = "anylens"
 
@@ -78,22 +79,40 @@ class Registry:
             raise PluginError(self.failures[name])
         return spec
 
+    def load_plugins(self) -> None:
+        """The built-in adapters, then the plugins of the ``anylens`` entry-point group."""
+        self.load_builtins()
+        self.load_entry_points()
+
+    def load_builtins(self) -> None:
+        """Import and register every module of :data:`BUILTIN_PLUGINS`, in that order."""
+        for module in BUILTIN_PLUGINS:
+            name = plugin_name(module)
+            if self.pm.has_plugin(name):
+                continue
+            try:
+                plugin = importlib.import_module(module)
+            except Exception as error:
+                self._fail(name, error)
+                continue
+            self.register_plugin(plugin, name, builtin=True)
+
     def load_entry_points(self) -> None:
-        """Import every plugin of the ``anylens`` entry-point group, built-ins first, by name."""
-        points = sorted(
-            importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
-            key=lambda ep: (not _is_builtin(ep), ep.name),
-        )
+        """Import every plugin of the ``anylens`` entry-point group, by name.
+
+        A point naming a built-in module (the metadata of an older anylens install advertised
+        them) is skipped: the built-ins are registered once, from :data:`BUILTIN_PLUGINS`."""
+        points = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
         for point in points:
             name = f"{point.dist.name if point.dist else '?'}:{point.name}"
-            if self.pm.has_plugin(name):
+            if self.pm.has_plugin(name) or point.value in BUILTIN_PLUGINS:
                 continue
             try:
                 plugin = point.load()
             except Exception as error:
                 self._fail(name, error)
                 continue
-            self.register_plugin(plugin, name, builtin=_is_builtin(point))
+            self.register_plugin(plugin, name)
 
     def _claim(self, spec: AdapterSpec, plugin: str, *, builtin: bool, override: bool) -> None:
         claim = Claim(spec, plugin, builtin)
@@ -182,10 +201,6 @@ def as_spec(item: Any) -> AdapterSpec:
     )
 
 
-def _is_builtin(point: importlib.metadata.EntryPoint) -> bool:
-    return point.dist is not None and point.dist.name == "anylens"
-
-
 def _new_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -196,16 +211,15 @@ _registry: Registry | None = None
 
 
 def registry() -> Registry:
-    """The process-wide registry, built on first use from the entry-point group."""
+    """The process-wide registry, built on first use: the built-in adapters, then the
+    entry-point group."""
     global _registry
     if _registry is None:
         _registry = Registry()
-        _registry.load_entry_points()
+        _registry.load_plugins()
         if not any(claim.builtin for claim in _registry.adapters.values()):
-            raise PluginError(
-                "no built-in adapters found in the 'anylens' entry-point group: install the package "
-                "(pip install -e .) so that its entry points are registered"
-            )
+            failed = "; ".join(_registry.failures.get(plugin_name(module), module) for module in BUILTIN_PLUGINS)
+            raise PluginError(f"no built-in adapter could be registered ({failed}): check the anylens installation")
     return _registry
 
 

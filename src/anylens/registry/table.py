@@ -120,8 +120,8 @@ INFERRED_EXAMPLES: tuple[str, ...] = ("Qwen3ForCausalLM", "OlmoForCausalLM", "St
 
 def inferred_rows(class_names: Iterable[str]) -> list[TableRow]:
     """Rows for adapters inferred on tiny random instances of transformers classes (``kind`` inferred)."""
-    from .infer import infer_adapter
-    from .tiny_arch import tiny_model
+    from ..inference.infer import infer_adapter
+    from ..tiny.arch import tiny_model
 
     rows = []
     for class_name in class_names:

@@ -219,17 +219,4 @@ def _logits_after_write(model: AnyModel, ids: torch.Tensor, role: str, layer: in
     return logits
 
 
-def require(model: AnyModel, **kwargs: Any) -> CheckReport:
-    """Like :func:`check`, but raise :class:`VerificationError` listing the failures."""
-    from ..core.errors import VerificationError
-
-    report = check(model, **kwargs)
-    if not report.passed:
-        failed = "; ".join(
-            f"{row.invariant} (layer {row.layer}): {row.detail or row.error}" for row in report.failures[:8]
-        )
-        raise VerificationError(f"adapter {model.adapter.name!r} fails anylens check: {failed}")
-    return report
-
-
-__all__ = ["ATOL", "AnylensError", "CheckReport", "CheckRow", "check", "require"]
+__all__ = ["ATOL", "AnylensError", "CheckReport", "CheckRow", "check"]

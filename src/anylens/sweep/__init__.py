@@ -5,11 +5,19 @@
 >>> sweep.frame            # one tidy frame for every model
 >>> sweep.aggregate()      # mean, std, count and 95% interval over prompts per component
 
-Rerunning the same call resumes it; see ``docs/sweeps.md``.
+Rerunning the same call resumes it (``fresh=True`` starts over); see ``docs/sweeps.md``.
 """
 
 from .runner import SweepModelError, SweepResult, aggregate, run
-from .store import SweepBusyError, SweepConfigError, SweepError, SweepIntegrityError, SweepWarning, load_results
+from .store import (
+    SweepBusyError,
+    SweepConfigError,
+    SweepError,
+    SweepIntegrityError,
+    SweepWarning,
+    SweepWeightsChangedError,
+    load_results,
+)
 
 __all__ = [
     "SweepBusyError",
@@ -19,6 +27,7 @@ __all__ = [
     "SweepModelError",
     "SweepResult",
     "SweepWarning",
+    "SweepWeightsChangedError",
     "aggregate",
     "load_results",
     "run",

@@ -62,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard the sweep already in --out (its manifest and chunks) and start over, instead of resuming it",
+    )
+    parser.add_argument(
         "--metric", choices=sorted(METRIC_FIELDS), help="metric built per prompt from its answer/distractor"
     )
     parser.add_argument("--role", help="role to patch, ablate or read (e.g. resid_pre, z)")
@@ -76,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-budget",
         type=parse_size,
         metavar="SIZE",
-        help="memory for the batched runs of patch and ablate, e.g. 512MiB or 4GB (default: a share of free memory)",
+        help="memory for the batched runs of patch and ablate, e.g. 512MiB or 4GB (default: fixed for the machine)",
     )
     parser.add_argument(
         "--set",
@@ -177,6 +182,7 @@ def run_cli(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             dtype=args.dtype,
             device=args.device,
+            fresh=getattr(args, "fresh", False),
             **options,
         )
     except (_ArgumentError, AnylensError) as error:

@@ -4,13 +4,19 @@
 each as soon as it is done (see :mod:`anylens.sweep.store` for the layout). Run it again with
 the same arguments and it skips every chunk whose file still matches its checksum, recomputes
 damaged ones with a warning, and finishes the rest; run it with different arguments into the
-same directory and it refuses, naming what differs.
+same directory, or on a model whose weights changed, and it refuses, naming what differs. A lost
+or damaged manifest is rebuilt from the chunks, which verify themselves.
+
+A resumed sweep's results are bit for bit those of an uninterrupted one: each prompt is computed
+alone, and patched runs are batched from a memory budget fixed for the machine
+(:func:`anylens.engine.steady_budget`), not from the memory free at the moment.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib.metadata
+import inspect
 import math
 import os
 import platform
@@ -26,17 +32,20 @@ import pandas as pd
 from ..core.errors import OutputPathError
 from . import experiments as experiments_
 from .experiments import Item, as_items
+from .fingerprint import weights_fingerprint
 from .store import (
     FORMAT,
     Store,
     SweepConfigError,
     SweepError,
     SweepWarning,
+    SweepWeightsChangedError,
     canonical_json,
     chunk_key,
     frame_to_payload,
     load_results,
     model_dirname,
+    rebuild_manifest,
     remove_stale_temporaries,
     sha256_bytes,
 )
@@ -191,7 +200,10 @@ def differences(old: Any, new: Any, path: str = "") -> list[str]:
 
 
 def environment() -> dict[str, str]:
-    """Library versions the results were computed with."""
+    """Library versions the results were computed with, and torch's thread count: matrix
+    products split their sums over threads, so another count may change the last bits."""
+    import torch
+
     import anylens
 
     versions = {"anylens": getattr(anylens, "__version__", "?"), "python": platform.python_version()}
@@ -200,6 +212,7 @@ def environment() -> dict[str, str]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = "absent"
+    versions["torch_threads"] = str(torch.get_num_threads())
     return versions
 
 
@@ -216,25 +229,11 @@ def _prompts_sha256(items: Sequence[Item]) -> str:
 
 # -- models -------------------------------------------------------------------------------------
 def load_source(source: str, dtype: str | None = "float32", device: str | None = None) -> AnyModel:
-    """``tiny:FAMILY`` (a random test model from :mod:`anylens.testing`) or anything ``al.load`` takes."""
-    import torch
-
+    """Anything ``al.load`` takes, ``tiny:FAMILY`` (a random test model) included."""
     try:
-        if source.startswith("tiny:"):
-            from ..testing import TINY_BUILDERS, tiny
-
-            family = source.removeprefix("tiny:")
-            if family not in TINY_BUILDERS:
-                raise SweepModelError(f"no tiny model family {family!r}; families: {', '.join(TINY_BUILDERS)}")
-            model = tiny(family)
-            if dtype is not None or device is not None:
-                model.hf.to(device=device, dtype=getattr(torch, dtype) if dtype else None)
-            return model
-        from ..core.loading import load
+        from ..loading import load
 
         return load(source, dtype=dtype, device=device)
-    except SweepError:
-        raise
     except Exception as error:
         raise SweepModelError(
             f"cannot load model {source!r}: {type(error).__name__}: {error}. Finished chunks are kept; fix the source and rerun"
@@ -242,7 +241,8 @@ def load_source(source: str, dtype: str | None = "float32", device: str | None =
 
 
 def model_identity(model: AnyModel, source: str) -> dict[str, Any]:
-    """What tells two loads of a source apart: adapter, architecture, size, and a config hash."""
+    """What tells two loads of a source apart: adapter, architecture, size, a config hash, and a
+    fingerprint of the weights (:func:`anylens.sweep.fingerprint.weights_fingerprint`)."""
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     return {
         "source": source,
@@ -250,6 +250,7 @@ def model_identity(model: AnyModel, source: str) -> dict[str, Any]:
         "architecture": type(model.hf).__name__,
         "parameters": int(sum(p.numel() for p in model.hf.parameters())),
         "config_sha256": sha256_bytes(canonical_json(config)),
+        "weights": weights_fingerprint(model),
     }
 
 
@@ -295,6 +296,7 @@ def run(
     quiet: bool = False,
     dtype: str | None = "float32",
     device: str | None = None,
+    fresh: bool = False,
     **experiment_options: Any,
 ) -> SweepResult:
     """Run ``experiment`` on every model of ``models`` over ``prompts`` (or a ``dataset``), into ``out``.
@@ -308,12 +310,18 @@ def run(
     * other keyword arguments go to the experiment (``role``, ``over``, ``metric``, ...); a metric
       given by name (``metric="logit_diff"``) is built per prompt from its answer and distractor.
       ``memory_budget`` (bytes) and ``batch_size`` only change how patching and ablation sweeps
-      are batched, so a resumed sweep may change them.
+      are batched, so a resumed sweep may change them (its new chunks may then differ from an
+      uninterrupted run's in the last bits; by default the budget is fixed for the machine).
+    * ``fresh=True`` discards what ``out`` holds of an earlier sweep (with a warning) and starts
+      over; without it, a sweep in ``out`` is resumed, and a manifest that is missing or damaged
+      is rebuilt from the chunk files.
 
     Raises :class:`SweepConfigError` when ``out`` holds a sweep with another configuration (or the
-    arguments are inconsistent), :class:`SweepBusyError` when another process is writing ``out``,
-    :class:`SweepModelError` when a model does not load, and :class:`anylens.OutputPathError` when
-    ``out`` cannot be written (it lies under a file, or its directory is not writable).
+    arguments are inconsistent), :class:`SweepWeightsChangedError` (a subclass) when a model's
+    weights changed since its finished chunks, :class:`SweepBusyError` when another process is
+    writing ``out``, :class:`SweepModelError` when a model does not load, and
+    :class:`anylens.OutputPathError` when ``out`` cannot be written (it lies under a file, or its
+    directory is not writable).
     """
     spec = experiments_.experiment(experiment)
     models = _check_models(models)
@@ -343,7 +351,7 @@ def run(
     store = Store(out)
     with store.locked():
         sweep = _Sweep(spec, store, config, explicit, experiment_options, dataset_options, quiet, dtype, device)
-        return sweep.run()
+        return sweep.run(fresh=fresh)
 
 
 def _check_models(models: Sequence[str]) -> list[str]:
@@ -437,12 +445,23 @@ class _Sweep:
         self.dtype = dtype
         self.device = device
         self.result = SweepResult(store.root, spec.name, list(config["models"]))
+        #: Written into every chunk, so that a chunk can show which sweep it belongs to.
+        self.config_sha256 = sha256_bytes(canonical_json(config))
 
     # manifest
-    def open_manifest(self) -> dict[str, Any]:
+    def open_manifest(self, fresh: bool = False) -> dict[str, Any]:
         now = _now()
         env = dict(environment(), device=str(self.device or "default"))
-        if not self.store.exists():
+        if fresh and self.store.holds_sweep():
+            warnings.warn(
+                f"fresh=True: discarding the sweep in {self.store.root} ({len(self.store.chunk_files())} chunk files) "
+                "and starting over",
+                SweepWarning,
+                stacklevel=4,
+            )
+            self.store.discard()
+        manifest = self.existing_manifest()
+        if manifest is None:
             if self.store.root.exists() and any(p.name != ".lock" for p in self.store.root.iterdir()):
                 raise SweepConfigError(
                     f"{self.store.root} already holds files but no sweep manifest; choose another out or empty the directory"
@@ -457,13 +476,13 @@ class _Sweep:
                 "complete": False,
             }
         else:
-            manifest = self.store.read_manifest()
             lines = differences(manifest.get("config"), self.config)
             if lines:
                 raise SweepConfigError(
                     f"{self.store.root} holds a sweep with a different configuration:\n  "
                     + "\n  ".join(lines)
-                    + f"\nResume it with its own arguments, choose another out, or delete {self.store.root} to start over."
+                    + "\nResume it with its own arguments, choose another out, or start over: fresh=True "
+                    + f"(anylens run --fresh) or delete {self.store.root}."
                 )
             remove_stale_temporaries(self.store.root)
             previous = manifest["runs"][-1]["environment"] if manifest.get("runs") else None
@@ -472,8 +491,9 @@ class _Sweep:
                 if changed:
                     shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
                     warnings.warn(
-                        f"resuming {self.store.root} with other library versions ({shown}): finished chunks are kept, "
-                        "so results may mix versions (each chunk records the run that computed it)",
+                        f"resuming {self.store.root} with other library versions or torch threads ({shown}): finished "
+                        "chunks are kept, so results may mix versions and differ from an uninterrupted run in the "
+                        "last bits (each chunk records the run that computed it)",
                         SweepWarning,
                         stacklevel=4,
                     )
@@ -481,6 +501,29 @@ class _Sweep:
         manifest["runs"].append({"started": now, "environment": env})
         self.run_index = len(manifest["runs"]) - 1
         self.store.write_manifest(manifest)
+        return manifest
+
+    def existing_manifest(self) -> dict[str, Any] | None:
+        """The manifest on disk; rebuilt from the chunk files if it is missing or cannot be read
+        while chunks are there; None when ``out`` holds no sweep."""
+        if self.store.exists():
+            try:
+                return self.store.read_manifest()
+            except SweepConfigError:
+                if not self.store.chunk_files():
+                    raise
+                return self.rebuilt_manifest("is damaged (not a readable sweep manifest)")
+        return self.rebuilt_manifest("is missing") if self.store.chunk_files() else None
+
+    def rebuilt_manifest(self, problem: str) -> dict[str, Any]:
+        manifest, skipped = rebuild_manifest(self.store, self.config, self.config_sha256)
+        warnings.warn(
+            f"the manifest of {self.store.root} {problem}: rebuilt it from the {len(manifest['chunks'])} chunk files "
+            "that verify themselves and record this configuration"
+            + (f"; recomputing {len(skipped)} that do not ({'; '.join(skipped)})" if skipped else ""),
+            SweepWarning,
+            stacklevel=6,
+        )
         return manifest
 
     def save(self) -> None:
@@ -517,10 +560,10 @@ class _Sweep:
         return False
 
     # running
-    def run(self) -> SweepResult:
+    def run(self, fresh: bool = False) -> SweepResult:
         from tqdm.auto import tqdm
 
-        self.manifest = self.open_manifest()
+        self.manifest = self.open_manifest(fresh)
         plans = self.plan()
         estimate = self._chunks_per_model_estimate()
         total = sum(len(p.pending) if p.n_chunks is not None else estimate for p in plans)
@@ -555,7 +598,8 @@ class _Sweep:
         model = load_source(plan.source, self.dtype, self.device)
         try:
             items = self.register_model(plan, model)
-            context = self.spec.context(model, items, self.options)
+            self.model_options = self.options_for(plan, model)
+            context = self.spec.context(model, items, self.model_options)
             if plan.n_chunks is None:  # now the dataset is known: fix the overall estimate
                 plan.n_chunks = math.ceil(len(items) / self.config["chunk_size"])
                 plan.pending = [j for j in range(plan.n_chunks) if not self._finished(plan.dirname, j)]
@@ -590,23 +634,67 @@ class _Sweep:
         )
         recorded = self.manifest["models"].get(plan.dirname)
         if recorded is not None:
-            lines = differences({k: recorded.get(k) for k in identity}, identity)
+            described = {k: v for k, v in identity.items() if k != "weights"}  # weights: checked apart
+            lines = differences({k: recorded.get(k) for k in described}, described)
             if lines:
                 raise SweepConfigError(
                     f"model {plan.source!r} is not the model the finished chunks in {self.store.root} were computed with:\n  "
                     + "\n  ".join(lines)
-                    + f"\nchoose another out, or delete {self.store.root} to start over."
+                    + f"\nchoose another out, or start over: fresh=True (anylens run --fresh) or delete {self.store.root}."
                 )
+            self._check_weights(plan, recorded, identity["weights"])
         else:
             self.manifest["models"][plan.dirname] = identity
             self.save()
         return items
 
+    def _check_weights(self, plan: _ModelPlan, recorded: dict[str, Any], weights: dict[str, Any]) -> None:
+        before = recorded.get("weights")
+        if before is None:  # recorded by an anylens that took no fingerprint: take it now
+            recorded["weights"] = weights
+            self.save()
+        elif before != weights:
+            raise SweepWeightsChangedError(
+                f"the weights of model {plan.source!r} changed since its finished chunks in {self.store.root} were "
+                f"computed ({before.get('method')} {str(before.get('sha256'))[:16]} on disk, {weights['method']} "
+                f"{weights['sha256'][:16]} now): resuming would mix results of the old and the new weights. "
+                "Choose another out, or start over with fresh=True (anylens run --fresh), which discards the finished chunks."
+            )
+
+    def options_for(self, plan: _ModelPlan, model: AnyModel) -> dict[str, Any]:
+        """The experiment's options for this model. Patching and ablation batch their runs from a
+        memory budget: unless one is given, a sweep fixes it for the machine
+        (:func:`~anylens.engine.steady_budget`), so that a resumed sweep batches
+        every prompt as an uninterrupted one does, not by the memory free at the moment. The
+        budget each model's chunks were computed with is recorded; changing it warns."""
+        options = dict(self.options)
+        if "memory_budget" not in inspect.signature(self.spec.function()).parameters:
+            return options
+        from ..engine import steady_budget
+
+        if options.get("memory_budget") is None:
+            options["memory_budget"] = steady_budget(model)
+        execution = {k: options.get(k) for k in EXECUTION_OPTIONS}
+        entry = self.manifest["models"][plan.dirname]
+        before = entry.get("execution")
+        finished = any(chunk["model_index"] == plan.index for chunk in self.manifest["chunks"].values())
+        if before is None or not finished:
+            entry["execution"] = execution
+            self.save()
+        elif before != execution:
+            warnings.warn(
+                f"model {plan.source!r}: its finished chunks were batched with {before}, these with {execution}; "
+                "the new chunks may differ from an uninterrupted run's in the last bits (float32 rounding)",
+                SweepWarning,
+                stacklevel=5,
+            )
+        return options
+
     def run_chunk(self, plan: _ModelPlan, model: AnyModel, items: Sequence[Item], chunk: int, context: Any) -> None:
         size = self.config["chunk_size"]
         start, stop = chunk * size, min((chunk + 1) * size, len(items))
         began = time.perf_counter()
-        output = self.spec.run_chunk(model, items[start:stop], self.options, context)
+        output = self.spec.run_chunk(model, items[start:stop], self.model_options, context)
         frame = output.frame
         frame["prompt"] = frame["prompt"] + start
         frame.insert(0, "chunk", chunk)
@@ -619,6 +707,9 @@ class _Sweep:
             "prompts": [start, stop],
             "frame": frame_to_payload(frame),
             "meta": output.metas,
+            # What a chunk needs to verify itself should the manifest be lost (store.rebuild_manifest).
+            "config_sha256": self.config_sha256,
+            "identity": {k: v for k, v in self.manifest["models"][plan.dirname].items() if k != "execution"},
         }
         entry = self.store.write_chunk(key, payload)
         entry.update(

@@ -8,8 +8,13 @@ Layout of ``out/``::
 
 Every file is written atomically (a temporary file in the same directory, fsync, ``os.replace``,
 fsync of the directory), so a crash leaves either the old file or the new one, never half of
-one. A chunk counts as finished only once the manifest lists it with its sha256: a chunk file
-without a manifest entry, or whose bytes no longer match the recorded checksum, is recomputed.
+one; files get the permissions the umask gives new files. A chunk counts as finished only once
+the manifest lists it with its sha256: a chunk file without a manifest entry, or whose bytes no
+longer match the recorded checksum, is recomputed.
+
+Each chunk file also verifies itself: it records the sha256 of its own content, the hash of the
+sweep's configuration and its model's identity, so that a lost or damaged manifest can be
+rebuilt from the chunks (:func:`rebuild_manifest`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +40,8 @@ from ..core.errors import AnylensError
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
 LOCK = ".lock"
+#: Key under which a chunk file records the sha256 of the rest of its content.
+CONTENT_SHA256 = "content_sha256"
 #: Written into the manifest and every chunk; bumped when the layout changes incompatibly.
 FORMAT = "anylens-sweep/1"
 
@@ -43,6 +52,10 @@ class SweepError(AnylensError):
 
 class SweepConfigError(SweepError, ValueError):
     """The sweep cannot run as configured, e.g. ``out`` holds a sweep with another configuration."""
+
+
+class SweepWeightsChangedError(SweepConfigError):
+    """A model's weights are not those its finished chunks were computed with."""
 
 
 class SweepIntegrityError(SweepError):
@@ -67,6 +80,9 @@ def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600; give it what an ordinary new file gets under the umask.
+        if hasattr(os, "fchmod"):
+            os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
@@ -77,6 +93,21 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.unlink(temporary)
         raise
     _fsync_dir(path.parent)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux), else set
+    and restored at once."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -166,11 +197,17 @@ class Store:
         try:
             manifest = json.loads(self.manifest_path.read_bytes())
         except FileNotFoundError:
+            if self.chunk_files():
+                raise SweepConfigError(
+                    f"the manifest of the sweep in {self.root} ({MANIFEST}) is missing; rerun the sweep with its own "
+                    "arguments to rebuild it from the checksummed chunk files"
+                ) from None
             raise SweepConfigError(f"{self.root} holds no sweep ({MANIFEST} is missing)") from None
         except (OSError, ValueError) as error:
             raise SweepConfigError(
-                f"{self.manifest_path} cannot be read ({error}): the sweep's record is damaged; "
-                f"delete {self.root} to start over or choose another out"
+                f"{self.manifest_path} cannot be read ({error}): the sweep's record is damaged; rerun the "
+                "sweep with its own arguments to rebuild it from the checksummed chunk files, or start "
+                "over with fresh=True (anylens run --fresh), or choose another out"
             ) from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise SweepConfigError(
@@ -184,8 +221,15 @@ class Store:
 
     # chunks
     def write_chunk(self, key: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Write a chunk file; returns its manifest entry (file, sha256, bytes)."""
-        data = json.dumps(dict(payload, format=FORMAT), sort_keys=True, default=str).encode()
+        """Write a chunk file; returns its manifest entry (file, sha256, bytes).
+
+        The file records the sha256 of its own content (``content_sha256``, over the canonical
+        JSON of everything else in it), so that it can be verified without the manifest.
+        """
+        body = json.loads(json.dumps(dict(payload, format=FORMAT), default=str))  # as it reads back
+        body.pop(CONTENT_SHA256, None)
+        body[CONTENT_SHA256] = sha256_bytes(canonical_json(body))
+        data = json.dumps(body, sort_keys=True, default=str).encode()
         path = chunk_path(self.root, key)
         write_atomic(path, data)
         return {"file": path.relative_to(self.root).as_posix(), "sha256": sha256_bytes(data), "bytes": len(data)}
@@ -208,6 +252,25 @@ class Store:
         except (ValueError, KeyError, TypeError) as error:
             return f"it cannot be parsed ({error})"
         return None
+
+    def chunk_files(self) -> list[Path]:
+        """Every chunk file under ``chunks/`` (not temporaries), in name order."""
+        directory = self.root / CHUNKS
+        return sorted(p for p in directory.glob("*/*.json") if not p.name.startswith(".")) if directory.is_dir() else []
+
+    def holds_sweep(self) -> bool:
+        """Whether there is anything of a sweep here: a manifest (readable or not) or a chunks folder."""
+        return self.manifest_path.exists() or (self.root / CHUNKS).exists()
+
+    def discard(self) -> int:
+        """Remove the sweep's own files (manifest, chunks, temporaries), nothing else; returns how
+        many chunk files were removed."""
+        removed = len(self.chunk_files())
+        with contextlib.suppress(FileNotFoundError):
+            self.manifest_path.unlink()
+        shutil.rmtree(self.root / CHUNKS, ignore_errors=True)
+        remove_stale_temporaries(self.root)
+        return removed
 
     def read_chunk(self, entry: dict[str, Any]) -> pd.DataFrame:
         problem = self.check_chunk(entry)
@@ -262,10 +325,95 @@ def load_results(out: str | os.PathLike) -> pd.DataFrame:
 
 
 def _parse_chunk(data: bytes) -> pd.DataFrame:
+    return payload_to_frame(verified_payload(data)["frame"])
+
+
+def verified_payload(data: bytes) -> dict[str, Any]:
+    """A chunk file's content, checked against the format and the content hash it records
+    (chunks written before the hash was recorded carry none); ValueError if it does not match."""
     payload = json.loads(data)
-    if payload.get("format") != FORMAT:
-        raise ValueError(f"format {payload.get('format')!r}, expected {FORMAT}")
-    return payload_to_frame(payload["frame"])
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        raise ValueError(f"format {found!r}, expected {FORMAT}")
+    recorded = payload.get(CONTENT_SHA256)
+    if recorded is not None:
+        rest = {k: v for k, v in payload.items() if k != CONTENT_SHA256}
+        if sha256_bytes(canonical_json(rest)) != recorded:
+            raise ValueError("its content does not match the content_sha256 it records")
+    return payload
+
+
+# -- a lost manifest, rebuilt from the chunks -----------------------------------------------------
+def rebuild_manifest(store: Store, config: dict[str, Any], config_sha256: str) -> tuple[dict[str, Any], list[str]]:
+    """The manifest of the sweep in ``store`` rebuilt from its chunk files, for ``config``.
+
+    A chunk is kept if it verifies itself (format, content hash) and records ``config_sha256``
+    and the identity of its model; chunks that do not verify are left to be recomputed (the
+    returned lines say which, and why). Chunks that verify but record another configuration, or
+    carry no hashes to verify (written by an older anylens), raise :class:`SweepConfigError`:
+    they are not this sweep's, and only a fresh start may remove them. Run history (versions,
+    times) is not in the chunks and starts anew.
+    """
+    chunks: dict[str, dict[str, Any]] = {}
+    models: dict[str, dict[str, Any]] = {}
+    skipped: list[str] = []
+    foreign: list[str] = []
+    for path in store.chunk_files():
+        name = path.relative_to(store.root).as_posix()
+        data = path.read_bytes()
+        try:
+            payload = verified_payload(data)
+            identity, recorded = payload.get("identity"), payload.get("config_sha256")
+            if recorded is None or not isinstance(identity, dict) or CONTENT_SHA256 not in payload:
+                foreign.append(f"{name} (records no configuration hash to check it against)")
+                continue
+            if recorded != config_sha256:
+                foreign.append(f"{name} (computed with another configuration)")
+                continue
+            key = chunk_key(path.parent.name, int(path.stem))
+            where = model_dirname(payload["model_index"], payload["model"]), payload["chunk"]
+            if where != (path.parent.name, int(path.stem)) or chunk_path(store.root, key) != path:
+                raise ValueError("its name does not match the model and chunk it records")
+            payload_to_frame(payload["frame"])
+        except (ValueError, KeyError, TypeError) as error:
+            skipped.append(f"{name}: {error}")
+            continue
+        dirname = path.parent.name
+        known = models.setdefault(dirname, identity)
+        if known != identity:
+            skipped.append(f"{name}: computed with another load of its model than the chunks before it")
+            continue
+        chunks[key] = {
+            "file": name,
+            "sha256": sha256_bytes(data),
+            "bytes": len(data),
+            "model": payload["model"],
+            "model_index": payload["model_index"],
+            "chunk": payload["chunk"],
+            "prompts": payload["prompts"],
+            "rows": len(payload["frame"]["data"][payload["frame"]["columns"][0]]) if payload["frame"]["columns"] else 0,
+            "seconds": None,
+            "run": None,
+        }
+    if foreign:
+        raise SweepConfigError(
+            f"{store.root} holds chunk files that are not this sweep's and no readable manifest:\n  "
+            + "\n  ".join(foreign[:10])
+            + ("\n  ..." if len(foreign) > 10 else "")
+            + "\nResume it with its own arguments, choose another out, or start over with fresh=True (anylens run --fresh)."
+        )
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    manifest = {
+        "format": FORMAT,
+        "config": config,
+        "models": models,
+        "chunks": chunks,
+        "runs": [],
+        "created": now,
+        "rebuilt": now,
+        "complete": False,
+    }
+    return manifest, skipped
 
 
 __all__ = [
@@ -277,12 +425,15 @@ __all__ = [
     "SweepError",
     "SweepIntegrityError",
     "SweepWarning",
+    "SweepWeightsChangedError",
     "canonical_json",
     "chunk_key",
     "frame_to_payload",
     "load_results",
     "model_dirname",
     "payload_to_frame",
+    "rebuild_manifest",
     "sha256_bytes",
+    "verified_payload",
     "write_atomic",
 ]

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AnylensError
+from ..core.errors import AnylensError
 
 _DONE = "anylens-source.json"
 

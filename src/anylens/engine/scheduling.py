@@ -1,8 +1,8 @@
-"""How a sweep with reuse groups its patched rows into forwards, and how much memory it holds.
+"""How a sweep with reuse groups its patched rows into forwards.
 
 Each row has a first block ``b`` and a first position ``p`` its patch can change. A forward that
 runs a chunk of rows starts at the chunk's smallest ``p``; each row joins the forward at its own
-block (a *growing* forward: :func:`.reuse.shortcut_forward`), or, where a model cannot run one,
+block (a *growing* forward: :func:`.shortcut.shortcut_forward`), or, where a model cannot run one,
 at the chunk's smallest ``b``. Chunks of alike rows skip the most work, but every extra forward
 costs its own fixed share (reading every weight matrix it runs once more). :func:`plan_chunks`
 weighs the two with a rough :class:`CostModel`.
@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .components import MAX_CPU_ROWS, MAX_DEVICE_ROWS, bytes_per_row, default_budget
-
 if TYPE_CHECKING:
     from ..core.model import AnyModel
 
@@ -27,10 +25,6 @@ if TYPE_CHECKING:
 # kernels), plus ``call_s`` per block and ``forward_s`` per forward.
 _CPU = {"flops": 5e10, "call_s": 2e-4, "forward_s": 3e-3, "tokens_per_call": 24}
 _ACCELERATOR = {"flops": 1e14, "call_s": 5e-4, "forward_s": 5e-3, "tokens_per_call": 1024}
-#: Share of ``memory_budget`` the tensors a sweep plans for may take. The rest is headroom for
-#: what the plan does not track: results, Python objects, and freed memory that the allocator
-#: keeps for reuse instead of returning (glibc on a CPU; the caching allocator on a GPU).
-PLANNED_SHARE = 2 / 3
 
 
 @dataclass(frozen=True)
@@ -143,54 +137,4 @@ def plan_chunks(
     return chunks
 
 
-@dataclass(frozen=True)
-class Sizes:
-    """Bytes a sweep with reuse holds: the plan's sources, each input's unpatched run, each row.
-
-    Sized to :data:`PLANNED_SHARE` of the budget; the sources and both runs' final logits are
-    held throughout, the unpatched runs of a group of inputs and one forward's rows on top.
-    """
-
-    n_blocks: int  # block outputs kept per input, to skip blocks
-    per_input: int  # one input's unpatched run: role, block outputs, key/value cache
-    per_row: int  # one row of a forward, with its skipped blocks' outputs and its cache copy
-    free: int  # the budget left after the sources
-    cap: int  # most rows per forward on this device
-
-    @classmethod
-    def of(
-        cls,
-        model: AnyModel,
-        role: str,
-        n_blocks: int,
-        length: int,
-        sources: dict[int, torch.Tensor],
-        memory_budget: int | None,
-        n_inputs: int,
-        prefix_width: int = 0,
-    ) -> Sizes:
-        """``prefix_width``: elements per position of the block-prefix outputs kept per input
-        (:mod:`.block_prefix`)."""
-        n_all = len(model.module(model.adapter.layers))
-        element = torch.finfo(next(model.hf.parameters()).dtype).bits // 8
-        pos_dim = 2 if role == "pattern" else 1  # pattern is [batch, head, query, key]
-        role_size = sum(t[0].numel() // max(t.shape[pos_dim], 1) * length for t in sources.values())
-        residual = length * model.d_model
-        per_input = element * (role_size + (n_blocks + 2 * n_all) * residual + prefix_width * length)
-        per_row = bytes_per_row(model, length, last_only=True) + element * 3 * n_all * residual
-        budget = PLANNED_SHARE * (default_budget(model) if memory_budget is None else int(memory_budget))
-        held = sum(t.numel() * t.element_size() for t in sources.values())
-        held += 2 * n_inputs * model.d_vocab * element  # final logits of the clean and corrupt runs
-        cap = MAX_CPU_ROWS if model.device.type == "cpu" else MAX_DEVICE_ROWS
-        return cls(n_blocks, per_input, per_row, max(int(budget - held), 0), cap)
-
-    def inputs_per_group(self, n_inputs: int) -> int:
-        """Inputs whose unpatched run is held at once: as many as fit half the free budget."""
-        return max(1, min(n_inputs, self.free // 2 // max(self.per_input, 1)))
-
-    def rows_for(self, free: int) -> int:
-        """Rows per forward that fit ``free`` bytes."""
-        return max(1, min(self.cap, free // self.per_row))
-
-
-__all__ = ["PLANNED_SHARE", "Chunk", "CostModel", "Sizes", "one_forward", "plan_chunks"]
+__all__ = ["Chunk", "CostModel", "one_forward", "plan_chunks"]

@@ -20,13 +20,13 @@ by broadcasting fails it and keeps its MLP whole.
 from __future__ import annotations
 
 import inspect
-import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..core.access import envoy_at
+from .state import engine_state
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -34,17 +34,14 @@ if TYPE_CHECKING:
 #: Relative tolerance of the check (float32): a broken cut misses by far more than rounding.
 CHECK_RTOL = 1e-4
 
-_works: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool: the MLP cut
-_unembeds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool: unembedding columns
-_kwargs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its forward's argument names
-
 
 def forward_kwargs(model: AnyModel) -> frozenset[str]:
     """Names of the keyword arguments the model's forward takes (read once: a signature costs a
     quarter of a millisecond, and sweeps ask several times per forward)."""
-    if model not in _kwargs:
-        _kwargs[model] = frozenset(inspect.signature(model.hf.forward).parameters)
-    return _kwargs[model]
+    state = engine_state(model)
+    if state.forward_kwargs is None:
+        state.forward_kwargs = frozenset(inspect.signature(model.hf.forward).parameters)
+    return state.forward_kwargs
 
 
 def last_logits_kwargs(model: AnyModel) -> dict[str, Any]:
@@ -76,9 +73,10 @@ def metric_columns(model: AnyModel, metric: Any) -> torch.Tensor | None:
     ids = columns(model) if callable(columns) and not getattr(model, "remote", None) else None
     if ids is None:
         return None
-    if model not in _unembeds:
-        _unembeds[model] = _unembedding_reproduces_logits(model)
-    return torch.tensor(sorted(set(ids)), dtype=torch.long) if _unembeds[model] else None
+    state = engine_state(model)
+    if state.columns_work is None:
+        state.columns_work = _unembedding_reproduces_logits(model)
+    return torch.tensor(sorted(set(ids)), dtype=torch.long) if state.columns_work else None
 
 
 def final_logits(model: AnyModel, hidden: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,9 +147,10 @@ def _mlp_input_module(model: AnyModel) -> str | None:
         if path.io != io or path.select or path.view is not None or not path.per_layer:
             return None
         module = path.module_at(model.n_layers - 1)
-        if model not in _works:
-            _works[model] = _cut_reproduces_full_run(model, module)
-        return module if _works[model] else None
+        state = engine_state(model)
+        if state.mlp_cut_works is None:
+            state.mlp_cut_works = _cut_reproduces_full_run(model, module)
+        return module if state.mlp_cut_works else None
     return None
 
 
@@ -166,7 +165,7 @@ def _unembedding_reproduces_logits(model: AnyModel) -> bool:
                 hidden = envoy_at(model, model.adapter.unembed).input[:, -1].save()
                 logits = model.logits[:, -1].save()
             return matches_within(model.unembed(hidden), logits, CHECK_RTOL)
-    except Exception:  # noqa: BLE001 - any failure means columns cannot be computed apart
+    except Exception:
         return False
 
 
@@ -182,7 +181,7 @@ def _cut_reproduces_full_run(model: AnyModel, path: str) -> bool:
             with model.trace(ids, **kwargs):
                 cut_to_final_position(model, path)
                 cut = model.logits[:, -1].save()
-    except Exception:  # noqa: BLE001 - any failure means the cut does not fit this block
+    except Exception:
         return False
     return cut.shape == full.shape and matches_within(cut, full, CHECK_RTOL)
 

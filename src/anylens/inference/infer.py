@@ -9,7 +9,7 @@ passes every invariant is returned. When no candidate keeps the residual stream,
 :class:`InferenceError` says what was found, which invariant failed, and how to write the adapter
 as data.
 
-Run ``python -m anylens.registry.infer MODEL`` (or ``anylens infer MODEL``) to print the verified
+Run ``python -m anylens.inference.infer MODEL`` (or ``anylens infer MODEL``) to print the verified
 map as TOML, ready for ``al.register_adapter("model.toml")``.
 """
 
@@ -227,12 +227,12 @@ def _candidates(groups: list[Group]) -> Iterator[tuple[dict[str, int], set[tuple
 
 def _check(hf_model: torch.nn.Module, spec: AdapterSpec) -> list[tuple[str, str]]:
     """(invariant, detail) of every failing check row; a crash is one failure of its own."""
-    from ..core.loading import wrap
-    from ..testing import tiny_tokenizer
-    from .verify import check
+    from ..core.wrapping import wrap_with_spec
+    from ..registry.verify import check
+    from ..tiny.models import tiny_tokenizer
 
     try:
-        model = wrap(hf_model, tiny_tokenizer(), adapter=spec)
+        model = wrap_with_spec(hf_model, spec, tiny_tokenizer())
         report = check(model)
     except Exception as error:  # a candidate that cannot even be traced is a failed candidate
         return [("crash", f"{type(error).__name__}: {error}".replace("\n", " ")[:300])]
@@ -381,7 +381,7 @@ def _find_patterns(hf_model: torch.nn.Module, anatomy: Anatomy) -> None:
         return
     from nnsight.modeling.transformers import TransformersModel
 
-    from ..testing import tiny_tokenizer
+    from ..tiny.models import tiny_tokenizer
 
     # the attention module, then the module that owns its projections (the pattern may live there)
     modules = [anatomy.attention] + sorted(
@@ -414,7 +414,7 @@ def _message(name: str, anatomy: Anatomy | None, attempts: list[Attempt], reason
     lines.append(
         "Write the adapter as data instead: a TOML file with [adapter] name, architectures, layers and an "
         "[adapter.roles] table (role = \"<module path>.<input|output>[|view]\", '{i}' for the layer), "
-        "registered with al.register_adapter('my_model.toml'); `python -m anylens.registry.infer` on a similar "
+        "registered with al.register_adapter('my_model.toml'); `python -m anylens.inference.infer` on a similar "
         "model prints one to start from, and `anylens check` tells you whether it is right (see docs/inference.md)."
     )
     return "\n".join(lines)
@@ -424,11 +424,11 @@ def _message(name: str, anatomy: Anatomy | None, attempts: list[Attempt], reason
 def load_for_inference(source: str) -> torch.nn.Module:
     """``tiny:FAMILY``, ``arch:<ClassName>`` or a local model directory, as a float32 HF model."""
     if source.startswith("tiny:"):
-        from ..testing import tiny_model
+        from ..tiny.models import tiny_model
 
         return tiny_model(source.removeprefix("tiny:"))[0]
     if source.startswith("arch:"):
-        from .tiny_arch import tiny_model as tiny_arch_model
+        from ..tiny.arch import tiny_model as tiny_arch_model
 
         return tiny_arch_model(source.removeprefix("arch:"))
     from transformers import AutoModelForCausalLM
@@ -487,7 +487,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m anylens.registry.infer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m anylens.inference.infer", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -12,8 +12,8 @@ import threading
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import RemoteError
-from .model import AnyModel
+from ..core.errors import RemoteError
+from ..core.model import AnyModel
 
 #: Seconds allowed for name resolution plus the TCP connection to the NDIF host.
 PREFLIGHT_TIMEOUT = 5.0
@@ -82,7 +82,7 @@ def load_remote(model_id: str, *, remote: bool | str = True, adapter: Any = None
     from nnsight.modeling.transformers import TransformersModel
     from transformers import AutoTokenizer
 
-    from .loading import adapter_for
+    from ..registry.resolve import adapter_for
 
     if remote != "local":
         check_api_key()

@@ -1,6 +1,6 @@
 """Tiny random instances of any transformers causal-LM class, built from its config class.
 
-Used by ``python -m anylens.registry.infer arch:<ClassName>`` and by ``benchmarks/coverage.py``.
+Used by ``python -m anylens.inference.infer arch:<ClassName>``, the reference table and ``benchmarks/coverage.py``.
 The config's own defaults are shrunk through the standard attribute names (layers, width, heads,
 KV heads, MLP width, vocabulary, positions, experts, state sizes); everything else keeps its
 default, so the tiny model has the structure of the real one. Some configs tie sizes together in

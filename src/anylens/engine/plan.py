@@ -1,17 +1,17 @@
-"""Components of a role, and many patched runs in one forward pass.
+"""The plan of a batched patching sweep: which row patches which component, from which source.
 
 A *component* is one place in a role that an experiment patches: a layer, optionally one
 position and optionally one head. :func:`enumerate_components` lists them over the dimensions
-an experiment sweeps (``over``); :func:`run_plan` applies one component per batch row, with the
-prompt repeated along the batch, so a sweep of hundreds of patches costs a few forwards.
+an experiment sweeps (``over``); a :class:`PatchPlan` gives each patched run (a batch row) its
+input, its component and the source row written in, and :func:`writes_by_layer` turns a chunk
+of rows into the indexed writes a forward makes.
 
 Nothing here knows an architecture: roles say where activations live and how they are laid out.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,6 @@ import torch
 
 from ..core.errors import AnylensError, PromptError
 from ..core.roles import HEAD_ROLES, LAYER_ROLES
-from .final_position import cut_to_final_position, last_logits, last_logits_kwargs, last_mlp, read_last
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -28,14 +27,6 @@ if TYPE_CHECKING:
 DIMS = ("layer", "head", "pos")
 #: Roles whose heads are a dimension: the head roles plus ``pattern`` ([batch, head, query, key]).
 HEADED_ROLES = frozenset(HEAD_ROLES | {"pattern"})
-#: Fallback memory budget when the free memory cannot be measured (psutil missing).
-FIXED_BUDGET_BYTES = 2 * 2**30
-#: Share of the free memory a sweep may use by default.
-BUDGET_FRACTION = 0.25
-#: Most rows per forward on a CPU: past this, bigger batches stop paying (cache effects).
-MAX_CPU_ROWS = 64
-#: Most rows per forward on an accelerator.
-MAX_DEVICE_ROWS = 1024
 
 
 class OverError(AnylensError, ValueError):
@@ -167,70 +158,6 @@ class PlanStats:
         return self.patches / self.forwards if self.forwards else 0.0
 
 
-def run_plan(
-    model: AnyModel,
-    plan: PatchPlan,
-    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    batch_size: int | None = None,
-    memory_budget: int | None = None,
-    reuse: bool = True,
-    baseline: Any = None,
-    columns: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, PlanStats]:
-    """Run every patched row of ``plan``, many rows per forward; ``score`` each chunk.
-
-    ``score(last_logits [k, vocab], rows [k]) -> [k]`` turns a chunk's final-position logits into
-    metric values, so full logits of every row never have to be kept. Returns ``[n_rows]`` scores.
-    With ``reuse`` (the default) work a patch cannot change is done once, not once per row (see
-    :mod:`anylens.experiments.reuse`; ``baseline`` is the unpatched run if already recorded);
-    ``reuse=False`` runs every row through the whole model. ``columns``: the only logits
-    ``score`` reads, computed alone where reuse runs the unembedding itself.
-    """
-    n = len(plan)
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of rows, got {batch_size!r}")
-    if reuse and n:
-        from .reuse import run_reusing  # reuse builds on this module
-
-        return run_reusing(
-            model,
-            plan,
-            score,
-            lambda rows: _patched_forward(model, plan, rows),
-            batch_size,
-            memory_budget,
-            baseline,
-            columns,
-        )
-    rows_per_forward = batch_size or rows_for_budget(model, plan.inputs.shape[1], memory_budget)
-    if batch_size is None and n:
-        forwards = -(-n // rows_per_forward)
-        rows_per_forward = -(-n // forwards)  # even chunks: 96 rows under a cap of 64 run as 48 + 48
-    scores = torch.empty(n)
-    stats = PlanStats(patches=n, rows_per_forward=min(rows_per_forward, n))
-    for start in range(0, n, rows_per_forward):
-        rows = torch.arange(start, min(start + rows_per_forward, n))
-        last = _patched_forward(model, plan, rows)
-        scores[rows] = score(last, rows).detach().float().cpu()
-        stats.forwards += 1
-    return scores, stats
-
-
-def _patched_forward(model: AnyModel, plan: PatchPlan, rows: torch.Tensor) -> torch.Tensor:
-    """One forward over ``rows`` of the plan, each row carrying its own patch."""
-    access = model.role(plan.role)
-    device = model.device
-    ids = plan.inputs[plan.input_rows[rows]].to(device)
-    writes = writes_by_layer(plan, rows, device)
-    with torch.no_grad(), model.trace(ids):
-        for layer in sorted(writes):  # ascending layers: reads must follow the forward order
-            target = access.read(layer)
-            for target_index, source_index in writes[layer]:
-                target[target_index] = plan.sources[layer][source_index].to(target.dtype)
-        last = model.logits[:, -1].save()
-    return last
-
-
 def writes_by_layer(
     plan: PatchPlan, rows: torch.Tensor, device: torch.device, start: int = 0, row_offset: int = 0
 ) -> dict[int, list[tuple[tuple, tuple]]]:
@@ -307,158 +234,17 @@ def _index(rows: Any, pos: Any, head: Any, headed: bool, head_first: bool) -> tu
     return (rows, pos)
 
 
-# -- sizing -----------------------------------------------------------------------------------
-def bytes_per_row(model: AnyModel, seq_len: int, last_only: bool = False) -> int:
-    """A rough upper estimate of the memory one patched row needs during a no-grad forward.
-
-    Per token: a few residual-width tensors, the MLP (or SSM) hidden width, attention scores for
-    every head, and the logits (once per row with ``last_only``); doubled for temporaries.
-    """
-    config = model.config
-    d = model.d_model
-    d_hidden = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d)
-    heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1)
-    state = int(getattr(config, "state_size", 0) or 0)
-    per_token = 8 * d + 3 * d_hidden + heads * seq_len + d_hidden * state + (0 if last_only else model.d_vocab)
-    element = torch.finfo(next(model.hf.parameters()).dtype).bits // 8
-    return 2 * element * (per_token * seq_len + (model.d_vocab if last_only else 0))
-
-
-def default_budget(model: AnyModel) -> int:
-    """A share of the free memory of the model's device; a fixed cap when it cannot be measured."""
-    device = model.device
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * BUDGET_FRACTION * 2)
-    try:
-        import psutil
-    except ImportError:
-        return FIXED_BUDGET_BYTES
-    return int(psutil.virtual_memory().available * BUDGET_FRACTION)
-
-
-def rows_for_budget(model: AnyModel, seq_len: int, memory_budget: int | None = None) -> int:
-    """Rows per forward that fit ``memory_budget`` bytes (default: :func:`default_budget`)."""
-    budget = default_budget(model) if memory_budget is None else int(memory_budget)
-    cap = MAX_CPU_ROWS if model.device.type == "cpu" else MAX_DEVICE_ROWS
-    return max(1, min(cap, budget // bytes_per_row(model, seq_len)))
-
-
-# -- recording ------------------------------------------------------------------------------
-def record(
-    model: AnyModel,
-    role: str,
-    ids: torch.Tensor,
-    layers: Sequence[int],
-    rows_per_forward: int | None = None,
-    last_only: bool = False,
-    columns: torch.Tensor | None = None,
-) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Activations of ``role`` at ``layers`` and the final-position logits, no-grad.
-
-    ``rows_per_forward`` inputs per trace (all at once by default), so that recording many
-    prompts stays within the memory a sweep's forwards are sized to; ``last_only`` asks the
-    model for final-position logits only (and runs the last MLP on that position alone), of
-    which ``columns`` computes only those (:mod:`.final_position`).
-    """
-    access = model.role(role)
-    step = rows_per_forward or max(ids.shape[0], 1)
-    kwargs = last_logits_kwargs(model) if last_only else {}
-    mlp_cut = last_mlp(model, role, layers) if last_only else None
-    columns = columns if last_only else None
-    rows = RowFill(ids.shape[0])
-    for start in range(0, ids.shape[0], step):
-        saved: dict[int, torch.Tensor] = {}
-        with torch.no_grad(), model.trace(ids[start : start + step].to(model.device), **kwargs):
-            for layer in sorted(layers):
-                saved[layer] = access.read(layer).clone().save()
-            cut_to_final_position(model, mlp_cut)
-            last = read_last(model, columns)
-        for layer, value in saved.items():
-            rows.put(layer, start, value)
-        with torch.no_grad():
-            rows.put("last", start, last_logits(model, last, columns))
-    return {layer: rows[layer] for layer in layers}, rows["last"]
-
-
-class RowFill:
-    """Tensors of ``n`` rows filled a chunk of rows at a time, never holding the chunks twice."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.tensors: dict[Any, torch.Tensor] = {}
-
-    def put(self, key: Any, start: int, value: torch.Tensor) -> None:
-        if start == 0 and value.shape[0] == self.n:
-            self.tensors[key] = value  # one chunk: nothing to copy
-            return
-        if key not in self.tensors:
-            self.tensors[key] = value.new_empty((self.n, *value.shape[1:]))
-        self.tensors[key][start : start + value.shape[0]] = value
-
-    def __getitem__(self, key: Any) -> torch.Tensor:
-        return self.tensors[key]
-
-
-# -- metrics over rows ------------------------------------------------------------------------
-def metric_for_rows(metric: Any, prompt_of_row: torch.Tensor, n_prompts: int) -> Any:
-    """``metric`` with per-prompt targets re-indexed so there is one target per batch row.
-
-    A metric's targets may be one word, or one word per prompt; a sweep runs each prompt many
-    times, so a per-prompt list must follow the rows. Metrics without such fields pass unchanged.
-    """
-    if not dataclasses.is_dataclass(metric):
-        return metric
-    changes = {}
-    for field in dataclasses.fields(metric):
-        value = getattr(metric, field.name)
-        if isinstance(value, (str, bytes, int)) or not isinstance(value, Sequence):
-            continue
-        if len(value) != n_prompts:
-            raise PromptError(
-                f"metric {getattr(metric, 'name', type(metric).__name__)!r} has {len(value)} {field.name} targets "
-                f"for {n_prompts} prompts: give one target, or one per prompt"
-            )
-        changes[field.name] = [value[int(i)] for i in prompt_of_row]
-    return dataclasses.replace(metric, **changes) if changes else metric
-
-
-def score_rows(
-    metric: Any,
-    model: AnyModel,
-    last: torch.Tensor,
-    prompt_of_row: torch.Tensor,
-    n_prompts: int,
-    reference_last: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The metric on final-position logits ``[k, vocab]`` whose rows run the given prompts.
-
-    ``reference_last[prompt]`` is the logits a comparing metric (KL) measures against, handed
-    over only to metrics that read them.
-    """
-    reference = None
-    if reference_last is not None and getattr(metric, "reads_clean_logits", True):
-        reference = reference_last[prompt_of_row.to(reference_last.device)]
-    return metric_for_rows(metric, prompt_of_row, n_prompts)(last, model, reference)
-
-
 __all__ = [
+    "DIMS",
+    "HEADED_ROLES",
     "Component",
     "OverError",
     "PatchPlan",
     "PlanStats",
-    "RowFill",
-    "bytes_per_row",
     "check_over",
-    "default_budget",
     "enumerate_components",
-    "metric_for_rows",
+    "moved_together",
     "n_heads_of",
     "normalize_positions",
-    "record",
-    "rows_for_budget",
-    "run_plan",
-    "moved_together",
     "writes_by_layer",
-    "score_rows",
 ]

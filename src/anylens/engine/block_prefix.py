@@ -17,13 +17,13 @@ the probe forward fails on gets no prefixes.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .final_position import last_logits_kwargs
+from .state import engine_state
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
 #: Inputs of the probe forward: two rows (a batch-1 value such as a rotary table must not pass
 #: for per-row output) of a few tokens.
 PROBE_SHAPE = (2, 5)
-
-_orders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> CallOrder
-_off: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why prefixes are not skipped
-_found: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(role, layer, block): modules}
 
 
 @dataclass
@@ -50,9 +46,10 @@ class CallOrder:
 
 def call_order(model: AnyModel) -> CallOrder:
     """The probe forward's call order of the modules under the model's block list (cached)."""
-    if model not in _orders:
-        _orders[model] = _probe(model)
-    return _orders[model]
+    state = engine_state(model)
+    if state.call_order is None:
+        state.call_order = _probe(model)
+    return state.call_order
 
 
 def _probe(model: AnyModel) -> CallOrder:
@@ -86,7 +83,7 @@ def _probe(model: AnyModel) -> CallOrder:
         ids = torch.arange(3, 3 + batch * length, device=model.device).view(batch, length) % max(model.d_vocab, 1)
         with torch.no_grad():
             model.hf(ids, **last_logits_kwargs(model))
-    except Exception:  # noqa: BLE001 - a model the probe cannot run gets no prefixes, not an error
+    except Exception:
         return CallOrder({}, {}, {}, {})
     finally:
         for handle in handles:
@@ -109,9 +106,10 @@ def per_position_width(output: Any, batch: int, length: int) -> int:
 def prefix_modules(model: AnyModel, role: str, layer: int, block: int) -> tuple[str, ...]:
     """The outermost modules of block ``block`` that return before ``role`` at ``layer`` is
     reached, in the order they run; empty where none qualify or prefixes are off for the model."""
-    if model in _off or getattr(model, "remote", None):
+    state = engine_state(model)
+    if state.prefix_off_reason is not None or getattr(model, "remote", None):
         return ()
-    known = _found.setdefault(model, {})  # asked for each layer, several times per sweep
+    known = state.prefixes  # asked for each layer, several times per sweep
     if (role, layer, block) not in known:
         known[role, layer, block] = _outermost_before(model, role, layer, block)
     return known[role, layer, block]
@@ -141,22 +139,10 @@ def prefix_width(model: AnyModel, modules: dict[int, tuple[str, ...]]) -> int:
     return sum(order.width[name] for names in modules.values() for name in names) if order else 0
 
 
-def turn_off(model: AnyModel, reason: str) -> None:
-    """Stop skipping block prefixes for ``model`` (its shortcut with them failed a guard)."""
-    _off[model] = reason
-
-
-def off_reason(model: AnyModel) -> str | None:
-    """Why block prefixes are not skipped for ``model``, or None."""
-    return _off.get(model)
-
-
 __all__ = [
     "CallOrder",
     "call_order",
-    "off_reason",
     "per_position_width",
     "prefix_modules",
     "prefix_width",
-    "turn_off",
 ]
