@@ -160,13 +160,19 @@ def test_shards_are_checksummed_bounded_and_lazily_mapped(tmp_path: Path) -> Non
         assert entry["rows"] * row_bytes < budget + most_rows_per_batch * row_bytes
         starts.append(entry["prompts"])
     assert [s for s, _ in starts] == [0] + [e for _, e in starts[:-1]] and starts[-1][1] == len(PROMPTS) * 4
-    # The model's identity includes a hash of its weights.
+    # The model's identity includes the sha256 of its weights (every tensor of the state dict:
+    # name, dtype, shape, bytes), as the sweeps record it.
     digest = hashlib.sha256()
-    named = sorted([*model.hf.named_parameters(), *model.hf.named_buffers()], key=lambda item: item[0])
-    for name, tensor in named:
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+    state = model.hf.state_dict()
+    for name in sorted(state):
+        tensor = state[name]
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    assert manifest["model"]["weights_sha256"] == digest.hexdigest()
+    assert manifest["model"]["weights"] == {
+        "method": "sha256",
+        "sha256": digest.hexdigest(),
+        "bytes": sum(t.numel() * t.element_size() for t in state.values()),
+    }
 
     acts = al.load_activations(tmp_path)
     piece = acts.shards("resid_post", 2)[0]

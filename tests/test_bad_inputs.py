@@ -735,7 +735,7 @@ ACTIVATIONS_AND_PROBES: list[Case] = [
             )
         ),
         al.ActivationsConfigError,
-        (r"weights_sha256: '[0-9a-f]+\.\.\. on disk", r"adapter: 'gpt2' on disk, 'llama' now"),
+        (r"weights.sha256: '[0-9a-f]+\.\.\. on disk", r"adapter: 'gpt2' on disk, 'llama' now"),
     ),
     Case(
         "extract-into-a-directory-of-other-files",
@@ -807,7 +807,7 @@ ACTIVATIONS_AND_PROBES: list[Case] = [
     Case(
         "extract-integer-dtype",
         lambda: al.extract(zoo_gpt2(), PROBE_PROMPTS, dtype="int8", quiet=True),
-        al.ExtractionOptionError,
+        al.DtypeError,
         (r"dtype='int8'", r"floating-point"),
     ),
     Case(

@@ -120,7 +120,7 @@ _LAZY = {
     "ablate": "anylens.experiments.ablation",
     "attribute": "anylens.experiments.attribution",
     "run": "anylens.sweep.runner",
-    "extract": "anylens.experiments.activations",
+    "extract": "anylens.sweep.activations",
     "load_activations": "anylens.experiments.activation_store",
     "Activations": "anylens.experiments.activation_store",
     "probe": "anylens.experiments.probes",

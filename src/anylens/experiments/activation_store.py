@@ -14,7 +14,7 @@ Every shard holds the same tensors, one row per stored (prompt, position):
   among that prompt's real tokens (0 is its first token, padding never counts), ``"token"``: the
   token id there (all int64, ``[rows]``).
 
-Files are written atomically with the sweep store's helpers, and a shard counts as finished only
+Files are written atomically (by :mod:`anylens.sweep.activations`), and a shard counts as finished only
 once the manifest lists it with its sha256. Loading is lazy: ``safe_open(...).get_tensor`` (and
 ``load_file``) of safetensors 0.8 return tensors backed by a private memory map of the file, so
 only the pages a computation touches are read, and writing to such a tensor never reaches the file.
@@ -23,6 +23,7 @@ only the pages a computation touches are read, and writing to such a tensor neve
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 import warnings
@@ -41,7 +42,6 @@ from ..core.errors import (
     MissingRoleError,
 )
 from ..core.roles import LAYER_ROLES
-from ..sweep.store import sha256_bytes, write_atomic
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -106,10 +106,6 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    write_atomic(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True, default=str).encode() + b"\n")
-
-
 def shard_problem(root: Path, entry: dict[str, Any], checksum: bool = True) -> str | None:
     """``None`` when the shard file matches its manifest entry, else what is wrong with it."""
     path = root / entry["file"]
@@ -119,7 +115,7 @@ def shard_problem(root: Path, entry: dict[str, Any], checksum: bool = True) -> s
         return "its file is missing"
     if size != entry["bytes"]:
         return f"its file has {size} bytes, {entry['bytes']} were written (truncated?)"
-    if checksum and sha256_bytes(path.read_bytes()) != entry["sha256"]:
+    if checksum and hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
         return "its sha256 does not match the one recorded when it was written"
     return None
 
@@ -336,7 +332,12 @@ def save_cache(cache: ActivationCache, path: str | os.PathLike) -> Path:
         "keys": [tensor_name(role, layer) for role, layer in cache],
     }
     data = save(tensors, metadata={"format": CACHE_FORMAT, "cache": json.dumps(meta)})
-    write_atomic(path, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Replaced whole: a reader sees the old file or the new one (the sweep store's writer also
+    # syncs to disk, but it sits in a layer above this one).
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
     return path
 
 

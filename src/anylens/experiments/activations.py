@@ -1,47 +1,36 @@
-"""Activation extraction over a dataset, streamed into sharded safetensors files.
+"""Activations of many prompts as rows: one row per (prompt, position), per role and layer.
 
-``extract(model, prompts, roles=..., layers=..., positions=..., out=DIR)`` runs the prompts in
-batches, keeps the requested roles at the requested positions, and writes a shard whenever the
-rows held in memory reach ``memory_budget`` bytes. Each row is one (prompt, position).
+:func:`plan` checks an extraction's options and turns them into an :class:`ExtractionJob`, which
+runs the prompts in batches and groups the rows into shards of about ``memory_budget`` bytes;
+:func:`collect` keeps them in memory. ``anylens.extract`` (:mod:`anylens.sweep.activations`)
+writes them to disk instead, resumably.
 
 Positions count a prompt's *real* tokens: batches are left-padded (the model sees the attention
-mask), and padding is never stored. ``"last"`` keeps each prompt's last token, ``None``/``"all"``
-every real token (prompts of different lengths give different numbers of rows), an int or a list
-of ints the same positions of every prompt (negative ones from the prompt's end), and a list of
-lists one list of positions per prompt (e.g. where each prompt's subject ends).
+mask, and positions follow it), and padding is never stored. ``"last"`` keeps each prompt's last
+token, ``None``/``"all"`` every real token (prompts of different lengths give different numbers of
+rows), an int or a list of ints the same positions of every prompt (negative ones from the
+prompt's end), and a list of lists one list of positions per prompt (e.g. where each prompt's
+subject ends).
 
-A directory is resumable: shards are written atomically and listed in the manifest with their
-sha256 once complete. Shard boundaries depend only on the configuration (batches of
-``batch_size`` prompts, a shard closed after the batch that reaches the budget), so a resumed
-run writes the very bytes an uninterrupted one would. A directory holding another configuration
-is refused, never overwritten, unless ``fresh=True`` asks to start it over.
+Shard boundaries depend only on the configuration (batches of ``batch_size`` prompts, a shard
+closed after the batch whose rows reach the budget), so a run resumed at a shard boundary
+produces the very rows an uninterrupted one would.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import itertools
-import os
+import json
 import re
-import warnings
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.errors import (
-    ActivationsBusyError,
-    ActivationsConfigError,
-    ExtractionOptionError,
-    LabelError,
-    OutputPathError,
-    PositionError,
-)
+from ..core.errors import DtypeError, ExtractionOptionError, LabelError, PositionError
 from ..core.operations import only_role_operations
 from ..core.roles import LAYER_ROLES
-from ..sweep.store import Store, SweepBusyError, canonical_json, remove_stale_temporaries, sha256_bytes, write_atomic
 from . import activation_store as files
 from .extraction import _requested_roles, read_roles
 from .prompts import Prompts, as_batch
@@ -53,39 +42,29 @@ Positions = int | str | Sequence[int] | Sequence[Sequence[int]] | None
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
-@only_role_operations("roles")
-def extract(
+@dataclass
+class ExtractionPlan:
+    """What to run (``job``), the configuration a directory records (``config``), and the labels."""
+
+    job: ExtractionJob
+    config: dict[str, Any]
+    labels: list[Any] | None
+
+
+def plan(
     model: AnyModel,
     prompts: Prompts,
     *,
     roles: Iterable[str] | str = ("resid_post",),
     layers: Iterable[int] | int | None = None,
     positions: Positions = None,
-    out: str | os.PathLike | None = None,
     dtype: torch.dtype | str | None = None,
     batch_size: int = 16,
     memory_budget: int | str = "512MiB",
     labels: Sequence[Any] | None = None,
-    fresh: bool = False,
     quiet: bool = False,
-) -> files.Activations:
-    """Activations of ``roles`` at ``layers`` and ``positions`` for every prompt.
-
-    * ``prompts``: strings, prompt pairs (their clean prompt, e.g. ``factual_pairs(...)``) or
-      token ids ``[n, pos]``.
-    * ``roles``: role names (``pattern`` is refused: its key axis differs between prompts);
-      ``layers``: layer indices for per-layer roles (all when None).
-    * ``positions``: see the module docs; ``None`` keeps every real token.
-    * ``out``: a directory to write (resumable); None keeps everything in memory.
-    * ``dtype``: what to store (the model's dtype when None); ``batch_size``: prompts per forward;
-      ``memory_budget``: bytes of rows held before a shard is written (``"512MiB"`` or an int;
-      one batch more may be held while it is computed).
-    * ``labels``: one label per prompt (JSON values), stored with the activations.
-    * ``fresh``: discard an extraction of another configuration in ``out`` and start over.
-    * ``quiet``: no progress bar.
-
-    Returns :class:`~anylens.experiments.activation_store.Activations` (memory-mapped when on disk).
-    """
+) -> ExtractionPlan:
+    """Check every option before anything runs; see :func:`anylens.extract` for their meaning."""
     texts = as_batch(prompts)
     token_lists = _token_lists(model, texts)
     n_prompts = len(token_lists)
@@ -104,7 +83,6 @@ def extract(
     budget = parse_bytes(memory_budget)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ExtractionOptionError(f"batch_size={batch_size!r}: give a positive number of prompts per forward")
-
     config = {
         "roles": names,
         "layers": chosen_layers,
@@ -113,25 +91,31 @@ def extract(
         "batch_size": batch_size,
         "memory_budget": budget,
         "n_prompts": n_prompts,
-        "prompts_sha256": sha256_bytes(canonical_json(token_lists)),
-        "positions_sha256": sha256_bytes(canonical_json(per_prompt)),
+        "prompts_sha256": _sha256_json(token_lists),
+        "positions_sha256": _sha256_json(per_prompt),
     }
+    job = ExtractionJob(model, token_lists, per_prompt, keys, store_dtype, batch_size, budget, quiet)
+    return ExtractionPlan(job, config, labels)
+
+
+@only_role_operations("roles")
+def collect(model: AnyModel, prompts: Prompts, *, roles: Iterable[str] | str = ("resid_post",), **options: Any):
+    """The rows of :func:`plan` computed in memory, as :class:`~.activation_store.Activations`."""
+    planned = plan(model, prompts, roles=roles, **options)
     manifest = {
         "format": files.FORMAT,
-        "config": config,
-        "model": {"name": model.name, "n_layers": model.n_layers, **model_identity(model)},
-        "labels": labels,
+        "config": planned.config,
+        "model": {"name": model.name, "n_layers": model.n_layers},
+        "labels": planned.labels,
         "tensors": {},
         "shards": [],
-        "complete": False,
-        "environment": _environment(),
+        "complete": True,
     }
-    job = _Job(model, token_lists, per_prompt, keys, store_dtype, batch_size, budget, quiet)
-    if out is None:
-        shards = job.run(manifest, 0, lambda tensors, stop: None)
-        manifest["complete"] = True
-        return files.Activations(shards, manifest)
-    return _extract_to(Path(out), job, manifest, fresh)
+    return files.Activations(planned.job.run(manifest, 0, lambda tensors, stop: None), manifest)
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, separators=(",", ":")).encode()).hexdigest()
 
 
 # -- options ------------------------------------------------------------------------------------
@@ -193,7 +177,7 @@ def _dtype(dtype: torch.dtype | str | None, model: AnyModel) -> torch.dtype:
         return model.dtype
     chosen = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
     if not isinstance(chosen, torch.dtype) or not chosen.is_floating_point:
-        raise ExtractionOptionError(f"dtype={dtype!r}: give a floating-point dtype such as 'float32' or 'bfloat16'")
+        raise DtypeError(f"dtype={dtype!r}: give a floating-point dtype such as 'float32' or 'bfloat16'")
     return chosen
 
 
@@ -211,49 +195,8 @@ def _token_lists(model: AnyModel, texts: list[str] | torch.Tensor) -> list[list[
     return [list(ids) for ids in model.tokenizer(texts)["input_ids"]]
 
 
-def model_identity(model: AnyModel) -> dict[str, Any]:
-    """What tells two models apart: adapter, architecture, size, config hash and weights hash."""
-    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-    return {
-        "adapter": model.adapter.name,
-        "architecture": type(model.hf).__name__,
-        "parameters": int(sum(p.numel() for p in model.hf.parameters())),
-        "config_sha256": sha256_bytes(canonical_json(config)),
-        "weights_sha256": weights_sha256(model),
-    }
-
-
-def weights_sha256(model: AnyModel) -> str | None:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes); None for a remote model."""
-    if model.remote:
-        return None
-    digest = hashlib.sha256()
-    tensors = itertools.chain(model.hf.named_parameters(), model.hf.named_buffers())
-    for name, tensor in sorted(tensors, key=lambda item: item[0]):
-        if tensor.device.type == "meta":
-            continue
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(data.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _environment() -> dict[str, str]:
-    import importlib.metadata
-
-    import anylens
-
-    versions = {"anylens": anylens.__version__}
-    for package in ("torch", "transformers", "nnsight", "safetensors"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "absent"
-    return versions
-
-
 # -- running ------------------------------------------------------------------------------------
-class _Job:
+class ExtractionJob:
     """The batches of one extraction, from any prompt on, grouped into shards by the budget."""
 
     def __init__(self, model, token_lists, per_prompt, keys, dtype, batch_size, budget, quiet):
@@ -348,124 +291,4 @@ class _Job:
         return out
 
 
-def _extract_to(root: Path, job: _Job, manifest: dict[str, Any], fresh: bool) -> files.Activations:
-    _check_out(root)
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(Store(root).locked())
-        except SweepBusyError:
-            raise ActivationsBusyError(
-                f"another process is writing the extraction in {root}; wait for it or choose another out"
-            ) from None
-        remove_stale_temporaries(root)
-        manifest, start = _open(root, manifest, fresh)
-
-        def write(tensors: dict[str, torch.Tensor], stop: int) -> bool:
-            index = len(manifest["shards"])
-            begin = manifest["shards"][-1]["prompts"][1] if manifest["shards"] else 0
-            data = files.shard_bytes(tensors)
-            name = files.shard_file(index)
-            write_atomic(root / name, data)
-            entry = {"file": name, "sha256": sha256_bytes(data), "bytes": len(data), "prompts": [begin, stop]}
-            entry["rows"] = int(tensors["prompt"].shape[0])
-            manifest["shards"].append(entry)
-            manifest["complete"] = stop == manifest["config"]["n_prompts"]
-            files.write_manifest(root, manifest)  # the shard counts as finished from here on
-            return True
-
-        if not manifest["complete"]:
-            job.run(manifest, start, write)
-            if not manifest["complete"]:  # nothing to do: e.g. zero prompts left
-                manifest["complete"] = True
-                files.write_manifest(root, manifest)
-    return files.load_activations(root, verify=False)
-
-
-def _check_out(root: Path) -> None:
-    for parent in [root, *root.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputPathError(f"out={str(root)!r} lies under {parent}, which is a file: choose a directory")
-            if not os.access(parent, os.W_OK):
-                raise OutputPathError(f"out={str(root)!r}: {parent} is not writable; choose another out")
-            return
-
-
-def _open(root: Path, manifest: dict[str, Any], fresh: bool) -> tuple[dict[str, Any], int]:
-    """The manifest to continue and the first prompt to compute; refuses another configuration."""
-    if not (root / files.MANIFEST).exists():
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in (".lock", files.SHARDS))
-        shards_dir = root / files.SHARDS
-        if shards_dir.is_dir() and any(shards_dir.iterdir()):
-            foreign.append(files.SHARDS)
-        if foreign and not fresh:
-            raise ActivationsConfigError(
-                f"out={str(root)!r} holds files that are not an extraction ({', '.join(foreign[:5])}); "
-                "extract into a new out"
-            )
-        files.write_manifest(root, manifest)
-        return manifest, 0
-    recorded = files.read_manifest(root)
-    lines = differences(recorded, manifest)
-    if lines:
-        if not fresh:
-            shown = "; ".join(lines[:8]) + ("; ..." if len(lines) > 8 else "")
-            raise ActivationsConfigError(
-                f"out={str(root)!r} holds an extraction with another configuration ({shown}); "
-                f"its {len(recorded['shards'])} finished shards are kept: extract into a new out, "
-                "or pass fresh=True to discard them and start over"
-            )
-        _discard(root, recorded)
-        files.write_manifest(root, manifest)
-        return manifest, 0
-    # Same configuration: keep the longest run of intact shards; later ones are recomputed.
-    manifest = dict(recorded, environment=manifest["environment"])
-    for index, entry in enumerate(recorded["shards"]):
-        problem = files.shard_problem(root, entry)
-        if problem is not None:
-            warnings.warn(
-                f"shard {entry['file']} in {root} is damaged ({problem}); recomputing it and the shards after it",
-                files.ActivationsWarning,
-                stacklevel=4,
-            )
-            manifest["shards"] = recorded["shards"][:index]
-            manifest["complete"] = False
-            files.write_manifest(root, manifest)
-            break
-    start = manifest["shards"][-1]["prompts"][1] if manifest["shards"] else 0
-    return manifest, start
-
-
-def differences(recorded: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
-    """What differs between the configuration on disk and the one asked for, one line per item."""
-    lines = []
-    for section in ("config", "model"):
-        old, new = recorded.get(section, {}), manifest[section]
-        for key in sorted(set(old) | set(new)):
-            if section == "model" and key == "name":
-                continue  # the same weights loaded from elsewhere are the same model
-            if key == "positions_sha256" and any(line.startswith("positions:") for line in lines):
-                continue  # already said: the positions differ
-            if canonical_json(old.get(key)) != canonical_json(new.get(key)):
-                lines.append(f"{key}: {_short(old.get(key))} on disk, {_short(new.get(key))} now")
-    if canonical_json(recorded.get("labels")) != canonical_json(manifest["labels"]):
-        lines.append("labels differ")
-    return lines
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _discard(root: Path, recorded: dict[str, Any]) -> None:
-    """Remove an extraction's own files (shards first: a crash leaves a manifest, never orphans)."""
-    for entry in recorded.get("shards", []):
-        with contextlib.suppress(FileNotFoundError):
-            (root / entry["file"]).unlink()
-    for leftover in (root / files.SHARDS).glob("*.safetensors") if (root / files.SHARDS).is_dir() else ():
-        leftover.unlink()
-    (root / files.MANIFEST).unlink()
-
-
-__all__ = ["extract", "model_identity", "parse_bytes", "resolve_positions", "weights_sha256"]
+__all__ = ["ExtractionJob", "ExtractionPlan", "collect", "parse_bytes", "plan", "resolve_positions"]

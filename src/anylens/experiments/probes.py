@@ -91,7 +91,7 @@ def probe(
     test_fraction: float = 0.25,
     seed: int = 0,
     l2: float = 1e-3,
-    max_iter: int = 200,
+    max_iter: int = 100,
 ) -> ProbeResult:
     """Fit a linear probe for ``labels`` (one per prompt) at each role and layer.
 
@@ -119,13 +119,13 @@ def probe(
     else:
         if prompts is None:
             raise ProbeOptionError("probe(model, labels) needs prompts=[...]: the prompts the labels describe")
-        from .activations import extract
+        from .activations import collect
         from .prompts import as_batch
 
         n_prompts = len(as_batch(prompts))
         if len(labels) != n_prompts:
             raise LabelError(f"{len(labels)} labels for {n_prompts} prompts: give exactly one label per prompt")
-        acts = extract(
+        acts = collect(
             source,
             prompts,
             roles=("resid_post",) if roles is None else roles,
