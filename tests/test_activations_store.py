@@ -227,11 +227,16 @@ def test_another_configuration_is_refused_and_nothing_is_lost(tmp_path: Path) ->
     with pytest.raises(al.ActivationsConfigError, match=r"layers: \[0\] on disk, \[1\] now.*new out.*fresh=True"):
         al.extract(model, PROMPTS, roles="resid_post", layers=[1], out=tmp_path, quiet=True)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-    # The same configuration again: nothing to compute, the same files.
+    # The same configuration again: nothing to compute, nothing rewritten.
+    shard = tmp_path / "shards" / "00002.safetensors"
+    os.utime(shard, ns=(0, 0))
     again = al.extract(model, PROMPTS, roles="resid_post", layers=[0], out=tmp_path, batch_size=2, memory_budget=1)
     assert len(again) == len(al.load_activations(tmp_path))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-    # fresh=True asks to start over.
+    assert shard.stat().st_mtime_ns == 0
+    # fresh=True asks to start over, the same configuration too: every shard is written anew.
+    al.extract(model, PROMPTS, roles="resid_post", layers=[0], out=tmp_path, batch_size=2, memory_budget=1, fresh=True)
+    assert shard.stat().st_mtime_ns != 0 and shard.read_bytes() == before[shard]
     fresh = al.extract(model, PROMPTS, roles="resid_post", layers=[1], out=tmp_path, fresh=True, quiet=True)
     assert fresh.layers == [1] and len(fresh.manifest["shards"]) == 1
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["00000.safetensors"]

@@ -66,7 +66,7 @@ def extract(
       ``memory_budget``: bytes of rows held before a shard is written (``"512MiB"`` or an int;
       the rows of the batch being computed come on top).
     * ``labels``: one label per prompt (JSON values), stored with the activations.
-    * ``fresh``: discard an extraction of another configuration in ``out`` and start over.
+    * ``fresh``: discard the extraction ``out`` holds (its manifest and shards) and start over.
     * ``quiet``: no progress bar.
 
     Returns :class:`~anylens.experiments.activation_store.Activations` (memory-mapped when on disk).
@@ -164,7 +164,7 @@ def _open(root: Path, manifest: dict[str, Any], fresh: bool) -> tuple[dict[str, 
         return manifest, 0
     recorded = files.read_manifest(root)
     lines = differences(recorded, manifest)
-    if lines:
+    if lines or fresh:
         if not fresh:
             shown = "; ".join(lines[:8]) + ("; ..." if len(lines) > 8 else "")
             raise ActivationsConfigError(
