@@ -214,8 +214,8 @@ class Activations:
     def _join(self, pieces: list[torch.Tensor], name: str) -> torch.Tensor:
         if len(pieces) == 1:
             return pieces[0]
-        if not pieces:
-            spec = self.manifest["tensors"][name]
+        if not pieces:  # an extraction killed before its first shard
+            spec = self.manifest["tensors"].get(name, {"shape": [], "dtype": "int64"})
             return torch.empty(0, *spec["shape"], dtype=getattr(torch, spec["dtype"]))
         return torch.cat(pieces)
 
