@@ -75,7 +75,12 @@ def main(models: list[str] = DEFAULT_MODELS, out: str = "docs/examples/output") 
                 f"  {layer:>5}   {pre.accuracy:>20.2f}  {post.accuracy:>10.2f} ({pre.control:.2f}, {post.control:.2f})"
                 f"   {k['accuracy']:>26.2f} ({k['control']:.2f})"
             )
-        report(f"  the capital is decodable (>= {DECODABLE}) at the last token from {first} on")
+        best = max(order, key=lambda key: at[key].accuracy)
+        if first is not None:
+            report(f"  the capital is decodable (>= {DECODABLE}) at the last token from {first} on")
+        else:
+            report(f"  the capital never reaches {DECODABLE} at the last token")
+        report(f"  best: {at[best].accuracy:.2f} at {best[0]}[{best[1]}] (control {at[best].control:.2f})")
         report(f"  held out: {int(capital['n_test'].iloc[0])} of {len(items)} prompts; majority class "
                f"{capital['majority'].iloc[0]:.3f}")  # fmt: skip
         figure = country.plot(title=f"{source}: country at the subject (resid_pre)")
