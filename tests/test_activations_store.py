@@ -310,7 +310,7 @@ def test_resume_after_sigkill_writes_the_same_bytes(tmp_path: Path) -> None:
     for attempt in range(3):
         child = subprocess.Popen([sys.executable, str(script), str(attempt), str(out)], env=env)
         target = 2 + 3 * attempt + rng.randint(0, 2)  # finished shards to wait for, then a random delay
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a busy machine may take long to start Python
         while time.monotonic() < deadline and child.poll() is None:
             try:
                 done = len(json.loads((out / "manifest.json").read_text())["shards"])
@@ -325,7 +325,8 @@ def test_resume_after_sigkill_writes_the_same_bytes(tmp_path: Path) -> None:
             kills += 1
         child.wait()
     assert kills >= 2, "the extraction finished before it could be killed: slow the child down"
-    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    killed = json.loads((out / "manifest.json").read_text())
+    assert not killed["complete"] and len(killed["shards"]) >= 2, "the kills came before any progress"
 
     # Resume here (the same library and thread count), and run the same extraction uninterrupted.
     torch.set_num_threads(1)
