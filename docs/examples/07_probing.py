@@ -28,6 +28,11 @@ DECODABLE = 0.9
 
 
 def main(models: list[str] = DEFAULT_MODELS, out: str = "docs/examples/output") -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     report = Report(out, "07_probing")
     results = {}
     for source in models:
@@ -49,7 +54,8 @@ def main(models: list[str] = DEFAULT_MODELS, out: str = "docs/examples/output") 
                 quiet=True,
             )
             acts = al.load_activations(folder)
-            capital = al.probe(acts, acts.labels).to_frame()
+            capital_result = al.probe(acts, acts.labels)
+            capital = capital_result.to_frame()
             first_row = acts["resid_pre", -1][0].clone()
 
         # The country at the subject's last token, where the subject is the country.
@@ -83,7 +89,9 @@ def main(models: list[str] = DEFAULT_MODELS, out: str = "docs/examples/output") 
         report(f"  best: {at[best].accuracy:.2f} at {best[0]}[{best[1]}] (control {at[best].control:.2f})")
         report(f"  held out: {int(capital['n_test'].iloc[0])} of {len(items)} prompts; majority class "
                f"{capital['majority'].iloc[0]:.3f}")  # fmt: skip
-        figure = country.plot(title=f"{source}: country at the subject (resid_pre)")
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+        capital_result.plot(ax=left, title=f"{source}: capital at the last token")
+        country.plot(ax=right, title=f"{source}: country at the subject")
         report.figure(figure, f"07_probing_{slug(source)}")
         report()
 
