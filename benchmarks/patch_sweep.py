@@ -118,7 +118,7 @@ def shape(model) -> tuple[int, int, int]:
     return config.n_layer, config.n_head, config.n_embd // config.n_head
 
 
-def even_chunks(n: int, cap: int) -> list[range]:
+def even_batches(n: int, cap: int) -> list[range]:
     """The batching anylens uses without reuse: as few forwards as the cap allows, even sizes."""
     forwards = -(-n // cap)
     size = -(-n // forwards)
@@ -233,9 +233,9 @@ def hooks_sweep(hf, modules, clean, corrupt, patches, write, cap: int) -> torch.
     acts, _ = record_inputs(hf, modules, clean)
     record_inputs(hf, [], corrupt)
     out = torch.empty(len(patches))
-    for chunk in even_chunks(len(patches), cap):
+    for batch in even_batches(len(patches), cap):
         by_module: dict[int, list[tuple[int, tuple]]] = {}
-        for row, index in enumerate(chunk):
+        for row, index in enumerate(batch):
             layer, *where = patches[index]
             by_module.setdefault(layer, []).append((row, tuple(where)))
 
@@ -253,11 +253,11 @@ def hooks_sweep(hf, modules, clean, corrupt, patches, write, cap: int) -> torch.
         ]
         try:
             with torch.no_grad():
-                last = hf(input_ids=corrupt.expand(len(chunk), -1), logits_to_keep=1).logits[:, -1]
+                last = hf(input_ids=corrupt.expand(len(batch), -1), logits_to_keep=1).logits[:, -1]
         finally:
             for handle in handles:
                 handle.remove()
-        out[list(chunk)] = logit_diff(last).cpu()
+        out[list(batch)] = logit_diff(last).cpu()
     return out
 
 

@@ -229,3 +229,37 @@ def replace(
 def logit_diff(logits: torch.Tensor, answer: int, distractor: int) -> torch.Tensor:
     last = logits[:, -1].float()
     return last[:, answer] - last[:, distractor]
+
+
+def reference_patch(hf, role, over, clean, corrupt, direction, align=None, answer=300, distractor=301):
+    """{(layer, head?, pos?): logit difference averaged over pairs}, one hooked forward per patch, and
+    the clean and corrupt runs' logit differences.
+
+    Each forward runs every prompt pair as a batch row with the same single patch.
+    """
+    target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    if align is None:
+        source_of = {p: p for p in range(target.shape[1])}
+    else:
+        src_pos, tgt_pos = align if direction == "denoise" else align[::-1]
+        source_of = dict(zip(tgt_pos, src_pos))
+    heads = range(n_heads(hf)) if "head" in over else [None]
+    positions = list(source_of) if "pos" in over else [None]
+    out = {}
+    with torch.no_grad():
+        source_acts, _ = capture(hf, role, source)
+        for layer in range(n_layers(hf)):
+            for head in heads:
+                for pos in positions:
+
+                    def edit(value, layer=layer, head=head, pos=pos):
+                        for tp in source_of if pos is None else [pos]:
+                            value = replace(value, source_acts[layer], role, hf, tp, head, source_of[tp])
+                        return value
+
+                    logits = run(hf, target, {(role, layer): edit})
+                    key = (layer,) + ((head,) if head is not None else ()) + ((pos,) if pos is not None else ())
+                    out[key] = logit_diff(logits, answer, distractor).mean().item()
+        clean_metric = logit_diff(run(hf, clean), answer, distractor).mean().item()
+        corrupt_metric = logit_diff(run(hf, corrupt), answer, distractor).mean().item()
+    return out, clean_metric, corrupt_metric

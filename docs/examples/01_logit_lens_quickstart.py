@@ -26,7 +26,7 @@ def main(models: list[str] = DEFAULT_MODELS, out: str = "docs/examples/output") 
         model = load(source)
         task = factual_task(model, n=1)
         prompt, answer = task.prompt(0), task.answers[0]
-        lens = al.logit_lens(model, prompt, targets=[answer])
+        lens = al.logit_lens(model, prompt, metric=[answer])
 
         frame = lens.to_frame()
         last = frame[frame["pos"] == frame["pos"].max()].sort_values("layer")

@@ -75,7 +75,16 @@ def _one_line(error: BaseException) -> str:
 def _table_setup(parser: argparse.ArgumentParser) -> None:
     from .registry.table import FORMATS
 
-    parser.add_argument("--format", choices=FORMATS, default="markdown", help="output format (default: markdown)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="output format (default: markdown, or text with --adapters: the adapters side by side)",
+    )
+    parser.add_argument(
+        "--adapters",
+        metavar="NAMES",
+        help="only these adapters, comma-separated adapter or architecture names (e.g. llama,mamba,gpt2)",
+    )
     parser.add_argument("--write", metavar="PATH", type=Path, help="write to PATH instead of printing")
     parser.add_argument("--builtin", action="store_true", help="built-in adapters only")
     parser.add_argument(
@@ -86,15 +95,26 @@ def _table_setup(parser: argparse.ArgumentParser) -> None:
         help="also infer adapters for these transformers classes (tiny random instances) and list them as inferred",
     )
     parser.add_argument(
-        "--reference", action="store_true", help="exactly docs/reference.md (built-ins and inferred examples)"
+        "--reference",
+        action="store_true",
+        help="exactly docs/reference.md: the table with its explanation (built-ins and inferred examples)",
     )
 
 
 def _table_run(args: argparse.Namespace) -> int:
-    from .registry.table import inferred_rows, reference_markdown, render, table_rows
+    from .core.errors import UnknownArchitectureError
+    from .registry.table import inferred_rows, reference_markdown, render, select_rows, table_rows
 
     rows = table_rows(builtin_only=args.builtin) + inferred_rows(args.infer)
-    text = reference_markdown() if args.reference else render(rows, args.format)
+    if args.adapters is not None:
+        if not args.adapters.strip(" ,"):
+            raise UsageError("--adapters needs at least one adapter or architecture name, e.g. --adapters llama,gpt2")
+        try:
+            rows = select_rows(rows, [name for name in args.adapters.split(",") if name.strip()])
+        except UnknownArchitectureError as error:
+            raise UsageError(f"--adapters: {error}") from None
+    fmt = args.format or ("text" if args.adapters is not None else "markdown")
+    text = reference_markdown() if args.reference else render(rows, fmt)
     if args.write is None:
         sys.stdout.write(text)
         return EXIT_OK
@@ -110,12 +130,24 @@ def _table_run(args: argparse.Namespace) -> int:
 def _check_setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("--prompt", metavar="TEXT", help="check on this text (default: two random token sequences)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="precision to run the model in; tolerances scale with its epsilon (default: float32)",
+    )
 
 
 def _check_run(args: argparse.Namespace) -> int:
+    import torch
+
     from .registry.verify import check
 
     model = load_model(args.model)
+    # Parameters only, as loading with a dtype does: buffers such as rotary frequencies stay float32.
+    for parameter in model.hf.parameters():
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(getattr(torch, args.dtype))
     inputs = None
     if args.prompt is not None:
         try:
@@ -129,18 +161,67 @@ def _check_run(args: argparse.Namespace) -> int:
 
 # -- anylens roles -------------------------------------------------------------------------------
 def _roles_setup(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument(
+        "name", metavar="NAME", help=f"an adapter (llama), an architecture (LlamaForCausalLM), or a model: {MODEL_HELP}"
+    )
+
+
+def _looks_like_model_source(name: str) -> bool:
+    """A zoo:/tiny: name, a hub id ORG/NAME, a .gguf file or an existing path (not an adapter name)."""
+    return ":" in name or "/" in name or "\\" in name or name.endswith(".gguf") or Path(name).exists()
 
 
 def _roles_run(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
-    adapter = model.adapter
-    print(f"model: {model.name}")
-    print(f"adapter: {adapter.name} ({', '.join(adapter.architectures)}), {model.n_layers} layers")
-    width = max(len(role) for role in model.roles)
-    for role in model.roles:
-        print(f"  {role:<{width}} -> {adapter.roles[role]}")
+    from .core.errors import UnknownArchitectureError
+    from .registry.table import select_rows, table_rows, unknown_name_message
+
+    rows = table_rows()
+    try:
+        chosen = select_rows(rows, [args.name])
+    except UnknownArchitectureError:
+        if not _looks_like_model_source(args.name):
+            raise UsageError(f"{unknown_name_message(args.name, rows)}; or name a model: {MODEL_HELP}") from None
+        model = load_model(args.name)
+        print(f"model: {model.name}")
+        print(f"adapter: {model.adapter.name} ({', '.join(model.adapter.architectures)}), {model.n_layers} layers")
+        _print_roles(model.adapter.roles, model.adapter.reference_modules)
+        return EXIT_OK
+    base, *variants = chosen
+    print(f"adapter: {base.adapter} ({', '.join(base.architectures)}), {base.source}")
+    _print_roles(base.roles, base.reference_modules)
+    for variant in variants:
+        dropped = [role for role in base.roles if role not in variant.roles]
+        changed = [role for role in variant.roles if variant.roles[role] != base.roles.get(role)]
+        facts = [f"{fact}={variant.cells()[fact]}" for fact in ("parallel", "z_feeds_residual", "soft_cap")]
+        facts = [fact for fact in facts if variant.cells()[fact.split("=")[0]] != base.cells()[fact.split("=")[0]]]
+        summary = [f"without {', '.join(dropped)}"] if dropped else []
+        summary += [f"{role} -> {variant.roles[role]}" for role in changed] + facts
+        print(f"variant {variant.variant}: {'; '.join(summary) or 'the same roles'}")
     return EXIT_OK
+
+
+def _print_roles(roles: Any, reference_modules: Any) -> None:
+    """``role -> path  TransformerLens name`` per role, the paths into a forward in words, and the
+    adapter's reference modules."""
+    from .core.roles import ALL_ROLES
+    from .registry.compact import describe_path, hook_name_cell
+
+    present = [role for role in ALL_ROLES if role in roles]
+    width = max(len(role) for role in present)
+    # Aligned on the usual paths; the long paths into a forward just push their name along.
+    path_width = max(len(roles[role]) for role in present if ".source." not in roles[role])
+    for role in present:
+        hook = hook_name_cell(role)
+        hook = f"blocks.{{i}}.{hook}" if hook and "{i}" in roles[role] else hook
+        print(f"  {role:<{width}} -> {roles[role]:<{path_width}}  {hook}".rstrip())
+    for role in present:
+        if ".source." in roles[role]:
+            print(f"{role}: {describe_path(roles[role])}")
+    if reference_modules:
+        print("modules (for reference; no role reads them):")
+        name_width = max(len(name) for name in reference_modules)
+        for name, path in reference_modules.items():
+            print(f"  {name:<{name_width}} -> {path}")
 
 
 # -- anylens zoo ---------------------------------------------------------------------------------
@@ -168,7 +249,9 @@ def _zoo_forward(argv: list[str]) -> int:
 COMMANDS: dict[str, Command] = {
     "table": Command("print the role x architecture reference table", _table_setup, _table_run),
     "check": Command("verify an adapter's invariants on a model", _check_setup, _check_run),
-    "roles": Command("show which module plays each role in a model", _roles_setup, _roles_run),
+    "roles": Command(
+        "show which module plays each role: of an adapter, an architecture or a model", _roles_setup, _roles_run
+    ),
     "zoo": Command("the tiny trained models: anylens zoo train [...]", forward=_zoo_forward),
     "run": module_command("anylens.sweep.cli", "run one experiment across models and prompts, resumable on disk"),
     "infer": module_command("anylens.inference.infer", "infer and verify an adapter for a model; print it as TOML"),

@@ -70,7 +70,7 @@ def study(source: str, progress: Any = None) -> tuple[dict[str, Any], list[tuple
     ioi = demo_ioi_pairs(model.tokenizer)
     figures: list[tuple[Any, str]] = []
 
-    lens = al.logit_lens(model, fact.clean, targets=[fact.answer])
+    lens = al.logit_lens(model, fact.clean, metric=[fact.answer])
     step("logit lens")
     frame = lens.to_frame()
     at_answer = frame[(frame["pos"] == frame["pos"].max()) & (frame["target"] == fact.answer)].sort_values("layer")

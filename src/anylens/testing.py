@@ -3,6 +3,26 @@ tests import. Production code imports :mod:`anylens.tiny` instead."""
 
 from __future__ import annotations
 
-from .tiny import TINY_BUILDERS, VOCAB, tiny, tiny_model, tiny_tokenizer
+from .tiny import (
+    DEFAULT_SHAPE,
+    GROUPED_FAMILIES,
+    TINY_BUILDERS,
+    VOCAB,
+    TinyShape,
+    default_shape,
+    tiny,
+    tiny_model,
+    tiny_tokenizer,
+)
 
-__all__ = ["TINY_BUILDERS", "VOCAB", "tiny", "tiny_model", "tiny_tokenizer"]
+__all__ = [
+    "DEFAULT_SHAPE",
+    "GROUPED_FAMILIES",
+    "TINY_BUILDERS",
+    "VOCAB",
+    "TinyShape",
+    "default_shape",
+    "tiny",
+    "tiny_model",
+    "tiny_tokenizer",
+]

@@ -24,6 +24,9 @@ MAMBA = AdapterSpec(
     layers="backbone.layers",
     roles=MAMBA_STYLE_ROLES,
     description="Mamba (MambaForCausalLM)",
+    reference_modules={
+        name: f"backbone.layers.{{i}}.mixer.{name}" for name in ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")
+    },
 )
 
 

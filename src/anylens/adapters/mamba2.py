@@ -15,6 +15,9 @@ MAMBA2 = AdapterSpec(
     layers="backbone.layers",
     roles=MAMBA_STYLE_ROLES,
     description="Mamba-2 (Mamba2ForCausalLM)",
+    reference_modules={
+        name: f"backbone.layers.{{i}}.mixer.{name}" for name in ("in_proj", "conv1d", "norm", "out_proj")
+    },
 )
 
 

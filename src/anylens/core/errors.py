@@ -1,4 +1,9 @@
-"""Typed errors. Each message says what was wrong and what to do instead."""
+"""Typed errors and warnings, all of them here. Each message says what was wrong and what to do instead.
+
+Every error subclasses :class:`AnylensError` and the built-in it matches (``ValueError``,
+``LookupError``, ...); every warning subclasses :class:`AnylensWarning`. All are exported from
+``anylens``; the packages that raise them also re-export them where they were first defined.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +60,7 @@ class AdapterSpecError(AnylensError, ValueError):
     """An adapter declaration (dict, TOML or class) is malformed."""
 
 
-class PluginError(AnylensError):
+class PluginError(AnylensError, RuntimeError):
     """A plugin failed while loading or while providing its adapters."""
 
 
@@ -67,7 +72,15 @@ class PromptError(AnylensError, ValueError):
     """Prompts that cannot be used together (for example, different token lengths)."""
 
 
-class PositionLimitWarning(UserWarning):
+class AnylensWarning(UserWarning):
+    """Base class of every warning anylens gives on purpose."""
+
+
+class PositionError(PromptError, IndexError):
+    """A token position outside the prompt (it is a ``PromptError`` and an ``IndexError``)."""
+
+
+class PositionLimitWarning(AnylensWarning):
     """A prompt longer than the positions a rotary model was trained on: it runs, but past its
     context the model's behaviour is not what it learned."""
 
@@ -104,12 +117,90 @@ class NotWrappedError(AnylensError, TypeError):
     """An experiment was given a model anylens has not wrapped (a Hugging Face or nnsight model)."""
 
 
+# -- experiments and the engine -------------------------------------------------------------------
+class OptionError(AnylensError, TypeError):
+    """An experiment's option given twice (under its new and its former name, or by position and by
+    keyword), or more options by position than the experiment ever took."""
+
+
+class OverError(AnylensError, ValueError):
+    """An ``over`` that the role cannot be swept over (e.g. heads of the residual stream)."""
+
+
+class LinearisationError(AnylensError, ValueError):
+    """The final norm is not of the form ``(x - c * mean(x)) / scale * gain + bias``."""
+
+
+# -- adapters inferred from structure, tiny models, plugins ----------------------------------------
+class AnatomyError(AnylensError, LookupError):
+    """A piece every adapter needs (embedding, unembedding, layer list, residual stream) is missing."""
+
+
+class InferenceError(UnknownArchitectureError):
+    """No inferred adapter for this model passes the invariants of ``anylens check``."""
+
+
+class TinyBuildError(AnylensError, RuntimeError):
+    """An architecture that cannot be built as a tiny random model on this machine."""
+
+
+class AdapterConflictWarning(AnylensWarning):
+    """Two adapters claim the same architecture; the message says which one is used."""
+
+
+class PluginLoadWarning(AnylensWarning):
+    """A plugin failed to load or to provide its adapters; the others keep working."""
+
+
+# -- sweeps -----------------------------------------------------------------------------------------
+class SweepError(AnylensError):
+    """Base class of the errors a sweep raises on purpose."""
+
+
+class SweepConfigError(SweepError, ValueError):
+    """The sweep cannot run as configured, e.g. ``out`` holds a sweep with another configuration."""
+
+
+class SweepWeightsChangedError(SweepConfigError):
+    """A model's weights are not those its finished chunks were computed with."""
+
+
+class SweepIntegrityError(SweepError, ValueError):
+    """A finished chunk on disk no longer matches its checksum, or cannot be parsed."""
+
+
+class SweepBusyError(SweepError, RuntimeError):
+    """Another process is writing the same sweep directory."""
+
+
+class SweepModelError(SweepError, RuntimeError):
+    """A model of the sweep could not be loaded."""
+
+
+class SweepWarning(AnylensWarning):
+    """Something on disk was not as expected and is being repaired (e.g. a damaged chunk recomputed)."""
+
+
+# -- generation and steering ---------------------------------------------------------------------
+class GenerationLengthError(AnylensError, ValueError):
+    """A generation longer than the model can position, or a number of new tokens below 1."""
+
+
+class SteeringVectorError(AnylensError, ValueError):
+    """A steering vector whose width is not the model's, or that is not one vector."""
+
+
+class InterventionError(AnylensError, TypeError):
+    """An intervention that is neither a callable nor a well-formed role edit, or a generation
+    block used out of place (``gen.steps`` outside it, ``gen.text`` before it ran)."""
+
+
+class HookNameError(MissingRoleError):
+    """A TransformerLens hook name anylens does not know, or a role that has none."""
+
+
 class LabelError(AnylensError, ValueError):
     """Probe labels that do not fit the prompts: another count, or a single class."""
-
-
-class PositionError(AnylensError, IndexError):
-    """A token position outside a prompt's real tokens."""
 
 
 class ExtractionOptionError(AnylensError, ValueError):

@@ -21,6 +21,7 @@ from .errors import (
     RoleNameError,
     TokenizationError,
 )
+from .hook_names import HookPoint, looks_like_hook_name, role_for_hook
 from .inputs import check_inputs
 from .operations import OperationHooks
 from .roles import LAYER_ROLES, MODEL_ROLES
@@ -161,7 +162,20 @@ class AnyModel:
         return self.nn.trace(*inputs, **self._remote_kwargs(kwargs))
 
     def generate(self, *inputs: Any, **kwargs: Any) -> Any:
-        return self.nn.generate(*inputs, **self._remote_kwargs(kwargs))
+        """``with model.generate(prompts, max_new_tokens=N) as gen:`` runs its block, like a
+        trace's, at every generated step; ``gen.steps[...]`` picks steps, ``gen.text`` and
+        ``gen.tokens`` hold the output (see :mod:`anylens.core.generation_trace`). Called
+        without ``with``, it generates and returns that output. Greedy unless ``do_sample=True``."""
+        from nnsight.tracing.tracer import WithBlockNotFoundError
+
+        from .generation_trace import open_generation, run_untraced
+
+        tracer = open_generation(self, inputs, kwargs)
+        try:
+            tracer.capture()  # looks two frames up: the caller's line
+        except WithBlockNotFoundError:
+            return run_untraced(tracer)
+        return tracer
 
     def session(self, *args: Any, **kwargs: Any) -> Any:
         """An nnsight session; for a remote model the whole session is one remote job, so pass
@@ -184,8 +198,13 @@ class AnyModel:
             )
         return module
 
-    def role(self, name: str) -> RoleAccess:
-        """The accessor of a role, or a clear error naming the roles this adapter has."""
+    def role(self, name: str) -> RoleAccess | HookPoint:
+        """The accessor of a role, or a clear error naming the roles this adapter has.
+
+        A TransformerLens hook name (``"blocks.3.hook_resid_post"``) gives a :class:`HookPoint`:
+        that role at that layer, with ``read()``/``save()`` and ``write(value)``."""
+        if name not in self._access and name not in MODEL_ROLES + LAYER_ROLES and looks_like_hook_name(name):
+            return self._hook_point(name)
         if name not in self._access:
             if name not in MODEL_ROLES + LAYER_ROLES:
                 raise MissingRoleError(f"{name!r} is not a role; roles are: {', '.join(MODEL_ROLES + LAYER_ROLES)}")
@@ -199,6 +218,15 @@ class AnyModel:
                 "call model.set_attn_implementation('eager') or load with attn_implementation='eager'"
             )
         return self._access[name]
+
+    def _hook_point(self, name: str) -> HookPoint:
+        role, layer = role_for_hook(name)
+        if role not in self._access:
+            raise MissingRoleError(
+                f"hook name {name!r} stands for role {role!r}, which adapter {self.adapter.name!r} "
+                f"({type(self.hf).__name__}) does not have; it provides: {', '.join(self.roles)}"
+            )
+        return HookPoint(name, self.role(role), None if layer is None else self.layer_index(layer))
 
     def layer_index(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int):

@@ -142,6 +142,9 @@ class AdapterSpec:
     z_feeds_residual: bool = True
     variants: tuple[Variant, ...] = ()
     description: str = ""
+    #: Named internal modules no role covers (name -> module path, ``{i}`` for the layer), listed
+    #: in the reference table for orientation (Mamba's ``conv1d``); nothing reads them.
+    reference_modules: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -66,7 +66,7 @@ def record(
 
 
 class RowFill:
-    """Tensors of ``n`` rows filled a chunk of rows at a time, never holding the chunks twice."""
+    """Tensors of ``n`` rows filled a batch of rows at a time, never holding the batches twice."""
 
     def __init__(self, n: int):
         self.n = n
@@ -74,7 +74,7 @@ class RowFill:
 
     def put(self, key: Any, start: int, value: torch.Tensor) -> None:
         if start == 0 and value.shape[0] == self.n:
-            self.tensors[key] = value  # one chunk: nothing to copy
+            self.tensors[key] = value  # one batch: nothing to copy
             return
         if key not in self.tensors:
             self.tensors[key] = value.new_empty((self.n, *value.shape[1:]))
@@ -91,7 +91,7 @@ class Baseline:
     ``last`` is its final-position logits; ``acts[layer]`` the role's activations (to tell which
     writes change anything), ``blocks[i]`` the output of block ``i`` (to skip the block) and
     ``prefix[b]`` the outputs of block ``b``'s modules before the role, by path (to skip them in
-    a chunk that starts at ``b``).
+    a batch that starts at ``b``).
     """
 
     last: torch.Tensor
@@ -124,7 +124,7 @@ def record_baseline(
 
     Blocks whose output is not a residual tensor (or a tuple led by one, with no other tensors)
     cannot be handed back by a skip, so then no block outputs are kept (``blocks`` is None).
-    With block outputs, the outputs of the modules before the role in each block a chunk may
+    With block outputs, the outputs of the modules before the role in each block a batch may
     start at are kept too (:func:`.blocks.block_prefixes`).
     ``columns`` are the only final-position logits to compute (:mod:`.final_position`).
     """
@@ -143,7 +143,7 @@ def record_baseline(
     rows = RowFill(ids.shape[0])
     mlp_cut = last_mlp(model, role, layers) if last_only else None
     columns = columns if last_only else None
-    structures: list[Any] = []  # each block's output as the first chunk returned it
+    structures: list[Any] = []  # each block's output as the first batch returned it
     prefix_structures: dict[str, Any] = {}  # the same for the modules before the role
     for start in range(0, ids.shape[0], step):
         acts: dict[int, torch.Tensor] = {}

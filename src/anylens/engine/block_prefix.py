@@ -1,16 +1,16 @@
 """Modules of a block that return before a role is reached, which a patch there cannot change.
 
-A sweep with reuse skips the blocks before a chunk's first block ``b0`` (:mod:`.reuse`). Within
+A sweep with reuse skips the blocks before a batch's first block ``b0`` (:mod:`.reuse`). Within
 block ``b0`` too, every module that returns before the role's module starts sees the unpatched
 run: a ``z`` patch leaves the block's norm and query/key/value projections as they were, an MLP
 patch its whole attention sublayer. The unpatched run records those modules' outputs once, and
-each chunk hands them back instead of running them.
+each batch hands them back instead of running them.
 
 Which modules qualify is learned from the model, not from its architecture: one forward with
 plain torch hooks records when each module under the block list starts and returns. A module
 qualifies if it runs once per forward, returns before the role's module starts, and returns a
 tensor laid out ``[batch, position, ...]`` (alone, or leading a tuple with no other tensors), so
-that its output can be cut to a chunk's rows and positions. Of nested qualifying modules only the
+that its output can be cut to a batch's rows and positions. Of nested qualifying modules only the
 outermost is kept; a module whose output cannot be cut is passed over for its children. A model
 the probe forward fails on gets no prefixes.
 """

@@ -32,7 +32,7 @@ def skippable_blocks(model: AnyModel, role: str, layers: list[int]) -> int:
 
 
 def block_prefixes(model: AnyModel, role: str, layers: list[int], n_blocks: int) -> dict[int, tuple[str, ...]]:
-    """Per block a chunk may start at (up to ``n_blocks``), the modules there that return before
+    """Per block a batch may start at (up to ``n_blocks``), the modules there that return before
     ``role`` is reached (:mod:`.block_prefix`); blocks with none are left out."""
     found: dict[int, tuple[str, ...]] = {}
     for layer in layers:

@@ -22,12 +22,12 @@ def run_plain(
     memory_budget: int | None = None,
 ) -> tuple[torch.Tensor, PlanStats]:
     """Run every row of ``plan`` in full, ``batch_size`` rows per forward (or as many as fit
-    ``memory_budget``, in even chunks); ``score`` each chunk's final-position logits."""
+    ``memory_budget``, in even batches); ``score`` each batch's final-position logits."""
     n = len(plan)
     rows_per_forward = batch_size or rows_for_budget(model, plan.inputs.shape[1], memory_budget)
     if batch_size is None and n:
         forwards = -(-n // rows_per_forward)
-        rows_per_forward = -(-n // forwards)  # even chunks: 96 rows under a cap of 64 run as 48 + 48
+        rows_per_forward = -(-n // forwards)  # even batches: 96 rows under a cap of 64 run as 48 + 48
     scores = torch.empty(n)
     stats = PlanStats(patches=n, rows_per_forward=min(rows_per_forward, n))
     for start in range(0, n, rows_per_forward):

@@ -3,7 +3,7 @@
 A *component* is one place in a role that an experiment patches: a layer, optionally one
 position and optionally one head. :func:`enumerate_components` lists them over the dimensions
 an experiment sweeps (``over``); a :class:`PatchPlan` gives each patched run (a batch row) its
-input, its component and the source row written in, and :func:`writes_by_layer` turns a chunk
+input, its component and the source row written in, and :func:`writes_by_layer` turns a batch
 of rows into the indexed writes a forward makes.
 
 Nothing here knows an architecture: roles say where activations live and how they are laid out.
@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.errors import AnylensError, PromptError
+from ..core.errors import OverError, PromptError
+from ..core.positions import normalize_positions
 from ..core.roles import HEAD_ROLES, LAYER_ROLES
 
 if TYPE_CHECKING:
@@ -27,10 +28,6 @@ if TYPE_CHECKING:
 DIMS = ("layer", "head", "pos")
 #: Roles whose heads are a dimension: the head roles plus ``pattern`` ([batch, head, query, key]).
 HEADED_ROLES = frozenset(HEAD_ROLES | {"pattern"})
-
-
-class OverError(AnylensError, ValueError):
-    """An ``over`` that the role cannot be swept over (e.g. heads of the residual stream)."""
 
 
 @dataclass(frozen=True)
@@ -91,16 +88,6 @@ def enumerate_components(
     return [Component(layer, pos, head) for layer in model.layers(layers) for head in head_list for pos in pos_list]
 
 
-def normalize_positions(positions: Sequence[int], length: int, what: str) -> list[int]:
-    """Positions in ``0..length-1`` (negative ones count from the end), or a clear error."""
-    out = []
-    for p in positions:
-        if not -length <= int(p) < length:
-            raise PromptError(f"{what} position {p} is out of range for a prompt of {length} tokens")
-        out.append(int(p) % length)
-    return out
-
-
 # -- the plan of a batched sweep --------------------------------------------------------------
 @dataclass
 class PatchPlan:
@@ -159,7 +146,7 @@ class PlanStats:
 
 
 def writes_by_layer(
-    plan: PatchPlan, rows: torch.Tensor, device: torch.device, start: int = 0, row_offset: int = 0
+    plan: PatchPlan, rows: torch.Tensor, device: torch.device, start: int = 0
 ) -> dict[int, list[tuple[tuple, tuple]]]:
     """Per layer, (target index, source index) pairs, one per group of alike components.
 
@@ -167,7 +154,6 @@ def writes_by_layer(
     written with one vectorised index, so a layer costs one write per group, not one per row.
     ``start`` is the first position the forward runs: target positions are counted from it, and
     writes before it are left out (the caller ensures they would not change anything).
-    ``row_offset``: the batch row of ``rows[0]`` (rows the caller puts before them).
     """
     row_list = rows.tolist()
     groups: dict[tuple[int, bool, bool], list[int]] = {}
@@ -181,7 +167,7 @@ def writes_by_layer(
     head_first = plan.role == "pattern"  # [batch, head, query, key]; the others are [batch, pos, ...]
     for (layer, all_pos, all_heads), locals_ in groups.items():
         chosen = [row_list[i] for i in locals_]
-        batch_rows = torch.tensor(locals_) + row_offset
+        batch_rows = torch.tensor(locals_)
         source_rows = plan.source_rows[chosen]
         if all_pos:
             kept = [i for i, p in enumerate(plan.target_positions) if p >= start]

@@ -6,32 +6,32 @@ before ``p``, at every layer. A batched sweep with reuse therefore
 
 * answers a row whose patch writes what is already there from the unpatched run (patching a
   position where the clean and corrupt activations are equal changes nothing);
-* groups the other rows into chunks sharing a first position ``p0`` (and, where forwards cannot
-  grow, a first block ``b0``) (:func:`.scheduling.plan_chunks`);
-* skips the blocks before the chunk's first block ``b0``, handing each its unpatched output
+* groups the other rows into batches sharing a first position ``p0`` (and, where forwards cannot
+  grow, a first block ``b0``) (:func:`.scheduling.plan_batches`);
+* skips the blocks before the batch's first block ``b0``, handing each its unpatched output
   (nnsight ``skip``), and lets every other row join the batch at its own block, with the
   unpatched output of the block before (a *growing* forward, :func:`.shortcut.shortcut_forward`);
 * in block ``b0``, hands the modules that return before the role their unpatched outputs too
   (:mod:`.block_prefix`);
 * runs only positions ``p0..``, on top of the unpatched run's key/value cache of the positions
-  before ``p0``, expanded over the chunk's rows (:func:`.blocks.kv_cache_reusable` says where);
+  before ``p0``, expanded over the batch's rows (:func:`.blocks.kv_cache_reusable` says where);
 * asks for final-position logits only, the only ones a sweep scores (only the columns its metric
   reads, and the last block's MLP at the final position alone: :mod:`.final_position`).
 
 Only the adapter's paths of the block list and the unembedding are used: nothing here knows an
 architecture. Each new shortcut (prompt length, ``b0``, ``p0``, the blocks rows join at, block
-prefixes) is checked once per model: before the chunk runs, a guard forward takes the same
+prefixes) is checked once per model: before the batch runs, a guard forward takes the same
 shortcuts with unpatched copies of a few of its inputs (one joining at each block rows join at,
 and the last row's), which must reproduce the unpatched logits. If they do not, the newest kind
 of shortcut is turned off for that model with a warning (growing forwards, then block prefixes,
 then reuse as a whole); a growing forward that raises is turned off the same way. What was
 verified and what is off lives in the model's :class:`.state.EngineState`.
 
-The guard runs apart, never inside the chunk: a row's result must not depend on whether its
+The guard runs apart, never inside the batch: a row's result must not depend on whether its
 shortcut was new to the process. Matrix products over batches of other sizes may round
 differently (the kernels block the batch differently), so guard rows riding along in a first
-chunk would change its other rows in the last bits, and a resumed sweep would not reproduce an
-uninterrupted one. Each chunk therefore always runs exactly its own rows.
+batch would change its other rows in the last bits, and a resumed sweep would not reproduce an
+uninterrupted one. Each batch therefore always runs exactly its own rows.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from .blocks import block_of, block_prefixes, kv_cache_reusable, skippable_block
 from .final_position import final_logits, last_mlp, matches_within
 from .memory import Sizes
 from .plan import HEADED_ROLES, PatchPlan, PlanStats, moved_together
-from .scheduling import Chunk, CostModel, plan_chunks
+from .scheduling import CostModel, RowBatch, plan_batches
 from .shortcut import PrefixCaches, shortcut_forward
 from .state import engine_state
 
@@ -123,7 +123,7 @@ def first_changes(plan: PatchPlan, acts: dict[int, torch.Tensor], input_offset: 
 
 
 class ReusingRun:
-    """One plan run with reuse: inputs in groups that fit the budget, each group in chunks."""
+    """One plan run with reuse: inputs in groups that fit the budget, each group in batches."""
 
     def __init__(
         self,
@@ -154,7 +154,7 @@ class ReusingRun:
             self.baseline, self.group_size = None, sizes.inputs_per_group(n_inputs)
             free = sizes.free - self.group_size * sizes.per_input
         self.cap = batch_size or sizes.rows_for(max(free, 0))
-        # Logits of many chunks' rows per unembedding call, in at most a quarter of what is free.
+        # Logits of many batches' rows per unembedding call, in at most a quarter of what is free.
         logits_bytes = 2 * model.d_vocab * next(model.hf.parameters()).element_size()
         self.unembed_rows = max(self.cap, min(4096, max(free, 0) // 4 // logits_bytes))
         # A pattern's key axis is laid out by the cache (a sliding window keeps part of it), so
@@ -200,65 +200,65 @@ class ReusingRun:
         caches = PrefixCaches(model, plan.inputs[first:last], state.cache) if self.kv else None
         # A role read as flattened tokens is unflattened by the trace's batch, which growing changes.
         growing = self.engine.growing_off_reason is None and self.model.role(plan.role).path.view != "tokens"
-        for chunk in plan_chunks(blocks, positions, live, self.cap, self.cost, growing):
-            self._chunk(chunk, state, caches, first)
+        for batch in plan_batches(blocks, positions, live, self.cap, self.cost, growing):
+            self._run_batch(batch, state, caches, first)
         self._flush()
 
-    def _chunk(self, chunk: Chunk, state: Baseline, caches: PrefixCaches | None, first: int) -> None:
-        model, rows = self.model, chunk.rows
+    def _run_batch(self, batch: RowBatch, state: Baseline, caches: PrefixCaches | None, first: int) -> None:
+        model, rows = self.model, batch.rows
         self.stats.forwards += 1
         self.stats.rows_per_forward = max(self.stats.rows_per_forward, len(rows))
         if self.engine.reuse_off_reason is not None:
             self._full(rows)
             return
-        prefix = chunk.block in (state.prefix or {}) and self.engine.prefix_off_reason is None
-        growing = chunk.starts is not None and self.engine.growing_off_reason is None
+        prefix = batch.block in (state.prefix or {}) and self.engine.prefix_off_reason is None
+        growing = batch.starts is not None and self.engine.growing_off_reason is None
         if not growing:
-            chunk = Chunk(chunk.rows, chunk.block, chunk.pos)
-        joins = tuple(chunk.starts.unique().tolist()) if growing else ()
-        key = (self.length, chunk.block, chunk.pos, prefix, joins)
+            batch = RowBatch(batch.rows, batch.block, batch.pos)
+        joins = tuple(batch.starts.unique().tolist()) if growing else ()
+        key = (self.length, batch.block, batch.pos, prefix, joins)
         if key not in self.engine.verified:
-            problem = self._guard(chunk, state, caches, first, prefix)
+            problem = self._guard(batch, state, caches, first, prefix)
             if problem is not None:
                 # Take the newest shortcuts back one at a time; the rest of reuse stays on.
                 if growing:
                     self._stop_growing(problem)
                 elif prefix:
-                    self._prefix_off(chunk, state)
+                    self._prefix_off(batch, state)
                 else:
-                    self._disable(chunk)
+                    self._disable(batch)
                     self.stats.forwards += 1
                     self._full(rows)
                     return
-                self._chunk(chunk, state, caches, first)
+                self._run_batch(batch, state, caches, first)
                 return
             self.engine.verified.add(key)
         try:
-            hidden = shortcut_forward(model, self.plan, rows, chunk, state, caches, first, True, self.mlp_cut, prefix)
+            hidden = shortcut_forward(model, self.plan, rows, batch, state, caches, first, True, self.mlp_cut, prefix)
         except Exception as error:
             if not growing:
                 raise
             self._stop_growing(f"a growing forward failed: {type(error).__name__}: {error}")
-            self._chunk(chunk, state, caches, first)
+            self._run_batch(batch, state, caches, first)
             return
         self._pending.append((rows, hidden))
-        starts = chunk.starts if growing else torch.full((len(rows),), chunk.block)
-        self._work += int((self.cost.n_blocks - starts).sum()) * (self.length - chunk.pos)
+        starts = batch.starts if growing else torch.full((len(rows),), batch.block)
+        self._work += int((self.cost.n_blocks - starts).sum()) * (self.length - batch.pos)
         if sum(len(r) for r, _ in self._pending) >= self.unembed_rows:
             self._flush()
 
     def _guard(
-        self, chunk: Chunk, state: Baseline, caches: PrefixCaches | None, first: int, prefix: bool
+        self, batch: RowBatch, state: Baseline, caches: PrefixCaches | None, first: int, prefix: bool
     ) -> str | None:
-        """Run the guard forward of a chunk whose shortcuts are new (unpatched copies of a few of
+        """Run the guard forward of a batch whose shortcuts are new (unpatched copies of a few of
         its inputs, apart from it); None when it reproduces the unpatched run, else what failed."""
-        guard = _guard_chunk(chunk)
+        guard = _guard_batch(batch)
         try:
             hidden = shortcut_forward(
                 self.model, self.plan, guard.rows, guard, state, caches, first, False, self.mlp_cut, prefix
             )
         except Exception as error:
-            if chunk.starts is None:
+            if batch.starts is None:
                 raise
             return f"a growing forward failed: {type(error).__name__}: {error}"
         expected = state.last[self.plan.input_rows[guard.rows] - first]
@@ -266,14 +266,14 @@ class ReusingRun:
             got = final_logits(self.model, hidden, self.columns)
         if matches_within(got, expected, GUARD_RTOL):
             return None
-        return f"a {'growing ' if chunk.starts is not None else ''}forward did not reproduce the unpatched run"
+        return f"a {'growing ' if batch.starts is not None else ''}forward did not reproduce the unpatched run"
 
     def _full(self, rows: torch.Tensor) -> None:
         self.scores[rows] = self.score(self.plain_forward(rows), rows).detach().float().cpu()
         self._work += len(rows) * self.cost.n_blocks * self.length
 
     def _flush(self) -> None:
-        """Unembed and score the rows run so far, many chunks' rows per call."""
+        """Unembed and score the rows run so far, many batches' rows per call."""
         if not self._pending:
             return
         rows = torch.cat([r for r, _ in self._pending])
@@ -288,23 +288,23 @@ class ReusingRun:
     def _stop_growing(self, reason: str) -> None:
         self.engine.stop_growing(reason)
         warnings.warn(
-            f"anylens: growing forwards are off for {self.model.name!r} ({reason}); each chunk runs "
+            f"anylens: growing forwards are off for {self.model.name!r} ({reason}); each batch runs "
             "all its rows from its first block, the rest of reuse stays on",
             stacklevel=7,
         )
 
-    def _prefix_off(self, chunk: Chunk, state: Baseline) -> None:
-        modules = ", ".join(state.prefix[chunk.block])
+    def _prefix_off(self, batch: RowBatch, state: Baseline) -> None:
+        modules = ", ".join(state.prefix[batch.block])
         self.engine.stop_prefixes(f"handing back {modules} did not reproduce the unpatched run")
         warnings.warn(
-            f"anylens: skipping the modules before {self.plan.role!r} in a chunk's first block is off for "
+            f"anylens: skipping the modules before {self.plan.role!r} in a batch's first block is off for "
             f"{self.model.name!r} ({self.engine.prefix_off_reason}); they run again, the rest of reuse stays on",
             stacklevel=7,
         )
 
-    def _disable(self, chunk: Chunk) -> None:
+    def _disable(self, batch: RowBatch) -> None:
         self.engine.disable_reuse(
-            f"skipping blocks before {chunk.block} and positions before {chunk.pos} did not reproduce the unpatched run"
+            f"skipping blocks before {batch.block} and positions before {batch.pos} did not reproduce the unpatched run"
         )
         warnings.warn(
             f"anylens: reuse of unpatched work is off for {self.model.name!r} ({self.engine.reuse_off_reason}); "
@@ -326,7 +326,7 @@ def run_reusing(
     """Run ``plan`` with reuse: the scores of running every row in full, for less work.
 
     Inputs are taken in groups whose recorded unpatched run fits half of what ``memory_budget``
-    leaves after the plan's sources; the rest sizes the chunks (or ``batch_size`` rows).
+    leaves after the plan's sources; the rest sizes the batches (or ``batch_size`` rows).
     ``baseline`` is the unpatched run of every input, if the caller recorded it with the role
     (:func:`.baseline.record_for_plan`). ``plain_forward(rows)`` runs rows in full, should a guard fail.
     ``columns`` are the only logits ``score`` reads, if it says (:func:`.final_position.metric_columns`).
@@ -349,15 +349,15 @@ def _subplan(plan: PatchPlan, rows: torch.Tensor) -> PatchPlan:
     )
 
 
-def _guard_chunk(chunk: Chunk) -> Chunk:
-    """The guard forward of ``chunk``: its first row at each block rows join at, and its last row
-    (all from the chunk's first block when it does not grow); run unpatched."""
-    if chunk.starts is None:
-        picked = sorted({0, len(chunk.rows) - 1})
-        return Chunk(chunk.rows[picked], chunk.block, chunk.pos)
-    starts = chunk.starts.tolist()
+def _guard_batch(batch: RowBatch) -> RowBatch:
+    """The guard forward of ``batch``: its first row at each block rows join at, and its last row
+    (all from the batch's first block when it does not grow); run unpatched."""
+    if batch.starts is None:
+        picked = sorted({0, len(batch.rows) - 1})
+        return RowBatch(batch.rows[picked], batch.block, batch.pos)
+    starts = batch.starts.tolist()
     picked = sorted({starts.index(s) for s in set(starts)} | {len(starts) - 1})
-    return Chunk(chunk.rows[picked], chunk.block, chunk.pos, chunk.starts[picked])
+    return RowBatch(batch.rows[picked], batch.block, batch.pos, batch.starts[picked])
 
 
 __all__ = ["GUARD_RTOL", "first_changes", "run_reusing"]

@@ -1,10 +1,10 @@
 """How a sweep with reuse groups its patched rows into forwards.
 
 Each row has a first block ``b`` and a first position ``p`` its patch can change. A forward that
-runs a chunk of rows starts at the chunk's smallest ``p``; each row joins the forward at its own
+runs a batch of rows starts at the batch's smallest ``p``; each row joins the forward at its own
 block (a *growing* forward: :func:`.shortcut.shortcut_forward`), or, where a model cannot run one,
-at the chunk's smallest ``b``. Chunks of alike rows skip the most work, but every extra forward
-costs its own fixed share (reading every weight matrix it runs once more). :func:`plan_chunks`
+at the batch's smallest ``b``. Batches of alike rows skip the most work, but every extra forward
+costs its own fixed share (reading every weight matrix it runs once more). :func:`plan_batches`
 weighs the two with a rough :class:`CostModel`.
 """
 
@@ -28,7 +28,7 @@ _ACCELERATOR = {"flops": 1e14, "call_s": 5e-4, "forward_s": 5e-3, "tokens_per_ca
 
 
 @dataclass(frozen=True)
-class Chunk:
+class RowBatch:
     """Plan rows run in one forward that skips blocks before ``block`` and positions before ``pos``.
 
     ``starts``: each row's first block, in ascending order (the rows are sorted by it), where a
@@ -87,20 +87,20 @@ def one_forward(model: AnyModel, source: torch.Tensor, patched: torch.Tensor) ->
     return source.shape == patched.shape and patched.numel() < CostModel.tokens_per_call(model)
 
 
-def plan_chunks(
+def plan_batches(
     blocks: torch.Tensor,
     positions: torch.Tensor,
     rows: torch.Tensor,
     cap: int,
     cost: CostModel,
     growing: bool = False,
-) -> list[Chunk]:
-    """Group ``rows`` (each with its first block and position) into chunks of at most ``cap`` rows.
+) -> list[RowBatch]:
+    """Group ``rows`` (each with its first block and position) into batches of at most ``cap`` rows.
 
     Rows are split recursively, by block or by position, wherever a split saves more work than
-    its extra forwards cost; each group is then cut into even chunks, sorted so that each chunk
-    starts at its own earliest block and position. Chunks come ordered by position. With
-    ``growing`` each row of a chunk joins at its own block (the chunk carries them as ``starts``),
+    its extra forwards cost; each group is then cut into even batches, sorted so that each batch
+    starts at its own earliest block and position. Batches come ordered by position. With
+    ``growing`` each row of a batch joins at its own block (the batch carries them as ``starts``),
     so only positions cost work that a split could save.
     """
     cells: dict[tuple[int, int], list[int]] = {}
@@ -125,16 +125,16 @@ def plan_chunks(
                     best_cost, best = total, (low, high)
         return [keys] if best is None else split(best[0]) + split(best[1])
 
-    chunks = []
+    batches = []
     for group in split(sorted(cells)) if cells else []:
         members = sorted((b, p, row) for (b, p) in group for row in cells[(b, p)])
-        size = math.ceil(len(members) / math.ceil(len(members) / cap))  # even chunks
+        size = math.ceil(len(members) / math.ceil(len(members) / cap))  # even batches
         for start in range(0, len(members), size):
             part = members[start : start + size]
             starts = torch.tensor([m[0] for m in part]) if growing else None
-            chunks.append(Chunk(torch.tensor([m[2] for m in part]), part[0][0], min(m[1] for m in part), starts))
-    chunks.sort(key=lambda c: (c.pos, c.block))
-    return chunks
+            batches.append(RowBatch(torch.tensor([m[2] for m in part]), part[0][0], min(m[1] for m in part), starts))
+    batches.sort(key=lambda c: (c.pos, c.block))
+    return batches
 
 
-__all__ = ["Chunk", "CostModel", "one_forward", "plan_chunks"]
+__all__ = ["RowBatch", "CostModel", "one_forward", "plan_batches"]

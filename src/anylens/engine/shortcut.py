@@ -1,6 +1,6 @@
-"""The shortcut forward of reuse: a chunk of patched rows run without the work their patches
+"""The shortcut forward of reuse: a batch of patched rows run without the work their patches
 cannot change (the blocks before each row's first patched block, the positions before the
-chunk's first changed position, the modules of its first block before the role).
+batch's first changed position, the modules of its first block before the role).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from .baseline import Baseline
 from .blocks import block_envoys, block_of, cache_name, residual_of, returned_cache
 from .final_position import cut_to_final_position, last_logits_kwargs, read_unembedding_input
 from .plan import PatchPlan, writes_by_layer
-from .scheduling import Chunk
+from .scheduling import RowBatch
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
 
 
 class PrefixCaches:
-    """The unpatched run's key/value cache of positions ``..p0``, expanded over a chunk's rows.
+    """The unpatched run's key/value cache of positions ``..p0``, expanded over a batch's rows.
 
     Cut from the cache of every position when the unpatched run kept one that still holds every
     position (a sliding window may have dropped some); otherwise the positions before ``p0`` are
@@ -68,7 +68,7 @@ def shortcut_forward(
     model: AnyModel,
     plan: PatchPlan,
     rows: torch.Tensor,
-    chunk: Chunk,
+    batch: RowBatch,
     baseline: Baseline,
     caches: PrefixCaches | None,
     input_offset: int,
@@ -76,25 +76,25 @@ def shortcut_forward(
     mlp_cut: str | None = None,
     prefix: bool = True,
 ) -> torch.Tensor:
-    """The unembedding's final-position input for ``rows``, skipping the chunk's blocks and
+    """The unembedding's final-position input for ``rows``, skipping the batch's blocks and
     positions, and with ``prefix`` the modules of its first block before the role.
 
-    Where the chunk carries ``starts``, each row joins the forward at its own first block: the
+    Where the batch carries ``starts``, each row joins the forward at its own first block: the
     batch grows block by block, a joining row entering with the unpatched run's output of the
     block before, so no row runs a block its patch cannot change (rows are sorted by start). The
     blocks' other per-row inputs (an attention mask) and the key/value cache are cut to the rows
     present at each block.
 
-    The unembedding itself is skipped too: a sweep applies it to many chunks' rows at once
+    The unembedding itself is skipped too: a sweep applies it to many batches' rows at once
     (:func:`.final_position.final_logits`), reading its weights once rather than once per
     forward. ``patched=False`` runs the rows' inputs with the same shortcuts but without their
     patches: the guard forward, whose logits must be the unpatched run's. ``mlp_cut`` is the last
     MLP to run on the final position only (:mod:`.final_position`).
     """
     device = model.device
-    p0, b0 = chunk.pos, chunk.block
+    p0, b0 = batch.pos, batch.block
     inputs = plan.input_rows[rows] - input_offset
-    starts = chunk.starts if chunk.starts is not None else torch.full((len(rows),), b0)
+    starts = batch.starts if batch.starts is not None else torch.full((len(rows),), b0)
     n_all = len(model.module(model.adapter.layers))
     present = [int((starts <= max(k, b0)).sum()) for k in range(n_all)]  # rows in the batch at block k
     total = len(inputs)
@@ -114,7 +114,7 @@ def shortcut_forward(
     writes = writes_by_layer(plan, rows, device, start=p0) if patched else {}
     owners = {layer: block_of(model, plan.role, layer) for layer in writes}
     if present[b0] < total and None in owners.values():  # a growing forward writes block by block
-        raise AssertionError(f"role {plan.role!r} is written outside the blocks: a chunk of it cannot grow")
+        raise AssertionError(f"role {plan.role!r} is written outside the blocks: a batch of it cannot grow")
     access = model.role(plan.role)
     envoys = block_envoys(model)
     before = (baseline.prefix or {}).get(b0, {}) if prefix else {}

@@ -26,9 +26,9 @@ class EngineState:
     verified: set[tuple] = field(default_factory=set)
     #: Why reuse as a whole is off (a guard failed with only blocks and positions skipped).
     reuse_off_reason: str | None = None
-    #: Why forwards do not grow (each chunk runs all its rows from its first block).
+    #: Why forwards do not grow (each batch runs all its rows from its first block).
     growing_off_reason: str | None = None
-    #: Why the modules before the role in a chunk's first block are not skipped.
+    #: Why the modules before the role in a batch's first block are not skipped.
     prefix_off_reason: str | None = None
     #: Whether the model's key/value cache may be continued from (:func:`.baseline.kv_cache_reusable`).
     kv_reusable: bool | None = None
@@ -48,11 +48,11 @@ class EngineState:
         self.reuse_off_reason = why
 
     def stop_growing(self, why: str) -> None:
-        """Run each chunk's rows from its first block from now on."""
+        """Run each batch's rows from its first block from now on."""
         self.growing_off_reason = why
 
     def stop_prefixes(self, why: str) -> None:
-        """Run the modules before the role in a chunk's first block from now on."""
+        """Run the modules before the role in a batch's first block from now on."""
         self.prefix_off_reason = why
 
 

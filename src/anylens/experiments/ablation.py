@@ -34,6 +34,7 @@ from ..engine import (
 from . import metrics as metrics_
 from .patching import sweep_frame
 from .prompts import Prompts, tokenize_aligned
+from .renamed import renamed
 from .results import Result
 
 if TYPE_CHECKING:
@@ -52,10 +53,12 @@ class AblationResult(Result):
         return self.meta["baseline"]
 
 
+@renamed()
 @only_role_operations("role")
 def ablate(
     model: AnyModel,
     prompts: Prompts,
+    *,
     role: str = "z",
     over: Sequence[str] = ("layer", "head"),
     method: str = "zero",

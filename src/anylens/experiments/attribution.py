@@ -32,6 +32,7 @@ from ..engine import (
 from . import metrics as metrics_
 from .patching import PatchResult, prepare_pairs, sweep_frame, sweep_meta
 from .prompts import Prompts
+from .renamed import renamed
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -115,11 +116,13 @@ def _gradient_run(
     return run
 
 
+@renamed()
 @only_role_operations("role")
 def attribute(
     model: AnyModel,
     clean: Prompts,
     corrupt: Prompts,
+    *,
     role: str = "z",
     over: Sequence[str] = ("layer", "head"),
     metric: Any = None,

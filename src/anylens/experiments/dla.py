@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from ..core.errors import AnylensError
+from ..core.errors import LinearisationError, PromptError
 from ..core.model import linear_weight
 from ..core.operations import only_role_operations
 from .extraction import cache, decompose_resid
 from .metrics import LogitDiff, Metric, named, target_ids
 from .prompts import Prompts
+from .renamed import renamed
 from .results import Result
 
 if TYPE_CHECKING:
@@ -29,10 +30,6 @@ if TYPE_CHECKING:
 #: Probe magnitude: large enough that a norm's epsilon is negligible (eps / M**2), small
 #: enough that squares stay finite in float16.
 _PROBE = 100.0
-
-
-class LinearisationError(AnylensError, ValueError):
-    """The final norm is not of the form ``(x - c * mean(x)) / scale * gain + bias``."""
 
 
 @dataclass(frozen=True)
@@ -145,20 +142,23 @@ class DLAResult(Result):
         return fig
 
 
+@renamed(prompt="prompts", metric_or_targets="metric", position="positions")
 @only_role_operations()
 def direct_logit_attribution(
     model: AnyModel,
-    prompt: Prompts,
-    metric_or_targets: Metric | str | int | Sequence[Any],
+    prompts: Prompts,
+    *,
+    metric: Metric | str | int | Sequence[Any],
     per_head: bool = True,
-    position: int = -1,
+    positions: int | Sequence[int] = -1,
 ) -> DLAResult:
-    """Each component's direct contribution to a logit or logit difference at ``position``
-    (an index into the left-padded batch: the default -1 is every prompt's last token).
+    """Each component's direct contribution to a logit or logit difference at one position,
+    ``positions`` (an index into the left-padded batch: the default -1 is every prompt's last
+    token; a list of one index is accepted too).
 
-    ``metric_or_targets`` is a target word or token id (its logit), a pair
-    ``(answer, distractor)`` or ``al.metrics.logit_diff(answer, distractor)`` (their logit
-    difference), or ``"logit_diff"`` with prompt pairs that carry both words; words must be
+    ``metric`` is a target word or token id (its logit), a pair ``(answer, distractor)`` or
+    ``al.metrics.logit_diff(answer, distractor)`` (their logit difference), or ``"logit_diff"``
+    with prompt pairs that carry both words; words must be
     single tokens and may be given per prompt. Components are those
     of ``decompose_resid`` on the last layer: embeddings, each layer's attention (each head with
     ``per_head``, where attention output is a linear function of ``z``, plus an ``"attn bias"``
@@ -173,11 +173,10 @@ def direct_logit_attribution(
     all rows sum to the real logit difference before any logit soft-cap (``meta["logit_diff"]``;
     the model's capped value is ``meta["model_logit_diff"]``).
     """
-    if (
-        isinstance(metric_or_targets, str) and metric_or_targets == "logit_diff"
-    ):  # by name: built from the prompt pairs' answers and distractors
-        metric_or_targets = named("logit_diff", prompt)
-    answer, distractor, label = _targets(metric_or_targets)
+    if isinstance(metric, str) and metric == "logit_diff":  # by name: from the prompt pairs' words
+        metric = named("logit_diff", prompts)
+    answer, distractor, label = _targets(metric)
+    position = _one_position(positions)
     model.role("final_norm")  # a clear MissingRoleError: DLA goes through the final norm
     roles = [
         r
@@ -186,7 +185,7 @@ def direct_logit_attribution(
     ]
     if not per_head and "z" in roles:
         roles.remove("z")
-    run = cache(model, prompt, roles=roles, positions=[position])
+    run = cache(model, prompts, roles=roles, positions=[position])
     components, labels = decompose_resid(run, layer=-1, per_head=per_head)
     batch = run.tokens.shape[0]
 
@@ -213,7 +212,7 @@ def direct_logit_attribution(
         "adapter": model.adapter.name,
         "metric": label,
         "tokens": tokens,
-        "prompt": prompt if isinstance(prompt, str) else [model.tokenizer.decode(row) for row in run.tokens],
+        "prompt": prompts if isinstance(prompts, str) else [model.tokenizer.decode(row) for row in run.tokens],
         "position": position,
         "over": ["component"],
         "per_head": any(lab.startswith("head ") for lab in labels),
@@ -238,19 +237,29 @@ def _metric_of(logits: torch.Tensor, good: torch.Tensor, bad: torch.Tensor | Non
     return value - logits[rows, bad.to(logits.device)] if bad is not None else value
 
 
-def _targets(metric_or_targets: Any) -> tuple[Any, Any, str]:
-    if isinstance(metric_or_targets, LogitDiff):
-        a, b = metric_or_targets.answer, metric_or_targets.distractor
+def _one_position(positions: Any) -> int:
+    """The one position DLA reads: an int, or a list of one."""
+    if isinstance(positions, int):
+        return positions
+    chosen = list(positions)
+    if len(chosen) != 1:
+        raise PromptError(f"direct logit attribution reads one position, not {chosen!r}: call it once per position")
+    return int(chosen[0])
+
+
+def _targets(metric: Any) -> tuple[Any, Any, str]:
+    if isinstance(metric, LogitDiff):
+        a, b = metric.answer, metric.distractor
         return a, b, f"logit_diff({a!r}, {b!r})"
-    if isinstance(metric_or_targets, Metric):
+    if isinstance(metric, Metric):
         raise TypeError(
             f"direct logit attribution splits a logit or a logit difference, which are linear in the residual "
-            f"stream; the {metric_or_targets.name!r} metric is not. Pass a target word, a pair (answer, distractor) "
+            f"stream; the {metric.name!r} metric is not. Pass a target word, a pair (answer, distractor) "
             "or al.metrics.logit_diff(answer, distractor)"
         )
-    if isinstance(metric_or_targets, (str, int)):
-        return metric_or_targets, None, f"logit({metric_or_targets!r})"
-    pair = list(metric_or_targets)
+    if isinstance(metric, (str, int)):
+        return metric, None, f"logit({metric!r})"
+    pair = list(metric)
     if len(pair) != 2:
         raise TypeError(f"give one target or a pair (answer, distractor), not {len(pair)} items: {pair!r}")
     return pair[0], pair[1], f"logit_diff({pair[0]!r}, {pair[1]!r})"

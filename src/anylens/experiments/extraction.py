@@ -17,8 +17,10 @@ import torch
 
 from ..core.errors import LayerIndexError, MissingRoleError
 from ..core.operations import only_role_operations
+from ..core.positions import normalize_positions
 from ..core.roles import LAYER_ROLE_ORDER, LAYER_ROLES, MODEL_ROLES_AFTER_LAYERS, MODEL_ROLES_BEFORE_LAYERS
 from .prompts import Prompts, tokenize
+from .renamed import renamed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,19 +45,6 @@ def forward_order(role: str, layer: int | None) -> tuple[int, int, int]:
     if role in MODEL_ROLES_AFTER_LAYERS:
         return (2, 0, MODEL_ROLES_AFTER_LAYERS.index(role))
     return (1, int(layer), LAYER_ROLE_ORDER.index(role))
-
-
-def normalize_positions(positions: int | slice | Iterable[int] | None, n_pos: int) -> list[int] | None:
-    """Absolute position indices (negative ones count from the end), or None for all."""
-    if positions is None:
-        return None
-    if isinstance(positions, slice):
-        return list(range(n_pos))[positions]
-    chosen = [positions] if isinstance(positions, int) else [int(p) for p in positions]
-    for p in chosen:
-        if not -n_pos <= p < n_pos:
-            raise IndexError(f"position {p} is out of range for {n_pos} tokens (valid: 0..{n_pos - 1} or -{n_pos}..-1)")
-    return [p % n_pos for p in chosen]
 
 
 def read_roles(
@@ -100,10 +89,12 @@ def _read_in_one_trace(
     return values
 
 
+@renamed()
 @only_role_operations("roles")
 def cache(
     model: AnyModel,
     prompts: Prompts,
+    *,
     roles: Iterable[str] | None = None,
     layers: Iterable[int] | int | None = None,
     positions: int | slice | Iterable[int] | None = None,

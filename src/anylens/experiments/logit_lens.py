@@ -12,10 +12,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.errors import PromptError
+from ..core.errors import MetricError, PromptError
 from ..core.operations import only_role_operations
-from .extraction import normalize_positions, read_roles
+from ..core.positions import normalize_positions
+from .extraction import read_roles
+from .metrics import NAMED, Metric, named
 from .prompts import Prompts, tokenize
+from .renamed import renamed
 from .results import Result
 
 if TYPE_CHECKING:
@@ -54,7 +57,9 @@ class LogitLensResult(Result):
             frame = frame[frame["target"] == chosen]
             label = f"p({chosen!r})"
         elif target is not None:
-            raise KeyError("this logit lens ran without targets: pass targets= to al.logit_lens to plot one")
+            raise KeyError(
+                "this logit lens ran without targets: pass metric=[...target words] to al.logit_lens to plot one"
+            )
         meta = dict(self.meta, value_label=label)
         view = Result(self.experiment, frame, meta, self.value)
         kwargs.setdefault("title", f"logit lens · {self.meta.get('model', '')} · {label}")
@@ -95,19 +100,24 @@ def _annotate_top_tokens(ax: Any, frame: pd.DataFrame, max_cells: int = 400) -> 
                 )
 
 
+@renamed(prompt="prompts", targets="metric")
 @only_role_operations("role")
 def logit_lens(
     model: AnyModel,
-    prompt: Prompts,
-    targets: str | int | Sequence[str | int] | None = None,
+    prompts: Prompts,
+    *,
+    metric: Metric | str | int | Sequence[str | int] | None = None,
     k: int = 5,
     positions: int | slice | Iterable[int] | None = None,
     role: str = "resid_post",
 ) -> LogitLensResult:
     """Apply the model's final norm and unembedding to ``role`` at every layer and position.
 
-    ``targets`` are words (each exactly one token, see ``model.token_id``) or token ids whose
-    probability, log-probability and rank are reported; ``k`` top tokens are always listed.
+    ``metric`` names the target words whose probability, log-probability and rank are reported:
+    words (each exactly one token, see ``model.token_id``) or token ids, a metric object whose
+    words are taken (``al.metrics.logit_diff(" Paris", " Rome")`` reports both), or a metric by
+    name (``"logit_diff"``, ``"prob"``, ...) built from a prompt pair's words. A string that is a
+    metric name is read as one, not as a word. ``k`` top tokens are always listed.
     Applied to ``resid_post`` of the last layer, the lens reproduces the model's own logits
     (with any soft-cap). One prompt at a time; ``positions`` restricts the positions read.
     """
@@ -115,7 +125,8 @@ def logit_lens(
         raise KeyError(
             f"the logit lens reads a per-layer role of shape [batch, pos, d_model] ({', '.join(RESIDUAL_SHAPED)}), not {role!r}"
         )
-    inputs = tokenize(model, prompt)
+    targets = _lens_targets(metric, prompts)
+    inputs = tokenize(model, prompts)
     if inputs["input_ids"].shape[0] != 1:
         raise PromptError(f"logit_lens takes one prompt; got {inputs['input_ids'].shape[0]}: call it once per prompt")
     inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
@@ -151,12 +162,27 @@ def logit_lens(
         "role": role,
         "metric": "prob" if target_ids else "top-1 prob",
         "tokens": tokens,
-        "prompt": model.tokenizer.decode(inputs["input_ids"][0]) if not isinstance(prompt, str) else prompt,
+        "prompt": model.tokenizer.decode(inputs["input_ids"][0]) if not isinstance(prompts, str) else prompts,
         "over": ["layer", "pos"],
         "targets": target_labels,
         "k": k,
     }
     return LogitLensResult("logit_lens", frame, meta, "value", top_frame)
+
+
+def _lens_targets(metric: Any, prompts: Prompts) -> Any:
+    """The target words of ``metric``: words or ids as given, or the words a metric reads."""
+    if isinstance(metric, str) and metric in NAMED:
+        metric = named(metric, prompts)
+    if not isinstance(metric, Metric):
+        return metric
+    words = [getattr(metric, field) for field in ("answer", "distractor", "target") if hasattr(metric, field)]
+    if not words:
+        raise MetricError(
+            f"the logit lens reports the probability of target words, and the {metric.name!r} metric has none: "
+            "pass words (metric=[' Paris', ' Rome']) or a metric built from words, such as al.metrics.prob(' Paris')"
+        )
+    return [w for word in words for w in ([word] if isinstance(word, (str, int)) else word)]
 
 
 def _as_list(targets: Any) -> list[Any]:

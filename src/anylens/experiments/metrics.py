@@ -7,6 +7,7 @@ whole batch or one word per prompt.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -87,25 +88,29 @@ class LogitDiff(Metric):
 
 
 @dataclass(frozen=True)
-class Prob(Metric):
+class TargetProbability(Metric):
+    """The target's share of the next-token distribution, as the class's ``normaliser`` of the
+    logits gives it (``"softmax"``: a probability, ``"log_softmax"``: a log-probability)."""
+
     target: Target
-    name = "prob"
     reads_clean_logits = False
+    normaliser = "softmax"
 
     def __call__(self, logits, model, clean_logits=None):
         last = _last(logits).float()
-        return _gather(last.softmax(-1), target_ids(model, self.target, last.shape[0]))
+        return _gather(getattr(last, self.normaliser)(-1), target_ids(model, self.target, last.shape[0]))
 
 
 @dataclass(frozen=True)
-class LogProb(Metric):
-    target: Target
-    name = "log_prob"
-    reads_clean_logits = False
+class Prob(TargetProbability):
+    name = "prob"
+    normaliser = "softmax"
 
-    def __call__(self, logits, model, clean_logits=None):
-        last = _last(logits).float()
-        return _gather(last.log_softmax(-1), target_ids(model, self.target, last.shape[0]))
+
+@dataclass(frozen=True)
+class LogProb(TargetProbability):
+    name = "log_prob"
+    normaliser = "log_softmax"
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,19 @@ class Rank(Metric):
         last = _last(logits).float()
         chosen = _gather(last, target_ids(model, self.target, last.shape[0]))
         return (last > chosen[:, None]).sum(-1).float()
+
+
+@dataclass(frozen=True)
+class Top1(Metric):
+    """1 where the target is the top prediction (the token greedy decoding picks), else 0."""
+
+    target: Target
+    name = "top1"
+    reads_clean_logits = False
+
+    def __call__(self, logits, model, clean_logits=None):
+        last = _last(logits).float()
+        return (last.argmax(-1) == target_ids(model, self.target, last.shape[0]).to(last.device)).float()
 
 
 @dataclass(frozen=True)
@@ -157,6 +175,10 @@ def rank(target: Target) -> Rank:
     return Rank(target)
 
 
+def top1(target: Target) -> Top1:
+    return Top1(target)
+
+
 def kl() -> KL:
     return KL()
 
@@ -168,9 +190,10 @@ NAMED: dict[str, tuple[str, ...]] = {
     "prob": ("answer",),
     "log_prob": ("answer",),
     "rank": ("answer",),
+    "top1": ("answer",),
     "kl": (),
 }
-_BUILDERS = {"logit_diff": logit_diff, "prob": prob, "log_prob": log_prob, "rank": rank, "kl": kl}
+_BUILDERS = {"logit_diff": logit_diff, "prob": prob, "log_prob": log_prob, "rank": rank, "top1": top1, "kl": kl}
 
 
 def pair_word(prompt: Any, field: str) -> str | None:
@@ -194,8 +217,13 @@ def named(name: str, prompts: Any = None) -> Metric:
     One word when every pair has the same, else one word per pair.
     """
     if name not in NAMED:
+        # A known name the given one starts with ("kl_div" -> "kl") before spelling neighbours.
+        close = [known for known in NAMED if name.startswith(known)] or difflib.get_close_matches(
+            name, list(NAMED), n=1, cutoff=0.5
+        )
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise MetricError(
-            f"unknown metric {name!r}; metrics by name: {', '.join(NAMED)} (or pass a metric object such as "
+            f"unknown metric {name!r}; {hint}metrics by name: {', '.join(NAMED)} (or pass a metric object such as "
             "al.metrics.logit_diff(' Paris', ' Rome'))"
         )
     fields = NAMED[name]
@@ -256,6 +284,7 @@ __all__ = [
     "LogitDiff",
     "Metric",
     "Prob",
+    "TargetProbability",
     "Rank",
     "kl",
     "log_prob",
@@ -266,4 +295,5 @@ __all__ = [
     "prob",
     "rank",
     "resolve",
+    "top1",
 ]

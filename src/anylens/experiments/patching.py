@@ -29,6 +29,7 @@ from ..engine import (
 )
 from . import metrics as metrics_
 from .prompts import Prompts, paired
+from .renamed import renamed
 from .results import Result
 
 if TYPE_CHECKING:
@@ -130,11 +131,13 @@ def _check_align(align: Any, t_clean: int, t_corrupt: int) -> tuple[list[int], l
     return clean_pos, corrupt_pos
 
 
+@renamed()
 @only_role_operations("role")
 def patch(
     model: AnyModel,
     clean: Prompts,
     corrupt: Prompts,
+    *,
     role: str = "resid_pre",
     over: Sequence[str] = ("layer", "pos"),
     metric: Any = None,

@@ -18,6 +18,7 @@ import torch
 from ..core.errors import PromptError
 from .extraction import read_roles
 from .prompts import Prompts, tokenize
+from .renamed import renamed
 from .results import Result
 
 if TYPE_CHECKING:
@@ -75,13 +76,14 @@ class PatternResult(Result):
         return fig
 
 
-def attention_patterns(model: AnyModel, prompt: Prompts, layers: Iterable[int] | None = None) -> PatternResult:
+@renamed(prompt="prompts")
+def attention_patterns(model: AnyModel, prompts: Prompts, *, layers: Iterable[int] | None = None) -> PatternResult:
     """The attention probabilities of every head at ``layers`` (all by default) on one prompt.
 
     Needs the ``pattern`` role (eager attention, which ``al.wrap`` selects for attention models).
     """
     model.role("pattern")  # MissingRoleError for attention-free models, with what they do have
-    inputs = tokenize(model, prompt)
+    inputs = tokenize(model, prompts)
     if inputs["input_ids"].shape[0] != 1:
         raise PromptError(f"attention_patterns takes one prompt; got {inputs['input_ids'].shape[0]}")
     inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
@@ -110,7 +112,7 @@ def attention_patterns(model: AnyModel, prompt: Prompts, layers: Iterable[int] |
         "adapter": model.adapter.name,
         "role": "pattern",
         "tokens": model.to_str_tokens(inputs["input_ids"][0]),
-        "prompt": prompt if isinstance(prompt, str) else model.tokenizer.decode(inputs["input_ids"][0]),
+        "prompt": prompts if isinstance(prompts, str) else model.tokenizer.decode(inputs["input_ids"][0]),
         "over": ["layer", "head", "query_pos", "key_pos"],
     }
     return PatternResult("attention_patterns", frame, meta, "value")
@@ -135,17 +137,19 @@ class HeadScores(Result):
         return view.plot(index="layer", columns="head", **kwargs)
 
 
+@renamed(batch="n_sequences")
 def head_scores(
     model: AnyModel,
     prompts: Prompts | None = None,
+    *,
     seq_len: int = 20,
     seed: int = 0,
-    batch: int = 4,
+    n_sequences: int = 4,
     sequences: Sequence[str] | torch.Tensor | None = None,
 ) -> HeadScores:
     """Previous-token and induction scores of every head.
 
-    * induction: on ``batch`` random token sequences of length ``seq_len`` repeated twice (after
+    * induction: on ``n_sequences`` random token sequences of length ``seq_len`` repeated twice (after
       the tokenizer's BOS token, if it has one), the mean attention from each position ``t`` of
       the second copy to the token after that token's first occurrence, ``t - seq_len + 1``;
     * previous-token: the mean attention from position ``t`` to ``t - 1`` over ``prompts`` (pairs
@@ -161,10 +165,10 @@ def head_scores(
     model.role("pattern")
     layers = model.layers()
     if sequences is None:
-        repeated, offset = _repeated_tokens(model, seq_len, seed, batch)
+        repeated, offset = _repeated_tokens(model, seq_len, seed, n_sequences)
     else:
         repeated, offset = _repeated_given(model, sequences)
-        batch, seq_len = repeated.shape[0], (repeated.shape[1] - offset) // 2
+        n_sequences, seq_len = repeated.shape[0], (repeated.shape[1] - offset) // 2
     ones = torch.ones_like(repeated)
     patterns = read_roles(model, {"input_ids": repeated, "attention_mask": ones}, [("pattern", i) for i in layers])
     induction = _induction(patterns, layers, offset, seq_len)
@@ -188,7 +192,7 @@ def head_scores(
         "over": ["layer", "head"],
         "seq_len": seq_len,
         "seed": seed,
-        "batch": batch,
+        "batch": n_sequences,
         "induction_tokens": repeated.tolist(),
         "prompt": _describe(prompts),
     }

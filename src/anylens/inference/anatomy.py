@@ -25,6 +25,7 @@ import re
 
 import torch
 
+from ..core.errors import AnatomyError
 from .heads import find_heads
 from .probe import Call, Recording, record
 from .structure import (
@@ -33,7 +34,6 @@ from .structure import (
     MAX_POSITION_ATTRS,
     TOL,
     Anatomy,
-    AnatomyError,
     Piece,
     as_positions,
     close,

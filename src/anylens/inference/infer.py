@@ -26,21 +26,17 @@ from typing import Any
 
 import torch
 
-from ..core.errors import UnknownArchitectureError
+from ..core.errors import AnatomyError, InferenceError, UnknownArchitectureError
 from ..core.spec import AdapterSpec
 from .anatomy import read_anatomy
 from .attention_ops import pattern_options
 from .heads import screen_qkv
-from .structure import Anatomy, AnatomyError, Piece, sample_ids
+from .structure import Anatomy, Piece, sample_ids
 
 #: Stop after this many candidates: each costs a full ``anylens check``.
 MAX_ATTEMPTS = 8
 
 DESCRIPTION = "inferred"
-
-
-class InferenceError(UnknownArchitectureError):
-    """No inferred adapter for this model passes the invariants of ``anylens check``."""
 
 
 # -- candidate groups ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..core.errors import AnatomyError  # noqa: F401  (defined here before; importable from here still)
 from .probe import Call, Recording
 
 #: Relative tolerance of value comparisons (the same scale ``anylens check`` uses).
@@ -21,10 +22,6 @@ KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "mul
 HEAD_SIZE_ATTRS = ("head_dim", "v_head_dim", "kv_channels", "attention_head_dim", "d_head", "head_size")
 MAX_POSITION_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
 LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")
-
-
-class AnatomyError(Exception):
-    """A piece every adapter needs (embedding, unembedding, layer list, residual stream) is missing."""
 
 
 # -- values ----------------------------------------------------------------------------------

@@ -14,20 +14,18 @@ from typing import Any
 
 import pluggy
 
-from ..core.errors import AdapterSpecError, PluginError, UnknownArchitectureError
+from ..core.errors import (
+    AdapterConflictWarning,
+    AdapterSpecError,
+    PluginError,
+    PluginLoadWarning,
+    UnknownArchitectureError,
+)
 from ..core.spec import AdapterSpec
 from . import hookspecs
 from .builtin import BUILTIN_PLUGINS, plugin_name
 
 ENTRY_POINT_GROUP = "anylens"
-
-
-class AdapterConflictWarning(UserWarning):
-    """Two adapters claim the same architecture; the message says which one is used."""
-
-
-class PluginLoadWarning(UserWarning):
-    """A plugin failed to load or to provide its adapters; the others keep working."""
 
 
 @dataclass

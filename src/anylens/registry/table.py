@@ -1,14 +1,17 @@
 """The role x architecture reference table, generated from the adapter registry.
 
 One row per adapter, plus one row per variant of an adapter (the adapter with that variant
-applied). The table is rendered as markdown (the ``docs/reference.md`` document), JSON or CSV;
-all three carry the same cells, so any of them can be checked against the others.
+applied). The table is rendered as markdown, JSON or CSV, which carry the same cells, so any of
+them can be checked against the others (JSON adds each adapter's reference modules); or as text,
+adapters side by side (:mod:`.compact`). ``docs/reference.md`` is the markdown table inside its
+explanation (:func:`reference_markdown`).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import importlib.metadata
 import io
 import json
@@ -17,11 +20,13 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from ..core.roles import ALL_ROLES, ROLE_MEANINGS, ROLE_SHAPES
+from ..core.errors import UnknownArchitectureError
+from ..core.roles import ALL_ROLES, MODEL_ROLES, ROLE_MEANINGS, ROLE_SHAPES
 from ..core.spec import AdapterSpec, Variant
+from .compact import describe_path, hook_name_cell, side_by_side
 from .manager import Claim, Registry, registry
 
-FORMATS: tuple[str, ...] = ("markdown", "json", "csv")
+FORMATS: tuple[str, ...] = ("markdown", "json", "csv", "text")
 
 #: Columns before the role columns, and the facts after them.
 LEAD_COLUMNS: tuple[str, ...] = ("adapter", "variant", "architectures", "source", "kind")
@@ -57,6 +62,7 @@ class TableRow:
     parallel: bool = False
     soft_cap: str | None = None  # config attribute that holds the final-logit soft-cap
     z_feeds_residual: bool = True
+    reference_modules: Mapping[str, str] = field(default_factory=dict)  # name -> module path
 
     def cells(self) -> dict[str, str]:
         """The row as strings, one per column in :data:`COLUMNS` (absent roles are empty)."""
@@ -92,6 +98,7 @@ class TableRow:
             "parallel": self.parallel,
             "soft_cap": self.soft_cap,
             "z_feeds_residual": self.z_feeds_residual,
+            "reference_modules": dict(self.reference_modules),
         }
 
 
@@ -164,7 +171,36 @@ def _row(spec: AdapterSpec, claim: Claim, *, variant: str) -> TableRow:
         parallel=spec.parallel,
         soft_cap=spec.logit_softcap,
         z_feeds_residual=spec.z_feeds_residual,
+        reference_modules=dict(spec.reference_modules),
     )
+
+
+def select_rows(rows: Iterable[TableRow], names: Iterable[str]) -> list[TableRow]:
+    """The rows (variants included) of the adapters ``names`` give, in that order; a name is an
+    adapter name or an architecture (``LlamaForCausalLM``), in any case. An unknown name raises
+    :class:`UnknownArchitectureError` with the nearest names."""
+    rows = list(rows)
+    known = {row.adapter.lower(): row.adapter for row in rows}
+    known |= {arch.lower(): row.adapter for row in rows for arch in row.architectures}
+    chosen: list[str] = []
+    for name in names:
+        adapter = known.get(name.strip().lower())
+        if adapter is None:
+            raise UnknownArchitectureError(unknown_name_message(name, rows))
+        if adapter not in chosen:
+            chosen.append(adapter)
+    return [row for adapter in chosen for row in rows if row.adapter == adapter]
+
+
+def unknown_name_message(name: str, rows: Iterable[TableRow]) -> str:
+    """No adapter or architecture is called ``name``: the nearest ones and every adapter."""
+    rows = list(rows)
+    adapters = list(dict.fromkeys(row.adapter for row in rows))
+    candidates = adapters + [arch for row in rows for arch in row.architectures]
+    lowered = {candidate.lower(): candidate for candidate in candidates}
+    near = [lowered[c] for c in difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.5)]
+    hint = f"did you mean {', '.join(map(repr, near))}? " if near else ""
+    return f"no adapter or architecture named {name!r}; {hint}adapters: {', '.join(adapters)}"
 
 
 # -- versions ----------------------------------------------------------------------------------
@@ -192,7 +228,9 @@ def version_stamp() -> str:
 def render(rows: Iterable[TableRow], fmt: str = "markdown") -> str:
     rows = list(rows)
     if fmt == "markdown":
-        return _document(rows)
+        return markdown_table(rows) + "\n"
+    if fmt == "text":
+        return side_by_side(rows)
     if fmt == "json":
         payload = {"versions": versions(), "columns": list(COLUMNS), "rows": [row.to_json() for row in rows]}
         return json.dumps(payload, indent=2) + "\n"
@@ -235,9 +273,10 @@ or the plugin that registered it) and `kind` how it was written.
 A role path reads `<module path>.<input|output>[.<field or index>...][|<view>]`. `{i}` stands for
 the layer index; `input` or `output` is the side of the module; a field or index after it picks
 part of a structured output (without one, a tuple output is reduced to its first element); a
-`.source.<op>` step addresses an operation inside a module's forward; an empty module path
-(`output.logits`) is the whole model. The view after `|` reshapes the tensor: `heads` and
-`kv_heads` split the last dimension into heads; `qkv_fused:q` (`:k`, `:v`) and
+`.source.<op>` step addresses an operation inside a module's forward (the paths that do are
+spelled out in words under [Paths into a module's forward](#paths-into-a-modules-forward)); an
+empty module path (`output.logits`) is the whole model. The view after `|` reshapes the tensor:
+`heads` and `kv_heads` split the last dimension into heads; `qkv_fused:q` (`:k`, `:v`) and
 `qkv_interleaved:q` (`:k`, `:v`) take one of q, k, v from a fused projection; `tokens` unflattens
 `[batch * pos]`. For example, `model.layers.{i}.self_attn.o_proj.input|heads` in the `z` column
 means that `z[i]` is the input of layer `i`'s output projection, seen as
@@ -250,13 +289,52 @@ unembedding, and of the attention output projection (whose weights give the per-
 `attn_out` is exactly the output projection of `z`, so per-head contributions add up to it.
 How to add an adapter is in [adapters.md](adapters.md).
 
+Every role that TransformerLens (and so SAELens) has a hook for answers to that hook name too:
+the `TransformerLens name` column of [Roles](#roles) gives it, and
+`model.role("blocks.3.hook_resid_post")` is `resid_post` at layer 3 on any adapter with the role
+(`al.role_for_hook` and `al.hook_for_role` convert between the two). `ln_final.hook_normalized`
+stands for `final_norm`, the final norm's real output: TransformerLens, which folds the norm's
+scale into the unembedding by default, reads it before the scale.
+
+[Modules for reference](#modules-for-reference) lists internal modules that no role covers (the
+Mamba mixer's projections and convolution), as the adapters declare them.
+
+On a terminal, `anylens table` prints the adapters table alone, and
+`anylens table --adapters llama,mamba,gpt2` prints those adapters side by side: roles as rows,
+paths shortened to the part below the block (`{i}.input`) and wrapped, with a legend.
+`anylens roles NAME` shows one adapter's roles given an adapter name, an architecture
+(`LlamaForCausalLM`) or a model.
+
 This file is generated from the registry; do not edit it by hand. Regenerate it with
 `{command}`."""
 
 
 def _role_legend() -> str:
-    lines = ["| role | shape | meaning |", "|---|---|---|"]
-    lines += [f"| `{role}` | {ROLE_SHAPES[role]} | {ROLE_MEANINGS[role]} |" for role in ALL_ROLES]
+    lines = ["| role | TransformerLens name | shape | meaning |", "|---|---|---|---|"]
+    for role in ALL_ROLES:
+        hook = hook_name_cell(role)
+        name = f"`blocks.{{i}}.{hook}`" if hook and role not in MODEL_ROLES else f"`{hook}`" if hook else ""
+        lines.append(f"| `{role}` | {name} | {ROLE_SHAPES[role]} | {ROLE_MEANINGS[role]} |")
+    return "\n".join(lines)
+
+
+def _operation_paths(rows: list[TableRow]) -> str:
+    """The role paths that step into a module's forward, with what they hook in words."""
+    lines = ["| adapter | variant | role | what it hooks | path |", "|---|---|---|---|---|"]
+    for row in rows:
+        for role, text in row.roles.items():
+            if ".source." in text:
+                lines.append(
+                    f"| {row.adapter} | {row.variant} | `{role}` | {describe_path(text)} | {_md_cell(text, code=True)} |"
+                )
+    return "\n".join(lines)
+
+
+def _reference_modules(rows: list[TableRow]) -> str:
+    lines = ["| adapter | module | path |", "|---|---|---|"]
+    for row in rows:
+        if not row.variant:
+            lines += [f"| {row.adapter} | {name} | `{path}` |" for name, path in row.reference_modules.items()]
     return "\n".join(lines)
 
 
@@ -266,6 +344,8 @@ def _document(rows: list[TableRow]) -> str:
         version_stamp(),
         "## Adapters\n\n" + markdown_table(rows),
         "## Roles\n\n" + _role_legend(),
+        "## Paths into a module's forward\n\n" + _operation_paths(rows),
+        "## Modules for reference\n\n" + _reference_modules(rows),
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -273,7 +353,7 @@ def _document(rows: list[TableRow]) -> str:
 def reference_markdown(reg: Registry | None = None) -> str:
     """The ``docs/reference.md`` document: built-in adapters (so that it does not depend on which
     third-party plugins happen to be installed) and a few inferred ones, marked as such."""
-    return render(table_rows(reg, builtin_only=True) + inferred_rows(INFERRED_EXAMPLES), "markdown")
+    return _document(table_rows(reg, builtin_only=True) + inferred_rows(INFERRED_EXAMPLES))
 
 
 __all__ = [
@@ -285,6 +365,7 @@ __all__ = [
     "markdown_table",
     "reference_markdown",
     "render",
+    "select_rows",
     "table_rows",
     "version_stamp",
     "versions",

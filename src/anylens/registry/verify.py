@@ -1,8 +1,16 @@
 """``anylens check``: the invariants every adapter must pass, measured on a real trace.
 
 Each invariant is computed in float32 from role values read through the adapter and compared
-with what the model itself computes. A tolerance is absolute, scaled by the magnitude of the
-reference (``atol * max(1, |reference|)``), because residual norms grow with depth.
+with what the model itself computes. A tolerance is absolute, scaled by the magnitude ``M`` of the
+reference (its largest absolute value), because residual norms grow with depth, and by the precision
+the model computes in::
+
+    tolerance = max(ATOL * max(1, M), EPS_FACTOR * eps(dtype) * M)
+
+A float32 model gets the first term (the second is 200 times smaller). A float16 or bfloat16
+model rounds every value it stores by up to half an epsilon of its dtype, so a sum of three stored
+values is already off by more than ``ATOL``: the second term, proportional to the values
+themselves, takes over.
 """
 
 from __future__ import annotations
@@ -15,8 +23,15 @@ import torch
 from ..core.errors import AnylensError
 from ..core.model import AnyModel
 
-#: Absolute tolerance, relative to the reference magnitude, for float32 equalities.
+#: Absolute tolerance, relative to the reference magnitude (at least 1), for float32 equalities;
+#: the floor of every dtype's tolerance.
 ATOL = 1e-4
+#: Epsilons of the model's dtype, times the reference magnitude, that an equality may be off by.
+#: A correct adapter's error is the rounding of one or two stored sums, at most half an epsilon of
+#: each: the zoo and SmolLM2 in float16 and bfloat16 stay within 1.3 epsilons on a CPU (SmolLM2's
+#: residual sum in bfloat16 is the worst). 4 leaves three times that, and still catches a forgotten
+#: logit soft-cap that bends the tiny Gemma 2's logits by 4.3 bfloat16 epsilons.
+EPS_FACTOR = 4
 #: A write of zeros must move the logits by more than this to count as having reached the model.
 MIN_EFFECT = 1e-6
 
@@ -38,6 +53,9 @@ class CheckReport:
     adapter: str
     model: str
     rows: list[CheckRow] = field(default_factory=list)
+    #: The dtype the model computes in, and its machine epsilon.
+    dtype: str = "float32"
+    eps: float = float(torch.finfo(torch.float32).eps)
 
     @property
     def passed(self) -> bool:
@@ -54,8 +72,13 @@ class CheckReport:
 
     def __str__(self) -> str:
         header = f"anylens check: {self.model} (adapter {self.adapter})"
+        rule = (
+            f"tolerance: max({ATOL:.0e} x max(1, M), {EPS_FACTOR} x eps x M), M = max |reference|,"
+            f" eps = {self.eps:.1e} ({self.dtype})"
+        )
         lines = [
             header,
+            rule,
             "",
             "| invariant | layer | max abs error | tolerance | result | detail |",
             "|---|---|---|---|---|---|",
@@ -72,7 +95,13 @@ class CheckReport:
 
 def check(model: AnyModel, inputs: Any = None, *, write_layers: list[int] | None = None) -> CheckReport:
     """Run the seven invariants of the adapter on ``model``; never raises for a failing adapter."""
-    report = CheckReport(adapter=model.adapter.name, model=model.name)
+    dtype = compute_dtype(model)
+    report = CheckReport(
+        adapter=model.adapter.name,
+        model=model.name,
+        dtype=str(dtype).removeprefix("torch."),
+        eps=float(torch.finfo(dtype).eps),
+    )
     ids = _default_inputs(model) if inputs is None else inputs
     with torch.no_grad():
         values, errors = _read_all(model, ids)
@@ -81,6 +110,18 @@ def check(model: AnyModel, inputs: Any = None, *, write_layers: list[int] | None
         _structural(model, values, report)
         _writes(model, ids, values, report, write_layers)
     return report
+
+
+def compute_dtype(model: AnyModel) -> torch.dtype:
+    """The coarsest floating-point dtype among the model's parameters: the precision it computes in."""
+    dtypes = {parameter.dtype for parameter in model.hf.parameters() if parameter.is_floating_point()}
+    return max(dtypes, key=lambda dtype: torch.finfo(dtype).eps, default=torch.float32)
+
+
+def tolerance(magnitude: float, eps: float) -> float:
+    """How far a value may be from a reference whose largest absolute value is ``magnitude``, for
+    a model computing with machine epsilon ``eps``."""
+    return max(ATOL * max(1.0, magnitude), EPS_FACTOR * eps * magnitude)
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -120,17 +161,15 @@ def _layer_roles(model: AnyModel) -> set[str]:
 
 
 # -- invariants 1-6 --------------------------------------------------------------------------
-def _compare(
-    report: CheckRow | CheckReport, name: str, layer: int | None, got: torch.Tensor, want: torch.Tensor
-) -> None:
-    tolerance = ATOL * max(1.0, float(want.abs().max()))
+def _compare(report: CheckReport, name: str, layer: int | None, got: torch.Tensor, want: torch.Tensor) -> None:
+    limit = tolerance(float(want.abs().max()), report.eps)
     if got.shape != want.shape:
         report.rows.append(
-            CheckRow(name, layer, float("inf"), tolerance, False, f"shape {tuple(got.shape)} != {tuple(want.shape)}")
+            CheckRow(name, layer, float("inf"), limit, False, f"shape {tuple(got.shape)} != {tuple(want.shape)}")
         )
         return
     error = float((got - want).abs().max())
-    report.rows.append(CheckRow(name, layer, error, tolerance, error <= tolerance))
+    report.rows.append(CheckRow(name, layer, error, limit, error <= limit))
 
 
 def _structural(model: AnyModel, v: dict[str, Any], report: CheckReport) -> None:
@@ -173,7 +212,8 @@ def _structural(model: AnyModel, v: dict[str, Any], report: CheckReport) -> None
             _compare(report, "6 pattern rows sum to 1", i, pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
             future = torch.triu(torch.ones(pattern.shape[-2:], dtype=torch.bool, device=pattern.device), diagonal=1)
             leak = float(pattern[..., future].abs().max()) if future.any() else 0.0
-            report.rows.append(CheckRow("6 pattern is causal", i, leak, ATOL, leak <= ATOL))
+            limit = tolerance(1.0, report.eps)  # probabilities: the reference magnitude is 1
+            report.rows.append(CheckRow("6 pattern is causal", i, leak, limit, leak <= limit))
             if {"v", "z"} <= v.keys():
                 values = v["v"][i]  # [batch, pos, kv_heads, d_head]
                 expanded = values.repeat_interleave(model.n_heads // values.shape[2], dim=2)
@@ -219,4 +259,13 @@ def _logits_after_write(model: AnyModel, ids: torch.Tensor, role: str, layer: in
     return logits
 
 
-__all__ = ["ATOL", "AnylensError", "CheckReport", "CheckRow", "check"]
+__all__ = [
+    "ATOL",
+    "EPS_FACTOR",
+    "AnylensError",
+    "CheckReport",
+    "CheckRow",
+    "check",
+    "compute_dtype",
+    "tolerance",
+]

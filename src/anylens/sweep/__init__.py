@@ -8,16 +8,17 @@
 Rerunning the same call resumes it (``fresh=True`` starts over); see ``docs/sweeps.md``.
 """
 
-from .runner import SweepModelError, SweepResult, aggregate, run
-from .store import (
+from ..core.errors import (
     SweepBusyError,
     SweepConfigError,
     SweepError,
     SweepIntegrityError,
+    SweepModelError,
     SweepWarning,
     SweepWeightsChangedError,
-    load_results,
 )
+from .runner import SweepResult, aggregate, run
+from .store import load_results
 
 __all__ = [
     "SweepBusyError",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ import pandas as pd
 
 from ..core.errors import MetricError
 from ..experiments import metrics
+from ..experiments.renamed import canonical
 from .store import SweepConfigError
 
 if TYPE_CHECKING:
@@ -102,9 +104,13 @@ def as_items(prompts: Sequence[Any]) -> list[Item]:
 METRIC_FIELDS = metrics.NAMED
 
 
-def item_metric(value: Any, item: Item) -> Any:
-    """``value`` itself, or for a metric name the metric built from this item's words."""
-    if not isinstance(value, str):
+def item_metric(value: Any, item: Item, words: bool = False) -> Any:
+    """``value`` itself, or for a metric name the metric built from this item's words.
+
+    With ``words`` (an experiment that takes target words as its metric), a string that is not
+    a metric name is a target word and passes unchanged.
+    """
+    if not isinstance(value, str) or (words and value not in METRIC_FIELDS):
         return value
     try:
         return metrics.named(value, item)
@@ -113,11 +119,17 @@ def item_metric(value: Any, item: Item) -> Any:
         raise SweepConfigError(str(error)) from None
 
 
-def check_metric(value: Any, items: Sequence[Item]) -> None:
+def check_metric(value: Any, items: Sequence[Item], words: bool = False) -> None:
     """Refuse a metric by name that some item cannot build, before any model is loaded."""
     if isinstance(value, str):
         for item in items:
-            item_metric(value, item)
+            item_metric(value, item, words)
+
+
+def item_words(item: Item) -> Any:
+    """The item's answer and distractor as target words: a pair, one word, or None."""
+    words = [w for w in (item.answer, item.distractor) if w is not None]
+    return tuple(words) if len(words) == 2 else words[0] if words else None
 
 
 # -- calling an experiment on items ---------------------------------------------------------------
@@ -127,25 +139,6 @@ class ChunkOutput:
 
     frame: pd.DataFrame
     metas: list[dict[str, Any]]
-
-
-#: (experiment function, model, item, options, the model's context from ``prepare``) -> Result
-Caller = Callable[[Callable[..., Any], "AnyModel", Item, dict[str, Any], Any], "Result"]
-
-
-def _call_prompt(
-    function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any
-) -> Result:
-    return function(model, item.clean, **options)
-
-
-def _call_pair(
-    function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any
-) -> Result:
-    options = dict(options)
-    if "metric" in options:
-        options["metric"] = item_metric(options["metric"], item)
-    return function(model, item.clean, item.corrupt, **options)
 
 
 # -- ablation: mean and resample need a reference batch ---------------------------------------
@@ -181,87 +174,98 @@ def _prepare_ablate(model: AnyModel, items: Sequence[Item], options: dict[str, A
     return groups
 
 
-def _call_ablate(
-    function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any
-) -> Result:
-    options = dict(options)
-    if "metric" in options:
-        options["metric"] = item_metric(options["metric"], item)
-    if context is not None:
-        group = context[_token_length(model, item.clean)]
-        others = [p for p in group if p != item.clean]
-        options["reference"] = group if options.get("method") == "mean" else others
-    return function(model, item.clean, **options)
-
-
-def _call_logit_lens(
-    function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any
-) -> Result:
-    # Over a dataset the interesting targets are each prompt's own answer (and distractor).
-    options = dict(options)
-    if "targets" not in options:
-        targets = [w for w in (item.answer, item.distractor) if w is not None]
-        if targets:
-            options["targets"] = targets
-    return function(model, item.clean, **options)
-
-
-def _call_dla(
-    function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any
-) -> Result:
-    options = dict(options)
-    chosen = options.pop("metric", None)
-    chosen = options.pop("metric_or_targets", chosen)
-    if chosen is None:
-        if item.answer is None:
-            raise SweepConfigError(
-                f"direct logit attribution needs a target: pass metric='logit_diff' or a word, or sweep pairs with answers "
-                f"(prompt {item.clean!r} has none)"
-            )
-        chosen = (item.answer, item.distractor) if item.distractor is not None else item.answer
-    else:
-        chosen = item_metric(chosen, item)
-    return function(model, item.clean, chosen, **options)
+def _ablate_reference(model: AnyModel, item: Item, options: dict[str, Any], groups: Any) -> dict[str, Any]:
+    """The reference batch of ``item`` from :func:`_prepare_ablate`'s groups."""
+    if groups is None:
+        return {}
+    group = groups[_token_length(model, item.clean)]
+    return {"reference": group if options.get("method") == "mean" else [p for p in group if p != item.clean]}
 
 
 @dataclass(frozen=True)
 class ExperimentSpec:
-    """An experiment as the sweep sees it."""
+    """An experiment as the sweep sees it.
+
+    Every experiment is called the same way: ``fn(model, clean, **options)``, or
+    ``fn(model, clean, corrupt, **options)`` for pairs, where a metric given by name is built
+    from the item's words.
+    """
 
     name: str
     module: str
     attribute: str
     #: True when each item must be a clean/corrupt pair (patching, attribution).
-    needs_pairs: bool
-    caller: Caller
-    #: Options the sweep itself interprets rather than passing through unchanged.
-    handled: tuple[str, ...] = ()
-    #: Computes, once per model from all its items, what the caller needs beyond one item.
+    needs_pairs: bool = False
+    #: The experiment's ``metric`` takes target words (logit lens, DLA): other strings than metric
+    #: names are words, and without a metric the item's answer (and distractor) are used.
+    metric_words: bool = False
+    #: ``metric_words`` and no item words: True refuses the item, False runs without a metric.
+    metric_required: bool = False
+    #: Computes, once per model from all its items, what each call needs beyond its item ...
     prepare: Callable[[AnyModel, Sequence[Item], dict[str, Any]], Any] | None = None
+    #: ... and turns that into the options of one item's call.
+    per_item: Callable[[AnyModel, Item, dict[str, Any], Any], dict[str, Any]] | None = None
 
     def function(self) -> Callable[..., Any]:
         # Looked up on every use, so that a monkeypatched experiment is the one that runs.
         return getattr(importlib.import_module(self.module), self.attribute)
 
     def check_options(self, options: dict[str, Any]) -> None:
-        """Refuse options the experiment does not take, before any model is loaded."""
+        """Refuse options the experiment does not take, before any model is loaded; warn about
+        old names of options (they keep working for one release)."""
         try:
-            parameters = inspect.signature(self.function()).parameters
+            function = self.function()
+            parameters = inspect.signature(function).parameters
         except (ImportError, AttributeError) as error:
             raise SweepConfigError(f"experiment {self.name!r} is not available: {error}") from None
+        old_names = getattr(function, "__renamed__", {})
+        for old in sorted(set(options) & set(old_names)):
+            warnings.warn(
+                f"{self.name} option {old!r} is now {old_names[old]!r}; the old name stops working in the next release",
+                FutureWarning,
+                stacklevel=3,
+            )
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
             return
-        inputs = 3 if self.needs_pairs else 2  # model and the prompt(s) come from the sweep
-        accepted = set(list(parameters)[inputs:]) | set(self.handled)
+        keywords = {name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        accepted = keywords | set(old_names)
         unknown = sorted(set(options) - accepted)
         if unknown:
             raise SweepConfigError(
-                f"{self.name} does not take {', '.join(map(repr, unknown))}; its options are: {', '.join(sorted(accepted))}"
+                f"{self.name} does not take {', '.join(map(repr, unknown))}; its options are: {', '.join(sorted(keywords))}"
             )
+
+    def check_metric(self, options: dict[str, Any], items: Sequence[Item]) -> None:
+        """Refuse a metric by name that some item cannot build, before any model is loaded."""
+        check_metric(canonical(self.function(), options).get("metric"), items, self.metric_words)
 
     def context(self, model: AnyModel, items: Sequence[Item], options: dict[str, Any]) -> Any:
         """What every call on this model needs from all of its items (see ``prepare``)."""
         return None if self.prepare is None else self.prepare(model, items, options)
+
+    def call(
+        self, function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any
+    ) -> Result:
+        """The experiment on one item."""
+        if self.needs_pairs and item.corrupt is None:
+            raise SweepConfigError(
+                f"{self.name} compares a clean and a corrupt prompt; {item.clean!r} has no corrupt prompt"
+            )
+        options = canonical(function, options)
+        if "metric" in options:
+            options["metric"] = item_metric(options["metric"], item, self.metric_words)
+        elif self.metric_words and item.answer is not None:
+            # Over a dataset the interesting targets are each prompt's own answer (and distractor).
+            options["metric"] = item_words(item)
+        elif self.metric_required:
+            raise SweepConfigError(
+                f"{self.name} needs a target: pass metric='logit_diff' or a word, or sweep pairs with answers "
+                f"(prompt {item.clean!r} has none)"
+            )
+        if self.per_item is not None:
+            options.update(self.per_item(model, item, options, context))
+        inputs = (item.clean, item.corrupt) if self.needs_pairs else (item.clean,)
+        return function(model, *inputs, **options)
 
     def run_chunk(
         self, model: AnyModel, items: Sequence[Item], options: dict[str, Any], context: Any = None
@@ -269,11 +273,7 @@ class ExperimentSpec:
         function = self.function()
         frames, metas = [], []
         for index, item in enumerate(items):
-            if self.needs_pairs and item.corrupt is None:
-                raise SweepConfigError(
-                    f"{self.name} compares a clean and a corrupt prompt; {item.clean!r} has no corrupt prompt"
-                )
-            result = self.caller(function, model, item, options, context)
+            result = self.call(function, model, item, options, context)
             frames.append(tidy(result, index, item))
             metas.append(dict(result.meta))
         return ChunkOutput(pd.concat(frames, ignore_index=True), metas)
@@ -299,15 +299,21 @@ def tidy(result: Result, prompt: int, item: Item) -> pd.DataFrame:
 EXPERIMENTS: dict[str, ExperimentSpec] = {
     spec.name: spec
     for spec in (
-        ExperimentSpec("logit_lens", "anylens.experiments.logit_lens", "logit_lens", False, _call_logit_lens),
-        ExperimentSpec("patch", "anylens.experiments.patching", "patch", True, _call_pair),
-        ExperimentSpec("attribute", "anylens.experiments.attribution", "attribute", True, _call_pair),
+        ExperimentSpec("logit_lens", "anylens.experiments.logit_lens", "logit_lens", metric_words=True),
+        ExperimentSpec("patch", "anylens.experiments.patching", "patch", needs_pairs=True),
+        ExperimentSpec("attribute", "anylens.experiments.attribution", "attribute", needs_pairs=True),
         ExperimentSpec(
-            "ablate", "anylens.experiments.ablation", "ablate", False, _call_ablate, prepare=_prepare_ablate
+            "ablate", "anylens.experiments.ablation", "ablate", prepare=_prepare_ablate, per_item=_ablate_reference
         ),
-        ExperimentSpec("attention_patterns", "anylens.experiments.patterns", "attention_patterns", False, _call_prompt),
-        ExperimentSpec("head_scores", "anylens.experiments.patterns", "head_scores", False, _call_prompt),
-        ExperimentSpec("dla", "anylens.experiments.dla", "direct_logit_attribution", False, _call_dla, ("metric",)),
+        ExperimentSpec("attention_patterns", "anylens.experiments.patterns", "attention_patterns"),
+        ExperimentSpec("head_scores", "anylens.experiments.patterns", "head_scores"),
+        ExperimentSpec(
+            "dla",
+            "anylens.experiments.dla",
+            "direct_logit_attribution",
+            metric_words=True,
+            metric_required=True,
+        ),
     )
 }
 ALIASES = {
@@ -335,5 +341,6 @@ __all__ = [
     "check_metric",
     "experiment",
     "item_metric",
+    "item_words",
     "tidy",
 ]

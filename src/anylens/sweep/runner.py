@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from ..core.errors import OutputPathError
+from ..core.errors import OutputPathError, SweepModelError
 from . import experiments as experiments_
 from .experiments import Item, as_items
 from .fingerprint import weights_fingerprint
@@ -37,7 +37,6 @@ from .store import (
     FORMAT,
     Store,
     SweepConfigError,
-    SweepError,
     SweepWarning,
     SweepWeightsChangedError,
     canonical_json,
@@ -69,10 +68,6 @@ COMPONENT_COLUMNS = (
     "neuron",
     "target_role",
 )
-
-
-class SweepModelError(SweepError):
-    """A model of the sweep could not be loaded."""
 
 
 # -- the result --------------------------------------------------------------------------------
@@ -334,7 +329,7 @@ def run(
     dataset_options = dict(dataset_options or {})
     explicit = _explicit_items(spec, prompts, dataset, n)
     if explicit is not None:
-        experiments_.check_metric(experiment_options.get("metric"), explicit)
+        spec.check_metric(experiment_options, explicit)
     config = {
         "experiment": spec.name,
         "options": describe({k: v for k, v in experiment_options.items() if k not in EXECUTION_OPTIONS}),

@@ -35,7 +35,14 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.errors import AnylensError
+from ..core.errors import (
+    SweepBusyError,
+    SweepConfigError,
+    SweepError,
+    SweepIntegrityError,
+    SweepWarning,
+    SweepWeightsChangedError,
+)
 
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
@@ -44,30 +51,6 @@ LOCK = ".lock"
 CONTENT_SHA256 = "content_sha256"
 #: Written into the manifest and every chunk; bumped when the layout changes incompatibly.
 FORMAT = "anylens-sweep/1"
-
-
-class SweepError(AnylensError):
-    """Base class of the errors a sweep raises on purpose."""
-
-
-class SweepConfigError(SweepError, ValueError):
-    """The sweep cannot run as configured, e.g. ``out`` holds a sweep with another configuration."""
-
-
-class SweepWeightsChangedError(SweepConfigError):
-    """A model's weights are not those its finished chunks were computed with."""
-
-
-class SweepIntegrityError(SweepError):
-    """A finished chunk on disk no longer matches its checksum, or cannot be parsed."""
-
-
-class SweepBusyError(SweepError):
-    """Another process is writing the same sweep directory."""
-
-
-class SweepWarning(UserWarning):
-    """Something on disk was not as expected and is being repaired (e.g. a damaged chunk recomputed)."""
 
 
 # -- atomic files -------------------------------------------------------------------------------

@@ -11,16 +11,44 @@ from __future__ import annotations
 
 from typing import Any
 
-from .models import TINY_BUILDERS, VOCAB, tiny_model, tiny_tokenizer
+import torch
 
-__all__ = ["TINY_BUILDERS", "VOCAB", "tiny", "tiny_model", "tiny_tokenizer"]
+from .models import (
+    DEFAULT_SHAPE,
+    GROUPED_FAMILIES,
+    TINY_BUILDERS,
+    VOCAB,
+    TinyShape,
+    default_shape,
+    tiny_model,
+    tiny_tokenizer,
+)
+
+__all__ = [
+    "DEFAULT_SHAPE",
+    "GROUPED_FAMILIES",
+    "TINY_BUILDERS",
+    "VOCAB",
+    "TinyShape",
+    "default_shape",
+    "tiny",
+    "tiny_model",
+    "tiny_tokenizer",
+]
 
 
-def tiny(family: str, seed: int = 0, **wrap_kwargs: Any):
-    """A tiny random model of ``family`` wrapped as an :class:`anylens.AnyModel`."""
+def tiny(
+    family: str,
+    seed: int = 0,
+    shape: TinyShape | None = None,
+    dtype: torch.dtype = torch.float32,
+    **wrap_kwargs: Any,
+):
+    """A tiny random model of ``family`` (of ``shape``, parameters in ``dtype``) wrapped as an
+    :class:`anylens.AnyModel`."""
     from ..core.wrapping import wrap_with_spec
     from ..registry.resolve import adapter_for
 
-    model, tokenizer = tiny_model(family, seed)
+    model, tokenizer = tiny_model(family, seed, shape, dtype)
     adapter = adapter_for(model, wrap_kwargs.pop("adapter", None))
     return wrap_with_spec(model, adapter, tokenizer, **wrap_kwargs)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..core.errors import AnylensError
+from ..core.errors import TinyBuildError
 
 VOCAB = 400
 N_LAYERS = 2
@@ -90,10 +90,6 @@ LADDER = (
 
 #: Config attributes listing each layer's type: hybrids keep one layer of each type.
 LAYER_PATTERN_KEYS = ("layer_types", "layers_block_type", "block_types", "mlp_layer_types", "hybrid_override_pattern")
-
-
-class TinyBuildError(AnylensError):
-    """An architecture that cannot be built as a tiny random model on this machine."""
 
 
 def causal_lm_classes() -> dict[str, str]:

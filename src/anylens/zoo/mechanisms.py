@@ -6,7 +6,7 @@
 * subject patching: for each layer, the share of capital-city pairs whose answer flips to the clean
   one when the country's ``resid_pre`` is patched from the clean into the corrupt prompt.
 
-``tests/test_zoo_mechanisms.py`` asserts the same claims on the shipped weights.
+``tests/zoo/test_zoo_mechanisms.py`` asserts the same claims on the shipped weights.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def logit_lens_rise(model: Any, every: int = 4) -> list[float]:
 
     per_prompt = []
     for fact in corpus.factual_eval_set()[::every]:
-        frame = al.logit_lens(model, fact.prompt, targets=fact.answer, positions=-1).to_frame()
+        frame = al.logit_lens(model, fact.prompt, metric=[fact.answer], positions=-1).to_frame()
         per_prompt.append(torch.tensor(frame.sort_values("layer")["prob"].to_numpy()))
     return torch.stack(per_prompt).mean(0).tolist()
 
@@ -97,7 +97,7 @@ def _rounded(value: Any, digits: int = 4) -> Any:
 
 def card_section(mechanisms: dict[str, Any]) -> str:
     """The model card's mechanisms section."""
-    lines = ["## Mechanisms (found with anylens experiments; asserted by `tests/test_zoo_mechanisms.py`)", ""]
+    lines = ["## Mechanisms (found with anylens experiments; asserted by `tests/zoo/test_zoo_mechanisms.py`)", ""]
     heads = mechanisms.get("heads")
     if heads:
         ind, prev = heads["induction"], heads["previous_token"]

