@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import anylens as al
-from anylens.experiments.activation_store import ActivationsWarning
 
 #: float32: a left-padded batch against each prompt alone (residuals reach ~50 in the zoo)
 ATOL, RTOL = 1e-4, 1e-5
@@ -251,7 +250,7 @@ def test_a_damaged_shard_is_refused_on_load_and_recomputed_on_rerun(tmp_path: Pa
     shard.write_bytes(good[:-8] + bytes(8))
     with pytest.raises(al.ActivationsIntegrityError, match=r"shards/00001.safetensors.*sha256"):
         al.load_activations(tmp_path)
-    with pytest.warns(ActivationsWarning, match="damaged"):
+    with pytest.warns(al.ActivationsWarning, match="damaged"):
         al.extract(model, PROMPTS, **options)
     assert shard.read_bytes() == good
 

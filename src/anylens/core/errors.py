@@ -223,5 +223,9 @@ class ActivationsBusyError(AnylensError, RuntimeError):
     """Another process is writing the same extraction directory."""
 
 
+class ActivationsWarning(AnylensWarning):
+    """An extraction directory read before the extraction finished, or a damaged shard recomputed."""
+
+
 class ProbeOptionError(AnylensError, ValueError):
     """A probe option that cannot be used: a test share outside (0, 1), prompts missing for a model."""

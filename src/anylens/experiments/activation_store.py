@@ -37,6 +37,7 @@ from ..core.errors import (
     ActivationsConfigError,
     ActivationsIntegrityError,
     ActivationsNotFoundError,
+    ActivationsWarning,
     LabelError,
     LayerIndexError,
     MissingRoleError,
@@ -56,10 +57,6 @@ CACHE_FORMAT = "anylens-cache/1"
 INDEX_KEYS = ("prompt", "position", "token")
 
 Key = tuple[str, int | None]
-
-
-class ActivationsWarning(UserWarning):
-    """An extraction directory is read before the extraction finished."""
 
 
 def tensor_name(role: str, layer: int | None) -> str:
