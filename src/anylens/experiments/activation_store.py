@@ -137,8 +137,8 @@ class Activations:
             self._offsets.append(self._offsets[-1] + int(shard["prompt"].shape[0]))
 
     # -- facts ---------------------------------------------------------------------------------
-    @property
     def keys(self) -> list[Key]:
+        """(role, layer) of every stored tensor, like ``ActivationCache.keys()``."""
         return [parse_name(name) for name in self.manifest["tensors"]]
 
     @property

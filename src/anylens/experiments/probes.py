@@ -191,7 +191,7 @@ def probe(
 
 
 def _keys(acts: Activations, roles: Iterable[str] | str | None, layers: Iterable[int] | int | None) -> list:
-    stored = acts.keys
+    stored = acts.keys()
     names = list(dict.fromkeys(role for role, _ in stored)) if roles is None else _listed(roles)
     for role in names:
         if role not in acts.roles:
