@@ -872,7 +872,219 @@ CUSTOM_MODELS: list[Case] = [
 ]
 
 
-CASES = [*LOADING_AND_ROLES, *EXPERIMENTS_AND_CLI, *GENERATION_AND_STEERING, *CUSTOM_MODELS]
+# -- activations on disk, probes ------------------------------------------------------------------
+PROBE_PROMPTS = [CLEAN, CORRUPT, "The capital of Spain is", "The capital of Japan is"]
+
+
+def extracted(folder: Path, **options: object) -> Path:
+    """``folder/acts``: the zoo GPT-2's last-token resid_post of PROBE_PROMPTS at layer 0, on disk."""
+    out = folder / "acts"
+    options = {"roles": "resid_post", "layers": [0], "positions": "last", "quiet": True, **options}
+    al.extract(zoo_gpt2(), PROBE_PROMPTS, out=out, **options)
+    return out
+
+
+def in_a_folder(run: Callable[[Path], object]) -> Callable[[], object]:
+    def call() -> object:
+        with tempfile.TemporaryDirectory() as folder:
+            return run(Path(folder))
+
+    return call
+
+
+def damaged_shard(folder: Path) -> object:
+    out = extracted(folder)
+    shard = out / "shards" / "00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-4] + b"\0\0\0\0")
+    return al.load_activations(out)
+
+
+def files_kept_after(run: Callable[[Path], object]) -> Callable[[Path], object]:
+    """Run ``run`` on a folder holding an extraction; whatever it raises, the files stay as they were."""
+
+    def call(folder: Path) -> object:
+        out = extracted(folder)
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        try:
+            return run(folder)
+        finally:
+            assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "extraction work was lost"
+
+    return call
+
+
+ACTIVATIONS_AND_PROBES: list[Case] = [
+    Case(
+        "probe-label-count-differs-from-prompts",
+        lambda: al.probe(zoo_gpt2(), ["Paris", "Rome", "Madrid"], prompts=PROBE_PROMPTS),
+        al.LabelError,
+        (r"3 labels for 4 prompts", r"one label per prompt"),
+    ),
+    Case(
+        "probe-label-count-differs-from-stored-prompts",
+        in_a_folder(lambda folder: al.probe(al.load_activations(extracted(folder)), ["Paris"] * 5)),
+        al.LabelError,
+        (r"5 labels for 4 prompts",),
+    ),
+    Case(
+        "extract-label-count-differs-from-prompts",
+        lambda: al.extract(zoo_gpt2(), PROBE_PROMPTS, labels=[0, 1], quiet=True),
+        al.LabelError,
+        (r"2 labels for 4 prompts",),
+    ),
+    Case(
+        "probe-one-class-only",
+        lambda: al.probe(zoo_gpt2(), ["Paris"] * 4, prompts=PROBE_PROMPTS),
+        al.LabelError,
+        (r"every label is 'Paris'", r"at least two classes"),
+    ),
+    Case(
+        "probe-no-class-with-two-prompts",
+        lambda: al.probe(zoo_gpt2(), ["Paris", "Rome", "Madrid", "Tokyo"], prompts=PROBE_PROMPTS),
+        al.LabelError,
+        (r"no class has two prompts", r"several prompts per label"),
+    ),
+    Case(
+        "probe-test-fraction-outside-0-1",
+        lambda: al.probe(zoo_gpt2(), ["a", "a", "b", "b"], prompts=PROBE_PROMPTS, test_fraction=1.5),
+        al.ProbeOptionError,
+        (r"test_fraction=1.5",),
+    ),
+    Case(
+        "probe-model-without-prompts",
+        lambda: al.probe(zoo_gpt2(), ["a", "b"]),
+        al.ProbeOptionError,
+        (r"needs prompts=",),
+    ),
+    Case(
+        "extract-into-a-directory-with-another-configuration",
+        in_a_folder(files_kept_after(lambda folder: extracted(folder, layers=[1]))),
+        al.ActivationsConfigError,
+        (r"another configuration", r"layers: \[0\] on disk, \[1\] now", r"new out", r"fresh=True", r"kept"),
+    ),
+    Case(
+        "extract-with-another-model-into-a-directory",
+        in_a_folder(
+            files_kept_after(
+                lambda folder: al.extract(
+                    al.load("zoo:llama"),
+                    PROBE_PROMPTS,
+                    roles="resid_post",
+                    layers=[0],
+                    positions="last",
+                    out=folder / "acts",
+                    quiet=True,
+                )
+            )
+        ),
+        al.ActivationsConfigError,
+        (r"weights.sha256: '[0-9a-f]+\.\.\. on disk", r"adapter: 'gpt2' on disk, 'llama' now"),
+    ),
+    Case(
+        "extract-into-a-directory-of-other-files",
+        in_a_folder(
+            lambda folder: (
+                (folder / "notes.txt").write_text("mine")
+                and al.extract(zoo_gpt2(), PROBE_PROMPTS, out=folder, quiet=True)
+            )
+        ),
+        al.ActivationsConfigError,
+        (r"holds files that are not an extraction \(notes.txt\)", r"new out"),
+    ),
+    Case(
+        "extract-unknown-role",
+        lambda: al.extract(al.load("zoo:mamba"), PROBE_PROMPTS, roles=["z"], quiet=True),
+        al.MissingRoleError,
+        (r"'z'", r"mamba"),
+    ),
+    Case(
+        "extract-layer-out-of-range",
+        lambda: al.extract(zoo_gpt2(), PROBE_PROMPTS, layers=[7], quiet=True),
+        al.LayerIndexError,
+        (r"layer 7", r"4 layers"),
+    ),
+    Case(
+        "probe-layer-not-extracted",
+        in_a_folder(lambda folder: al.probe(al.load_activations(extracted(folder)), ["a", "a", "b", "b"], layers=[2])),
+        al.LayerIndexError,
+        (r"layer 2 was not extracted \(layers \[0\]\)",),
+    ),
+    Case(
+        "probe-role-not-extracted",
+        in_a_folder(
+            lambda folder: al.probe(al.load_activations(extracted(folder)), ["a", "a", "b", "b"], roles="mlp_out")
+        ),
+        al.MissingRoleError,
+        (r"'mlp_out' is not in these activations", r"roles \['resid_post'\]"),
+    ),
+    Case(
+        "extract-position-outside-a-prompt",
+        lambda: al.extract(zoo_gpt2(), PROBE_PROMPTS, positions=[9], quiet=True),
+        al.PositionError,
+        (r"position 9 is outside prompt 0, which has 6 tokens", r"'last'"),
+    ),
+    Case(
+        "extract-one-position-list-per-prompt-of-another-count",
+        lambda: al.extract(zoo_gpt2(), PROBE_PROMPTS, positions=[[0], [1]], quiet=True),
+        al.ExtractionOptionError,
+        (r"2 lists for 4 prompts",),
+    ),
+    Case(
+        "extract-unknown-position-word",
+        lambda: al.extract(zoo_gpt2(), PROBE_PROMPTS, positions="first", quiet=True),
+        al.ExtractionOptionError,
+        (r"positions='first'", r"'last', 'all'"),
+    ),
+    Case(
+        "extract-pattern-role",
+        lambda: al.extract(zoo_gpt2(), PROBE_PROMPTS, roles=["pattern"], quiet=True),
+        al.ExtractionOptionError,
+        (r"'pattern'", r"al.cache"),
+    ),
+    Case(
+        "extract-memory-budget-not-a-size",
+        lambda: al.extract(zoo_gpt2(), PROBE_PROMPTS, memory_budget="lots", quiet=True),
+        al.ExtractionOptionError,
+        (r"memory_budget='lots'", r"'512MiB'"),
+    ),
+    Case(
+        "extract-integer-dtype",
+        lambda: al.extract(zoo_gpt2(), PROBE_PROMPTS, dtype="int8", quiet=True),
+        al.DtypeError,
+        (r"dtype='int8'", r"floating-point"),
+    ),
+    Case(
+        "load-activations-from-an-empty-directory",
+        in_a_folder(al.load_activations),
+        al.ActivationsNotFoundError,
+        (r"holds no extraction", r"al.extract"),
+    ),
+    Case(
+        "load-activations-with-a-damaged-shard",
+        in_a_folder(damaged_shard),
+        al.ActivationsIntegrityError,
+        (r"shards/00000.safetensors", r"sha256", r"rerun"),
+    ),
+    Case(
+        "cache-load-of-another-file",
+        in_a_folder(
+            lambda folder: (
+                (folder / "x.safetensors").write_text("{}") and al.ActivationCache.load(folder / "x.safetensors")
+            )
+        ),
+        al.ActivationsIntegrityError,
+        (r"not a saved activation cache", r"cache.save"),
+    ),
+]
+
+
+CASES = [
+    *LOADING_AND_ROLES,
+    *EXPERIMENTS_AND_CLI,
+    *GENERATION_AND_STEERING,
+    *CUSTOM_MODELS,
+    *ACTIVATIONS_AND_PROBES,
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

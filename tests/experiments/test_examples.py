@@ -215,3 +215,34 @@ def test_steering_example(tmp_path_factory, common):
             v for by_scale in r["rates"].values() for v in by_scale.values()
         )
         assert_png(r["plot"])
+
+
+# -- 07 -----------------------------------------------------------------------------------------
+def test_probing(tmp_path_factory, common):
+    import hook_reference as ref
+
+    results, _ = run("07_probing", tmp_path_factory)
+    for source, r in results.items():
+        model = common.load(source)
+        capital, country = r["capital"], r["country"]
+        assert sorted(zip(capital["role"], capital["layer"])) == sorted(
+            (role, layer) for role in ("resid_pre", "resid_post") for layer in range(model.n_layers)
+        )
+        assert country["layer"].tolist() == list(range(model.n_layers))
+        for frame in (capital, country):
+            assert frame["accuracy"].between(0, 1).all() and frame["control"].between(0, 1).all()
+        assert (capital["n_train"] + capital["n_test"] == r["n_prompts"]).all()
+        # The stored row of the first prompt is what a forward pre-hook on the last block reads
+        # when that prompt runs alone (the extraction ran it in a left-padded batch).
+        seen = {}
+
+        def keep(module, args, kwargs, seen=seen):
+            seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+        handle = ref.block(model.hf, model.n_layers - 1).register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model.hf(input_ids=torch.tensor([model.tokenizer(r["texts"][0])["input_ids"]]))
+        finally:
+            handle.remove()
+        torch.testing.assert_close(r["first_row"], seen["x"][0, -1], atol=1e-4, rtol=1e-5)

@@ -15,9 +15,17 @@ import anylens as al
 from anylens.sweep.experiments import EXPERIMENTS as SWEEP_EXPERIMENTS
 from anylens.testing import tiny
 
-#: Public names of ``anylens`` that are not experiments on prompts: the sweep runner, and the
-#: two that take an activation cache.
-NOT_ON_PROMPTS = {"run", "stack", "decompose_resid"}
+#: Public names of ``anylens`` that are not experiments on prompts: the sweep runner, the two
+#: that take an activation cache, and what reads stored activations (classes and a loader).
+NOT_ON_PROMPTS = {
+    "run",
+    "stack",
+    "decompose_resid",
+    "ActivationCache",
+    "Activations",
+    "ProbeResult",
+    "load_activations",
+}
 PUBLIC_EXPERIMENTS = sorted(name for name in al._LAZY if name not in NOT_ON_PROMPTS)
 #: Names the convention replaced.
 OLD_NAMES = {"prompt", "position", "targets", "metric_or_targets", "batch"}
@@ -32,6 +40,8 @@ INPUTS = {
     "steering_vector": ["model", "positive", "negative"],
     "steer": ["model", "prompts", "vector"],
     "steering_sweep": ["model", "prompts", "vector"],
+    # a probe is about its labels, of prompts given with a model (prompts=) or of stored activations
+    "probe": ["source", "labels"],
 }
 #: Options passed on to ``transformers``' generate (``do_sample``, ...), by keyword too.
 VAR_KEYWORD = inspect.Parameter.VAR_KEYWORD

@@ -207,3 +207,35 @@ class ForwardContractError(AnylensError, TypeError):
 class MissingFactError(AnylensError, LookupError):
     """An adapter fact (``n_heads``, ``d_model``, ...) that neither the adapter nor the model's
     config gives, needed by the computation asked for."""
+
+
+class LabelError(AnylensError, ValueError):
+    """Probe labels that do not fit the prompts: another count, or a single class."""
+
+
+class ExtractionOptionError(AnylensError, ValueError):
+    """An extraction option that cannot be used: a role without a per-token layout, a bad budget."""
+
+
+class ActivationsConfigError(AnylensError, ValueError):
+    """An extraction directory that holds another configuration, or files that are no extraction."""
+
+
+class ActivationsNotFoundError(AnylensError, FileNotFoundError):
+    """A directory that holds no extraction."""
+
+
+class ActivationsIntegrityError(AnylensError, ValueError):
+    """A stored activation shard whose bytes no longer match its recorded checksum."""
+
+
+class ActivationsBusyError(AnylensError, RuntimeError):
+    """Another process is writing the same extraction directory."""
+
+
+class ActivationsWarning(AnylensWarning):
+    """An extraction directory read before the extraction finished, or a damaged shard recomputed."""
+
+
+class ProbeOptionError(AnylensError, ValueError):
+    """A probe option that cannot be used: a test share outside (0, 1), prompts missing for a model."""

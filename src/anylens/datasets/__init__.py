@@ -7,5 +7,16 @@ equal token length, so that positions line up in patching experiments.
 
 from .factual import FACTS, FactPair, factual_pairs
 from .ioi import IOI_TEMPLATES, NAMES, IOIPair, ioi_pairs
+from .probing import LabelledPrompt, labelled_prompts
 
-__all__ = ["FACTS", "IOI_TEMPLATES", "NAMES", "FactPair", "IOIPair", "factual_pairs", "ioi_pairs"]
+__all__ = [
+    "FACTS",
+    "IOI_TEMPLATES",
+    "NAMES",
+    "FactPair",
+    "IOIPair",
+    "LabelledPrompt",
+    "factual_pairs",
+    "ioi_pairs",
+    "labelled_prompts",
+]

@@ -8,7 +8,9 @@ attention or each head, MLP, SSM mixer), which sum back to ``resid_post``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -233,6 +235,22 @@ class ActivationCache:
     def __repr__(self) -> str:
         shape = tuple(self.tokens.shape)
         return f"<ActivationCache {self.model.name!r} tokens={shape} roles={list(self.roles)} layers={self.layers}>"
+
+    # -- persistence -------------------------------------------------------------------------
+    # A plain method with a required path: it shadows the ``save()`` nnsight gives every object
+    # (which marks a value inside a trace), so ``cache.save(path)`` writes the file.
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write every tensor, the tokens and the mask to one safetensors file; see :meth:`load`."""
+        from .activation_store import save_cache
+
+        return save_cache(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: AnyModel | None = None) -> ActivationCache:
+        """A cache written by :meth:`save`; pass ``model`` for token strings and decompositions."""
+        from .activation_store import load_cache
+
+        return load_cache(path, model)
 
     # -- analysis ----------------------------------------------------------------------------
     def stack(self, role: str, layers: Iterable[int] | None = None) -> torch.Tensor:
