@@ -54,12 +54,12 @@ lint: setup
 format: setup
 	$(BIN)/ruff format src tests benchmarks docs
 
-## Static types of the core layer.
+## Static types of the core layer (what and how: [tool.mypy] in pyproject.toml).
 typecheck: setup
-	$(BIN)/mypy src/anylens/core
+	$(BIN)/mypy
 
 ## Everything CI runs.
-ci: lint test
+ci: lint typecheck test
 
 ## Regenerate requirements/lock.txt: resolve the newest allowed versions in a scratch venv, freeze them.
 ## Run the test-suite on the result (make test) before committing a new lock.

@@ -125,9 +125,9 @@ class RoleAccess:
             heads = model.n_heads if which == "q" else model.n_kv_heads
             return tensor[..., start : start + width].unflatten(-1, (heads, model.d_head))
         if view.startswith("qkv_interleaved:"):
-            which = "qkv".index(view.split(":")[1])
+            part = "qkv".index(view.split(":")[1])
             d = model.d_head
-            return tensor.unflatten(-1, (model.n_heads, 3 * d))[..., which * d : (which + 1) * d]
+            return tensor.unflatten(-1, (model.n_heads, 3 * d))[..., part * d : (part + 1) * d]
         if view == "tokens":
             return tensor.unflatten(0, model._token_shape(layer))
         raise AssertionError(view)  # RolePath.parse rejects unknown views

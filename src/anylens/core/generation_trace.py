@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import CodeType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from greenlet import getcurrent
@@ -172,7 +172,7 @@ class GenerationTrace(InterleavingTracer):
 
     # -- compiling and running -----------------------------------------------------------------
     def build(self, node: ast.With | ast.AsyncWith) -> ast.Module:
-        loop = ast.parse(_LOOP).body[0]
+        loop = cast(ast.For, ast.parse(_LOOP).body[0])  # _LOOP is one for statement
         loop.body = node.body
         ast.copy_location(loop, node.body[0])
         ast.copy_location(loop.iter, node.body[0])

@@ -103,7 +103,8 @@ class HookPoint:
 
     def save(self) -> torch.Tensor:
         """The tensor, kept after the trace (nnsight's ``.save()`` of :meth:`read`)."""
-        return self.read().save()
+        # In a trace read() gives nnsight's proxy, which has .save(); torch.Tensor's type does not.
+        return self.read().save()  # type: ignore[attr-defined]
 
     def __getitem__(self, item: Any) -> torch.Tensor:
         return self.read()[item]

@@ -6,7 +6,7 @@ import contextlib
 import difflib
 import operator
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -74,7 +74,7 @@ class AnyModel:
         self._structures: dict[str, tuple[str, int | None]] = {}
         self._token_shapes: dict[int, tuple[int, int]] = {}
         self._access = {role: RoleAccess(self, role, self.adapter.role_path(role)) for role in self.adapter.roles}
-        self.n_layers = len(self.module(self.adapter.layers))
+        self.n_layers = len(cast(torch.nn.ModuleList, self.module(self.adapter.layers)))
         self._operations = OperationHooks()
         self._validate_paths()
         if not remote:  # a remote model's forward runs on the server
@@ -138,7 +138,7 @@ class AnyModel:
     @property
     def d_vocab(self) -> int:
         size = self.fact("d_vocab")
-        return int(size) if size else int(self.module(self.adapter.unembed).weight.shape[0])
+        return int(size) if size else int(cast(torch.Tensor, self.module(self.adapter.unembed).weight).shape[0])
 
     @property
     def n_heads(self) -> int:
@@ -253,6 +253,10 @@ class AnyModel:
             )
         return self._access[name]
 
+    def _role_access(self, name: str) -> RoleAccess:
+        """:meth:`role` for a role name (never a hook name), which gives a :class:`RoleAccess`."""
+        return cast(RoleAccess, self.role(name))
+
     def _hook_point(self, name: str) -> HookPoint:
         role, layer = role_for_hook(name)
         if role not in self._access:
@@ -260,7 +264,7 @@ class AnyModel:
                 f"hook name {name!r} stands for role {role!r}, which adapter {self.adapter.name!r} "
                 f"({type(self.hf).__name__}) does not have; it provides: {', '.join(self.roles)}"
             )
-        return HookPoint(name, self.role(role), None if layer is None else self.layer_index(layer))
+        return HookPoint(name, self._role_access(role), None if layer is None else self.layer_index(layer))
 
     def first_role(self, role: str | Sequence[str]) -> str:
         """``role`` itself, or for a list of roles (``["z", "mixer_out"]``) the first this model
@@ -369,12 +373,12 @@ class AnyModel:
 
         def remember(layer: int):
             def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-                hidden = args[0] if args else kwargs.get("hidden_states")
+                hidden = args[0] if args else kwargs["hidden_states"]
                 self._token_shapes[layer] = tuple(hidden.shape[:2])
 
             return hook
 
-        layers = self.module(self.adapter.layers)
+        layers = cast(torch.nn.ModuleList, self.module(self.adapter.layers))
         for index, block in enumerate(layers):
             block.register_forward_pre_hook(remember(index), with_kwargs=True)
 
@@ -387,7 +391,7 @@ class AnyModel:
     # -- functions of the model's own modules ------------------------------------------------
     def apply_final_norm(self, resid: torch.Tensor) -> torch.Tensor:
         """The model's own final norm applied to a residual-stream tensor."""
-        path = self.role("final_norm").path
+        path = self._role_access("final_norm").path
         return self._local_module(path.module, "applying the final norm")(resid)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
@@ -405,7 +409,7 @@ class AnyModel:
         columns = columns.to(weight.device)
         logits = x @ weight[:, columns]
         if getattr(module, "bias", None) is not None:
-            logits = logits + module.bias[columns]
+            logits = logits + cast(torch.Tensor, module.bias)[columns]
         return self._soft_cap(logits)
 
     def _soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
@@ -432,13 +436,15 @@ class AnyModel:
     def to_tokens(self, prompts: str | Sequence[str], padding_side: str = "left") -> dict[str, torch.Tensor]:
         """Tokenize like a trace does: a batch, padded on ``padding_side``, with its attention mask."""
         self.require_tokenizer(prompts)
+        tokenizer = self.tokenizer
+        assert tokenizer is not None  # require_tokenizer raised otherwise
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
-        previous = self.tokenizer.padding_side
-        self.tokenizer.padding_side = padding_side
+        previous = tokenizer.padding_side
+        tokenizer.padding_side = padding_side
         try:
-            encoded = self.tokenizer(batch, return_tensors="pt", padding=True)
+            encoded = tokenizer(batch, return_tensors="pt", padding=True)
         finally:
-            self.tokenizer.padding_side = previous
+            tokenizer.padding_side = previous
         empty = [prompt for prompt, row in zip(batch, encoded["attention_mask"]) if not row.any()]
         if empty:
             raise PromptError(f"prompt {empty[0]!r} has no tokens: give a prompt of at least one token")
@@ -538,7 +544,7 @@ def linear_weight(module: torch.nn.Module) -> torch.Tensor:
     if isinstance(module, torch.nn.Linear):
         return module.weight.T
     if type(module).__name__ == "Conv1D":  # transformers' Conv1D stores [in, out]
-        return module.weight
+        return cast(torch.Tensor, module.weight)
     raise ModulePathError(f"{type(module).__name__} is not a linear projection; cannot take its weights")
 
 
@@ -547,7 +553,7 @@ def _install_role_properties() -> None:
 
     def layer_role(name: str) -> property:
         def get(self: AnyModel) -> LayerRole:
-            return LayerRole(self, self.role(name))
+            return LayerRole(self, self._role_access(name))
 
         def set_(self: AnyModel, value: Any) -> None:
             raise TypeError(f"assign a layer: model.{name}[layer] = value")
@@ -556,10 +562,10 @@ def _install_role_properties() -> None:
 
     def model_role(name: str) -> property:
         def get(self: AnyModel) -> torch.Tensor:
-            return self.role(name).read(None)
+            return self._role_access(name).read(None)
 
         def set_(self: AnyModel, value: Any) -> None:
-            self.role(name).write(None, value)
+            self._role_access(name).write(None, value)
 
         return property(get, set_, doc=f"role {name!r}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
+from typing import SupportsIndex, cast
 
 from .errors import PositionError
 
@@ -19,10 +20,11 @@ def normalize_positions(positions: int | slice | Iterable[int] | None, length: i
         return None
     if isinstance(positions, slice):
         return list(range(length))[positions]
+    # One index: an int, or an integer scalar (numpy, torch); anything else raises TypeError and is a list.
     try:
-        chosen = [operator.index(positions)]  # one index: an int, or an integer scalar (numpy, torch)
+        chosen = [operator.index(cast(SupportsIndex, positions))]
     except TypeError:
-        chosen = [int(p) for p in positions]
+        chosen = [int(p) for p in cast(Iterable[int], positions)]
     for p in chosen:
         if not -length <= p < length:
             raise PositionError(

@@ -34,7 +34,7 @@ def residual_writers(roles: Iterable[str]) -> tuple[str, ...]:
     SSM the mixer. It counts only where ``attn_out`` is absent, so that nothing is counted twice.
     """
     roles = set(roles)
-    writers = [role for role in ("attn_out", "mlp_out") if role in roles]
+    writers: list[str] = [role for role in ("attn_out", "mlp_out") if role in roles]
     if "mixer_out" in roles and "attn_out" not in roles:
         writers.append("mixer_out")
     return tuple(writers)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +62,8 @@ class RolePath:
 
     @classmethod
     def parse(cls, text: str) -> RolePath:
-        body, _, view = text.partition("|")
-        body, view = body.strip(), view.strip() or None
+        body, _, view_text = text.partition("|")
+        body, view = body.strip(), view_text.strip() or None
         if view is not None and view not in VIEWS:
             raise AdapterSpecError(f"unknown view {view!r} in role path {text!r}; valid views: {', '.join(VIEWS)}")
         parts = body.split(".") if body else []
@@ -224,9 +225,9 @@ class AdapterSpec:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> AdapterSpec:
-        try:
+        if sys.version_info >= (3, 11):
             import tomllib
-        except ModuleNotFoundError:  # Python 3.10
+        else:  # Python 3.10
             import tomli as tomllib
         with open(path, "rb") as handle:
             try:

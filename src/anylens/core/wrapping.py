@@ -7,7 +7,7 @@ specs without going through the registry.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -36,7 +36,7 @@ def wrap_with_spec(
     if "pattern" in spec.roles and hasattr(hf_model, "set_attn_implementation") and hasattr(hf_model, "config"):
         wanted = attn_implementation or "eager"
         if getattr(hf_model.config, "_attn_implementation", None) != wanted:
-            hf_model.set_attn_implementation(wanted)
+            cast(Any, hf_model).set_attn_implementation(wanted)  # checked with hasattr above
     if not isinstance(hf_model, PreTrainedModel):
         # A plain torch model (e.g. mamba-ssm's MambaLMHeadModel, or a user's own): nnsight's
         # generic wrapper, called as core/forward.py says; a tokenizer is optional.
