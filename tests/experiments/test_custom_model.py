@@ -104,7 +104,7 @@ TEXT_CALLS = {
     "trace": lambda m: m.trace("The cat sat").__enter__(),
     "cache": lambda m: al.cache(m, "The cat sat"),
     "logit_lens": lambda m: al.logit_lens(m, "The cat sat"),
-    "dla": lambda m: al.direct_logit_attribution(m, "The cat sat", (7, 8)),
+    "dla": lambda m: al.direct_logit_attribution(m, "The cat sat", metric=(7, 8)),
     "attention_patterns": lambda m: al.attention_patterns(m, "The cat sat"),
     "patch": lambda m: al.patch(m, "The cat sat", "The dog sat", role="z", over=("layer",)),
     "ablate": lambda m: al.ablate(m, "The cat sat", role="z", over=("layer",)),
