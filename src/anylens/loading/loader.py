@@ -105,7 +105,7 @@ def adapter_of_source(source: str | os.PathLike) -> AdapterSpec:
 
         if parsed.name in TINY_ADAPTERS:
             return TINY_ADAPTERS[parsed.name]
-    elif parsed.kind in ("zoo", "directory"):
+    elif parsed.kind in ("zoo", "named", "directory"):
         from transformers import AutoConfig
 
         from ..registry.manager import registry
