@@ -34,4 +34,18 @@ def normalize_positions(positions: int | slice | Iterable[int] | None, length: i
     return [p % length for p in chosen]
 
 
-__all__ = ["normalize_positions"]
+def one_position(positions: object, error: type[Exception], refusal: str) -> int:
+    """The single position an experiment reads: an integer index (numpy and torch scalars too) or a
+    list of one. Anything else (several positions, a bool, a float) raises ``error`` with
+    ``refusal`` followed by what was given."""
+    if isinstance(positions, (list, tuple)) and len(positions) == 1:
+        positions = positions[0]
+    if not isinstance(positions, bool):
+        try:
+            return operator.index(cast(SupportsIndex, positions))
+        except TypeError:
+            pass
+    raise error(f"{refusal}; got positions={positions!r}")
+
+
+__all__ = ["normalize_positions", "one_position"]

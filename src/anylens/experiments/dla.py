@@ -18,6 +18,7 @@ import torch
 from ..core.errors import LinearisationError, PromptError
 from ..core.model import linear_weight
 from ..core.operations import only_role_operations
+from ..core.positions import one_position
 from ..core.roles import residual_writers
 from .extraction import cache, decompose_resid
 from .metrics import LogitDiff, Metric, named, target_ids
@@ -177,7 +178,9 @@ def direct_logit_attribution(
     if isinstance(metric, str) and metric == "logit_diff":  # by name: from the prompt pairs' words
         metric = named("logit_diff", prompts)
     answer, distractor, label = _targets(metric)
-    position = _one_position(positions)
+    position = one_position(
+        positions, PromptError, "direct logit attribution reads one position: call it once per position"
+    )
     model.role("final_norm")  # a clear MissingRoleError: DLA goes through the final norm
     roles = [
         r
@@ -236,16 +239,6 @@ def _metric_of(logits: torch.Tensor, good: torch.Tensor, bad: torch.Tensor | Non
     rows = torch.arange(logits.shape[0], device=logits.device)
     value = logits[rows, good.to(logits.device)]
     return value - logits[rows, bad.to(logits.device)] if bad is not None else value
-
-
-def _one_position(positions: Any) -> int:
-    """The one position DLA reads: an int, or a list of one."""
-    if isinstance(positions, int):
-        return positions
-    chosen = list(positions)
-    if len(chosen) != 1:
-        raise PromptError(f"direct logit attribution reads one position, not {chosen!r}: call it once per position")
-    return int(chosen[0])
 
 
 def _targets(metric: Any) -> tuple[Any, Any, str]:

@@ -17,6 +17,7 @@ import torch
 
 from ..core.errors import InterventionError, NotWrappedError, PromptError, SteeringVectorError
 from ..core.generation_trace import Generated
+from ..core.positions import one_position
 from . import metrics as metrics_module
 from .generation import RoleEdit, check_vector, generate, steps_of
 from .prompts import as_batch
@@ -81,7 +82,7 @@ def steering_vector(
     (one position, or a list of one) indexes each prompt's own tokens (-1: its last token,
     whatever its length).
     """
-    position = _one_position(positions)
+    position = one_position(positions, InterventionError, "a steering vector is read at one position (give an int)")
     model = _wrapped(model, "al.steering_vector")
     model.role(role)
     if role in _layer_roles() and layer is None:
@@ -89,19 +90,6 @@ def steering_vector(
     layer = model.layer_index(layer) if role in _layer_roles() else None
     difference = _role_at(model, positive, role, layer, position).mean(0)
     return difference - _role_at(model, negative, role, layer, position).mean(0)
-
-
-def _one_position(positions: Any) -> int:
-    """The one position a steering vector is read at: an int, or a list of one."""
-    if isinstance(positions, (list, tuple)) and len(positions) == 1:
-        positions = positions[0]
-    if (
-        isinstance(positions, bool)
-        or not isinstance(positions, (int, torch.Tensor))
-        or (isinstance(positions, torch.Tensor) and positions.numel() != 1)
-    ):
-        raise InterventionError(f"a steering vector is read at one position; got positions={positions!r} (give an int)")
-    return int(positions)
 
 
 def _layer_roles() -> tuple[str, ...]:
