@@ -992,6 +992,19 @@ ACTIVATIONS_AND_PROBES: list[Case] = [
         (r"holds files that are not an extraction \(notes.txt\)", r"new out"),
     ),
     Case(
+        "extract-out-under-a-file",
+        in_a_folder(
+            lambda folder: (
+                (folder / "afile").write_text("x")
+                and al.extract(
+                    zoo_gpt2(), PROBE_PROMPTS, roles=["resid_post"], out=folder / "afile" / "acts", quiet=True
+                )
+            )
+        ),
+        al.OutputPathError,
+        (r"cannot write the activations to .*afile/acts", r"lies under .*afile, which is a file"),
+    ),
+    Case(
         "extract-unknown-role",
         lambda: al.extract(al.load("zoo:mamba"), PROBE_PROMPTS, roles=["z"], quiet=True),
         al.MissingRoleError,

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.errors import ActivationsBusyError, ActivationsConfigError, OutputPathError
+from ..core.errors import ActivationsBusyError, ActivationsConfigError
 from ..core.operations import only_role_operations
 from ..experiments import activation_store as files
 from ..experiments.activations import ExtractionJob, Positions, plan
 from ..experiments.prompts import Prompts
-from .runner import environment, model_identity
+from .checks import check_out
+from .identity import environment, model_identity
 from .store import Store, SweepBusyError, canonical_json, remove_stale_temporaries, sha256_bytes, write_atomic
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 
 
 def _extract_to(root: Path, job: ExtractionJob, manifest: dict[str, Any], fresh: bool) -> files.Activations:
-    _check_out(root)
+    check_out(root, "the activations")
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(Store(root).locked())
@@ -136,16 +137,6 @@ def _extract_to(root: Path, job: ExtractionJob, manifest: dict[str, Any], fresh:
                 manifest["complete"] = True
                 write_manifest(root, manifest)
     return files.load_activations(root, verify=False)
-
-
-def _check_out(root: Path) -> None:
-    for parent in [root, *root.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputPathError(f"out={str(root)!r} lies under {parent}, which is a file: choose a directory")
-            if not os.access(parent, os.W_OK):
-                raise OutputPathError(f"out={str(root)!r}: {parent} is not writable; choose another out")
-            return
 
 
 def _open(root: Path, manifest: dict[str, Any], fresh: bool) -> tuple[dict[str, Any], int]:

@@ -76,18 +76,19 @@ def check_roles(models: Sequence[str], options: dict[str, Any]) -> None:
         )
 
 
-def check_out(out: str | Path) -> None:
-    """Refuse an output directory that cannot be created or written, before any model loads."""
+def check_out(out: str | Path, what: str = "the sweep") -> None:
+    """Refuse an output directory that cannot be created or written, before any model loads
+    (``what`` is written there, for the message)."""
     path = Path(out)
     existing = path
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent  # the nearest part of the path that exists: where writing starts
     if existing.exists() and not existing.is_dir():
         where = "is a file" if existing == path else f"lies under {existing}, which is a file"
-        raise OutputPathError(f"cannot write the sweep to {path}: it {where}; choose a directory path for out")
+        raise OutputPathError(f"cannot write {what} to {path}: it {where}; choose a directory path for out")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputPathError(
-            f"cannot write the sweep to {path}: {existing} is not writable; choose a directory you can write to"
+            f"cannot write {what} to {path}: {existing} is not writable; choose a directory you can write to"
         )
 
 
