@@ -1091,12 +1091,48 @@ ACTIVATIONS_AND_PROBES: list[Case] = [
 ]
 
 
+LONGER = "The capital city of Italy is"  # one token longer than CLEAN
+ALIGNMENT_AND_NAMES: list[Case] = [
+    Case(
+        "align-position-outside-the-clean-prompt",
+        lambda: al.patch(zoo_gpt2(), CLEAN, LONGER, over=("layer",), align=([0, 9], [0, 1])),
+        al.AlignmentError,
+        (r"align's clean position 9 is out of range", r"clean prompt, which has 6 tokens", r"show_alignment"),
+    ),
+    Case(
+        "align-position-outside-the-corrupt-prompt",
+        lambda: al.attribute(zoo_gpt2(), CLEAN, LONGER, role="resid_pre", over=("layer",), align=([0, 1], [0, -20])),
+        al.AlignmentError,
+        (r"align's corrupt position -20 is out of range", r"corrupt prompt, which has 7 tokens"),
+    ),
+    Case(
+        "align-by-an-unknown-word",
+        lambda: al.patch(zoo_gpt2(), CLEAN, LONGER, over=("layer",), align="last"),
+        al.PromptError,
+        (r"align='last'", r"use 'auto'"),
+    ),
+    Case(
+        "align-one-per-pair-for-another-number-of-pairs",
+        lambda: al.patch(zoo_gpt2(), [CLEAN] * 3, [LONGER] * 3, over=("layer",), align=["auto", "auto"]),
+        al.PromptError,
+        (r"2 alignments for 3 prompt pairs", r"one per pair, or one"),
+    ),
+    Case(
+        "different-lengths-without-align",
+        lambda: al.patch(zoo_gpt2(), CLEAN, LONGER, over=("layer",)),
+        al.PromptError,
+        (r"different token lengths", r"align='auto'", r"positions=\['END'\]"),
+    ),
+]
+
+
 CASES = [
     *LOADING_AND_ROLES,
     *EXPERIMENTS_AND_CLI,
     *GENERATION_AND_STEERING,
     *CUSTOM_MODELS,
     *ACTIVATIONS_AND_PROBES,
+    *ALIGNMENT_AND_NAMES,
 ]
 
 

@@ -80,6 +80,21 @@ class PositionError(PromptError, IndexError):
     """A token position outside the prompt (it is a ``PromptError`` and an ``IndexError``)."""
 
 
+class PositionNameError(PromptError, LookupError):
+    """A position name (``positions=["S2"]``) that the prompt or its dataset does not define, or a
+    marked word (``[NAME:word]``) that cannot name a token position."""
+
+
+class MisalignmentWarning(AnylensWarning):
+    """Clean and corrupt prompts of the same token length whose sub-word splits shift positions:
+    some positions no longer hold corresponding words, yet are patched position by position."""
+
+
+class AlignmentError(PositionError):
+    """An ``align`` that pairs a position outside the clean or the corrupt prompt (a ``PositionError``,
+    so a ``PromptError`` and an ``IndexError``)."""
+
+
 class PositionLimitWarning(AnylensWarning):
     """A prompt longer than the positions a rotary model was trained on: it runs, but past its
     context the model's behaviour is not what it learned."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 
@@ -22,3 +23,36 @@ def has_unknown(tokenizer: Any, text: str) -> bool:
 
 def n_tokens(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text)["input_ids"])
+
+
+def format_with_spans(template: str, **values: str) -> tuple[str, dict[str, list[tuple[int, int]]]]:
+    """``template.format(**values)`` and, per field, the character spans where its value landed."""
+    pieces: list[str] = []
+    spans: dict[str, list[tuple[int, int]]] = {}
+    length = 0
+    for literal, field, _spec, _conversion in string.Formatter().parse(template):
+        pieces.append(literal)
+        length += len(literal)
+        if field is not None:
+            value = str(values[field])
+            spans.setdefault(field, []).append((length, length + len(value)))
+            pieces.append(value)
+            length += len(value)
+    return "".join(pieces), spans
+
+
+def token_offsets(tokenizer: Any, text: str) -> list[tuple[int, int]] | None:
+    """Each token's character span in ``text`` (special tokens span nothing), as the experiments
+    tokenize it; None for a tokenizer that cannot tell (a slow tokenizer)."""
+    try:
+        encoded = tokenizer(text, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
+    offsets = encoded.get("offset_mapping")
+    return None if offsets is None else [(int(s), int(e)) for s, e in offsets]
+
+
+def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
+    """The first and last token covering the characters ``start..end-1``, or None if none does."""
+    covering = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+    return (covering[0], covering[-1]) if covering else None

@@ -30,7 +30,8 @@ from ..engine import (
     score_rows,
 )
 from . import metrics as metrics_
-from .patching import PatchResult, prepare_pairs, sweep_frame, sweep_meta
+from .pair_groups import group_pairs, run_in_groups
+from .patching import DIRECTIONS, PatchResult, prepare_pairs, sweep_frame, sweep_meta
 from .prompts import Prompts
 from .renamed import renamed
 
@@ -128,14 +129,15 @@ def attribute(
     metric: Any = None,
     direction: str = "denoise",
     layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
-    align: tuple[Sequence[int], Sequence[int]] | None = None,
+    positions: Sequence[int | str] | str | None = None,
+    align: Any = None,
     normalize: bool = True,
     per_prompt: bool = False,
 ) -> PatchResult:
     """Estimate :func:`anylens.patch` for every component of ``role`` from gradients.
 
-    Arguments mean what they mean for ``patch``. The frame's ``estimate`` is the estimated
+    Arguments mean what they mean for ``patch`` (``align="auto"``, named ``positions`` and lists of
+    pairs of different lengths included). The frame's ``estimate`` is the estimated
     patched metric minus the unpatched run's metric (patched - corrupt when denoising),
     ``metric`` the estimated patched metric, and ``normalized`` its normalised score.
     ``metric`` defaults to KL divergence from the clean run (whose gradient vanishes on the clean
@@ -144,6 +146,14 @@ def attribute(
     role = model.first_role(role)  # a list: the first role this model has
     over = check_over(model, role, over)
     metric = metrics_.resolve(metric, clean)
+    grouping = group_pairs(model, clean, corrupt, direction, align, positions) if direction in DIRECTIONS else None
+    if grouping is not None and len(grouping.groups) > 1:  # pairs that cannot share a batch
+        grouping.warn()
+        value = "normalized" if normalize else "estimate"
+        return run_in_groups(
+            attribute, model, clean, corrupt, grouping, metric=metric, align=align, over=over, per_prompt=per_prompt,
+            normalize=normalize, value=value, role=role, direction=direction, layers=layers, positions=positions,
+        )  # fmt: skip
     runs = prepare_pairs(model, clean, corrupt, direction, align, positions)
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
@@ -175,7 +185,7 @@ def attribute(
     estimate = _component_values(per_layer, components, runs.target_positions).float().cpu()  # [components, pairs]
     columns = {"metric": unpatched[None, :] + estimate, "estimate": estimate}
     normalizer = (clean_values, corrupt_values) if normalize else None
-    frame = sweep_frame(model, components, over, runs.patched[0], columns, per_prompt, normalizer)
+    frame = sweep_frame(model, components, over, runs.patched[0], columns, per_prompt, normalizer, runs.labels)
     meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
     meta.update(method="attribution patching", forwards=1 if fused else 2, backwards=1, components=len(components))
     return PatchResult("attribute", frame, meta, value="normalized" if normalize else "estimate")

@@ -22,12 +22,13 @@ from ..engine import (
     PatchPlan,
     check_over,
     enumerate_components,
-    normalize_positions,
     record_runs,
     run_patches,
     score_rows,
 )
 from . import metrics as metrics_
+from .alignment import AUTO
+from .pair_groups import group_pairs, run_in_groups
 from .prompts import Prompts, paired
 from .renamed import renamed
 from .results import Result
@@ -65,6 +66,7 @@ class PairedRuns:
     direction: str
     target_positions: list[int]  # positions of the patched run
     source_positions: list[int]  # the matching positions of the run activations come from
+    labels: dict[int, str] | None = None  # target position -> the name it was asked for by
 
     @property
     def patched(self) -> torch.Tensor:
@@ -85,50 +87,30 @@ def prepare_pairs(
     clean: Prompts,
     corrupt: Prompts,
     direction: str = "denoise",
-    align: tuple[Sequence[int], Sequence[int]] | None = None,
-    positions: Sequence[int] | None = None,
+    align: Any = None,
+    positions: Any = None,
 ) -> PairedRuns:
-    """Tokenize prompt pairs and work out which positions are patched from where."""
+    """Tokenize prompt pairs and work out which positions are patched from where.
+
+    Every pair must patch the same positions (see :mod:`.pair_positions`); ``patch`` and
+    ``attribute`` split a list whose pairs do not into groups first (:mod:`.pair_groups`).
+    """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r}: use 'denoise' (clean into corrupt) or 'noise' (corrupt into clean)")
-    clean_ids, corrupt_ids = paired(model, clean, corrupt, align=align)
+    grouping = group_pairs(model, clean, corrupt, direction, align, positions)
+    if len(grouping.groups) > 1:
+        raise PromptError(
+            f"these prompt pairs fall into {len(grouping.groups)} groups of different token lengths or patched "
+            "positions, which cannot share a batch: patch each group, or use al.patch / al.attribute, which do"
+        )
+    grouping.warn(stacklevel=4)
+    clean_ids, corrupt_ids = paired(model, clean, corrupt, align=AUTO)  # lengths were checked pair by pair
     n_pairs = max(clean_ids.shape[0], corrupt_ids.shape[0])
     clean_ids = clean_ids.expand(n_pairs, -1)
     corrupt_ids = corrupt_ids.expand(n_pairs, -1)
-    t_clean, t_corrupt = clean_ids.shape[1], corrupt_ids.shape[1]
-    if align is None:
-        clean_pos = corrupt_pos = list(range(t_clean))
-    else:
-        clean_pos, corrupt_pos = _check_align(align, t_clean, t_corrupt)
-    target, source = (corrupt_pos, clean_pos) if direction == "denoise" else (clean_pos, corrupt_pos)
-    if positions is not None:
-        t_target = corrupt_ids.shape[1] if direction == "denoise" else t_clean
-        wanted = normalize_positions(positions, t_target, "patched-run")
-        missing = [p for p in wanted if p not in target]
-        if missing:
-            raise PromptError(
-                f"positions {missing} are not aligned to any source position; aligned positions: {target}"
-            )
-        keep = [target.index(p) for p in wanted]
-        target, source = [target[i] for i in keep], [source[i] for i in keep]
-    return PairedRuns(clean_ids, corrupt_ids, direction, target, source)
-
-
-def _check_align(align: Any, t_clean: int, t_corrupt: int) -> tuple[list[int], list[int]]:
-    try:
-        clean_pos, corrupt_pos = align
-    except (TypeError, ValueError):
-        raise PromptError("align must be a pair (clean_positions, corrupt_positions) of equal-length lists") from None
-    if len(clean_pos) != len(corrupt_pos):
-        raise PromptError(
-            f"align pairs {len(clean_pos)} clean positions with {len(corrupt_pos)} corrupt positions: give as many of each"
-        )
-    clean_pos = normalize_positions(clean_pos, t_clean, "clean")
-    corrupt_pos = normalize_positions(corrupt_pos, t_corrupt, "corrupt")
-    for name, pos in (("clean", clean_pos), ("corrupt", corrupt_pos)):
-        if len(set(pos)) != len(pos):
-            raise PromptError(f"align lists a {name} position twice: {pos}")
-    return clean_pos, corrupt_pos
+    chosen = grouping.positions[0]
+    labels = {t: label for t, label in zip(chosen.target, chosen.labels) if label is not None}
+    return PairedRuns(clean_ids, corrupt_ids, direction, list(chosen.target), list(chosen.source), labels)
 
 
 @renamed()
@@ -143,10 +125,10 @@ def patch(
     metric: Any = None,
     direction: str = "denoise",
     layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
+    positions: Sequence[int | str] | str | None = None,
     batch_size: int | None = None,
     memory_budget: int | None = None,
-    align: tuple[Sequence[int], Sequence[int]] | None = None,
+    align: Any = None,
     normalize: bool = True,
     per_prompt: bool = False,
     reuse: bool = True,
@@ -155,8 +137,13 @@ def patch(
 
     ``metric`` defaults to KL divergence from the clean run. ``clean`` and ``corrupt`` are one
     prompt each or lists of pairs (the metric is averaged over pairs; ``per_prompt=True`` keeps a
-    row per pair). Prompts must have the same number of tokens unless ``align=(clean_positions,
-    corrupt_positions)`` pairs positions up; ``pos`` is then a position of the patched run.
+    row per pair). Prompts must have the same number of tokens unless ``align`` pairs positions
+    up: ``"auto"`` (common prefix and suffix, and the differing spans' last tokens; see
+    :func:`anylens.show_alignment`), ``(clean_positions, corrupt_positions)``, or a list with one
+    of those per pair; ``pos`` is then a position of the patched run. ``positions`` may name
+    positions the pairs define (``["S2", "END"]``); rows carry ``pos_label``, the name or the
+    token. Pairs whose lengths or positions differ are patched a group at a time, and their rows
+    matched by ``pos_label`` (see docs/experiments.md).
     ``batch_size`` sets the patched runs per forward; otherwise they are sized to
     ``memory_budget`` bytes (default: a share of the free memory). ``reuse`` (on by default)
     computes once what a patch cannot change — blocks before the patched layer, positions before
@@ -166,6 +153,16 @@ def patch(
     role = model.first_role(role)  # a list: the first role this model has
     over = check_over(model, role, over)
     metric = metrics_.resolve(metric, clean)
+    grouping = group_pairs(model, clean, corrupt, direction, align, positions) if direction in DIRECTIONS else None
+    if grouping is not None and len(grouping.groups) > 1:  # pairs that cannot share a batch
+        grouping.warn()
+        options = dict(role=role, direction=direction, layers=layers, positions=positions, batch_size=batch_size)
+        options.update(memory_budget=memory_budget, reuse=reuse)
+        value = "normalized" if normalize else "metric"
+        return run_in_groups(
+            patch, model, clean, corrupt, grouping, metric=metric, align=align, over=over, per_prompt=per_prompt,
+            normalize=normalize, value=value, **options,
+        )  # fmt: skip
     runs = prepare_pairs(model, clean, corrupt, direction, align, positions)
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
@@ -211,7 +208,9 @@ def patch(
     values = values.reshape(len(components), n_pairs)
 
     normalizer = (clean_values, corrupt_values) if normalize else None
-    frame = sweep_frame(model, components, over, runs.patched[0], {"metric": values}, per_prompt, normalizer)
+    frame = sweep_frame(
+        model, components, over, runs.patched[0], {"metric": values}, per_prompt, normalizer, runs.labels
+    )
     meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
     meta.update(
         patches=stats.patches,
@@ -233,12 +232,14 @@ def sweep_frame(
     columns: dict[str, torch.Tensor],
     per_prompt: bool = False,
     normalize: tuple[torch.Tensor, torch.Tensor] | None = None,
+    labels: dict[int, str] | None = None,
 ) -> pd.DataFrame:
     """One row per component (or per component and prompt), with the given value columns.
 
     Each column is ``[n_components, n_prompts]`` and is averaged over prompts unless
     ``per_prompt``. ``normalize=(clean, corrupt)`` (each ``[n_prompts]``) adds ``normalized``,
-    computed from the averages (or per prompt).
+    computed from the averages (or per prompt). ``labels`` names positions (``pos_label``; the
+    token where a position has no name).
     """
     if not per_prompt:
         columns = {name: value.mean(1, keepdim=True) for name, value in columns.items()}
@@ -257,6 +258,9 @@ def sweep_frame(
         data["pos"] = each_row([c.pos for c in components])
         tokens = model.to_str_tokens(patched_ids)
         data["token"] = each_row([tokens[c.pos] for c in components])
+        # The name a position was asked for by, else its token: how rows of prompts of different
+        # lengths are matched (sweep aggregates group by it).
+        data["pos_label"] = each_row([(labels or {}).get(c.pos, tokens[c.pos]) for c in components])
     if per_prompt:
         data["prompt"] = list(range(n_prompts)) * len(components)
     for name, value in columns.items():
@@ -306,6 +310,7 @@ def sweep_meta(
         "clean_metric_per_prompt": clean_values.tolist(),
         "corrupt_metric_per_prompt": corrupt_values.tolist(),
         "align": None if align is None else _align_meta(runs),
+        "position_names": sorted(set((runs.labels or {}).values())),
     }
 
 
