@@ -186,6 +186,8 @@ _LAZY = {
     "steer": "anylens.experiments.steering",
     "steering_sweep": "anylens.experiments.steering",
     "show_alignment": "anylens.experiments.alignment",
+    "pair": "anylens.experiments.named_positions",
+    "Pair": "anylens.experiments.named_positions",
 }
 
 __all__ += ["Result", "metrics", *_LAZY]

@@ -1123,6 +1123,42 @@ ALIGNMENT_AND_NAMES: list[Case] = [
         al.PromptError,
         (r"different token lengths", r"align='auto'", r"positions=\['END'\]"),
     ),
+    Case(
+        "position-name-the-dataset-does-not-define",
+        lambda: al.patch(zoo_gpt2(), ioi(2), ioi(2), over=("layer",), metric="logit_diff", positions=["S2", "S3"]),
+        al.PositionNameError,
+        (r"position name 'S3' is not defined", r"it defines 'IO', 'S1', 'S1\+1', 'S2', 'END'"),
+    ),
+    Case(
+        "position-name-of-a-prompt-without-names",
+        lambda: al.attribute(zoo_gpt2(), CLEAN, CORRUPT, role="resid_pre", over=("layer",), positions="subject_last"),
+        al.PositionNameError,
+        (r"'subject_last' is not defined for the clean prompt 'The capital of France is'", r"defines 'END'", "al.pair"),
+    ),
+    Case(
+        "marked-names-differ-between-clean-and-corrupt",
+        lambda: al.pair(zoo_gpt2(), "The capital of [C:France] is", "The capital of [D:Italy] is"),
+        al.PositionNameError,
+        (r"clean prompt marks \['C'\] and the corrupt prompt \['D'\]", r"mark the same names in both"),
+    ),
+    Case(
+        "name-marked-twice",
+        lambda: al.pair(zoo_gpt2(), "[C:The] capital of [C:France] is", "[C:The] capital of [C:Italy] is"),
+        al.PositionNameError,
+        (r"'C' is marked twice", r"mark each name once"),
+    ),
+    Case(
+        "END-marked",
+        lambda: al.pair(zoo_gpt2(), "The capital of France [END:is]", "The capital of Italy [END:is]"),
+        al.PositionNameError,
+        (r"marks 'END', which every prompt defines as its last token",),
+    ),
+    Case(
+        "two-names-for-one-position",
+        lambda: al.patch(zoo_gpt2(), ioi(1), ioi(1), over=("layer",), metric="logit_diff", positions=["END", -1]),
+        al.PromptError,
+        (r"name the same position", r"give each position once"),
+    ),
 ]
 
 

@@ -16,8 +16,10 @@ from anylens.sweep.experiments import EXPERIMENTS as SWEEP_EXPERIMENTS
 from anylens.testing import tiny
 
 #: Public names of ``anylens`` that are not experiments on prompts: the sweep runner, the two
-#: that take an activation cache, and what reads stored activations (classes and a loader).
+#: that take an activation cache, what reads stored activations (classes and a loader), and the
+#: prompt pair class.
 NOT_ON_PROMPTS = {
+    "Pair",
     "run",
     "stack",
     "decompose_resid",

@@ -56,3 +56,13 @@ def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[in
     """The first and last token covering the characters ``start..end-1``, or None if none does."""
     covering = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
     return (covering[0], covering[-1]) if covering else None
+
+
+def named_positions(tokenizer: Any, text: str, spans: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """Each name's (first, last) token covering its character span of ``text``; {} for a tokenizer
+    that does not report where its tokens lie, and names whose span covers no token left out."""
+    offsets = token_offsets(tokenizer, text)
+    if offsets is None:
+        return {}
+    found = {name: token_span(offsets, start, end) for name, (start, end) in spans.items()}
+    return {name: span for name, span in found.items() if span is not None}

@@ -7,12 +7,13 @@ subject of the same token length ("The capital of Italy is" -> " Rome").
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import PromptError
-from ._tokens import has_unknown, is_single_token, n_tokens
+from ._tokens import format_with_spans, has_unknown, is_single_token, n_tokens, named_positions
 
 #: (country, capital, a landmark in the capital)
 FACTS: tuple[tuple[str, str, str], ...] = (
@@ -42,6 +43,11 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Per relation, the words that state it in the templates (the first one a prompt holds outside
+#: its subject is its ``relation`` position).
+RELATION_WORDS: dict[str, tuple[str, ...]] = {"capital": ("capital",), "landmark": ("visit", "is")}
+
+
 @dataclass(frozen=True)
 class FactPair:
     clean: str
@@ -50,6 +56,10 @@ class FactPair:
     corrupt_answer: str
     relation: str
     subject: str
+    #: name -> (clean position, corrupt position): ``subject_first`` and ``subject_last`` (the
+    #: subject's first and last tokens) and ``relation`` (the last token of the relation's word;
+    #: see :data:`RELATION_WORDS`); ``END``, the last token, is defined for every prompt.
+    positions: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
 
 
 def factual_pairs(
@@ -73,16 +83,40 @@ def factual_pairs(
                 prompt = template.format(country=country, landmark=landmark)
                 if is_single_token(tokenizer, " " + city) and not has_unknown(tokenizer, prompt):
                     subject = country if relation == "capital" else landmark
-                    prompts.append((prompt, " " + city, subject))
-            for prompt, answer, subject in prompts:
+                    names = _names(tokenizer, template, relation, country, landmark)
+                    prompts.append((prompt, " " + city, subject, names))
+            for prompt, answer, subject, names in prompts:
                 length = n_tokens(tokenizer, prompt)
                 options = [p for p in prompts if p[1] != answer and n_tokens(tokenizer, p[0]) == length]
                 if options:
                     other = rng.choice(options)
-                    pairs.append(FactPair(prompt, answer, other[0], other[1], relation, subject))
+                    both = {name: (names[name], other[3][name]) for name in names if name in other[3]}
+                    pairs.append(FactPair(prompt, answer, other[0], other[1], relation, subject, both))
     if len(pairs) < minimum:
         raise PromptError(
             f"only {len(pairs)} factual pairs have single-token answers and equal-length counterfactuals for this "
             f"tokenizer (wanted {minimum}); pass facts=... or templates=..."
         )
     return pairs
+
+
+def _names(tokenizer: Any, template: str, relation: str, country: str, landmark: str) -> dict[str, int]:
+    """``subject_first``, ``subject_last`` and ``relation`` of one prompt, as token positions."""
+    text, spans = format_with_spans(template, country=country, landmark=landmark)
+    subject = spans.get("country" if relation == "capital" else "landmark")
+    if not subject:
+        return {}
+    start, end = subject[0]
+    wanted = {"subject": (start, end)}
+    for word in RELATION_WORDS.get(relation, ()):
+        found = [m.span() for m in re.finditer(rf"\b{re.escape(word)}\b", text) if not start <= m.start() < end]
+        if found:
+            wanted["relation"] = found[0]
+            break
+    tokens = named_positions(tokenizer, text, wanted)
+    names = {}
+    if "subject" in tokens:
+        names["subject_first"], names["subject_last"] = tokens["subject"]
+    if "relation" in tokens:
+        names["relation"] = tokens["relation"][1]
+    return names

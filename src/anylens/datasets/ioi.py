@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..core.errors import PromptError
-from ._tokens import has_unknown, is_single_token, n_tokens
+from ._tokens import format_with_spans, has_unknown, is_single_token, n_tokens, named_positions
 
 #: Prompts end right before the final name. {a} and {b} are the first mentions, {s} the repeat.
 IOI_TEMPLATES: tuple[str, ...] = (
@@ -49,6 +49,10 @@ class IOIPair:
     corrupt_answer: str
     order: str  # "ABBA" (IO first) or "BABA"
     template: int
+    #: name -> (clean position, corrupt position): ``IO``, ``S1``, ``S1+1``, ``S2`` (``END``, the last
+    #: token, is defined for every prompt). In the corrupt prompt a name is its slot of the template,
+    #: whichever name fills it.
+    positions: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
 
 
 def ioi_pairs(
@@ -87,8 +91,36 @@ def ioi_pairs(
             continue
         if n_tokens(tokenizer, pair.clean) != n_tokens(tokenizer, pair.corrupt):
             continue
-        pairs.append(pair)
+        pairs.append(replace(pair, positions=_positions(tokenizer, templates[index], pair)))
     return pairs
+
+
+def _positions(tokenizer: Any, template: str, pair: IOIPair) -> dict[str, tuple[int, int]]:
+    """The named positions of both prompts: the last token of each name's slot in the template
+    ({} where the tokenizer cannot tell where its tokens lie)."""
+    io, s1 = ("a", "b") if pair.order == "ABBA" else ("b", "a")
+    names = {"IO": io, "S1": s1, "S2": "s"}
+    sides = []
+    for text in (pair.clean, pair.corrupt):
+        filled, spans = format_with_spans(template, **_slot_words(template, text))
+        found = named_positions(tokenizer, filled, {name: spans[slot][0] for name, slot in names.items()})
+        if filled != text or len(found) < len(names):
+            return {}
+        sides.append({name: last for name, (_, last) in found.items()})
+        sides[-1]["S1+1"] = sides[-1]["S1"] + 1
+    return {name: (sides[0][name], sides[1][name]) for name in ("IO", "S1", "S1+1", "S2")}
+
+
+def _slot_words(template: str, text: str) -> dict[str, str]:
+    """The word in each slot of ``template`` as ``text`` fills it (slots are one word each)."""
+    template_words, words = template.split(), text.split()
+    values = {}
+    for slot, word in zip(template_words, words):
+        if "{" in slot:
+            key = slot[slot.index("{") + 1 : slot.index("}")]
+            prefix, suffix = slot[: slot.index("{")], slot[slot.index("}") + 1 :]
+            values[key] = word[len(prefix) : len(word) - len(suffix)]
+    return values
 
 
 def _pair(rng, template, index, names, places, objects, corruption, abba) -> IOIPair:

@@ -45,6 +45,9 @@ class Item:
     distractor: str | None = None
     #: Any other fields of the pair (template, relation, ...), recorded for the prompt hash.
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: The pair's named positions (name -> (clean position, corrupt position)), which the
+    #: experiment resolves ``positions=["S2", ...]`` with; worked out from the texts, so not hashed.
+    positions: dict[str, Any] | None = field(default=None, compare=False)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -79,6 +82,7 @@ def as_item(value: Any) -> Item:
         raise SweepConfigError(
             f"cannot use {value!r} as a prompt: give strings, (clean, corrupt) tuples or pairs with .clean/.corrupt"
         )
+    positions = fields.pop("positions", None) or None
     clean = fields.pop("clean", None) or fields.pop("prompt", None)
     if not isinstance(clean, str):
         raise SweepConfigError(f"a pair needs a 'clean' prompt string; got fields {sorted(fields)}")
@@ -87,7 +91,7 @@ def as_item(value: Any) -> Item:
     # IOI pairs name the competing word 'distractor'; factual pairs only have the corrupt answer.
     distractor = fields.pop("distractor", None) or fields.get("corrupt_answer")
     extra = {k: v if isinstance(v, (str, int, float, bool)) or v is None else repr(v) for k, v in fields.items()}
-    return Item(clean, corrupt, answer, distractor, extra)
+    return Item(clean, corrupt, answer, distractor, extra, positions)
 
 
 def as_items(prompts: Sequence[Any]) -> list[Item]:
@@ -265,6 +269,9 @@ class ExperimentSpec:
         if self.per_item is not None:
             options.update(self.per_item(model, item, options, context))
         inputs = (item.clean, item.corrupt) if self.needs_pairs else (item.clean,)
+        if self.needs_pairs and item.positions:  # a pair that names its positions goes as one
+            named = {"clean": item.clean, "corrupt": item.corrupt, "positions": item.positions}
+            inputs = (named, named)
         return function(model, *inputs, **options)
 
     def run_chunk(

@@ -88,12 +88,16 @@ def aggregate(frame: pd.DataFrame, by: Sequence[str] | None = None, value: str =
     The interval is the normal approximation ``mean ± 1.96 · std / √count``: fine for a few
     dozen prompts or more, optimistic for a handful (it ignores the t-distribution's wider
     tails); with one prompt ``std`` and the interval are NaN. ``by`` defaults to the component
-    columns present (model, layer, head, pos, ...); NaN values are left out of every statistic.
+    columns present (model, layer, head, pos, ...), with ``pos_label`` in place of ``pos`` where
+    positions were asked for by name (``positions=["S2", "END"]``), so that a name's rows group
+    across prompts of different lengths; NaN values are left out of every statistic.
     """
     if value not in frame.columns:
         raise KeyError(f"no column {value!r} to aggregate; columns: {list(frame.columns)}")
     if by is None:
         by = [c for c in COMPONENT_COLUMNS if c in frame.columns and frame[c].notna().any()]
+        if _named_positions(frame):  # one row per name, whatever position it has in each prompt
+            by = ["pos_label" if c == "pos" else c for c in by]
     by = [by] if isinstance(by, str) else list(by)
     missing = [c for c in by if c not in frame.columns]
     if missing:
@@ -110,6 +114,13 @@ def aggregate(frame: pd.DataFrame, by: Sequence[str] | None = None, value: str =
     grouped["ci_low"] = grouped["mean"] - half
     grouped["ci_high"] = grouped["mean"] + half
     return grouped.reset_index(drop=True)
+
+
+def _named_positions(frame: pd.DataFrame) -> bool:
+    """Whether positions were asked for by name: some ``pos_label`` is not its row's token."""
+    if "pos_label" not in frame.columns or "token" not in frame.columns:
+        return False
+    return bool((frame["pos_label"].astype(str) != frame["token"].astype(str)).any())
 
 
 __all__ = ["COMPONENT_COLUMNS", "Z95", "SweepResult", "aggregate"]
