@@ -127,3 +127,42 @@ def test_head_attribution_ranks_heads_and_top_heads_recover_the_difference(smoll
     recovered = (patched - estimate.corrupt_metric) / (estimate.clean_metric - estimate.corrupt_metric)
     print(f"top-10 heads {top} recover {recovered:.1%} of the IOI logit difference")
     assert recovered > 0.8  # measured: about 1.08 (the ten heads over-restore slightly)
+
+
+def test_auto_alignment_patches_eiffel_into_kremlin_as_the_hand_alignment(smollm):
+    """9 tokens against 8 (" E|iffel| Tower" vs " K|remlin"): align="auto" pairs the common prefix and
+    suffix and the subjects' last tokens, which is the alignment written by hand."""
+    clean, corrupt = "The Eiffel Tower is in the city of", "The Kremlin is in the city of"
+    metric = al.metrics.logit_diff(" Paris", " Moscow")
+    hand = ([0, 3, 4, 5, 6, 7, 8], [0, 2, 3, 4, 5, 6, 7])
+    auto = al.patch(smollm, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=metric, align="auto")
+    by_hand = al.patch(smollm, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=metric, align=hand)
+    assert auto.meta["align"] == {"clean": hand[0], "corrupt": hand[1]}
+    last = auto.frame[auto.frame["pos"] == 7].set_index("layer")["metric"]
+    last_by_hand = by_hand.frame[by_hand.frame["pos"] == 7].set_index("layer")["metric"]
+    assert (last - last_by_hand).abs().max() <= 1e-5
+
+    # Independent: the clean run's residual stream at its last position written into the corrupt run's
+    # last position with a plain forward pre-hook, layer by layer.
+    clean_ids = smollm.tokenizer(clean, return_tensors="pt").input_ids
+    corrupt_ids = smollm.tokenizer(corrupt, return_tensors="pt").input_ids
+    paris, moscow = smollm.token_id(" Paris"), smollm.token_id(" Moscow")
+    with torch.no_grad():
+        hidden = smollm.hf(clean_ids, output_hidden_states=True).hidden_states  # [i]: the input of layer i
+        for layer in (0, smollm.n_layers // 2, smollm.n_layers - 1):
+
+            def write(module, args, kwargs, layer=layer):
+                states = (args[0] if args else kwargs["hidden_states"]).clone()
+                states[:, -1] = hidden[layer][:, -1]
+                return ((states, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": states})
+
+            block = smollm.hf.model.layers[layer]
+            handle = block.register_forward_pre_hook(write, with_kwargs=True)
+            try:
+                logits = smollm.hf(corrupt_ids).logits[0, -1]
+            finally:
+                handle.remove()
+            assert last[layer] == pytest.approx((logits[paris] - logits[moscow]).item(), abs=1e-4)
+    # The span end pairs the subjects' last tokens: patching it at layer 0 moves the answer to Paris.
+    subject = auto.frame[(auto.frame["pos"] == 2) & (auto.frame["layer"] == 0)].iloc[0]
+    assert subject["pos_label"] == "remlin" and subject["normalized"] > 0.3
