@@ -183,3 +183,14 @@ def test_show_alignment_lists_every_position_of_both_prompts():
     assert sorted(table["clean_pos"].dropna().tolist()) == list(range(c.shape[1]))
     assert sorted(table["corrupt_pos"].dropna().tolist()) == list(range(k.shape[1]))
     assert paired["clean_token"].tolist() == [model.decode([c[0, p]]) for p in clean_pos]
+
+
+def test_a_sweep_aligns_each_pair_of_its_own(tmp_path):
+    """al.run passes align='auto' to every pair's call: each pair is aligned by its own tokens."""
+    model = model_of(ANY_FAMILY)
+    options = dict(role="resid_pre", over=("layer",), metric=METRIC, align="auto")
+    sweep = al.run("patch", models=[f"tiny:{ANY_FAMILY}"], prompts=MIXED, out=tmp_path / "s", quiet=True, **options)
+    for index, (clean, corrupt) in enumerate(MIXED):
+        alone = al.patch(model, clean, corrupt, **options)
+        rows = sweep.frame[sweep.frame["prompt"] == index]
+        np.testing.assert_allclose(rows["metric"].to_numpy(), alone.frame["metric"].to_numpy(), atol=TOL)

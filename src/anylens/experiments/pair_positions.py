@@ -236,7 +236,9 @@ def resolve_pair(model: AnyModel, tokens: PairTokens, direction: str, align: Any
             f"{tokens.corrupt_text if denoise else tokens.clean_text!r}: give each position once"
         )
     shifted: list[int] = []
-    if align is None and alignment is not None:
+    differ = [a != b for a, b in zip(tokens.clean, tokens.corrupt)]
+    if align is None and alignment is not None and any(a and b for a, b in zip(differ, differ[1:])):
+        # Only a run of two differing tokens or more can split words differently: look for words then.
         words = (
             word_of_tokens(model, tokens.clean_text, tokens.clean),
             word_of_tokens(model, tokens.corrupt_text, tokens.corrupt),
