@@ -140,3 +140,44 @@ def test_a_sweep_of_pairs_of_different_lengths_aggregates_by_name(tmp_path):
     for (layer, name), group in result.frame.groupby(["layer", "pos_label"]):
         row = summary[(summary["layer"] == layer) & (summary["pos_label"] == name)].iloc[0]
         assert row["mean"] == pytest.approx(group["value"].mean(), abs=1e-12)
+
+
+def test_single_run_experiments_take_names_the_prompts_define(family):
+    """ablate and the logit lens read a name as the index the prompts give it, and label its rows."""
+    model = model_of(family)
+    marked = [al.pair(model, f"The capital of [C:{c}] is", "The capital of [C:Italy] is") for c in ("France", "Italy")]
+    (c, _), last = marked[0].positions["C"], model.to_tokens(marked[0].clean)["input_ids"].shape[1] - 1
+    options = dict(role="resid_pre", over=("layer", "pos"), metric=METRIC)
+    by_name = al.ablate(model, marked, positions=["C", "END"], **options)
+    by_index = al.ablate(model, [p.clean for p in marked], positions=[c, last], **options)
+    np.testing.assert_array_equal(by_name.frame["value"].to_numpy(), by_index.frame["value"].to_numpy())
+    assert by_name.frame.groupby("pos")["pos_label"].first().to_dict() == {c: "C", last: "END"}
+    lens = al.logit_lens(model, marked[0], positions=["C"], metric=[300])
+    assert set(lens.frame["pos"]) == {c} and set(lens.frame["pos_label"]) == {"C"}
+    lens_by_index = al.logit_lens(model, marked[0].clean, positions=[c], metric=[300])
+    np.testing.assert_array_equal(lens.frame["prob"].to_numpy(), lens_by_index.frame["prob"].to_numpy())
+    apart = al.pair(model, "[C:The] capital of France is", "[C:The] capital of Italy is")  # same length, C elsewhere
+    with pytest.raises(al.PromptError, match="'C' is at positions .* in different prompts"):
+        al.ablate(model, [marked[0], apart], positions=["C"], **options)
+
+
+def test_an_ablation_sweep_aggregates_by_name(tmp_path):
+    model = al.load("zoo:gpt2")
+    pairs = ioi_pairs(model.tokenizer, 6)  # several templates: several lengths
+    assert len({len(model.to_str_tokens(p.clean)) for p in pairs}) > 1
+    result = al.run(
+        "ablate",
+        models=["zoo:gpt2"],
+        prompts=pairs,
+        out=tmp_path / "s",
+        quiet=True,
+        role="resid_pre",
+        over=("layer", "pos"),
+        positions=["S2", "END"],
+        metric="logit_diff",
+    )
+    summary = result.aggregate()
+    assert set(summary["pos_label"]) == {"S2", "END"} and (summary["count"] == len(pairs)).all()
+    for index, pair in enumerate(pairs):
+        rows = result.frame[result.frame["prompt"] == index]
+        assert set(rows.loc[rows["pos_label"] == "S2", "pos"]) == {pair.positions["S2"][0]}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import string
 from typing import Any
 
+from ..core.token_spans import token_offsets, token_span
+
 
 def token_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -39,23 +41,6 @@ def format_with_spans(template: str, **values: str) -> tuple[str, dict[str, list
             pieces.append(value)
             length += len(value)
     return "".join(pieces), spans
-
-
-def token_offsets(tokenizer: Any, text: str) -> list[tuple[int, int]] | None:
-    """Each token's character span in ``text`` (special tokens span nothing), as the experiments
-    tokenize it; None for a tokenizer that cannot tell (a slow tokenizer)."""
-    try:
-        encoded = tokenizer(text, return_offsets_mapping=True)
-    except (NotImplementedError, ValueError, TypeError):
-        return None
-    offsets = encoded.get("offset_mapping")
-    return None if offsets is None else [(int(s), int(e)) for s, e in offsets]
-
-
-def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
-    """The first and last token covering the characters ``start..end-1``, or None if none does."""
-    covering = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
-    return (covering[0], covering[-1]) if covering else None
 
 
 def named_positions(tokenizer: Any, text: str, spans: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:

@@ -32,6 +32,7 @@ from ..engine import (
     score_rows,
 )
 from . import metrics as metrics_
+from .pair_positions import named_indices
 from .patching import sweep_frame
 from .prompts import Prompts, tokenize_aligned
 from .renamed import renamed
@@ -67,7 +68,7 @@ def ablate(
     mean_over: str = "batch",
     seed: int = 0,
     layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
+    positions: Sequence[int | str] | str | None = None,
     batch_size: int | None = None,
     memory_budget: int | None = None,
     per_prompt: bool = False,
@@ -101,6 +102,7 @@ def ablate(
             "mean_over='positions'"
         )
     layer_list = model.layers(layers)
+    positions, labels = named_indices(prompts, positions, length)  # names the prompts define, as indices
     targets = list(range(length)) if positions is None else normalize_positions(positions, length, "prompt")
     components = enumerate_components(model, role, over, layer_list, targets)
 
@@ -135,7 +137,7 @@ def ablate(
     values = values.reshape(len(components), n_prompts)
     base = baseline[None, :].expand_as(values)
     columns = {"metric": values, "baseline": base, "value": values - base}
-    frame = sweep_frame(model, components, over, ids[0], columns, per_prompt)
+    frame = sweep_frame(model, components, over, ids[0], columns, per_prompt, labels=labels)
     meta = {
         "model": model.name,
         "adapter": model.adapter.name,

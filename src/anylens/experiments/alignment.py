@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..core.errors import PromptError
-from ..datasets._tokens import token_offsets
+from ..core.token_spans import token_offsets
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel

@@ -17,6 +17,7 @@ from ..core.operations import only_role_operations
 from ..core.positions import normalize_positions
 from .extraction import read_roles
 from .metrics import NAMED, Metric, named
+from .pair_positions import named_indices
 from .prompts import Prompts, tokenize
 from .renamed import renamed
 from .results import Result
@@ -108,7 +109,7 @@ def logit_lens(
     *,
     metric: Metric | str | int | Sequence[str | int] | None = None,
     k: int = 5,
-    positions: int | slice | Iterable[int] | None = None,
+    positions: int | str | slice | Iterable[int | str] | None = None,
     role: str = "resid_post",
 ) -> LogitLensResult:
     """Apply the model's final norm and unembedding to ``role`` at every layer and position.
@@ -119,7 +120,8 @@ def logit_lens(
     name (``"logit_diff"``, ``"prob"``, ...) built from a prompt pair's words. A string that is a
     metric name is read as one, not as a word. ``k`` top tokens are always listed.
     Applied to ``resid_post`` of the last layer, the lens reproduces the model's own logits
-    (with any soft-cap). One prompt at a time; ``positions`` restricts the positions read.
+    (with any soft-cap). One prompt at a time; ``positions`` restricts the positions read (names
+    the prompt defines too: ``positions=["subject_last", "END"]``, rows then carry ``pos_label``).
     """
     if role not in RESIDUAL_SHAPED:
         raise KeyError(
@@ -131,6 +133,7 @@ def logit_lens(
         raise PromptError(f"logit_lens takes one prompt; got {inputs['input_ids'].shape[0]}: call it once per prompt")
     inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
     n_pos = inputs["input_ids"].shape[1]
+    positions, labels = named_indices(prompts, positions, n_pos)  # names the prompt defines, as indices
     chosen = normalize_positions(positions, n_pos)
     chosen = list(range(n_pos)) if chosen is None else chosen
     model.role(role)  # a clear MissingRoleError before the run
@@ -154,6 +157,8 @@ def logit_lens(
 
     frame = pd.concat(main, ignore_index=True)
     frame.insert(0, "model", model.name)
+    if labels:  # positions asked for by name: the name, else the token (how sweeps group them)
+        frame.insert(frame.columns.get_loc("token") + 1, "pos_label", [labels.get(p, tokens[p]) for p in frame["pos"]])
     top_frame = pd.concat(top, ignore_index=True)
     top_frame.insert(0, "model", model.name)
     meta = {

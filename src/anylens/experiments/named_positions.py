@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..core.errors import PositionNameError
-from ..datasets._tokens import token_offsets, token_span
+from ..core.token_spans import token_offsets, token_span
 from .pair_positions import END
 
 if TYPE_CHECKING:

@@ -178,6 +178,35 @@ def _name_position(name: str, item: Any, side: int, length: int, text: Any) -> i
     return names[name]
 
 
+def named_indices(prompts: Any, positions: Any, length: int) -> tuple[Any, dict[int, str]]:
+    """``positions`` with each name replaced by the index the prompts (their clean side) give it,
+    and index -> name, for an experiment that runs prompts of one length as one batch.
+
+    A name must be at the same position in every prompt of the batch; positions without names
+    pass unchanged (the experiment checks them)."""
+    entries = [positions] if isinstance(positions, str) else positions
+    if not isinstance(entries, (list, tuple)) or not any(isinstance(e, str) for e in entries):
+        return positions, {}
+    items = _items(prompts)
+    resolved, labels = [], {}
+    for entry in entries:
+        if not isinstance(entry, str):
+            resolved.append(entry)
+            continue
+        texts = [None if isinstance(item, torch.Tensor) else _text(item, "clean") for item in items]
+        found = {_name_position(entry, item, 0, length, text) for item, text in zip(items, texts)}
+        if len(found) > 1:
+            raise PromptError(
+                f"position name {entry!r} is at positions {sorted(found)} in different prompts of one batch: "
+                "give prompts where it is at one position, or run them apart (al.run calls each prompt alone "
+                "and aggregates by name)"
+            )
+        (index,) = found
+        resolved.append(index)
+        labels[index] = entry
+    return resolved, labels
+
+
 @dataclass(frozen=True)
 class PairPositions:
     """The positions one pair patches: ``target`` in the patched run, ``source`` in the run its
@@ -259,6 +288,7 @@ __all__ = [
     "PairTokens",
     "defined_names",
     "explicit_alignment",
+    "named_indices",
     "pair_alignment",
     "pair_items",
     "pair_tokens",

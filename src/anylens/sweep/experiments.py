@@ -269,9 +269,9 @@ class ExperimentSpec:
         if self.per_item is not None:
             options.update(self.per_item(model, item, options, context))
         inputs = (item.clean, item.corrupt) if self.needs_pairs else (item.clean,)
-        if self.needs_pairs and item.positions:  # a pair that names its positions goes as one
+        if item.positions and _names_positions(options.get("positions")):  # the item goes with its names
             named = {"clean": item.clean, "corrupt": item.corrupt, "positions": item.positions}
-            inputs = (named, named)
+            inputs = (named, named) if self.needs_pairs else (named,)
         return function(model, *inputs, **options)
 
     def run_chunk(
@@ -284,6 +284,12 @@ class ExperimentSpec:
             frames.append(tidy(result, index, item))
             metas.append(dict(result.meta))
         return ChunkOutput(pd.concat(frames, ignore_index=True), metas)
+
+
+def _names_positions(positions: Any) -> bool:
+    return isinstance(positions, str) or (
+        isinstance(positions, (list, tuple)) and any(isinstance(p, str) for p in positions)
+    )
 
 
 def tidy(result: Result, prompt: int, item: Item) -> pd.DataFrame:
