@@ -166,6 +166,7 @@ def test_same_length_pairs_whose_splits_shift_positions_warn_naming_them():
     with pytest.warns(al.MisalignmentWarning, match=r"position\(s\) 1 no longer correspond") as caught:
         al.patch(model, clean, corrupt, role="resid_pre", metric=METRIC, over=("layer",))
     assert "align='auto'" in str(caught[0].message)
+    assert caught[0].filename == __file__  # the warning points at the call
     with warnings.catch_warnings():
         warnings.simplefilter("error", al.MisalignmentWarning)
         aligned = al.patch(model, clean, corrupt, role="resid_pre", metric=METRIC, align="auto")

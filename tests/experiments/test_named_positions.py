@@ -181,3 +181,21 @@ def test_an_ablation_sweep_aggregates_by_name(tmp_path):
     for index, pair in enumerate(pairs):
         rows = result.frame[result.frame["prompt"] == index]
         assert set(rows.loc[rows["pos_label"] == "S2", "pos"]) == {pair.positions["S2"][0]}
+
+
+def test_a_list_of_pairs_of_different_lengths_is_averaged_by_name():
+    model = al.load("zoo:gpt2")
+    pairs = ioi_pairs(model.tokenizer, 4)
+    assert len({len(model.to_str_tokens(p.clean)) for p in pairs}) > 1
+    options = dict(role="resid_pre", over=("layer", "pos"), positions=["S2", "END"], metric="logit_diff")
+    together = al.patch(model, pairs, pairs, **options)
+    assert "pos" not in together.frame.columns and together.meta["over"] == ["layer", "pos_label"]
+    alone = [al.patch(model, [p], [p], **options).frame for p in pairs]
+    for row in together.frame.itertuples():
+        values = [f.loc[(f["layer"] == row.layer) & (f["pos_label"] == row.pos_label), "metric"].item() for f in alone]
+        assert row.metric == pytest.approx(np.mean(values), abs=TOL)
+    per_pair = al.patch(model, pairs, pairs, per_prompt=True, **options)
+    assert len(per_pair.frame) == len(pairs) * model.n_layers * 2
+    for index, pair in enumerate(pairs):
+        rows = per_pair.frame[(per_pair.frame["prompt"] == index) & (per_pair.frame["pos_label"] == "S2")]
+        assert set(rows["pos"]) == {pair.positions["S2"][1]}

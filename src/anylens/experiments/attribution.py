@@ -148,7 +148,7 @@ def attribute(
     metric = metrics_.resolve(metric, clean)
     grouping = group_pairs(model, clean, corrupt, direction, align, positions) if direction in DIRECTIONS else None
     if grouping is not None and len(grouping.groups) > 1:  # pairs that cannot share a batch
-        grouping.warn()
+        grouping.warn(stacklevel=5)
         value = "normalized" if normalize else "estimate"
         return run_in_groups(
             attribute, model, clean, corrupt, grouping, metric=metric, align=align, over=over, per_prompt=per_prompt,

@@ -103,7 +103,7 @@ def prepare_pairs(
             f"these prompt pairs fall into {len(grouping.groups)} groups of different token lengths or patched "
             "positions, which cannot share a batch: patch each group, or use al.patch / al.attribute, which do"
         )
-    grouping.warn(stacklevel=4)
+    grouping.warn(stacklevel=6)  # Grouping.warn, here, patch or attribute, and their two wrappers
     clean_ids, corrupt_ids = paired(model, clean, corrupt, align=AUTO)  # lengths were checked pair by pair
     n_pairs = max(clean_ids.shape[0], corrupt_ids.shape[0])
     clean_ids = clean_ids.expand(n_pairs, -1)
@@ -155,7 +155,7 @@ def patch(
     metric = metrics_.resolve(metric, clean)
     grouping = group_pairs(model, clean, corrupt, direction, align, positions) if direction in DIRECTIONS else None
     if grouping is not None and len(grouping.groups) > 1:  # pairs that cannot share a batch
-        grouping.warn()
+        grouping.warn(stacklevel=5)
         options = dict(role=role, direction=direction, layers=layers, positions=positions, batch_size=batch_size)
         options.update(memory_budget=memory_budget, reuse=reuse)
         value = "normalized" if normalize else "metric"
