@@ -1154,6 +1154,14 @@ ALIGNMENT_AND_NAMES: list[Case] = [
         (r"marks 'END', which every prompt defines as its last token",),
     ),
     Case(
+        "named-position-outside-the-prompt",
+        lambda: (lambda pair: al.patch(zoo_gpt2(), pair, pair, over=("layer",), positions=["C"]))(
+            al.Pair(CLEAN, CORRUPT, positions={"C": (4, 40)})
+        ),
+        al.PositionError,
+        (r"names position 40 'C' of its corrupt prompt, which has 6 tokens", r"al.pair"),
+    ),
+    Case(
         "two-names-for-one-position",
         lambda: al.patch(zoo_gpt2(), ioi(1), ioi(1), over=("layer",), metric="logit_diff", positions=["END", -1]),
         al.PromptError,

@@ -161,7 +161,14 @@ def defined_names(item: Any, side: int, length: int) -> dict[str, int]:
     given = item.get("positions") if isinstance(item, dict) else getattr(item, "positions", None)
     names = {}
     for name, both in (given or {}).items():
-        names[name] = operator.index(both[side]) % length
+        position = operator.index(both[side])
+        if not -length <= position < length:
+            which = ("clean", "corrupt")[side]
+            raise PositionError(
+                f"the pair names position {position} {name!r} of its {which} prompt, which has {length} tokens "
+                f"(valid: 0..{length - 1}): count the named positions with the model's tokenizer, or use al.pair"
+            )
+        names[name] = position % length
     names.setdefault(END, length - 1)
     return names
 
@@ -188,12 +195,12 @@ def named_indices(prompts: Any, positions: Any, length: int) -> tuple[Any, dict[
     if not isinstance(entries, (list, tuple)) or not any(isinstance(e, str) for e in entries):
         return positions, {}
     items = _items(prompts)
+    texts = [None if isinstance(item, torch.Tensor) else _text(item, "clean") for item in items]
     resolved, labels = [], {}
     for entry in entries:
         if not isinstance(entry, str):
             resolved.append(entry)
             continue
-        texts = [None if isinstance(item, torch.Tensor) else _text(item, "clean") for item in items]
         found = {_name_position(entry, item, 0, length, text) for item, text in zip(items, texts)}
         if len(found) > 1:
             raise PromptError(
