@@ -121,6 +121,7 @@ def test_a_sweep_of_pairs_of_different_lengths_aggregates_by_name(tmp_path):
     )
     summary = result.aggregate()
     assert "pos" not in summary.columns and set(summary["pos_label"]) == set(names)
+    assert result.results()["zoo:gpt2"].dims == ["layer", "pos_label"]  # its heatmap: layer x name
     assert (summary["count"] == len(chosen)).all()
     for index, pair in enumerate(chosen):  # each prompt's rows are its own patch at those positions
         tokens = model.to_str_tokens(pair.clean)

@@ -76,6 +76,8 @@ class SweepResult:
             frame = summary[summary["model"] == source].drop(columns=["model"]).reset_index(drop=True)
             frame["value"] = frame["mean"]
             meta = {"model": source, "metric": f"mean over prompts of {self.experiment}", "sweep": str(self.out)}
+            if isinstance(over, list) and "pos" in over and "pos" not in frame and "pos_label" in frame:
+                over = ["pos_label" if d == "pos" else d for d in over]  # positions aggregated by name
             if isinstance(over, list) and all(d in frame.columns for d in over):
                 meta["over"] = over
             results[source] = Result(self.experiment, frame, meta)
