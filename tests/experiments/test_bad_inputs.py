@@ -512,6 +512,48 @@ EXPERIMENTS_AND_CLI: list[Case] = [
         al.TokenizationError,
         (r"token id -1", r"vocabulary of \d+ tokens"),
     ),
+    # An empty answer has no tokens: refused when the metric is built, naming the metric and the field.
+    Case(
+        "metric-empty-answer",
+        lambda: al.metrics.logit_diff("", " Rome"),
+        al.EmptyAnswerError,
+        (r"the answer of al\.metrics\.logit_diff is an empty string", r"no tokens to score", r"' Paris'"),
+    ),
+    Case(
+        "metric-empty-answer-of-one-prompt",
+        lambda: al.metrics.log_prob([" Paris", ""]),
+        al.EmptyAnswerError,
+        (r"the target of prompt 1 of al\.metrics\.log_prob is an empty string",),
+    ),
+    Case(
+        "metric-by-name-with-an-empty-answer-in-a-pair",
+        lambda: al.patch(
+            zoo_gpt2(),
+            [{"clean": CLEAN, "corrupt": CORRUPT, "answer": "", "distractor": " Rome"}],
+            [CORRUPT],
+            role="resid_pre",
+            over=("layer",),
+            metric="logit_diff",
+        ),
+        al.EmptyAnswerError,
+        (r"the answer of al\.metrics\.logit_diff is an empty string",),
+    ),
+    # A multi-token answer is scored by teacher forcing in patch and attribute; a metric read on
+    # final-position logits alone says so.
+    Case(
+        "metric-multi-token-answer-on-final-logits",
+        lambda: score(al.metrics.log_prob(" Mary John")),
+        al.TokenizationError,
+        (r"' Mary John' is 2 tokens", r"al\.patch and al\.attribute score a multi-token answer by teacher forcing"),
+    ),
+    Case(
+        "metric-multi-token-answer-with-the-unknown-token",
+        lambda: al.patch(
+            zoo_gpt2(), CLEAN, CORRUPT, role="resid_pre", over=("layer",), metric=al.metrics.log_prob(" Buenos Aires")
+        ),
+        al.TokenizationError,
+        (r"' Buenos Aires' tokenizes to", r"unknown token '<unk>'"),
+    ),
     # The per-position mean over one prompt is that prompt: the ablation would change nothing.
     Case(
         "mean-ablation-of-one-prompt-without-reference",

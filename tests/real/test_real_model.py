@@ -127,3 +127,37 @@ def test_head_attribution_ranks_heads_and_top_heads_recover_the_difference(smoll
     recovered = (patched - estimate.corrupt_metric) / (estimate.clean_metric - estimate.corrupt_metric)
     print(f"top-10 heads {top} recover {recovered:.1%} of the IOI logit difference")
     assert recovered > 0.8  # measured: about 1.08 (the ten heads over-restore slightly)
+
+
+def test_multi_token_answer_is_the_teacher_forced_sum(smollm):
+    """log_prob(" Buenos Aires") is the sum of its token log-probabilities, each given the prompt and
+    the answer tokens before it: against a plain forward, and one patched row against a torch hook."""
+    from hook_reference import capture, replace, run
+
+    clean, corrupt = "The capital of Argentina is", "The capital of Australia is"
+    answer = smollm.tokenizer(" Buenos Aires", add_special_tokens=False)["input_ids"]
+    assert len(answer) > 1
+    layer = 10
+    metric = al.metrics.log_prob(" Buenos Aires")
+    result = al.patch(smollm, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=metric, layers=[layer])
+    ids = smollm.tokenizer([clean, corrupt], return_tensors="pt")["input_ids"]
+    assert ids.shape[1] == len(result.meta["tokens"])
+    forced = torch.cat([ids, torch.tensor(answer[:-1]).expand(2, -1)], 1)
+    start = ids.shape[1] - 1
+
+    def answer_sum(logits: torch.Tensor) -> torch.Tensor:
+        logp = logits.float().log_softmax(-1)
+        return sum(logp[:, start + j, token] for j, token in enumerate(answer))
+
+    pos = 4  # Argentina / Australia
+    with torch.no_grad():
+        source, logits = capture(smollm.hf, "resid_pre", forced[:1])
+        plain = answer_sum(logits)
+        unpatched = answer_sum(run(smollm.hf, forced[1:]))
+        edit = {("resid_pre", layer): lambda v: replace(v, source[layer], "resid_pre", smollm.hf, pos, None)}
+        patched = answer_sum(run(smollm.hf, forced[1:], edit))
+    assert result.clean_metric == pytest.approx(float(plain), abs=1e-3)
+    assert result.corrupt_metric == pytest.approx(float(unpatched), abs=1e-3)
+    row = result.frame[result.frame.pos == pos]["metric"].item()
+    assert row == pytest.approx(float(patched), abs=1e-3)
+    assert result.clean_metric > result.corrupt_metric + 1  # Buenos Aires follows Argentina, not Australia

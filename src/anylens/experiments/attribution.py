@@ -30,7 +30,8 @@ from ..engine import (
     score_rows,
 )
 from . import metrics as metrics_
-from .patching import PatchResult, prepare_pairs, sweep_frame, sweep_meta
+from .answers import teacher_forcing
+from .patching import PairedRuns, PatchResult, prepare_pairs, sweep_frame, sweep_meta
 from .prompts import Prompts
 from .renamed import renamed
 
@@ -148,7 +149,46 @@ def attribute(
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 
-    denoise = direction == "denoise"  # the source run is the clean run
+    forced = teacher_forcing(metric, model, runs.n_pairs)
+    if forced is None:
+        steps = [_estimate(model, runs, role, layer_list, components, metric)]
+        estimate, clean_values, corrupt_values = steps[0].estimate, steps[0].clean, steps[0].corrupt
+    else:  # an answer of several tokens: one run per answer token, their estimates summed (see .answers)
+        steps = [_estimate(model, forced.runs(runs, s), role, layer_list, components, s.metric) for s in forced.steps]
+        estimate, clean_values, corrupt_values = (
+            forced.total([getattr(m, part) for m in steps]) for part in ("estimate", "clean", "corrupt")
+        )
+    unpatched = corrupt_values if direction == "denoise" else clean_values
+    if forced is not None and forced.exp:  # a probability exp(S): first order, d exp(S) = exp(S) dS
+        estimate = unpatched.exp()[None, :] * estimate
+        clean_values, corrupt_values, unpatched = clean_values.exp(), corrupt_values.exp(), unpatched.exp()
+
+    columns = {"metric": unpatched[None, :] + estimate, "estimate": estimate}
+    normalizer = (clean_values, corrupt_values) if normalize else None
+    frame = sweep_frame(model, components, over, runs.patched[0], columns, per_prompt, normalizer)
+    meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
+    forwards = sum(1 if m.fused else 2 for m in steps)
+    meta.update(method="attribution patching", forwards=forwards, backwards=len(steps), components=len(components))
+    if forced is not None:
+        meta["teacher_forced_runs"] = len(forced.steps)
+    return PatchResult("attribute", frame, meta, value="normalized" if normalize else "estimate")
+
+
+@dataclass
+class _Estimated:
+    """One attribution pass: the estimate ``[components, pairs]``, the clean and corrupt runs'
+    metric values ``[pairs]``, and whether source and patched runs shared a forward."""
+
+    estimate: torch.Tensor
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    fused: bool
+
+
+def _estimate(
+    model: AnyModel, runs: PairedRuns, role: str, layer_list: list[int], components: list, metric: Any
+) -> _Estimated:
+    denoise = runs.direction == "denoise"  # the source run is the clean run
     ordered = sorted(layer_list)
     fused = one_forward(model, runs.source, runs.patched)
     if fused:  # the source run's rows ride along; when denoising they are the clean reference
@@ -164,8 +204,6 @@ def attribute(
     every_pair = torch.arange(n_pairs)
     clean_values = score_rows(metric, model, clean_last, every_pair, n_pairs, clean_last).detach().float().cpu()
     corrupt_values = score_rows(metric, model, corrupt_last, every_pair, n_pairs, clean_last).detach().float().cpu()
-    unpatched = corrupt_values if direction == "denoise" else clean_values
-
     per_layer = {
         layer: _contributions(
             role, grads[layer], acts[layer], sources[layer], runs.target_positions, runs.source_positions
@@ -173,12 +211,7 @@ def attribute(
         for layer in layer_list
     }
     estimate = _component_values(per_layer, components, runs.target_positions).float().cpu()  # [components, pairs]
-    columns = {"metric": unpatched[None, :] + estimate, "estimate": estimate}
-    normalizer = (clean_values, corrupt_values) if normalize else None
-    frame = sweep_frame(model, components, over, runs.patched[0], columns, per_prompt, normalizer)
-    meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
-    meta.update(method="attribution patching", forwards=1 if fused else 2, backwards=1, components=len(components))
-    return PatchResult("attribute", frame, meta, value="normalized" if normalize else "estimate")
+    return _Estimated(estimate, clean_values, corrupt_values, fused)
 
 
 def _contributions(

@@ -28,6 +28,7 @@ from ..engine import (
     score_rows,
 )
 from . import metrics as metrics_
+from .answers import teacher_forcing
 from .prompts import Prompts, paired
 from .renamed import renamed
 from .results import Result
@@ -170,6 +171,62 @@ def patch(
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 
+    def measure(runs: PairedRuns, metric: Any) -> _Measured:
+        return _measure(model, runs, role, layer_list, components, metric, batch_size, memory_budget, reuse)
+
+    forced = teacher_forcing(metric, model, runs.n_pairs)
+    if forced is None:
+        steps = [measure(runs, metric)]
+        values, clean_values, corrupt_values = steps[0].values, steps[0].clean, steps[0].corrupt
+    else:  # an answer of several tokens: one run per answer token (see .answers)
+        steps = [measure(forced.runs(runs, step), step.metric) for step in forced.steps]
+        values, clean_values, corrupt_values = (
+            forced.total([getattr(m, part) for m in steps]) for part in ("values", "clean", "corrupt")
+        )
+        if forced.exp:
+            values, clean_values, corrupt_values = values.exp(), clean_values.exp(), corrupt_values.exp()
+    stats, reused = steps[0].stats, steps[0].reuse
+
+    normalizer = (clean_values, corrupt_values) if normalize else None
+    frame = sweep_frame(model, components, over, runs.patched[0], {"metric": values}, per_prompt, normalizer)
+    meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
+    meta.update(
+        patches=sum(m.stats.patches for m in steps),
+        forwards=sum(m.stats.forwards for m in steps),
+        patches_per_forward=stats.patches_per_forward,
+        reuse=reused,
+        unchanged=sum(m.stats.unchanged for m in steps),
+        work_fraction=stats.work_fraction,
+    )
+    if forced is not None:
+        meta["teacher_forced_runs"] = len(forced.steps)
+    return PatchResult("patch", frame, meta, value="normalized" if normalize else "metric")
+
+
+@dataclass
+class _Measured:
+    """One patching sweep's metric values ``[components, pairs]``, its clean and corrupt runs'
+    values ``[pairs]``, how it ran, and whether it reused work."""
+
+    values: torch.Tensor
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    stats: Any
+    reuse: bool
+
+
+def _measure(
+    model: AnyModel,
+    runs: PairedRuns,
+    role: str,
+    layer_list: list[int],
+    components: list,
+    metric: Any,
+    batch_size: int | None,
+    memory_budget: int | None,
+    reuse: bool,
+) -> _Measured:
+    direction = runs.direction
     recorded = record_runs(
         model,
         role,
@@ -208,20 +265,7 @@ def patch(
         memory_budget=memory_budget,
         reuse=reuse,
     )
-    values = values.reshape(len(components), n_pairs)
-
-    normalizer = (clean_values, corrupt_values) if normalize else None
-    frame = sweep_frame(model, components, over, runs.patched[0], {"metric": values}, per_prompt, normalizer)
-    meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
-    meta.update(
-        patches=stats.patches,
-        forwards=stats.forwards,
-        patches_per_forward=stats.patches_per_forward,
-        reuse=recorded.reuse,
-        unchanged=stats.unchanged,
-        work_fraction=stats.work_fraction,
-    )
-    return PatchResult("patch", frame, meta, value="normalized" if normalize else "metric")
+    return _Measured(values.reshape(len(components), n_pairs), clean_values, corrupt_values, stats, recorded.reuse)
 
 
 # -- tidy output, shared with attribution -----------------------------------------------------
