@@ -538,6 +538,25 @@ EXPERIMENTS_AND_CLI: list[Case] = [
         al.EmptyAnswerError,
         (r"the answer of al\.metrics\.logit_diff is an empty string",),
     ),
+    # Statistics over prompts need a row per prompt, and significance marks need a summary.
+    Case(
+        "summary-of-a-result-averaged-over-prompts",
+        lambda: al.patch(zoo_gpt2(), CLEAN, CORRUPT, role="resid_pre", over=("layer",)).summary(),
+        al.StatisticsError,
+        (r"already averaged over prompts", r"per_prompt=True"),
+    ),
+    Case(
+        "plot-significant-without-a-significant-column",
+        lambda: al.patch(zoo_gpt2(), CLEAN, CORRUPT, role="resid_pre", over=("layer",)).plot(significant=True),
+        al.StatisticsError,
+        (r"no 'significant' column", r"result\.summary\(\)"),
+    ),
+    Case(
+        "aggregate-with-alpha-outside-0-1",
+        lambda: al.sweep.aggregate(pd.DataFrame({"layer": [0, 0], "value": [1.0, 2.0]}), alpha=5),
+        al.StatisticsError,
+        (r"alpha=5", r"between 0 and 1"),
+    ),
     # A multi-token answer is scored by teacher forcing in patch and attribute; a metric read on
     # final-position logits alone says so.
     Case(

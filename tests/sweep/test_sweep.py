@@ -20,6 +20,7 @@ from pandas.testing import assert_frame_equal
 
 import anylens as al
 from anylens.datasets import factual_pairs
+from anylens.experiments.statistics import STAT_COLUMNS
 from anylens.sweep import (
     SweepBusyError,
     SweepConfigError,
@@ -362,7 +363,7 @@ def test_aggregate_matches_a_hand_computation():
     frame["value"] = rng.normal(size=len(frame))
     frame.loc[5, "value"] = np.nan  # left out of its group's statistics
     got = aggregate(frame)
-    assert list(got.columns) == ["model", "layer", "mean", "std", "count", "ci_low", "ci_high"]
+    assert list(got.columns) == ["model", "layer", "mean", "std", "count", "ci_low", "ci_high", *STAT_COLUMNS]
     assert len(got) == 6
     for row in got.itertuples():
         values = frame[(frame["model"] == row.model) & (frame["layer"] == row.layer)]["value"].dropna().to_numpy()

@@ -97,6 +97,10 @@ class EmptyAnswerError(TokenizationError):
     """A metric's answer (or distractor) that is an empty string: it has no tokens to score."""
 
 
+class StatisticsError(AnylensError, ValueError):
+    """Statistics over prompts asked of a result without a row per prompt, or with a bad ``alpha``."""
+
+
 class LinearityWarning(AnylensWarning):
     """Attribution patching checked against exact patching (``verify=k``) correlates poorly: the
     linear estimate does not hold for these prompts, so its ranking is not to be trusted."""
