@@ -557,6 +557,16 @@ EXPERIMENTS_AND_CLI: list[Case] = [
         al.StatisticsError,
         (r"alpha=5", r"between 0 and 1"),
     ),
+    # verify=k correlates k components: fewer than three, a bool or a fraction is refused.
+    *[
+        Case(
+            f"attribute-verify-{label}",
+            lambda k=k: al.attribute(zoo_gpt2(), CLEAN, CORRUPT, role="resid_pre", over=("layer",), verify=k),
+            al.StatisticsError,
+            (rf"verify={re.escape(repr(k))}", r"at least 3", r"verify=20"),
+        )
+        for label, k in (("two", 2), ("true", True), ("fraction", 0.5))
+    ],
     # A multi-token answer is scored by teacher forcing in patch and attribute; a metric read on
     # final-position logits alone says so.
     Case(

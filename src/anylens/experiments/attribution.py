@@ -31,6 +31,7 @@ from ..engine import (
 )
 from . import metrics as metrics_
 from .answers import teacher_forcing
+from .linearity import check_verify, verify_estimate
 from .patching import PairedRuns, PatchResult, prepare_pairs, sweep_frame, sweep_meta
 from .prompts import Prompts
 from .renamed import renamed
@@ -133,6 +134,7 @@ def attribute(
     align: tuple[Sequence[int], Sequence[int]] | None = None,
     normalize: bool = True,
     per_prompt: bool = False,
+    verify: int | None = None,
 ) -> PatchResult:
     """Estimate :func:`anylens.patch` for every component of ``role`` from gradients.
 
@@ -140,8 +142,11 @@ def attribute(
     patched metric minus the unpatched run's metric (patched - corrupt when denoising),
     ``metric`` the estimated patched metric, and ``normalized`` its normalised score.
     ``metric`` defaults to KL divergence from the clean run (whose gradient vanishes on the clean
-    run itself, so give a target metric when noising).
+    run itself, so give a target metric when noising). ``verify=k`` patches the ``k`` components of
+    largest ``|estimate|`` exactly and puts the correlations in ``meta["verify"]``, with a
+    :class:`~anylens.LinearityWarning` when Pearson r is under 0.5 (:mod:`.linearity`).
     """
+    verify = check_verify(verify)
     role = model.first_role(role)  # a list: the first role this model has
     over = check_over(model, role, over)
     metric = metrics_.resolve(metric, clean)
@@ -171,6 +176,8 @@ def attribute(
     meta.update(method="attribution patching", forwards=forwards, backwards=len(steps), components=len(components))
     if forced is not None:
         meta["teacher_forced_runs"] = len(forced.steps)
+    if verify is not None:
+        meta["verify"] = verify_estimate(model, runs, role, layer_list, components, metric, estimate, unpatched, verify)
     return PatchResult("attribute", frame, meta, value="normalized" if normalize else "estimate")
 
 

@@ -171,22 +171,10 @@ def patch(
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 
-    def measure(runs: PairedRuns, metric: Any) -> _Measured:
-        return _measure(model, runs, role, layer_list, components, metric, batch_size, memory_budget, reuse)
-
-    forced = teacher_forcing(metric, model, runs.n_pairs)
-    if forced is None:
-        steps = [measure(runs, metric)]
-        values, clean_values, corrupt_values = steps[0].values, steps[0].clean, steps[0].corrupt
-    else:  # an answer of several tokens: one run per answer token (see .answers)
-        steps = [measure(forced.runs(runs, step), step.metric) for step in forced.steps]
-        values, clean_values, corrupt_values = (
-            forced.total([getattr(m, part) for m in steps]) for part in ("values", "clean", "corrupt")
-        )
-        if forced.exp:
-            values, clean_values, corrupt_values = values.exp(), clean_values.exp(), corrupt_values.exp()
+    values, clean_values, corrupt_values, steps = patched_values(
+        model, runs, role, layer_list, components, metric, batch_size, memory_budget, reuse
+    )
     stats, reused = steps[0].stats, steps[0].reuse
-
     normalizer = (clean_values, corrupt_values) if normalize else None
     frame = sweep_frame(model, components, over, runs.patched[0], {"metric": values}, per_prompt, normalizer)
     meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
@@ -198,9 +186,40 @@ def patch(
         unchanged=sum(m.stats.unchanged for m in steps),
         work_fraction=stats.work_fraction,
     )
-    if forced is not None:
-        meta["teacher_forced_runs"] = len(forced.steps)
+    if len(steps) > 1:
+        meta["teacher_forced_runs"] = len(steps)
     return PatchResult("patch", frame, meta, value="normalized" if normalize else "metric")
+
+
+def patched_values(
+    model: AnyModel,
+    runs: PairedRuns,
+    role: str,
+    layer_list: list[int],
+    components: list,
+    metric: Any,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    reuse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[_Measured]]:
+    """The patched metric of each of ``components`` per pair ``[components, pairs]``, the clean
+    and corrupt runs' metric ``[pairs]``, and the sweeps that measured them: one, or one per
+    answer token of a multi-token answer (see :mod:`.answers`)."""
+
+    def measure(runs: PairedRuns, metric: Any) -> _Measured:
+        return _measure(model, runs, role, layer_list, components, metric, batch_size, memory_budget, reuse)
+
+    forced = teacher_forcing(metric, model, runs.n_pairs)
+    if forced is None:
+        steps = [measure(runs, metric)]
+        return steps[0].values, steps[0].clean, steps[0].corrupt, steps
+    steps = [measure(forced.runs(runs, step), step.metric) for step in forced.steps]
+    values, clean, corrupt = (
+        forced.total([getattr(m, part) for m in steps]) for part in ("values", "clean", "corrupt")
+    )
+    if forced.exp:
+        values, clean, corrupt = values.exp(), clean.exp(), corrupt.exp()
+    return values, clean, corrupt, steps
 
 
 @dataclass
@@ -359,4 +378,4 @@ def _align_meta(runs: PairedRuns) -> dict[str, list[int]]:
     return {"clean": runs.target_positions, "corrupt": runs.source_positions}
 
 
-__all__ = ["DIRECTIONS", "PairedRuns", "PatchResult", "patch", "prepare_pairs"]
+__all__ = ["DIRECTIONS", "PairedRuns", "PatchResult", "patch", "patched_values", "prepare_pairs"]
