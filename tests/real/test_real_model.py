@@ -149,7 +149,7 @@ def test_multi_token_answer_is_the_teacher_forced_sum(smollm):
         logp = logits.float().log_softmax(-1)
         return sum(logp[:, start + j, token] for j, token in enumerate(answer))
 
-    pos = 4  # Argentina / Australia
+    pos = 3  # " Argentina" / " Australia"
     with torch.no_grad():
         source, logits = capture(smollm.hf, "resid_pre", forced[:1])
         plain = answer_sum(logits)

@@ -399,6 +399,9 @@ def test_aggregate_of_a_sweep_groups_over_prompts(reference):
         3,
         frame[frame["model"] == "tiny:llama"]["pos_from_end"].nunique(),
     )
+    # The per-model results keep the significance of each cell, which the heatmap marks.
+    stars = [t for t in llama.plot("layer", "pos_from_end", significant=True).axes[0].texts if t.get_text() == "*"]
+    assert len(stars) == int(llama.frame["significant"].sum())
 
 
 # -- storage ------------------------------------------------------------------------------------

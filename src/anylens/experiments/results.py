@@ -95,7 +95,7 @@ class Result:
         )
         fig.colorbar(image, ax=ax, label=self.meta.get("value_label", self.value))
         if significant:
-            self._mark_significant(ax, index, columns, table)
+            self._mark_significant(ax, index, columns, table, abs(data) > 0.6 * bound)
         ax.set_xticks(range(len(table.columns)))
         ax.set_xticklabels(
             self._labels(columns, table.columns),
@@ -111,7 +111,7 @@ class Result:
         fig.tight_layout()
         return fig
 
-    def _mark_significant(self, ax: Any, index: str, columns: str, table: pd.DataFrame) -> None:
+    def _mark_significant(self, ax: Any, index: str, columns: str, table: pd.DataFrame, dark: Any) -> None:
         if "significant" not in self.frame.columns:
             raise StatisticsError(
                 f"this {self.experiment} result has no 'significant' column to mark: take result.summary() of a "
@@ -121,7 +121,8 @@ class Result:
         marked = Result(self.experiment, flags, self.meta, "significant").pivot(index, columns, aggfunc="max")
         marked = marked.reindex(index=table.index, columns=table.columns)
         for row, column in zip(*(marked.to_numpy(dtype=float) > 0).nonzero()):
-            ax.text(column, row, "*", ha="center", va="center", color="black", fontsize=12, fontweight="bold")
+            color = "white" if dark[row, column] else "black"  # readable on the strongest colours
+            ax.text(column, row, "*", ha="center", va="center", color=color, fontsize=12, fontweight="bold")
 
     def summary(self, alpha: float = 0.05, seed: int = 0, n_resamples: int | None = None) -> Result:
         """Per component, statistics of ``value`` over the prompts of a ``per_prompt=True`` result:
