@@ -167,3 +167,48 @@ def test_on_the_zoo_a_two_word_answer_is_the_hand_sum():
     clean_sum, corrupt_sum = answer_sum(logits, ids.shape[1], answer).tolist()
     assert result.clean_metric == pytest.approx(clean_sum, abs=TOL)
     assert result.corrupt_metric == pytest.approx(corrupt_sum, abs=TOL)
+
+
+@pytest.mark.parametrize("mean_over", ["batch", "positions"])
+def test_mean_ablation_of_a_multi_token_answer_takes_means_over_the_prompts_alone(mean_over):
+    """The mean written in is over the prompts' own positions; the appended answer token enters no mean."""
+    model = model_of(ANY_FAMILY)
+    prompts, _ = prompt_pairs()
+    answer, layer, pos = [PARIS, ROME], 1, 3
+    result = al.ablate(
+        model,
+        prompts,
+        role="resid_pre",
+        over=("layer", "pos"),
+        method="mean",
+        mean_over=mean_over,
+        metric=al.metrics.log_prob(TWO),
+        per_prompt=True,
+    )
+    with torch.no_grad():
+        acts, _ = capture(model.hf, "resid_pre", prompts)
+        mean = acts[layer].mean(0 if mean_over == "batch" else (0, 1), keepdim=True).expand_as(acts[layer])
+        t = prompts.shape[1]
+        baseline = answer_sum(run(model.hf, forced(prompts, answer)), t, answer)
+
+        def edit(value):
+            new = value.clone()
+            new[:, pos] = mean[:, pos]
+            return new
+
+        ablated = answer_sum(run(model.hf, forced(prompts, answer), {("resid_pre", layer): edit}), t, answer)
+    torch.testing.assert_close(torch.tensor(result.meta["baseline_per_prompt"]), baseline, atol=TOL, rtol=0)
+    torch.testing.assert_close(rows(result, layer, pos), ablated, atol=TOL, rtol=0)
+    assert (ablated - baseline).abs().max() > 1e-4
+
+
+def test_a_sweep_scores_multi_token_answers_as_patch_does(tmp_path):
+    model = model_of("llama")
+    clean, corrupt = ["The cat sat on", "A dog ran to"], ["The dog sat on", "A cat ran to"]
+    items = [(c, k, TWO, " Rome") for c, k in zip(clean, corrupt)]
+    options = {"role": "resid_pre", "over": ("layer",), "metric": "logit_diff", "quiet": True}
+    sweep = al.run("patch", models=["tiny:llama"], prompts=items, out=tmp_path, **options)
+    for index, (c, k) in enumerate(zip(clean, corrupt)):
+        alone = al.patch(model, c, k, role="resid_pre", over=("layer",), metric=al.metrics.logit_diff(TWO, " Rome"))
+        swept = sweep.frame[sweep.frame["prompt"] == index].sort_values("layer")
+        assert swept["metric"].to_numpy().tolist() == pytest.approx(alone.frame["metric"].to_numpy().tolist(), abs=TOL)

@@ -573,7 +573,10 @@ EXPERIMENTS_AND_CLI: list[Case] = [
         "metric-multi-token-answer-on-final-logits",
         lambda: score(al.metrics.log_prob(" Mary John")),
         al.TokenizationError,
-        (r"' Mary John' is 2 tokens", r"al\.patch and al\.attribute score a multi-token answer by teacher forcing"),
+        (
+            r"' Mary John' is 2 tokens",
+            r"al\.patch, al\.attribute and al\.ablate score a multi-token answer by teacher forcing",
+        ),
     ),
     Case(
         "metric-multi-token-answer-with-the-unknown-token",

@@ -7,7 +7,8 @@ ordinary final-position metric on the prompt with the answer's first ``j`` token
 (to the clean and the corrupt prompt alike): step ``j`` scores ``log p(t_j)``. The steps' values
 are summed per prompt pair. Patched positions are those of the prompt; the appended tokens are
 never patched, and a causal model computes the prompt's positions as without them, so the
-activations copied between runs are the prompt's own.
+activations copied between runs are the prompt's own. ``al.patch``, ``al.attribute`` and
+``al.ablate`` score such metrics this way.
 
 ``logit_diff(answer, distractor)`` between multi-token answers is the difference of the two
 sums. Its first step scores both first tokens on the bare prompt, as one logit difference

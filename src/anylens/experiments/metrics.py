@@ -2,9 +2,9 @@
 
 A metric is built from words (``logit_diff(" Paris", " Rome")``) and bound to a model's
 tokenizer when it is evaluated. Targets may be one word for the whole batch or one word per
-prompt. A metric scores the final position, so each word is one token there; ``al.patch`` and
-``al.attribute`` also take answers of several tokens (``log_prob(" Buenos Aires")``), which they
-score by teacher forcing (:mod:`.answers`).
+prompt. A metric scores the final position, so each word is one token there; ``al.patch``,
+``al.attribute`` and ``al.ablate`` also take answers of several tokens (``log_prob(" Buenos
+Aires")``), which they score by teacher forcing (:mod:`.answers`).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def _one_token(model: AnyModel, word: str | int) -> int:
     except TokenizationError as error:
         if isinstance(word, str) and model.tokenizer is not None and len(answer_tokens(model, word)) > 1:
             raise TokenizationError(
-                f"{error}; al.patch and al.attribute score a multi-token answer by teacher forcing, but this "
-                "reads the final position's logits alone"
+                f"{error}; al.patch, al.attribute and al.ablate score a multi-token answer by teacher forcing, "
+                "but this reads the final position's logits alone"
             ) from None
         raise
 
