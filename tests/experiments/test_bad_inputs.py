@@ -520,6 +520,12 @@ EXPERIMENTS_AND_CLI: list[Case] = [
         (r"the answer of al\.metrics\.logit_diff is an empty string", r"no tokens to score", r"' Paris'"),
     ),
     Case(
+        "logit-lens-empty-target-word",
+        lambda: al.logit_lens(zoo_gpt2(), CLEAN, metric=[""]),
+        al.EmptyAnswerError,
+        (r"target '' is an empty string", r"no tokens to score"),
+    ),
+    Case(
         "metric-empty-answer-of-one-prompt",
         lambda: al.metrics.log_prob([" Paris", ""]),
         al.EmptyAnswerError,
