@@ -98,3 +98,19 @@ def test_summary_of_a_per_prompt_patch_and_its_marked_heatmap():
     assert len(stars) == int(summary.frame["significant"].sum())
     with pytest.raises(al.StatisticsError, match="per_prompt=True"):
         al.patch(model, pairs, pairs, role="resid_pre", over=("layer",), metric="logit_diff").summary()
+
+
+def test_aggregate_keeps_key_dtypes_and_groups_without_values():
+    """Nullable integer keys keep their dtype; a group whose values are all NaN stays, untested."""
+    frame = pd.DataFrame(
+        {
+            "layer": [0, 0, 0, 0, 1, 1],
+            "head": pd.array([1, 1, None, None, 2, 2], dtype="Int64"),
+            "value": [1.0, 2.0, np.nan, np.nan, 3.0, 5.0],
+        }
+    )
+    got = aggregate(frame)
+    assert got["head"].dtype == "Int64" and len(got) == 3
+    empty = got[got["head"].isna()].iloc[0]
+    assert empty["count"] == 0 and np.isnan(empty["p_value"]) and not empty["significant"]
+    assert got.loc[got["head"] == 2, "p_value"].item() == pytest.approx(0.5)  # two values: 2 of 4 flips

@@ -130,7 +130,7 @@ class Result:
         sign-flip test's ``p_value``, its Benjamini-Hochberg ``p_adjusted`` over the components,
         and ``significant`` (``p_adjusted < alpha``); see :mod:`anylens.experiments.statistics`.
         The summary's value is ``mean``; ``summary().plot(significant=True)`` marks the cells."""
-        from .statistics import N_RESAMPLES, component_statistics
+        from .statistics import N_RESAMPLES, STAT_COLUMNS, component_statistics
 
         if "prompt" not in self.frame.columns:
             raise StatisticsError(
@@ -140,9 +140,10 @@ class Result:
         by = [c for c in self.frame.columns if c in DIMENSIONS and c != "prompt"]
         by += [c for c in ("token",) if c in self.frame.columns]
         values = self.frame[self.value].astype(float)
-        grouped = values.groupby([self.frame[c] for c in by], sort=True).agg(["mean", "std", "count"]).reset_index()
+        grouped = values.groupby([self.frame[c] for c in by], dropna=False, sort=True)
+        grouped = grouped.agg(["mean", "std", "count"]).reset_index()
         tests = component_statistics(self.frame, by, self.value, alpha, n_resamples or N_RESAMPLES, seed)
-        frame = grouped.merge(tests, on=by, how="left")
+        frame = grouped.assign(**{column: tests[column].to_numpy() for column in STAT_COLUMNS})
         meta = dict(self.meta, statistics={"of": self.value, "alpha": alpha, "seed": seed})
         return Result(self.experiment, frame, meta, value="mean")
 

@@ -93,32 +93,34 @@ def component_statistics(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Per group of ``by`` (one component): the :data:`STAT_COLUMNS` of its ``value`` over
-    prompts, the groups in sorted order (as ``groupby`` gives them); NaN values are left out."""
+    prompts. Groups are those of ``frame.groupby(by, dropna=False, sort=True)``, in that order
+    and with its key columns and dtypes; NaN values are left out of each group's statistics."""
     if not 0 < alpha < 1:
         raise StatisticsError(
             f"alpha={alpha!r}: give the false discovery rate as a number between 0 and 1, such as 0.05"
         )
-    data = frame[list(by)].copy()
-    data["_value"] = frame[value].astype(float)
-    data = data[data["_value"].notna()]
-    groups = list(data.groupby(list(by), dropna=False, sort=True)["_value"]) if by else [((), data["_value"])]
+    values = frame[value].astype(float)
+    if by:
+        grouped = values.groupby([frame[c] for c in by], dropna=False, sort=True)
+        out = grouped.size().reset_index()[list(by)]
+        groups = [part.dropna().to_numpy() for _, part in grouped]
+    else:
+        out, groups = pd.DataFrame(index=range(1)), [values.dropna().to_numpy()]
     stats = np.full((len(groups), 4), np.nan)
     by_count: dict[int, list[int]] = {}  # groups of equal size share one resample matrix
-    for index, (_, values) in enumerate(groups):
-        by_count.setdefault(len(values), []).append(index)
+    for index, group in enumerate(groups):
+        by_count.setdefault(len(group), []).append(index)
     for count, members in by_count.items():
         if count < 2:
             continue
-        matrix = np.stack([groups[i][1].to_numpy() for i in members])
+        matrix = np.stack([groups[i] for i in members])
         low, high = bootstrap_interval(matrix, n_resamples, seed)
         p = sign_flip_p_values(matrix, n_resamples, seed)
         p[np.all(matrix == 0, axis=1)] = np.nan  # no evidence either way: not a test
         stats[members, 0], stats[members, 1], stats[members, 2] = low, high, p
     stats[:, 3] = benjamini_hochberg(stats[:, 2])
-    keys = [key if isinstance(key, tuple) else (key,) for key, _ in groups]
-    out = pd.DataFrame(keys, columns=list(by)) if by else pd.DataFrame(index=range(len(groups)))
-    for column, values in zip(STAT_COLUMNS[:4], stats.T):
-        out[column] = values
+    for column, column_values in zip(STAT_COLUMNS[:4], stats.T):
+        out[column] = column_values
     out["significant"] = out["p_adjusted"] < alpha
     return out
 

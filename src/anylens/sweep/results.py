@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..experiments.statistics import ALPHA, N_RESAMPLES, component_statistics
+from ..experiments.statistics import ALPHA, N_RESAMPLES, STAT_COLUMNS, component_statistics
 from .store import Store, load_results
 
 #: z value of a two-sided 95% interval under the normal approximation.
@@ -128,8 +128,8 @@ def aggregate(
     grouped["ci_low"] = grouped["mean"] - half
     grouped["ci_high"] = grouped["mean"] + half
     tests = component_statistics(frame, by, value, alpha=alpha, n_resamples=n_resamples, seed=seed)
-    grouped = grouped.merge(tests, on=by, how="left") if by else pd.concat([grouped, tests], axis=1)
-    grouped["significant"] = grouped["significant"].fillna(False).astype(bool)
+    for column in STAT_COLUMNS:  # the same groups in the same order
+        grouped[column] = tests[column].to_numpy()
     return grouped.reset_index(drop=True)
 
 
