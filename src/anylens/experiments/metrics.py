@@ -39,13 +39,11 @@ def target_ids(model: AnyModel, target: Target, batch: int) -> torch.Tensor:
 def answer_tokens(model: AnyModel, word: str | int) -> list[int]:
     """The token ids of one answer: a token id, or a word's tokens (several for a multi-token
     answer such as ``" Buenos Aires"``, each checked as :meth:`AnyModel.token_id` checks one)."""
-    if isinstance(word, str) and not word:
-        raise EmptyAnswerError(_EMPTY.format(what="an answer"))
     if isinstance(word, int) or model.tokenizer is None:
         return [model.token_id(word)]
     ids = model.tokenizer(word, add_special_tokens=False)["input_ids"]
     if len(ids) <= 1:
-        return [model.token_id(word)]  # its checks: no tokens at all, the unknown token
+        return [model.token_id(word)]  # its checks: an empty string, the unknown token
     unknown = getattr(model.tokenizer, "unk_token_id", None)
     if unknown is not None and unknown in ids:
         pieces = [model.tokenizer.decode([i]) for i in ids]
@@ -72,8 +70,6 @@ def check_answers(metric: str, field: str, target: Target) -> None:
 
 def _one_token(model: AnyModel, word: str | int) -> int:
     """``model.token_id(word)``, saying where a multi-token answer is scored instead."""
-    if isinstance(word, str) and not word:
-        raise EmptyAnswerError(_EMPTY.format(what="an answer"))
     try:
         return model.token_id(word)
     except TokenizationError as error:

@@ -70,6 +70,11 @@ class Result:
         """
         import matplotlib
 
+        if significant and "significant" not in self.frame.columns:
+            raise StatisticsError(
+                f"this {self.experiment} result has no 'significant' column to mark: take result.summary() of a "
+                "result with per_prompt=True (or a sweep's aggregate) and plot that"
+            )
         if ax is None:
             matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
@@ -112,11 +117,6 @@ class Result:
         return fig
 
     def _mark_significant(self, ax: Any, index: str, columns: str, table: pd.DataFrame, dark: Any) -> None:
-        if "significant" not in self.frame.columns:
-            raise StatisticsError(
-                f"this {self.experiment} result has no 'significant' column to mark: take result.summary() of a "
-                "result with per_prompt=True (or a sweep's aggregate) and plot that"
-            )
         flags = self.frame.assign(significant=self.frame["significant"].astype(float))
         marked = Result(self.experiment, flags, self.meta, "significant").pivot(index, columns, aggfunc="max")
         marked = marked.reindex(index=table.index, columns=table.columns)
