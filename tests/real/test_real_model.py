@@ -161,3 +161,14 @@ def test_multi_token_answer_is_the_teacher_forced_sum(smollm):
     row = result.frame[result.frame.pos == pos]["metric"].item()
     assert row == pytest.approx(float(patched), abs=1e-3)
     assert result.clean_metric > result.corrupt_metric + 1  # Buenos Aires follows Argentina, not Australia
+
+
+def test_verify_warns_where_residual_stream_attribution_is_not_linear(smollm):
+    """Whole-residual patches on one IOI pair: the estimate ranks its top components poorly
+    (measured Pearson r 0.32), while per-head estimates track exact patching (0.97 with align)."""
+    clean = "When Mary and John went to the store, John gave a drink to"
+    corrupt = "When Mary and John went to the store, Mary gave a drink to"
+    metric = al.metrics.logit_diff(" Mary", " John")
+    with pytest.warns(al.LinearityWarning, match="under 0.5"):
+        result = al.attribute(smollm, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=metric, verify=20)
+    assert result.meta["verify"]["pearson"] < 0.5

@@ -73,7 +73,7 @@ def verify_estimate(
         warnings.warn(
             f"attribution patching checked against exact patching on its top {len(top)} components: Pearson r "
             f"{shown}, under {LINEARITY_THRESHOLD}; the linear estimate does not hold here, so rank components "
-            "with al.patch (or patch a smaller change: same-length prompts, a later layer, a sublayer output)",
+            "with al.patch (or attribute smaller changes: heads or sublayer outputs rather than the residual stream)",
             LinearityWarning,
             stacklevel=5,  # the caller of al.attribute (through its two wrappers)
         )
