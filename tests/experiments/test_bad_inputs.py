@@ -512,6 +512,86 @@ EXPERIMENTS_AND_CLI: list[Case] = [
         al.TokenizationError,
         (r"token id -1", r"vocabulary of \d+ tokens"),
     ),
+    # An empty answer has no tokens: refused when the metric is built, naming the metric and the field.
+    Case(
+        "metric-empty-answer",
+        lambda: al.metrics.logit_diff("", " Rome"),
+        al.EmptyAnswerError,
+        (r"the answer of al\.metrics\.logit_diff is an empty string", r"no tokens to score", r"' Paris'"),
+    ),
+    Case(
+        "logit-lens-empty-target-word",
+        lambda: al.logit_lens(zoo_gpt2(), CLEAN, metric=[""]),
+        al.EmptyAnswerError,
+        (r"target '' is an empty string", r"no tokens to score"),
+    ),
+    Case(
+        "metric-empty-answer-of-one-prompt",
+        lambda: al.metrics.log_prob([" Paris", ""]),
+        al.EmptyAnswerError,
+        (r"the target of prompt 1 of al\.metrics\.log_prob is an empty string",),
+    ),
+    Case(
+        "metric-by-name-with-an-empty-answer-in-a-pair",
+        lambda: al.patch(
+            zoo_gpt2(),
+            [{"clean": CLEAN, "corrupt": CORRUPT, "answer": "", "distractor": " Rome"}],
+            [CORRUPT],
+            role="resid_pre",
+            over=("layer",),
+            metric="logit_diff",
+        ),
+        al.EmptyAnswerError,
+        (r"the answer of al\.metrics\.logit_diff is an empty string",),
+    ),
+    # Statistics over prompts need a row per prompt, and significance marks need a summary.
+    Case(
+        "summary-of-a-result-averaged-over-prompts",
+        lambda: al.patch(zoo_gpt2(), CLEAN, CORRUPT, role="resid_pre", over=("layer",)).summary(),
+        al.StatisticsError,
+        (r"already averaged over prompts", r"per_prompt=True"),
+    ),
+    Case(
+        "plot-significant-without-a-significant-column",
+        lambda: al.patch(zoo_gpt2(), CLEAN, CORRUPT, role="resid_pre", over=("layer",)).plot(significant=True),
+        al.StatisticsError,
+        (r"no 'significant' column", r"result\.summary\(\)"),
+    ),
+    Case(
+        "aggregate-with-alpha-outside-0-1",
+        lambda: al.sweep.aggregate(pd.DataFrame({"layer": [0, 0], "value": [1.0, 2.0]}), alpha=5),
+        al.StatisticsError,
+        (r"alpha=5", r"between 0 and 1"),
+    ),
+    # verify=k correlates k components: fewer than three, a bool or a fraction is refused.
+    *[
+        Case(
+            f"attribute-verify-{label}",
+            lambda k=k: al.attribute(zoo_gpt2(), CLEAN, CORRUPT, role="resid_pre", over=("layer",), verify=k),
+            al.StatisticsError,
+            (rf"verify={re.escape(repr(k))}", r"at least 3", r"verify=20"),
+        )
+        for label, k in (("two", 2), ("true", True), ("fraction", 0.5))
+    ],
+    # A multi-token answer is scored by teacher forcing in patch and attribute; a metric read on
+    # final-position logits alone says so.
+    Case(
+        "metric-multi-token-answer-on-final-logits",
+        lambda: score(al.metrics.log_prob(" Mary John")),
+        al.TokenizationError,
+        (
+            r"' Mary John' is 2 tokens",
+            r"al\.patch, al\.attribute and al\.ablate score a multi-token answer by teacher forcing",
+        ),
+    ),
+    Case(
+        "metric-multi-token-answer-with-the-unknown-token",
+        lambda: al.patch(
+            zoo_gpt2(), CLEAN, CORRUPT, role="resid_pre", over=("layer",), metric=al.metrics.log_prob(" Buenos Aires")
+        ),
+        al.TokenizationError,
+        (r"' Buenos Aires' tokenizes to", r"unknown token '<unk>'"),
+    ),
     # The per-position mean over one prompt is that prompt: the ablation would change nothing.
     Case(
         "mean-ablation-of-one-prompt-without-reference",

@@ -166,3 +166,48 @@ def test_auto_alignment_patches_eiffel_into_kremlin_as_the_hand_alignment(smollm
     # The span end pairs the subjects' last tokens: patching it at layer 0 moves the answer to Paris.
     subject = auto.frame[(auto.frame["pos"] == 2) & (auto.frame["layer"] == 0)].iloc[0]
     assert subject["pos_label"] == "remlin" and subject["normalized"] > 0.3
+
+
+def test_multi_token_answer_is_the_teacher_forced_sum(smollm):
+    """log_prob(" Buenos Aires") is the sum of its token log-probabilities, each given the prompt and
+    the answer tokens before it: against a plain forward, and one patched row against a torch hook."""
+    from hook_reference import capture, replace, run
+
+    clean, corrupt = "The capital of Argentina is", "The capital of Australia is"
+    answer = smollm.tokenizer(" Buenos Aires", add_special_tokens=False)["input_ids"]
+    assert len(answer) > 1
+    layer = 10
+    metric = al.metrics.log_prob(" Buenos Aires")
+    result = al.patch(smollm, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=metric, layers=[layer])
+    ids = smollm.tokenizer([clean, corrupt], return_tensors="pt")["input_ids"]
+    assert ids.shape[1] == len(result.meta["tokens"])
+    forced = torch.cat([ids, torch.tensor(answer[:-1]).expand(2, -1)], 1)
+    start = ids.shape[1] - 1
+
+    def answer_sum(logits: torch.Tensor) -> torch.Tensor:
+        logp = logits.float().log_softmax(-1)
+        return sum(logp[:, start + j, token] for j, token in enumerate(answer))
+
+    pos = 3  # " Argentina" / " Australia"
+    with torch.no_grad():
+        source, logits = capture(smollm.hf, "resid_pre", forced[:1])
+        plain = answer_sum(logits)
+        unpatched = answer_sum(run(smollm.hf, forced[1:]))
+        edit = {("resid_pre", layer): lambda v: replace(v, source[layer], "resid_pre", smollm.hf, pos, None)}
+        patched = answer_sum(run(smollm.hf, forced[1:], edit))
+    assert result.clean_metric == pytest.approx(float(plain), abs=1e-3)
+    assert result.corrupt_metric == pytest.approx(float(unpatched), abs=1e-3)
+    row = result.frame[result.frame.pos == pos]["metric"].item()
+    assert row == pytest.approx(float(patched), abs=1e-3)
+    assert result.clean_metric > result.corrupt_metric + 1  # Buenos Aires follows Argentina, not Australia
+
+
+def test_verify_warns_where_residual_stream_attribution_is_not_linear(smollm):
+    """Whole-residual patches on one IOI pair: the estimate ranks its top components poorly
+    (measured Pearson r 0.32), while per-head estimates track exact patching (0.97 with align)."""
+    clean = "When Mary and John went to the store, John gave a drink to"
+    corrupt = "When Mary and John went to the store, Mary gave a drink to"
+    metric = al.metrics.logit_diff(" Mary", " John")
+    with pytest.warns(al.LinearityWarning, match="under 0.5"):
+        result = al.attribute(smollm, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=metric, verify=20)
+    assert result.meta["verify"]["pearson"] < 0.5

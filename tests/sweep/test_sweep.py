@@ -20,6 +20,7 @@ from pandas.testing import assert_frame_equal
 
 import anylens as al
 from anylens.datasets import factual_pairs
+from anylens.experiments.statistics import STAT_COLUMNS
 from anylens.sweep import (
     SweepBusyError,
     SweepConfigError,
@@ -362,7 +363,7 @@ def test_aggregate_matches_a_hand_computation():
     frame["value"] = rng.normal(size=len(frame))
     frame.loc[5, "value"] = np.nan  # left out of its group's statistics
     got = aggregate(frame)
-    assert list(got.columns) == ["model", "layer", "mean", "std", "count", "ci_low", "ci_high"]
+    assert list(got.columns) == ["model", "layer", "mean", "std", "count", "ci_low", "ci_high", *STAT_COLUMNS]
     assert len(got) == 6
     for row in got.itertuples():
         values = frame[(frame["model"] == row.model) & (frame["layer"] == row.layer)]["value"].dropna().to_numpy()
@@ -398,6 +399,9 @@ def test_aggregate_of_a_sweep_groups_over_prompts(reference):
         3,
         frame[frame["model"] == "tiny:llama"]["pos_from_end"].nunique(),
     )
+    # The per-model results keep the significance of each cell, which the heatmap marks.
+    stars = [t for t in llama.plot("layer", "pos_from_end", significant=True).axes[0].texts if t.get_text() == "*"]
+    assert len(stars) == int(llama.frame["significant"].sum())
 
 
 # -- storage ------------------------------------------------------------------------------------

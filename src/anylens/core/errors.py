@@ -108,6 +108,19 @@ class MetricError(AnylensError, ValueError):
     """A metric given by name that is unknown, or that the prompts cannot supply words for."""
 
 
+class EmptyAnswerError(TokenizationError):
+    """A metric's answer (or distractor) that is an empty string: it has no tokens to score."""
+
+
+class StatisticsError(AnylensError, ValueError):
+    """Statistics over prompts asked of a result without a row per prompt, or with a bad ``alpha``."""
+
+
+class LinearityWarning(AnylensWarning):
+    """Attribution patching checked against exact patching (``verify=k``) correlates poorly: the
+    linear estimate does not hold for these prompts, so its ranking is not to be trusted."""
+
+
 class ResultFileError(AnylensError, ValueError):
     """A saved result file that is damaged: truncated, not JSON, or not a saved result."""
 

@@ -12,6 +12,7 @@ import torch
 
 from .access import RoleAccess, envoy_at
 from .errors import (
+    EmptyAnswerError,
     ForwardContractError,
     LayerIndexError,
     LayerIndexTypeError,
@@ -474,6 +475,11 @@ class AnyModel:
         checked against the vocabulary; a word the tokenizer reads as its unknown token is refused."""
         if isinstance(word, int):
             return self._checked_token_id(word)
+        if word == "":
+            raise EmptyAnswerError(
+                "target '' is an empty string: it has no tokens to score; give the word with its leading space "
+                "(such as ' Paris'), or a token id"
+            )
         if self.tokenizer is None:
             raise TokenizationError(
                 f"{self.name!r} has no tokenizer to find the token {word!r}: pass its token id (an int), "

@@ -32,6 +32,7 @@ from ..engine import (
     score_rows,
 )
 from . import metrics as metrics_
+from .answers import teacher_forcing
 from .pair_positions import named_indices
 from .patching import sweep_frame
 from .prompts import Prompts, tokenize_aligned
@@ -106,14 +107,101 @@ def ablate(
     targets = list(range(length)) if positions is None else normalize_positions(positions, length, "prompt")
     components = enumerate_components(model, role, over, layer_list, targets)
 
-    recorded = record_runs(
-        model, role, layer_list, ids, metric, need_acts=True, memory_budget=memory_budget, reuse=reuse
-    )
-    acts, baseline_last = recorded.unpatched_acts, recorded.unpatched_last
+    run_options = {"batch_size": batch_size, "memory_budget": memory_budget, "reuse": reuse}
+
+    def ablated(inputs: torch.Tensor, metric: Any, recorded: Any, sources: Any, source_of_prompt: Any) -> _Ablated:
+        return _ablated(
+            model, role, inputs, components, targets, metric, recorded, sources, source_of_prompt, **run_options
+        )
+
+    def recorded_run(inputs: torch.Tensor, metric: Any) -> Any:
+        return record_runs(
+            model, role, layer_list, inputs, metric, need_acts=True, memory_budget=memory_budget, reuse=reuse
+        )
+
+    def replacements(acts: dict[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        return _replacements(model, role, method, acts, ids, reference, mean_over, seed, layer_list)
+
+    forced = teacher_forcing(metric, model, n_prompts)
+    if forced is None:
+        recorded = recorded_run(ids, metric)
+        sources, source_of_prompt = replacements(recorded.unpatched_acts)
+        steps = [ablated(ids, metric, recorded, sources, source_of_prompt)]
+        values, baseline = steps[0].values, steps[0].baseline
+    else:  # an answer of several tokens: one run per answer token (see .answers)
+        # What is written in comes from the prompts alone: appended answer tokens enter no mean.
+        sources, source_of_prompt = replacements(record(model, role, ids, layer_list)[0])
+        steps = []
+        for step in forced.steps:
+            inputs = torch.cat([ids[step.pairs], step.appended.to(ids.dtype)], 1)
+            part = ablated(
+                inputs, step.metric, recorded_run(inputs, step.metric), sources, source_of_prompt[step.pairs]
+            )
+            steps.append(part)
+        values, baseline = (forced.total([getattr(m, part) for m in steps]) for part in ("values", "baseline"))
+        if forced.exp:
+            values, baseline = values.exp(), baseline.exp()
+    stats, recorded_reuse = steps[0].stats, steps[0].reuse
+    base = baseline[None, :].expand_as(values)
+    columns = {"metric": values, "baseline": base, "value": values - base}
+    frame = sweep_frame(model, components, over, ids[0], columns, per_prompt, labels=labels)
+    meta = {
+        "model": model.name,
+        "adapter": model.adapter.name,
+        "role": role,
+        "over": list(over),
+        "method": method,
+        "mean_over": mean_over if method == "mean" else None,
+        "seed": seed if method == "resample" else None,
+        "resample_sources": source_of_prompt.tolist() if method == "resample" else None,
+        "metric": getattr(metric, "name", type(metric).__name__),
+        "metric_spec": repr(metric),
+        "tokens": model.to_str_tokens(ids[0]),
+        "n_prompts": n_prompts,
+        "baseline": float(baseline.mean()),
+        "baseline_per_prompt": baseline.tolist(),
+        "patches": sum(m.stats.patches for m in steps),
+        "forwards": sum(m.stats.forwards for m in steps),
+        "patches_per_forward": stats.patches_per_forward,
+        "reuse": recorded_reuse,
+        "unchanged": sum(m.stats.unchanged for m in steps),
+        "work_fraction": stats.work_fraction,
+    }
+    if forced is not None:
+        meta["teacher_forced_runs"] = len(steps)
+    return AblationResult("ablate", frame, meta, value="value")
+
+
+@dataclass
+class _Ablated:
+    """One ablation sweep: the ablated metric ``[components, prompts]``, the unablated metric
+    ``[prompts]``, how it ran, and whether it reused work."""
+
+    values: torch.Tensor
+    baseline: torch.Tensor
+    stats: Any
+    reuse: bool
+
+
+def _ablated(
+    model: AnyModel,
+    role: str,
+    ids: torch.Tensor,
+    components: list,
+    targets: list[int],
+    metric: Any,
+    recorded: Any,
+    sources: dict[int, torch.Tensor],
+    source_of_prompt: torch.Tensor,
+    *,
+    batch_size: int | None,
+    memory_budget: int | None,
+    reuse: bool,
+) -> _Ablated:
+    n_prompts = ids.shape[0]
+    baseline_last = recorded.unpatched_last
     every_prompt = torch.arange(n_prompts)
     baseline = score_rows(metric, model, baseline_last, every_prompt, n_prompts, baseline_last).float().cpu()
-    sources, source_of_prompt = _replacements(model, role, method, acts, ids, reference, mean_over, seed, layer_list)
-
     plan = PatchPlan(
         role=role,
         inputs=ids,
@@ -134,33 +222,7 @@ def ablate(
         memory_budget=memory_budget,
         reuse=reuse,
     )
-    values = values.reshape(len(components), n_prompts)
-    base = baseline[None, :].expand_as(values)
-    columns = {"metric": values, "baseline": base, "value": values - base}
-    frame = sweep_frame(model, components, over, ids[0], columns, per_prompt, labels=labels)
-    meta = {
-        "model": model.name,
-        "adapter": model.adapter.name,
-        "role": role,
-        "over": list(over),
-        "method": method,
-        "mean_over": mean_over if method == "mean" else None,
-        "seed": seed if method == "resample" else None,
-        "resample_sources": source_of_prompt.tolist() if method == "resample" else None,
-        "metric": getattr(metric, "name", type(metric).__name__),
-        "metric_spec": repr(metric),
-        "tokens": model.to_str_tokens(ids[0]),
-        "n_prompts": n_prompts,
-        "baseline": float(baseline.mean()),
-        "baseline_per_prompt": baseline.tolist(),
-        "patches": stats.patches,
-        "forwards": stats.forwards,
-        "patches_per_forward": stats.patches_per_forward,
-        "reuse": recorded.reuse,
-        "unchanged": stats.unchanged,
-        "work_fraction": stats.work_fraction,
-    }
-    return AblationResult("ablate", frame, meta, value="value")
+    return _Ablated(values.reshape(len(components), n_prompts), baseline, stats, recorded.reuse)
 
 
 def _replacements(

@@ -30,8 +30,10 @@ from ..engine import (
     score_rows,
 )
 from . import metrics as metrics_
+from .answers import teacher_forcing
+from .linearity import check_verify, verify_estimate
 from .pair_groups import group_pairs, run_in_groups
-from .patching import DIRECTIONS, PatchResult, prepare_pairs, sweep_frame, sweep_meta
+from .patching import DIRECTIONS, PairedRuns, PatchResult, prepare_pairs, sweep_frame, sweep_meta
 from .prompts import Prompts
 from .renamed import renamed
 
@@ -133,6 +135,7 @@ def attribute(
     align: Any = None,
     normalize: bool = True,
     per_prompt: bool = False,
+    verify: int | None = None,
 ) -> PatchResult:
     """Estimate :func:`anylens.patch` for every component of ``role`` from gradients.
 
@@ -141,8 +144,11 @@ def attribute(
     patched metric minus the unpatched run's metric (patched - corrupt when denoising),
     ``metric`` the estimated patched metric, and ``normalized`` its normalised score.
     ``metric`` defaults to KL divergence from the clean run (whose gradient vanishes on the clean
-    run itself, so give a target metric when noising).
+    run itself, so give a target metric when noising). ``verify=k`` patches the ``k`` components of
+    largest ``|estimate|`` exactly and puts the correlations in ``meta["verify"]``, with a
+    :class:`~anylens.LinearityWarning` when Pearson r is under 0.5 (:mod:`.linearity`).
     """
+    verify = check_verify(verify)
     role = model.first_role(role)  # a list: the first role this model has
     over = check_over(model, role, over)
     metric = metrics_.resolve(metric, clean)
@@ -153,12 +159,54 @@ def attribute(
         return run_in_groups(
             attribute, model, clean, corrupt, grouping, metric=metric, align=align, over=over, per_prompt=per_prompt,
             normalize=normalize, value=value, role=role, direction=direction, layers=layers, positions=positions,
+            verify=verify,
         )  # fmt: skip
     runs = prepare_pairs(model, clean, corrupt, direction, align, positions)
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 
-    denoise = direction == "denoise"  # the source run is the clean run
+    forced = teacher_forcing(metric, model, runs.n_pairs)
+    if forced is None:
+        steps = [_estimate(model, runs, role, layer_list, components, metric)]
+        estimate, clean_values, corrupt_values = steps[0].estimate, steps[0].clean, steps[0].corrupt
+    else:  # an answer of several tokens: one run per answer token, their estimates summed (see .answers)
+        steps = [_estimate(model, forced.runs(runs, s), role, layer_list, components, s.metric) for s in forced.steps]
+        estimate, clean_values, corrupt_values = (
+            forced.total([getattr(m, part) for m in steps]) for part in ("estimate", "clean", "corrupt")
+        )
+    unpatched = corrupt_values if direction == "denoise" else clean_values
+    if forced is not None and forced.exp:  # a probability exp(S): first order, d exp(S) = exp(S) dS
+        estimate = unpatched.exp()[None, :] * estimate
+        clean_values, corrupt_values, unpatched = clean_values.exp(), corrupt_values.exp(), unpatched.exp()
+
+    columns = {"metric": unpatched[None, :] + estimate, "estimate": estimate}
+    normalizer = (clean_values, corrupt_values) if normalize else None
+    frame = sweep_frame(model, components, over, runs.patched[0], columns, per_prompt, normalizer, runs.labels)
+    meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
+    forwards = sum(1 if m.fused else 2 for m in steps)
+    meta.update(method="attribution patching", forwards=forwards, backwards=len(steps), components=len(components))
+    if forced is not None:
+        meta["teacher_forced_runs"] = len(forced.steps)
+    if verify is not None:
+        meta["verify"] = verify_estimate(model, runs, role, layer_list, components, metric, estimate, unpatched, verify)
+    return PatchResult("attribute", frame, meta, value="normalized" if normalize else "estimate")
+
+
+@dataclass
+class _Estimated:
+    """One attribution pass: the estimate ``[components, pairs]``, the clean and corrupt runs'
+    metric values ``[pairs]``, and whether source and patched runs shared a forward."""
+
+    estimate: torch.Tensor
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    fused: bool
+
+
+def _estimate(
+    model: AnyModel, runs: PairedRuns, role: str, layer_list: list[int], components: list, metric: Any
+) -> _Estimated:
+    denoise = runs.direction == "denoise"  # the source run is the clean run
     ordered = sorted(layer_list)
     fused = one_forward(model, runs.source, runs.patched)
     if fused:  # the source run's rows ride along; when denoising they are the clean reference
@@ -174,8 +222,6 @@ def attribute(
     every_pair = torch.arange(n_pairs)
     clean_values = score_rows(metric, model, clean_last, every_pair, n_pairs, clean_last).detach().float().cpu()
     corrupt_values = score_rows(metric, model, corrupt_last, every_pair, n_pairs, clean_last).detach().float().cpu()
-    unpatched = corrupt_values if direction == "denoise" else clean_values
-
     per_layer = {
         layer: _contributions(
             role, grads[layer], acts[layer], sources[layer], runs.target_positions, runs.source_positions
@@ -183,12 +229,7 @@ def attribute(
         for layer in layer_list
     }
     estimate = _component_values(per_layer, components, runs.target_positions).float().cpu()  # [components, pairs]
-    columns = {"metric": unpatched[None, :] + estimate, "estimate": estimate}
-    normalizer = (clean_values, corrupt_values) if normalize else None
-    frame = sweep_frame(model, components, over, runs.patched[0], columns, per_prompt, normalizer, runs.labels)
-    meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
-    meta.update(method="attribution patching", forwards=1 if fused else 2, backwards=1, components=len(components))
-    return PatchResult("attribute", frame, meta, value="normalized" if normalize else "estimate")
+    return _Estimated(estimate, clean_values, corrupt_values, fused)
 
 
 def _contributions(

@@ -1,8 +1,10 @@
 """Metrics on model outputs: scalars per prompt, computed from logits at the last position.
 
 A metric is built from words (``logit_diff(" Paris", " Rome")``) and bound to a model's
-tokenizer when it is evaluated; each word must be one token. Targets may be one word for the
-whole batch or one word per prompt.
+tokenizer when it is evaluated. Targets may be one word for the whole batch or one word per
+prompt. A metric scores the final position, so each word is one token there; ``al.patch``,
+``al.attribute`` and ``al.ablate`` also take answers of several tokens (``log_prob(" Buenos
+Aires")``), which they score by teacher forcing (:mod:`.answers`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.errors import MetricError
+from ..core.errors import EmptyAnswerError, MetricError, TokenizationError
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -25,13 +27,58 @@ Target = str | int | Sequence[str | int]
 def target_ids(model: AnyModel, target: Target, batch: int) -> torch.Tensor:
     """Token ids ``[batch]`` for one target or one target per prompt (each must be one token)."""
     if isinstance(target, (str, int)):
-        return torch.full((batch,), model.token_id(target), dtype=torch.long)
-    ids = [model.token_id(word) for word in target]
+        return torch.full((batch,), _one_token(model, target), dtype=torch.long)
+    ids = [_one_token(model, word) for word in target]
     if len(ids) != batch:
         from ..core.errors import PromptError
 
         raise PromptError(f"{len(ids)} targets for {batch} prompts: give one target, or one per prompt")
     return torch.tensor(ids, dtype=torch.long)
+
+
+def answer_tokens(model: AnyModel, word: str | int) -> list[int]:
+    """The token ids of one answer: a token id, or a word's tokens (several for a multi-token
+    answer such as ``" Buenos Aires"``, each checked as :meth:`AnyModel.token_id` checks one)."""
+    if isinstance(word, int) or model.tokenizer is None:
+        return [model.token_id(word)]
+    ids = model.tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) <= 1:
+        return [model.token_id(word)]  # its checks: an empty string, the unknown token
+    unknown = getattr(model.tokenizer, "unk_token_id", None)
+    if unknown is not None and unknown in ids:
+        pieces = [model.tokenizer.decode([i]) for i in ids]
+        raise TokenizationError(
+            f"answer {word!r} tokenizes to {pieces}, which holds the unknown token {model.tokenizer.unk_token!r}: "
+            "scored so, it would stand for every word the vocabulary lacks; choose words the vocabulary has"
+        )
+    return list(ids)
+
+
+_EMPTY = (
+    "{what} is an empty string: it has no tokens to score; give the answer's text with its leading space "
+    "(such as ' Paris'), or a token id"
+)
+
+
+def check_answers(metric: str, field: str, target: Target) -> None:
+    """Refuse an empty answer string when a metric is built, naming the metric and the field."""
+    for index, word in enumerate(_words(target)):
+        if isinstance(word, str) and not word:
+            where = f"{field}" if isinstance(target, str) else f"{field} of prompt {index}"
+            raise EmptyAnswerError(_EMPTY.format(what=f"the {where} of al.metrics.{metric}"))
+
+
+def _one_token(model: AnyModel, word: str | int) -> int:
+    """``model.token_id(word)``, saying where a multi-token answer is scored instead."""
+    try:
+        return model.token_id(word)
+    except TokenizationError as error:
+        if isinstance(word, str) and model.tokenizer is not None and len(answer_tokens(model, word)) > 1:
+            raise TokenizationError(
+                f"{error}; al.patch, al.attribute and al.ablate score a multi-token answer by teacher forcing, "
+                "but this reads the final position's logits alone"
+            ) from None
+        raise
 
 
 def _words(target: Target) -> list[str | int]:
@@ -75,6 +122,10 @@ class LogitDiff(Metric):
     name = "logit_diff"
     reads_clean_logits = False
 
+    def __post_init__(self):
+        check_answers(self.name, "answer", self.answer)
+        check_answers(self.name, "distractor", self.distractor)
+
     def __call__(self, logits, model, clean_logits=None):
         last = _last(logits).float()
         batch = last.shape[0]
@@ -95,6 +146,9 @@ class TargetProbability(Metric):
     target: Target
     reads_clean_logits = False
     normaliser = "softmax"
+
+    def __post_init__(self):
+        check_answers(self.name, "target", self.target)
 
     def __call__(self, logits, model, clean_logits=None):
         last = _last(logits).float()
@@ -122,6 +176,9 @@ class Rank(Metric):
     higher_is_clean = False
     reads_clean_logits = False
 
+    def __post_init__(self):
+        check_answers(self.name, "target", self.target)
+
     def __call__(self, logits, model, clean_logits=None):
         last = _last(logits).float()
         chosen = _gather(last, target_ids(model, self.target, last.shape[0]))
@@ -135,6 +192,9 @@ class Top1(Metric):
     target: Target
     name = "top1"
     reads_clean_logits = False
+
+    def __post_init__(self):
+        check_answers(self.name, "target", self.target)
 
     def __call__(self, logits, model, clean_logits=None):
         last = _last(logits).float()
@@ -286,6 +346,8 @@ __all__ = [
     "Prob",
     "TargetProbability",
     "Rank",
+    "answer_tokens",
+    "check_answers",
     "kl",
     "log_prob",
     "logit_diff",

@@ -117,6 +117,8 @@ def run_in_groups(
     component = [c for c in ("layer", "head") if c in over]
     meta = dict(parts[0].meta)
     meta["over"] = list(over)
+    if "verify" in meta:  # attribute(verify=k): each group was checked on its own components
+        meta["verify"] = [part.meta["verify"] for part in parts]
     if per_prompt:
         frame = frame.sort_values([*component, "prompt"], kind="stable").reset_index(drop=True)
         if normalize:

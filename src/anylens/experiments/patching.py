@@ -28,6 +28,7 @@ from ..engine import (
 )
 from . import metrics as metrics_
 from .alignment import AUTO
+from .answers import teacher_forcing
 from .pair_groups import group_pairs, run_in_groups
 from .prompts import Prompts, paired
 from .renamed import renamed
@@ -167,6 +168,83 @@ def patch(
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 
+    values, clean_values, corrupt_values, steps = patched_values(
+        model, runs, role, layer_list, components, metric, batch_size, memory_budget, reuse
+    )
+    stats, reused = steps[0].stats, steps[0].reuse
+    normalizer = (clean_values, corrupt_values) if normalize else None
+    frame = sweep_frame(
+        model, components, over, runs.patched[0], {"metric": values}, per_prompt, normalizer, runs.labels
+    )
+    meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
+    meta.update(
+        patches=sum(m.stats.patches for m in steps),
+        forwards=sum(m.stats.forwards for m in steps),
+        patches_per_forward=stats.patches_per_forward,
+        reuse=reused,
+        unchanged=sum(m.stats.unchanged for m in steps),
+        work_fraction=stats.work_fraction,
+    )
+    if len(steps) > 1:
+        meta["teacher_forced_runs"] = len(steps)
+    return PatchResult("patch", frame, meta, value="normalized" if normalize else "metric")
+
+
+def patched_values(
+    model: AnyModel,
+    runs: PairedRuns,
+    role: str,
+    layer_list: list[int],
+    components: list,
+    metric: Any,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    reuse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[_Measured]]:
+    """The patched metric of each of ``components`` per pair ``[components, pairs]``, the clean
+    and corrupt runs' metric ``[pairs]``, and the sweeps that measured them: one, or one per
+    answer token of a multi-token answer (see :mod:`.answers`)."""
+
+    def measure(runs: PairedRuns, metric: Any) -> _Measured:
+        return _measure(model, runs, role, layer_list, components, metric, batch_size, memory_budget, reuse)
+
+    forced = teacher_forcing(metric, model, runs.n_pairs)
+    if forced is None:
+        steps = [measure(runs, metric)]
+        return steps[0].values, steps[0].clean, steps[0].corrupt, steps
+    steps = [measure(forced.runs(runs, step), step.metric) for step in forced.steps]
+    values, clean, corrupt = (
+        forced.total([getattr(m, part) for m in steps]) for part in ("values", "clean", "corrupt")
+    )
+    if forced.exp:
+        values, clean, corrupt = values.exp(), clean.exp(), corrupt.exp()
+    return values, clean, corrupt, steps
+
+
+@dataclass
+class _Measured:
+    """One patching sweep's metric values ``[components, pairs]``, its clean and corrupt runs'
+    values ``[pairs]``, how it ran, and whether it reused work."""
+
+    values: torch.Tensor
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    stats: Any
+    reuse: bool
+
+
+def _measure(
+    model: AnyModel,
+    runs: PairedRuns,
+    role: str,
+    layer_list: list[int],
+    components: list,
+    metric: Any,
+    batch_size: int | None,
+    memory_budget: int | None,
+    reuse: bool,
+) -> _Measured:
+    direction = runs.direction
     recorded = record_runs(
         model,
         role,
@@ -205,22 +283,7 @@ def patch(
         memory_budget=memory_budget,
         reuse=reuse,
     )
-    values = values.reshape(len(components), n_pairs)
-
-    normalizer = (clean_values, corrupt_values) if normalize else None
-    frame = sweep_frame(
-        model, components, over, runs.patched[0], {"metric": values}, per_prompt, normalizer, runs.labels
-    )
-    meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
-    meta.update(
-        patches=stats.patches,
-        forwards=stats.forwards,
-        patches_per_forward=stats.patches_per_forward,
-        reuse=recorded.reuse,
-        unchanged=stats.unchanged,
-        work_fraction=stats.work_fraction,
-    )
-    return PatchResult("patch", frame, meta, value="normalized" if normalize else "metric")
+    return _Measured(values.reshape(len(components), n_pairs), clean_values, corrupt_values, stats, recorded.reuse)
 
 
 # -- tidy output, shared with attribution -----------------------------------------------------
@@ -320,4 +383,4 @@ def _align_meta(runs: PairedRuns) -> dict[str, list[int]]:
     return {"clean": runs.target_positions, "corrupt": runs.source_positions}
 
 
-__all__ = ["DIRECTIONS", "PairedRuns", "PatchResult", "patch", "prepare_pairs"]
+__all__ = ["DIRECTIONS", "PairedRuns", "PatchResult", "patch", "patched_values", "prepare_pairs"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.errors import ResultFileError
+from ..core.errors import ResultFileError, StatisticsError
 
 #: Dimensions a result may be indexed by, in the order axes are chosen for a plot.
 DIMENSIONS = ("layer", "head", "pos", "component", "neuron", "prompt", "rank")
@@ -61,10 +61,20 @@ class Result:
         ax: Any = None,
         title: str | None = None,
         cmap: str | None = None,
+        significant: bool = False,
     ) -> Any:
-        """A heatmap of ``value`` with labelled axes; positions are labelled with tokens."""
+        """A heatmap of ``value`` with labelled axes; positions are labelled with tokens.
+
+        ``significant=True`` marks with ``*`` the cells whose ``significant`` column is true (a
+        :meth:`summary`, or a sweep's aggregate, has one).
+        """
         import matplotlib
 
+        if significant and "significant" not in self.frame.columns:
+            raise StatisticsError(
+                f"this {self.experiment} result has no 'significant' column to mark: take result.summary() of a "
+                "result with per_prompt=True (or a sweep's aggregate) and plot that"
+            )
         if ax is None:
             matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
@@ -89,6 +99,8 @@ class Result:
             interpolation="nearest",
         )
         fig.colorbar(image, ax=ax, label=self.meta.get("value_label", self.value))
+        if significant:
+            self._mark_significant(ax, index, columns, table, abs(data) > 0.6 * bound)
         ax.set_xticks(range(len(table.columns)))
         ax.set_xticklabels(
             self._labels(columns, table.columns),
@@ -103,6 +115,37 @@ class Result:
         ax.set_title(title or self.title)
         fig.tight_layout()
         return fig
+
+    def _mark_significant(self, ax: Any, index: str, columns: str, table: pd.DataFrame, dark: Any) -> None:
+        flags = self.frame.assign(significant=self.frame["significant"].astype(float))
+        marked = Result(self.experiment, flags, self.meta, "significant").pivot(index, columns, aggfunc="max")
+        marked = marked.reindex(index=table.index, columns=table.columns)
+        for row, column in zip(*(marked.to_numpy(dtype=float) > 0).nonzero()):
+            color = "white" if dark[row, column] else "black"  # readable on the strongest colours
+            ax.text(column, row, "*", ha="center", va="center", color=color, fontsize=12, fontweight="bold")
+
+    def summary(self, alpha: float = 0.05, seed: int = 0, n_resamples: int | None = None) -> Result:
+        """Per component, statistics of ``value`` over the prompts of a ``per_prompt=True`` result:
+        ``mean``, ``std``, ``count``, the bootstrap 95% interval ``boot_low``/``boot_high``, the
+        sign-flip test's ``p_value``, its Benjamini-Hochberg ``p_adjusted`` over the components,
+        and ``significant`` (``p_adjusted < alpha``); see :mod:`anylens.experiments.statistics`.
+        The summary's value is ``mean``; ``summary().plot(significant=True)`` marks the cells."""
+        from .statistics import N_RESAMPLES, STAT_COLUMNS, component_statistics
+
+        if "prompt" not in self.frame.columns:
+            raise StatisticsError(
+                f"this {self.experiment} result has one row per component, already averaged over prompts: run it "
+                "with per_prompt=True to keep a row per prompt, then take .summary()"
+            )
+        by = [c for c in self.frame.columns if c in DIMENSIONS and c != "prompt"]
+        by += [c for c in ("token",) if c in self.frame.columns]
+        values = self.frame[self.value].astype(float)
+        grouped = values.groupby([self.frame[c] for c in by], dropna=False, sort=True)
+        grouped = grouped.agg(["mean", "std", "count"]).reset_index()
+        tests = component_statistics(self.frame, by, self.value, alpha, n_resamples or N_RESAMPLES, seed)
+        frame = grouped.assign(**{column: tests[column].to_numpy() for column in STAT_COLUMNS})
+        meta = dict(self.meta, statistics={"of": self.value, "alpha": alpha, "seed": seed})
+        return Result(self.experiment, frame, meta, value="mean")
 
     def _labels(self, dim: str, values: Any) -> list[str]:
         tokens = self.meta.get("tokens")

@@ -1,7 +1,9 @@
 """A sweep's results: the tidy frame of every model's rows, and its statistics over prompts.
 
 :class:`SweepResult` is what :func:`anylens.sweep.run` returns; :func:`aggregate` turns the
-frame into a mean, standard deviation, count and 95% interval per component.
+frame into a mean, standard deviation, count and 95% interval per component, with a bootstrap
+interval, a test against zero and Benjamini-Hochberg adjusted p-values
+(:mod:`anylens.experiments.statistics`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..experiments.statistics import ALPHA, N_RESAMPLES, STAT_COLUMNS, component_statistics
 from .store import Store, load_results
 
 #: z value of a two-sided 95% interval under the normal approximation.
@@ -54,8 +57,10 @@ class SweepResult:
     def to_frame(self) -> pd.DataFrame:
         return self.frame.copy()
 
-    def aggregate(self, by: Sequence[str] | None = None, value: str = "value") -> pd.DataFrame:
-        return aggregate(self.frame, by=by, value=value)
+    def aggregate(
+        self, by: Sequence[str] | None = None, value: str = "value", alpha: float = ALPHA, seed: int = 0
+    ) -> pd.DataFrame:
+        return aggregate(self.frame, by=by, value=value, alpha=alpha, seed=seed)
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -84,15 +89,27 @@ class SweepResult:
         return results
 
 
-def aggregate(frame: pd.DataFrame, by: Sequence[str] | None = None, value: str = "value") -> pd.DataFrame:
-    """Per component: ``mean``, ``std`` (sample, ddof=1), ``count`` and a 95% interval over prompts.
+def aggregate(
+    frame: pd.DataFrame,
+    by: Sequence[str] | None = None,
+    value: str = "value",
+    alpha: float = ALPHA,
+    seed: int = 0,
+    n_resamples: int = N_RESAMPLES,
+) -> pd.DataFrame:
+    """Per component: ``mean``, ``std`` (sample, ddof=1), ``count`` and a 95% interval over
+    prompts, then ``boot_low``, ``boot_high``, ``p_value``, ``p_adjusted`` and ``significant``.
 
-    The interval is the normal approximation ``mean ± 1.96 · std / √count``: fine for a few
-    dozen prompts or more, optimistic for a handful (it ignores the t-distribution's wider
-    tails); with one prompt ``std`` and the interval are NaN. ``by`` defaults to the component
-    columns present (model, layer, head, pos, ...), with ``pos_label`` in place of ``pos`` where
-    positions were asked for by name (``positions=["S2", "END"]``), so that a name's rows group
-    across prompts of different lengths; NaN values are left out of every statistic.
+    ``ci_low``/``ci_high`` are the normal approximation ``mean ± 1.96 · std / √count``: fine for a
+    few dozen prompts or more, optimistic for a handful (it ignores the t-distribution's wider
+    tails); with one prompt ``std`` and the interval are NaN. ``boot_low``/``boot_high`` are the
+    percentile bootstrap 95% interval of the mean (``n_resamples`` seeded resamples of the
+    prompts); ``p_value`` a sign-flip permutation test of a zero mean, ``p_adjusted`` its
+    Benjamini-Hochberg adjustment over every row of the aggregate, and ``significant`` is
+    ``p_adjusted < alpha`` (:mod:`anylens.experiments.statistics`). ``by`` defaults to the
+    component columns present (model, layer, head, pos, ...), with ``pos_label`` in place of
+    ``pos`` where positions were asked for by name (``positions=["S2", "END"]``), so that a name's
+    rows group across prompts of different lengths; NaN values are left out of every statistic.
     """
     if value not in frame.columns:
         raise KeyError(f"no column {value!r} to aggregate; columns: {list(frame.columns)}")
@@ -115,6 +132,9 @@ def aggregate(frame: pd.DataFrame, by: Sequence[str] | None = None, value: str =
     half = Z95 * grouped["std"] / grouped["count"].pow(0.5)
     grouped["ci_low"] = grouped["mean"] - half
     grouped["ci_high"] = grouped["mean"] + half
+    tests = component_statistics(frame, by, value, alpha=alpha, n_resamples=n_resamples, seed=seed)
+    for column in STAT_COLUMNS:  # the same groups in the same order
+        grouped[column] = tests[column].to_numpy()
     return grouped.reset_index(drop=True)
 
 
