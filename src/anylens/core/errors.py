@@ -239,3 +239,11 @@ class ActivationsWarning(AnylensWarning):
 
 class ProbeOptionError(AnylensError, ValueError):
     """A probe option that cannot be used: a test share outside (0, 1), prompts missing for a model."""
+
+
+class CircuitGraphError(AnylensError, LookupError):
+    """A component graph cannot be built, or a node or edge it does not have was asked for."""
+
+
+class EdgeOrderError(CircuitGraphError, ValueError):
+    """A sender that does not come before its receiver: no edge can carry it there."""
