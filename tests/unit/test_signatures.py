@@ -16,7 +16,8 @@ from anylens.sweep.experiments import EXPERIMENTS as SWEEP_EXPERIMENTS
 from anylens.testing import tiny
 
 #: Public names of ``anylens`` that are not experiments on prompts: the sweep runner, the two
-#: that take an activation cache, and what reads stored activations (classes and a loader).
+#: that take an activation cache, what reads stored activations (classes and a loader), and
+#: result classes.
 NOT_ON_PROMPTS = {
     "run",
     "stack",
@@ -24,6 +25,7 @@ NOT_ON_PROMPTS = {
     "ActivationCache",
     "Activations",
     "ProbeResult",
+    "CircuitResult",
     "load_activations",
 }
 PUBLIC_EXPERIMENTS = sorted(name for name in al._LAZY if name not in NOT_ON_PROMPTS)

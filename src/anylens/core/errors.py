@@ -247,3 +247,11 @@ class CircuitGraphError(AnylensError, LookupError):
 
 class EdgeOrderError(CircuitGraphError, ValueError):
     """A sender that does not come before its receiver: no edge can carry it there."""
+
+
+class CircuitOptionError(AnylensError, ValueError):
+    """An option of a circuit experiment that cannot be used: an unknown method or level, steps below 1."""
+
+
+class MetricGradientError(MetricError):
+    """A metric with no gradient (top-1 accuracy, a rank) given to a gradient-based method (EAP)."""
