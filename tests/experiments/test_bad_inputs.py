@@ -1091,12 +1091,57 @@ ACTIVATIONS_AND_PROBES: list[Case] = [
 ]
 
 
+# -- circuits: edge attribution --------------------------------------------------------------------
+CIRCUIT_IDS = (torch.tensor([[5, 17, 9, 23, 4]]), torch.tensor([[5, 17, 12, 23, 4]]))  # one token differs
+
+
+def _circuit(**options: object) -> Callable[[], object]:
+    return lambda: al.circuit(_tiny("gpt2"), *CIRCUIT_IDS, **{"metric": al.metrics.logit_diff(10, 11), **options})
+
+
+def _loaded_circuit_faithfulness(folder: Path) -> object:
+    path = _circuit(method="eap")().save(folder / "circuit.json")
+    return al.CircuitResult.load(path).faithfulness(ks=[1])
+
+
+CIRCUIT_ATTRIBUTION = [
+    Case(
+        "circuit-eap-with-a-metric-without-gradients",
+        _circuit(method="eap", metric=al.metrics.top1(10)),
+        al.MetricGradientError,
+        (r"metric 'top1' has no gradient", r"logit_diff", r"edge_patch_scores"),
+    ),
+    Case(
+        "circuit-eap-ig-with-a-rank-metric",
+        _circuit(method="eap-ig", metric=al.metrics.rank(10)),
+        al.MetricGradientError,
+        (r"metric 'rank' has no gradient",),
+    ),
+    Case("circuit-unknown-method", _circuit(method="acdc"), al.CircuitOptionError, (r"method='acdc'", r"'eap-ig'")),
+    Case("circuit-unknown-level", _circuit(level="neuron"), al.CircuitOptionError, (r"level='neuron'", r"'head'")),
+    Case("circuit-zero-steps", _circuit(method="eap-ig", steps=0), al.CircuitOptionError, (r"steps=0", r"at least 1")),
+    Case(
+        "circuit-prune-without-a-rule",
+        lambda: _circuit(method="eap")().prune(),
+        al.CircuitOptionError,
+        (r"threshold=", r"k="),
+    ),
+    Case(
+        "circuit-faithfulness-of-a-loaded-result",
+        in_a_folder(_loaded_circuit_faithfulness),
+        al.CircuitOptionError,
+        (r"loaded from a file", r"al.circuit"),
+    ),
+]
+
+
 CASES = [
     *LOADING_AND_ROLES,
     *EXPERIMENTS_AND_CLI,
     *GENERATION_AND_STEERING,
     *CUSTOM_MODELS,
     *ACTIVATIONS_AND_PROBES,
+    *CIRCUIT_ATTRIBUTION,
 ]
 
 

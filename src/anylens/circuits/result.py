@@ -51,7 +51,8 @@ class CircuitResult(Result):
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` edges of largest ``|score|``, largest first."""
-        return self.frame.sort_values("rank").head(_count(k, "k")).reset_index(drop=True)
+        frame = self.frame.assign(rank=_ranks(self.frame["score"]))
+        return frame.sort_values("rank").head(_count(k, "k")).reset_index(drop=True)
 
     def prune(
         self, threshold: float | None = None, k: int | None = None, *, drop_orphans: bool = True
@@ -71,7 +72,7 @@ class CircuitResult(Result):
         if threshold is not None:
             keep &= self.frame["score"].abs() >= float(threshold)
         if k is not None:
-            keep &= self.frame["rank"] <= _count(k, "k")
+            keep &= _ranks(self.frame["score"]) <= _count(k, "k")
         frame = self.frame[keep]
         if drop_orphans:
             frame = frame[_reaches_logits(frame, self.meta)]

@@ -1,0 +1,80 @@
+"""CircuitResult: ranking, pruning (with the orphan rule), saving and plotting."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import anylens as al
+from anylens.testing import tiny
+
+CLEAN = torch.tensor([[5, 17, 9, 23, 4], [6, 18, 30, 40, 7]])
+CORRUPT = torch.tensor([[5, 17, 12, 23, 4], [6, 18, 31, 40, 7]])
+
+
+@pytest.fixture(scope="module")
+def result() -> al.CircuitResult:
+    return al.circuit(tiny("gpt2"), CLEAN, CORRUPT, metric=al.metrics.logit_diff(10, 11), method="eap")
+
+
+def test_frame_ranks_edges_by_absolute_score(result):
+    frame = result.to_frame()
+    assert list(frame.columns) == ["sender", "receiver", "sender_layer", "receiver_layer", "score", "rank"]
+    assert len(frame) == result.meta["graph_edges"] == len(al.circuits.component_graph(result.model, "head"))
+    by_hand = frame.score.abs().sort_values(ascending=False).index
+    assert list(frame.loc[by_hand, "rank"]) == list(range(1, len(frame) + 1))
+    top = result.top(5)
+    assert list(top["rank"]) == [1, 2, 3, 4, 5]
+    assert top.score.abs().min() >= frame.score.abs().nlargest(5).min()
+
+
+def _with_scores(result: al.CircuitResult, scores: dict[str, float]) -> al.CircuitResult:
+    frame = result.to_frame()
+    names = frame.sender + "->" + frame.receiver
+    frame["score"] = [scores.get(name, 0.0) for name in names]
+    assert set(scores) <= set(names)
+    return al.CircuitResult(result.experiment, frame, dict(result.meta), result.value)
+
+
+def test_prune_drops_edges_that_reach_no_logits(result):
+    """Hand-built: a1.h0 writes to the logits, so edges into attn1 count, and mlp0 feeds attn1, so
+    edges into mlp0 count; nothing kept leaves layer 0's heads or mlp1, so edges into them go."""
+    circuit = _with_scores(
+        result,
+        {
+            "a1.h0->logits": 4.0,
+            "embed->attn1": 3.0,
+            "mlp0->attn1": -2.0,
+            "embed->mlp0": 1.5,
+            "embed->attn0": 5.0,  # orphan: no kept edge leaves a layer-0 head
+            "a0.h1->mlp1": -6.0,  # orphan: no kept edge leaves mlp1
+        },
+    )
+    kept = circuit.prune(threshold=1.0)
+    assert sorted(kept.edges) == sorted(["a1.h0->logits", "embed->attn1", "mlp0->attn1", "embed->mlp0"])
+    assert list(kept.to_frame().sort_values("rank").score) == [4.0, 3.0, -2.0, 1.5]
+    everything = circuit.prune(threshold=1.0, drop_orphans=False)
+    assert len(everything.frame) == 6
+    assert sorted(circuit.prune(k=2, drop_orphans=False).edges) == ["a0.h1->mlp1", "embed->attn0"]
+    assert circuit.prune(k=2).edges == []  # the two largest are both orphans
+
+
+def test_save_and_load_keep_the_frame_and_prune_the_same(result, tmp_path):
+    path = result.save(tmp_path / "circuit.json")
+    loaded = al.CircuitResult.load(path)
+    pd.testing.assert_frame_equal(loaded.to_frame(), result.to_frame())
+    assert loaded.meta["reads"] == result.meta["reads"]
+    assert loaded.prune(k=10).edges == result.prune(k=10).edges
+
+
+def test_plot_draws_the_kept_edges_layers_bottom_to_top(result):
+    fig = result.plot(k=6)
+    ax = fig.axes[0]
+    labels = {text.get_text() for text in ax.texts}
+    top = result.top(6)
+    assert set(top.sender) | set(top.receiver) <= labels
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    assert ticks[0] == "embed" and ticks[-1] == "logits"
+    arrows = [text for text in ax.texts if getattr(text, "arrow_patch", None) is not None]
+    assert len(arrows) == 6
