@@ -18,8 +18,10 @@ from .core.errors import (
     AnatomyError,
     AnylensError,
     AnylensWarning,
+    CircuitGraphError,
     DamagedFileError,
     DtypeError,
+    EdgeOrderError,
     ExtractionOptionError,
     ForwardContractError,
     GenerationLengthError,
@@ -67,7 +69,7 @@ from .core.errors import (
 )
 from .core.hook_names import HookPoint, hook_for_role, role_for_hook
 from .core.model import AnyModel
-from .core.roles import ALL_ROLES, LAYER_ROLES, MODEL_ROLES
+from .core.roles import ALL_ROLES, BRANCH_INPUT_ROLES, LAYER_ROLES, MODEL_ROLES
 from .core.spec import AdapterSpec, Variant
 from .loading import load, wrap
 from .registry.hookspecs import hookimpl, hookspec
@@ -77,6 +79,7 @@ from .registry.verify import CheckReport, check
 __all__ = [
     "__version__",
     "ALL_ROLES",
+    "BRANCH_INPUT_ROLES",
     "LAYER_ROLES",
     "MODEL_ROLES",
     "ActivationsBusyError",
@@ -92,8 +95,10 @@ __all__ = [
     "AnylensError",
     "AnylensWarning",
     "CheckReport",
+    "CircuitGraphError",
     "DamagedFileError",
     "DtypeError",
+    "EdgeOrderError",
     "ForwardContractError",
     "ExtractionOptionError",
     "LabelError",
@@ -179,6 +184,7 @@ _LAZY = {
     "steering_vector": "anylens.experiments.steering",
     "steer": "anylens.experiments.steering",
     "steering_sweep": "anylens.experiments.steering",
+    "component_graph": "anylens.circuits.graph",
 }
 
 __all__ += ["Result", "metrics", *_LAZY]
