@@ -71,7 +71,7 @@ from .core.errors import (
 )
 from .core.hook_names import HookPoint, hook_for_role, role_for_hook
 from .core.model import AnyModel
-from .core.roles import ALL_ROLES, LAYER_ROLES, MODEL_ROLES
+from .core.roles import ALL_ROLES, BRANCH_INPUT_ROLES, LAYER_ROLES, MODEL_ROLES
 from .core.spec import AdapterSpec, Variant
 from .loading import load, wrap
 from .registry.hookspecs import hookimpl, hookspec
@@ -81,6 +81,7 @@ from .registry.verify import CheckReport, check
 __all__ = [
     "__version__",
     "ALL_ROLES",
+    "BRANCH_INPUT_ROLES",
     "LAYER_ROLES",
     "MODEL_ROLES",
     "ActivationsBusyError",
@@ -187,6 +188,7 @@ _LAZY = {
     "steering_vector": "anylens.experiments.steering",
     "steer": "anylens.experiments.steering",
     "steering_sweep": "anylens.experiments.steering",
+    "component_graph": "anylens.circuits.graph",
     "circuit": "anylens.circuits.experiment",
     "CircuitResult": "anylens.circuits.result",
 }

@@ -27,6 +27,7 @@ NOT_ON_PROMPTS = {
     "ProbeResult",
     "CircuitResult",
     "load_activations",
+    "component_graph",  # a model's graph, built from its roles
 }
 PUBLIC_EXPERIMENTS = sorted(name for name in al._LAZY if name not in NOT_ON_PROMPTS)
 #: Names the convention replaced.
