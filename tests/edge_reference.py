@@ -45,6 +45,7 @@ BRANCHES: dict[str, Branches] = {
     "GPTJForCausalLM": Branches("ln_1", None, "transformer.ln_f"),
     "MambaForCausalLM": Branches("norm", None, "backbone.norm_f", "mixer"),
     "Mamba2ForCausalLM": Branches("norm", None, "backbone.norm_f", "mixer"),
+    "TinyPlainLM": Branches("norm_a", "norm_b", "norm_out", "mix"),
 }
 
 
