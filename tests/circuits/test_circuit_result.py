@@ -78,3 +78,14 @@ def test_plot_draws_the_kept_edges_layers_bottom_to_top(result):
     assert ticks[0] == "embed" and ticks[-1] == "logits"
     arrows = [text for text in ax.texts if getattr(text, "arrow_patch", None) is not None]
     assert len(arrows) == 6
+
+
+def test_report_has_a_circuit_section(result, tmp_path):
+    from anylens.viz.report import Report
+
+    report = Report("circuits")
+    report.circuit(result, k=5)
+    html = report.write(tmp_path / "report.html").read_text()
+    assert 'id="circuit"' in html and 'id="circuit-edges"' in html and "data:image/png;base64," in html
+    for sender, receiver in zip(result.top(5).sender, result.top(5).receiver):
+        assert f"<td>{sender}</td>" in html and f"<td>{receiver}</td>" in html

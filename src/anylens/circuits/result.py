@@ -116,7 +116,7 @@ class CircuitResult(Result):
 
         n_edges = len(self.graph)
         ks = _default_ks(len(self.frame)) if ks is None else [_count(k, "every k in ks") for k in ks]
-        ordered = self.frame.sort_values("rank")
+        ordered = self.top(len(self.frame))
         edges = list(zip(ordered["sender"], ordered["receiver"]))
         sets = [[]] + [edges[:k] for k in ks] + [[(e.sender.name, e.receiver.name) for e in self.graph.edges]]
         sets = [self.graph.parse_edges(chosen) for chosen in sets]
