@@ -89,3 +89,20 @@ def test_report_has_a_circuit_section(result, tmp_path):
     assert 'id="circuit"' in html and 'id="circuit-edges"' in html and "data:image/png;base64," in html
     for sender, receiver in zip(result.top(5).sender, result.top(5).receiver):
         assert f"<td>{sender}</td>" in html and f"<td>{receiver}</td>" in html
+
+
+@pytest.mark.parametrize("ablation", ["corrupt", "mean"])
+def test_faithfulness_curve_runs_from_no_edge_to_every_edge(result, ablation):
+    """Every edge kept is the clean run; with corrupt ablation no edge kept is the corrupt run (both
+    as the EAP pass measured them); normalized is (metric - none) / (all - none) of those values."""
+    n = len(result.frame)
+    curve = result.faithfulness(ks=[0, 3, n], ablation=ablation)
+    faith = result.meta["faithfulness"]
+    assert list(curve.k) == [0, 3, n] and curve.fraction.iloc[-1] == pytest.approx(1.0)
+    assert faith["all"] == pytest.approx(result.clean_metric, abs=1e-4)
+    assert curve.metric.iloc[-1] == pytest.approx(result.clean_metric, abs=1e-4)
+    if ablation == "corrupt":
+        assert faith["none"] == pytest.approx(result.corrupt_metric, abs=1e-4)
+        assert curve.metric.iloc[0] == pytest.approx(result.corrupt_metric, abs=1e-4)
+    by_hand = (curve.metric - faith["none"]) / (faith["all"] - faith["none"])
+    assert list(curve.normalized) == pytest.approx(list(by_hand))

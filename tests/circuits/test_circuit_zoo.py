@@ -13,6 +13,7 @@ from edge_reference import edge_effects
 
 import anylens as al
 from anylens.circuits import component_graph
+from anylens.circuits.edges import edge_patch_scores
 from anylens.demo import demo_ioi_pairs
 from anylens.experiments.prompts import paired
 
@@ -71,7 +72,28 @@ def test_eap_ig_edge_scores_correlate_with_exact_edge_patching(zoo, name):
     r = torch.corrcoef(torch.stack([scores, exact]))[0, 1].item()
     print(f"zoo:{name}: {len(scores)} edges, Pearson r(EAP-IG steps=5, exact edge patching) = {r:.3f}")
     assert r >= 0.8
+    # edge_patch_scores, batched through anylens, is the same exact quantity as the plain loop.
+    clean_ids, corrupt_ids = paired(model, clean, corrupt)
+    batched = edge_patch_scores(model, clean_ids, corrupt_ids, result.graph, metric=metric)
+    torch.testing.assert_close(batched, exact, atol=2e-3, rtol=1e-3)
     # The two agree on which edge matters most, and on its sign.
     top = int(scores.abs().argmax())
     assert top in exact.abs().topk(2).indices.tolist()
     assert torch.sign(scores[top]) == torch.sign(exact[top])
+
+
+def test_gpt2_ioi_circuit_is_faithful_with_a_tenth_of_the_edges_and_names_the_previous_token_head(zoo):
+    """zoo:gpt2's model card: previous-token head 0.2 (measured here again with al.head_scores)."""
+    from anylens.zoo import mechanisms
+
+    model = zoo("gpt2")
+    clean, corrupt, metric, _ = _ioi(model)
+    result = al.circuit(model, clean, corrupt, metric=metric, method="eap-ig", steps=5)
+    tenth = len(result.frame) // 10
+    curve = result.faithfulness(ks=[tenth], ablation="corrupt")
+    print(f"zoo:gpt2 IOI: top {tenth} of {len(result.frame)} edges keep {curve.normalized[0]:.3f} (normalized)")
+    assert curve.k[0] / len(result.frame) <= 0.1
+    assert curve.normalized[0] >= 0.8
+    previous = mechanisms.head_mechanisms(model)["previous_token"]
+    head = f"a{previous['layer']}.h{previous['head']}"
+    assert head in set(result.top(tenth).sender)

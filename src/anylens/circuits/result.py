@@ -11,16 +11,14 @@ which a result computed in this process holds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
+import torch
 
 from ..core.errors import CircuitOptionError
 from ..experiments.results import Result
 from .graph import Graph
-
-if TYPE_CHECKING:
-    import torch
 
 ABLATIONS = ("corrupt", "mean")
 
@@ -117,15 +115,18 @@ class CircuitResult(Result):
         n_edges = len(self.graph)
         ks = _default_ks(len(self.frame)) if ks is None else [_count(k, "every k in ks") for k in ks]
         ordered = self.top(len(self.frame))
-        edges = list(zip(ordered["sender"], ordered["receiver"]))
-        sets = [[]] + [edges[:k] for k in ks] + [[(e.sender.name, e.receiver.name) for e in self.graph.edges]]
-        sets = [self.graph.parse_edges(chosen) for chosen in sets]
+        positions = [self.graph.index(self.graph.edge(s, r)) for s, r in zip(ordered["sender"], ordered["receiver"])]
+        # One row per set: none kept, the top k for each k, every edge of the graph kept.
+        mask = torch.zeros(len(ks) + 2, n_edges)
+        for row, k in enumerate(ks, start=1):
+            mask[row, positions[:k]] = 1.0
+        mask[-1] = 1.0
         values = edge_metrics(
             self.model,
             self.clean_ids,
             self.corrupt_ids,
             self.graph,
-            sets,
+            mask,
             metric=self.metric,
             ablation=ablation,
             batch_size=batch_size,
@@ -134,8 +135,8 @@ class CircuitResult(Result):
         none, every = values[0], values[-1]
         curve = pd.DataFrame(
             {
-                "k": [min(k, len(edges)) for k in ks],
-                "fraction": [min(k, len(edges)) / n_edges for k in ks],
+                "k": [min(k, len(positions)) for k in ks],
+                "fraction": [min(k, len(positions)) / n_edges for k in ks],
                 "metric": values[1:-1],
                 "normalized": [(v - none) / (every - none) for v in values[1:-1]],
             }
