@@ -185,6 +185,7 @@ _LAZY = {
     "steer": "anylens.experiments.steering",
     "steering_sweep": "anylens.experiments.steering",
     "component_graph": "anylens.circuits.graph",
+    "path_patch": "anylens.circuits.path_patching",
 }
 
 __all__ += ["Result", "metrics", *_LAZY]
