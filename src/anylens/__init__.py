@@ -189,6 +189,7 @@ _LAZY = {
     "steer": "anylens.experiments.steering",
     "steering_sweep": "anylens.experiments.steering",
     "component_graph": "anylens.circuits.graph",
+    "path_patch": "anylens.circuits.path_patching",
     "circuit": "anylens.circuits.experiment",
     "CircuitResult": "anylens.circuits.result",
 }

@@ -248,7 +248,7 @@ def _is_pair(value: Any) -> bool:
     return isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, (str, Node)) for v in value)
 
 
-def _pairs(model: AnyModel, clean: Any, corrupt: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_ids(model: AnyModel, clean: Any, corrupt: Any) -> tuple[torch.Tensor, torch.Tensor]:
     clean_ids, corrupt_ids = paired(model, clean, corrupt)
     n = max(clean_ids.shape[0], corrupt_ids.shape[0])
     return clean_ids.expand(n, -1).to(model.device), corrupt_ids.expand(n, -1).to(model.device)
@@ -293,7 +293,7 @@ def edge_metrics(
     if ablation not in ABLATIONS:
         raise OptionError(f"ablation={ablation!r}: use 'corrupt' (the corrupt run) or 'mean' (mean of the clean runs)")
     metric = usable_metric(metric)
-    clean, corrupt = _pairs(model, clean_ids, corrupt_ids)
+    clean, corrupt = pair_ids(model, clean_ids, corrupt_ids)
     keep = edge_mask(graph, edge_sets)
     n_pairs, n_sets = clean.shape[0], keep.shape[0]
     with model.operation_hooks_only_for(graph_roles(graph)):
@@ -337,7 +337,7 @@ def edge_patch_scores(
     graph = _check_graph(model, graph)
     metric = usable_metric(metric)
     chosen = list(graph.edges) if edges is None else graph.parse_edges(edges)
-    clean, corrupt = _pairs(model, clean_ids, corrupt_ids)
+    clean, corrupt = pair_ids(model, clean_ids, corrupt_ids)
     n_pairs = clean.shape[0]
     mask = torch.zeros(len(chosen), len(graph))
     for row, edge in enumerate(chosen):

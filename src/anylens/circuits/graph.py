@@ -90,16 +90,27 @@ class Graph:
             )
         return self._by_name[name]
 
+    def sender(self, name: str | Node) -> Node:
+        """The sender called ``name``: an MLP is a sender and a receiver under one name."""
+        return self._one_of(name, self.senders, "writes nothing into the residual stream: it cannot send")
+
+    def receiver(self, name: str | Node) -> Node:
+        """The receiver called ``name``."""
+        return self._one_of(name, self.receivers, "reads no branch input: it cannot receive")
+
+    def _one_of(self, name: str | Node, nodes: tuple[Node, ...], why: str) -> Node:
+        node = self.node(name)  # an unknown name: the error lists the graph's names
+        for candidate in nodes:
+            if candidate.name == node.name:
+                return candidate
+        raise CircuitGraphError(f"{node.name!r} {why}")
+
     def edge(self, sender: str | Node, receiver: str | Node) -> Edge:
         """The edge from ``sender`` to ``receiver``, or a typed error saying why there is none."""
-        send, receive = self.node(sender), self.node(receiver)
+        send, receive = self.sender(sender), self.receiver(receiver)
         key = (send.name, receive.name)
         if key in self._edge_index:
             return self.edges[self._edge_index[key]]
-        if send.output_role is None:
-            raise CircuitGraphError(f"{send.name!r} writes nothing into the residual stream: it cannot send")
-        if receive.input_role is None:
-            raise CircuitGraphError(f"{receive.name!r} reads no branch input: it cannot receive")
         raise EdgeOrderError(
             f"{send.name!r} (layer {send.layer}) does not come before {receive.name!r} (layer {receive.layer}), "
             "so no edge joins them: a sender reaches only receivers later in the forward pass"
