@@ -23,8 +23,9 @@ gradient: a zero tensor that requires grad is added to the branch-input role, wh
 maps onto the input of the norm that starts the branch, so only that branch sees it. A sender
 writing per head contributes ``(z_corrupt - z_clean)[..., h, :] @ W_O[h]``.
 
-Memory: per batch, every sender's delta and every receiver's gradient, ``[batch, pos, d_model]``
-each; scores come from one contraction per batch row, never an ``edges x pos x d_model`` tensor.
+Memory: per batch, the senders' clean and corrupt outputs, every receiver's gradient
+``[batch, pos, d_model]``, and one sender's delta (one layer's heads) at a time; never an
+``edges x pos x d_model`` tensor.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 from ..core.errors import CircuitOptionError, MetricGradientError
 from ..core.roles import LAYER_ROLE_ORDER
 from ..engine import last_logits, last_logits_kwargs, metric_columns, read_last, score_rows
+from .edges import graph_roles
 from .graph import Graph, Node
 
 if TYPE_CHECKING:
@@ -84,7 +86,9 @@ def edge_attribution(
     forwards = backwards = 0
     for start in range(0, n_pairs, size):
         clean, corrupt = clean_ids[start : start + size], corrupt_ids[start : start + size]
-        scores, clean_metric, corrupt_metric = _batch_scores(model, clean, corrupt, graph, metric, steps)
+        # Only the operations the graph's roles step into are hooked: the traces run faster.
+        with model.operation_hooks_only_for(graph_roles(graph)):
+            scores, clean_metric, corrupt_metric = _batch_scores(model, clean, corrupt, graph, metric, steps)
         per_pair.append(scores)
         clean_values.append(clean_metric)
         corrupt_values.append(corrupt_metric)
@@ -155,9 +159,8 @@ def _batch_scores(
             clean_acts, clean_last, clean_metric = run.acts, run.last, run.values
         for site, grad in run.grads.items():
             grads[site] = grad / steps + grads.get(site, 0)
-    deltas = _sender_deltas(model, graph, clean_acts, corrupt_acts)
     gradients = {node.name: grads[_receiver_site(graph, node)] for node in graph.receivers}
-    return _edge_products(graph, deltas, gradients), clean_metric, corrupt_metric
+    return _edge_products(model, graph, clean_acts, corrupt_acts, gradients), clean_metric, corrupt_metric
 
 
 def _metric_values(model: AnyModel, metric: Any, last: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
@@ -225,36 +228,36 @@ def _gradient_run(
     return _Run(acts, grads, last.detach(), values.detach().float().cpu())
 
 
-def _sender_deltas(model: AnyModel, graph: Graph, clean: dict, corrupt: dict) -> dict[str, torch.Tensor]:
-    """``a_corrupt - a_clean`` of every sender, ``[pairs, pos, d_model]`` (float32)."""
-    deltas: dict[str, torch.Tensor] = {}
-    per_layer_heads: dict[int, torch.Tensor] = {}
+def _edge_products(
+    model: AnyModel, graph: Graph, clean: dict, corrupt: dict, grads: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """``(a_u^corrupt - a_u^clean) · g_v`` per edge and pair, ``[edges, pairs]``.
+
+    One sender at a time: its delta ``[pairs, pos, d_model]`` against every receiver's gradient
+    at once; a layer's per-head deltas are made together and dropped when the next layer starts.
+    """
+    receivers = [node.name for node in graph.receivers]
+    g = torch.stack([grads[name].flatten(1) for name in receivers])  # [R, pairs, pos * d_model]
+    r_index = {name: i for i, name in enumerate(receivers)}
+    edges_of: dict[str, list[tuple[int, int]]] = {}
+    for index, edge in enumerate(graph.edges):
+        edges_of.setdefault(edge.sender.name, []).append((index, r_index[edge.receiver.name]))
+    scores = torch.zeros(len(graph.edges), g.shape[1])
+    heads: tuple[int, torch.Tensor] | None = None
     for node in graph.senders:
         site = (node.output_role, max(node.layer, 0))
         if node.kind == "head":
-            if node.layer not in per_layer_heads:
+            if heads is None or heads[0] != node.layer:
                 z_delta = (corrupt[site] - clean[site]).float()  # [pairs, pos, heads, d_head]
                 w_o = model.W_O(node.layer).detach().float().to(z_delta.device)  # [heads, d_head, d_model]
-                per_layer_heads[node.layer] = torch.einsum("bphe,hed->hbpd", z_delta, w_o)
-            deltas[node.name] = per_layer_heads[node.layer][node.head]
+                heads = (node.layer, torch.einsum("bphe,hed->hbpd", z_delta, w_o))
+            delta = heads[1][node.head]
         else:
-            deltas[node.name] = (corrupt[site] - clean[site]).float()
-    return deltas
-
-
-def _edge_products(graph: Graph, deltas: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``delta_u · g_v`` per edge and pair, ``[edges, pairs]``: one ``[senders, receivers]`` product
-    per pair, from which the edges are picked."""
-    senders = [node.name for node in graph.senders]
-    receivers = [node.name for node in graph.receivers]
-    d = torch.stack([deltas[name].flatten(1) for name in senders])  # [S, pairs, pos * d_model]
-    g = torch.stack([grads[name].to(d.device).flatten(1) for name in receivers])  # [R, pairs, pos * d_model]
-    products = torch.einsum("sbk,rbk->srb", d, g)  # [S, R, pairs]
-    s_index = {name: i for i, name in enumerate(senders)}
-    r_index = {name: i for i, name in enumerate(receivers)}
-    rows = torch.tensor([s_index[e.sender.name] for e in graph.edges], dtype=torch.long)
-    cols = torch.tensor([r_index[e.receiver.name] for e in graph.edges], dtype=torch.long)
-    return products[rows, cols].cpu()
+            delta = (corrupt[site] - clean[site]).float()
+        products = torch.einsum("bk,rbk->rb", delta.flatten(1).to(g.device), g).cpu()  # [R, pairs]
+        for index, receiver in edges_of.get(node.name, []):
+            scores[index] = products[receiver]
+    return scores
 
 
 __all__ = ["METHODS", "EdgeScores", "edge_attribution"]
