@@ -191,27 +191,28 @@ def record(hf: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
 def run(
     hf: torch.nn.Module,
     ids: torch.Tensor,
-    edges: list[tuple[str, str, float]],
+    edges: list[tuple],
     source: dict[str, torch.Tensor],
     base: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Final-position logits with each edge ``(sender, receiver, c)`` adding to the receiver's
     input ``c * (source[sender] - base[sender])``; without ``base``, the sender's write in this
-    very forward (read live, so upstream changes reach it)."""
+    very forward (read live, so upstream changes reach it). An edge
+    ``(sender, receiver, c, writes)`` takes its source write from ``writes`` instead."""
     paths = circuit_paths(hf)
     blocks = hf.get_submodule(paths.layers)
     batch, seq = ids.shape
     live: dict[str, torch.Tensor] = {}
     handles = _sender_hooks(hf, paths, ids, live) if base is None else []
-    by_receiver: dict[str, list[tuple[str, float]]] = {}
-    for sender, receiver, coefficient in edges:
-        by_receiver.setdefault(receiver, []).append((sender, coefficient))
+    by_receiver: dict[str, list[tuple[str, float, dict]]] = {}
+    for sender, receiver, coefficient, *own_source in edges:
+        by_receiver.setdefault(receiver, []).append((sender, coefficient, own_source[0] if own_source else source))
 
     def delta(receiver: str, like: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(batch, seq, like.shape[-1])
-        for sender, coefficient in by_receiver.get(receiver, []):
+        for sender, coefficient, writes in by_receiver.get(receiver, []):
             other = live[sender] if base is None else base[sender]
-            total = total + coefficient * (source[sender] - other)
+            total = total + coefficient * (writes[sender] - other)
         return total
 
     def add_to_input(receiver: str, flat: bool):

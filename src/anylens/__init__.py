@@ -190,6 +190,8 @@ _LAZY = {
     "steering_sweep": "anylens.experiments.steering",
     "component_graph": "anylens.circuits.graph",
     "path_patch": "anylens.circuits.path_patching",
+    "scrub": "anylens.circuits.scrub",
+    "Hypothesis": "anylens.circuits.scrub",
     "circuit": "anylens.circuits.experiment",
     "CircuitResult": "anylens.circuits.result",
 }

@@ -28,6 +28,7 @@ NOT_ON_PROMPTS = {
     "CircuitResult",
     "load_activations",
     "component_graph",  # a model's graph, built from its roles
+    "Hypothesis",  # what al.scrub tests
 }
 PUBLIC_EXPERIMENTS = sorted(name for name in al._LAZY if name not in NOT_ON_PROMPTS)
 #: Names the convention replaced.
@@ -45,6 +46,8 @@ INPUTS = {
     "steering_sweep": ["model", "prompts", "vector"],
     # a probe is about its labels, of prompts given with a model (prompts=) or of stored activations
     "probe": ["source", "labels"],
+    # a circuit hypothesis, tested over a dataset of prompts
+    "scrub": ["model", "hypothesis", "dataset"],
 }
 #: Options passed on to ``transformers``' generate (``do_sample``, ...), by keyword too.
 VAR_KEYWORD = inspect.Parameter.VAR_KEYWORD

@@ -116,6 +116,9 @@ class EdgeRows:
 
     coefficients: torch.Tensor  # [rows, n_edges]
     pair_of_row: torch.Tensor  # [rows]
+    #: ``[rows, n_edges]``: which prompt of the source each edge's source write comes from (None:
+    #: the row's own pair). Resampling ablations draw a prompt per row and edge.
+    source_index: torch.Tensor | None = None
 
 
 def run_rows(
@@ -145,6 +148,7 @@ def run_rows(
         chunk = slice(start, min(start + per_forward, n_rows))
         pairs = rows.pair_of_row[chunk]
         coefficients = rows.coefficients[chunk].to(model.device)
+        index = None if rows.source_index is None else rows.source_index[chunk]
         live: dict[str, torch.Tensor] = {}
         with torch.no_grad(), model.trace(run_ids[pairs.to(run_ids.device)]):
             for step in steps:
@@ -155,7 +159,7 @@ def run_rows(
                 receiver = step.nodes[0]
                 access = model.role(step.role)
                 current = access.read(step.layer)
-                delta = _delta(into[receiver.name], coefficients, pairs, source, base, live, mode, current)
+                delta = _delta(into[receiver.name], coefficients, pairs, index, source, base, live, mode, current)
                 if delta is not None:
                     access.write(step.layer, current + delta)
             lasts.append(model.role("logits").read(None)[:, -1].clone().save())
@@ -166,6 +170,7 @@ def _delta(
     edges: list[tuple[int, str]],
     coefficients: torch.Tensor,
     pairs: torch.Tensor,
+    source_index: torch.Tensor | None,
     source: dict[str, torch.Tensor],
     base: dict[str, torch.Tensor] | None,
     live: dict[str, torch.Tensor],
@@ -178,7 +183,7 @@ def _delta(
         weight = coefficients[:, index]
         if not bool(weight.any()):
             continue
-        src = _rows_of(source[sender], pairs, current)
+        src = _rows_of(source[sender], pairs if source_index is None else source_index[:, index], current)
         other = _rows_of(base[sender], pairs, current) if mode == "fixed" else live[sender]
         term = weight.to(current.dtype)[:, None, None] * (src - other)
         delta = term if delta is None else delta + term

@@ -16,6 +16,7 @@ Heads are senders but not separate receivers: all heads of a layer read one bran
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from ..core.model import AnyModel
 
 LEVELS = ("head", "layer")
+
+#: How a head is named: ``a{layer}.h{head}``.
+HEAD_NAME = re.compile(r"^a\d+\.h\d+$")
 
 
 @dataclass(frozen=True)

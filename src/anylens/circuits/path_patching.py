@@ -9,7 +9,6 @@ writes, so the senders reach the metric only through the receivers (and what run
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 from itertools import product
@@ -23,12 +22,10 @@ from ..engine.metric_rows import score_rows
 from ..experiments.patching import DIRECTIONS
 from ..experiments.results import Result
 from .edges import EdgeRows, graph_roles, pair_ids, record_senders, rows_per_forward, run_rows, usable_metric
-from .graph import Graph, Node, component_graph
+from .graph import HEAD_NAME, Graph, Node, component_graph
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
-
-_HEAD_NAME = re.compile(r"^a\d+\.h\d+$")
 
 
 def path_patch(
@@ -153,7 +150,7 @@ def _node_sets(nodes: Any, what: str) -> list[list[str | Node]]:
 
 def _level_of(sender_sets: list[list[str | Node]]) -> str:
     def is_head(node: str | Node) -> bool:
-        return node.kind == "head" if isinstance(node, Node) else bool(_HEAD_NAME.match(node))
+        return node.kind == "head" if isinstance(node, Node) else bool(HEAD_NAME.match(node))
 
     return "head" if any(is_head(node) for nodes in sender_sets for node in nodes) else "layer"
 
