@@ -106,3 +106,16 @@ def test_faithfulness_curve_runs_from_no_edge_to_every_edge(result, ablation):
         assert curve.metric.iloc[0] == pytest.approx(result.corrupt_metric, abs=1e-4)
     by_hand = (curve.metric - faith["none"]) / (faith["all"] - faith["none"])
     assert list(curve.normalized) == pytest.approx(list(by_hand))
+
+
+def test_clean_and_corrupt_metrics_match_plain_forwards_also_for_kl():
+    """KL from the clean run: 0 on the clean run, KL(clean || corrupt) on the corrupt run."""
+    model = tiny("llama")
+    result = al.circuit(model, CLEAN, CORRUPT, metric=al.metrics.kl(), method="eap")
+    with torch.no_grad():
+        clean = model.hf(CLEAN).logits[:, -1].log_softmax(-1)
+        corrupt = model.hf(CORRUPT).logits[:, -1].log_softmax(-1)
+    kl = (clean.exp() * (clean - corrupt)).sum(-1).mean().item()
+    assert kl > 1e-4
+    assert result.corrupt_metric == pytest.approx(kl, rel=1e-4)
+    assert result.clean_metric == pytest.approx(0.0, abs=1e-6)

@@ -126,15 +126,14 @@ def _forward_order(site: tuple[str, int]) -> tuple[int, int]:
 
 
 def _record_senders(model: AnyModel, ids: torch.Tensor, sites: list[tuple[str, int]], metric: Any) -> tuple:
-    """Every sender output of a run on ``ids`` and its metric ``[pairs]``, no gradients (the corrupt run)."""
+    """Every sender output of a run on ``ids`` and its final-position logits, no gradients (the corrupt run)."""
     columns = metric_columns(model, metric)
     acts = {}
     with torch.no_grad(), model.trace(ids.to(model.device), **last_logits_kwargs(model)):
         for role, layer in sorted(sites, key=_forward_order):
             acts[(role, layer)] = model.role(role).read(layer).detach().clone().save()
         saved = read_last(model, columns)
-    last = last_logits(model, saved, columns)
-    return acts, _metric_values(model, metric, last, None).detach().float().cpu()
+    return acts, last_logits(model, saved, columns).detach()
 
 
 def _batch_scores(
@@ -143,7 +142,7 @@ def _batch_scores(
     """Per-pair scores ``[edges, pairs]`` and the clean and corrupt metric ``[pairs]`` of one batch."""
     senders = _sender_roles(graph)
     receivers = list(dict.fromkeys(_receiver_site(graph, node) for node in graph.receivers))
-    corrupt_acts, corrupt_metric = _record_senders(model, corrupt, senders, metric)
+    corrupt_acts, corrupt_last = _record_senders(model, corrupt, senders, metric)
     embed = ("resid_pre", 0)
     grads: dict[tuple[str, int], torch.Tensor] = {}
     clean_acts: dict = {}
@@ -159,6 +158,8 @@ def _batch_scores(
             clean_acts, clean_last, clean_metric = run.acts, run.last, run.values
         for site, grad in run.grads.items():
             grads[site] = grad / steps + grads.get(site, 0)
+    # Scored after the clean run, whose logits a comparing metric (KL from clean) measures against.
+    corrupt_metric = _metric_values(model, metric, corrupt_last, clean_last).float().cpu()
     gradients = {node.name: grads[_receiver_site(graph, node)] for node in graph.receivers}
     return _edge_products(model, graph, clean_acts, corrupt_acts, gradients), clean_metric, corrupt_metric
 
