@@ -19,8 +19,11 @@ from .core.errors import (
     AnatomyError,
     AnylensError,
     AnylensWarning,
+    CircuitGraphError,
+    CircuitOptionError,
     DamagedFileError,
     DtypeError,
+    EdgeOrderError,
     EmptyAnswerError,
     ExtractionOptionError,
     ForwardContractError,
@@ -35,6 +38,7 @@ from .core.errors import (
     LinearityWarning,
     LocalWeightsError,
     MetricError,
+    MetricGradientError,
     MisalignmentWarning,
     MissingFactError,
     MissingRoleError,
@@ -73,7 +77,7 @@ from .core.errors import (
 )
 from .core.hook_names import HookPoint, hook_for_role, role_for_hook
 from .core.model import AnyModel
-from .core.roles import ALL_ROLES, LAYER_ROLES, MODEL_ROLES
+from .core.roles import ALL_ROLES, BRANCH_INPUT_ROLES, LAYER_ROLES, MODEL_ROLES
 from .core.spec import AdapterSpec, Variant
 from .loading import load, wrap
 from .registry.hookspecs import hookimpl, hookspec
@@ -83,6 +87,7 @@ from .registry.verify import CheckReport, check
 __all__ = [
     "__version__",
     "ALL_ROLES",
+    "BRANCH_INPUT_ROLES",
     "LAYER_ROLES",
     "MODEL_ROLES",
     "ActivationsBusyError",
@@ -99,9 +104,12 @@ __all__ = [
     "AnylensError",
     "AnylensWarning",
     "CheckReport",
+    "CircuitGraphError",
+    "CircuitOptionError",
     "DamagedFileError",
     "DtypeError",
     "EmptyAnswerError",
+    "EdgeOrderError",
     "ForwardContractError",
     "ExtractionOptionError",
     "LabelError",
@@ -116,6 +124,7 @@ __all__ = [
     "LocalWeightsError",
     "MetricError",
     "MisalignmentWarning",
+    "MetricGradientError",
     "MissingFactError",
     "MissingRoleError",
     "ModelSourceError",
@@ -194,6 +203,12 @@ _LAZY = {
     "show_alignment": "anylens.experiments.alignment",
     "pair": "anylens.experiments.named_positions",
     "Pair": "anylens.experiments.named_positions",
+    "component_graph": "anylens.circuits.graph",
+    "path_patch": "anylens.circuits.path_patching",
+    "scrub": "anylens.circuits.scrub",
+    "Hypothesis": "anylens.circuits.scrub",
+    "circuit": "anylens.circuits.experiment",
+    "CircuitResult": "anylens.circuits.result",
 }
 
 __all__ += ["Result", "metrics", *_LAZY]

@@ -41,6 +41,9 @@ class Layout:
     mlp: str | None = None  # output is what the MLP adds
     mixer: str | None = None  # output is what an SSM mixer adds
     mid: str | None = None  # input is the stream between attention and MLP
+    # The norms that start each branch: their inputs are what the branch reads from the stream.
+    attn_norm: str | None = None  # starts attention (or the SSM mixer)
+    mlp_norm: str | None = None  # starts the MLP (the same module as attn_norm where one norm feeds both)
     out_proj: str | None = None  # input is the per-head values z
     qkv: tuple[str, ...] = ()  # the projection(s) producing q, k, v
     qkv_layout: str = "separate"  # separate | consecutive (q|k|v) | interleaved (per head [q k v])
@@ -62,6 +65,8 @@ _LLAMA_LIKE = dict(
     attn="self_attn",
     mlp="mlp",
     mid="post_attention_layernorm",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
     out_proj="self_attn.o_proj",
     qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     neurons="mlp.down_proj",
@@ -72,12 +77,14 @@ _NEOX = dict(
     heads=(4, 4, 16),
     attn="attention",
     mlp="mlp",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
     out_proj="attention.dense",
     qkv=("attention.query_key_value",),
     qkv_layout="interleaved",
     neurons="mlp.dense_4h_to_h",
 )
-_MAMBA = dict(blocks="backbone.layers", embed="backbone.embeddings", mixer="mixer")
+_MAMBA = dict(blocks="backbone.layers", embed="backbone.embeddings", mixer="mixer", attn_norm="norm")
 
 LAYOUTS: dict[str, Layout] = {
     "gpt2": Layout(
@@ -88,6 +95,8 @@ LAYOUTS: dict[str, Layout] = {
         attn="attn",
         mlp="mlp",
         mid="ln_2",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
         out_proj="attn.c_proj",
         qkv=("attn.c_attn",),
         qkv_layout="consecutive",
@@ -104,6 +113,7 @@ LAYOUTS: dict[str, Layout] = {
             "attn": "post_attention_layernorm",
             "mlp": "post_feedforward_layernorm",
             "mid": "pre_feedforward_layernorm",
+            "mlp_norm": "pre_feedforward_layernorm",
         }
     ),
     "phi3": Layout(**{**_LLAMA_LIKE, "qkv": ("self_attn.qkv_proj",), "qkv_layout": "consecutive"}),
@@ -117,6 +127,8 @@ LAYOUTS: dict[str, Layout] = {
         attn="self_attn",
         mlp="fc2",
         mid="final_layer_norm",
+        attn_norm="self_attn_layer_norm",
+        mlp_norm="final_layer_norm",
         out_proj="self_attn.out_proj",
         qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         neurons="fc2",
@@ -128,6 +140,8 @@ LAYOUTS: dict[str, Layout] = {
         heads=(4, 4, 16),
         attn="attn",
         mlp="mlp",
+        attn_norm="ln_1",
+        mlp_norm="ln_1",
         out_proj="attn.out_proj",
         qkv=("attn.q_proj", "attn.k_proj", "attn.v_proj"),
         neurons="mlp.fc_out",
@@ -153,6 +167,8 @@ LAYOUTS: dict[str, Layout] = {
         attn="mix",
         mlp="ff",
         mid="norm_b",
+        attn_norm="norm_a",
+        mlp_norm="norm_b",
         out_proj="mix.out",
         qkv=("mix.query", "mix.key", "mix.value"),
         neurons="ff.down",
@@ -306,6 +322,10 @@ def _reference_values(family: str, ids: torch.Tensor) -> dict[str, object]:
             hook_output(block.get_submodule(layout.mlp), "mlp_out", lambda x: tokens(_first(x)))
         if layout.mixer:
             hook_output(block.get_submodule(layout.mixer), "mixer_out", _first)
+        if layout.attn_norm:
+            hook_input(block.get_submodule(layout.attn_norm), "attn_in" if layout.attn else "mixer_in")
+        if layout.mlp_norm:
+            hook_input(block.get_submodule(layout.mlp_norm), "mlp_in", tokens)
         if layout.neurons:
             hook_input(block.get_submodule(layout.neurons), "mlp_post", tokens)
         if layout.probs:
@@ -342,6 +362,8 @@ def _reference_values(family: str, ids: torch.Tensor) -> dict[str, object]:
     values.update(captured)
     if "attn_out" in values and not layout.mixer:  # attention is the token mixer
         values["mixer_out"] = values["attn_out"]
+        if "attn_in" in values:
+            values["mixer_in"] = values["attn_in"]
     for name, per_layer in values.items():
         if isinstance(per_layer, list):
             assert len(per_layer) == n_layers, f"{name}: {len(per_layer)} hook calls for {n_layers} layers"
@@ -462,6 +484,13 @@ WRONG_MAPPINGS = {
         {},
     ),
     "gpt2: layer output indexed [0] (batch row 0)": ("gpt2", {"resid_post": "transformer.h.{i}.output.0"}, {}),
+    # Right value, wrong place: writing the block's input changes the residual too, not attention alone.
+    "gpt2: attn_in at the block input": (
+        "gpt2",
+        {"attn_in": "transformer.h.{i}.input", "mixer_in": "transformer.h.{i}.input"},
+        {},
+    ),
+    "llama: mlp_in at the attention's norm": ("llama", {"mlp_in": "model.layers.{i}.input_layernorm.input"}, {}),
 }
 
 

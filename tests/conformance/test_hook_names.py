@@ -51,7 +51,10 @@ def test_alias_reads_and_writes_the_role(family, role, name):
         clean = model.logits.save()
     assert torch.equal(through_alias, through_role)
 
-    value = through_role * 0.5 + 1.0  # a different value of the same shape
+    # A different value of the same shape; a ramp, not a constant, because a branch input goes
+    # through a norm, which undoes a shift and a scale.
+    ramp = torch.linspace(0.0, 1.0, through_role.shape[-1], device=through_role.device)
+    value = through_role * 0.5 + ramp
     with model.trace(PROMPT):
         model.role(name).write(value)
         by_alias = model.logits.save()

@@ -124,8 +124,10 @@ def test_inference_reproduces_the_hand_written_adapters(family):
     hf, _ = tiny_family(family)
     hand = registry().resolve(hf).specialize(hf.config)
     inferred = infer.infer_outcome(hf).spec
+    # Inference does not look for branch inputs (attn_in, mlp_in, mixer_in): an inferred adapter
+    # serves every node-level experiment without them.
     assert {r: p.replace("|kv_heads", "|heads") for r, p in inferred.roles.items()} == {
-        r: p.replace("|kv_heads", "|heads") for r, p in hand.roles.items()
+        r: p.replace("|kv_heads", "|heads") for r, p in hand.roles.items() if r not in al.BRANCH_INPUT_ROLES
     }
     for fact in ("layers", "unembed", "out_proj", "logit_softcap", "parallel", "z_feeds_residual"):
         assert getattr(inferred, fact) == getattr(hand, fact), fact

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import io
 import json
@@ -1250,6 +1251,158 @@ ALIGNMENT_AND_NAMES: list[Case] = [
 ]
 
 
+# -- circuits ----------------------------------------------------------------------------------
+def _path_patch(**options: object) -> Callable[[], object]:
+    options = {"senders": "a0.h1", "metric": al.metrics.logit_diff(7, 8), **options}
+    return lambda: al.path_patch(_tiny("gpt2"), CLEAN, CORRUPT, **options)
+
+
+def _edge_metrics(edge_sets: object, graph_of: Callable[[], al.AnyModel] | None = None, **options: object):
+    def run() -> object:
+        from anylens.circuits.edges import edge_metrics
+
+        model = _tiny("gpt2")
+        graph = al.component_graph(graph_of() if graph_of else model, "head")
+        options.setdefault("metric", al.metrics.logit_diff(7, 8))
+        return edge_metrics(model, CLEAN, CORRUPT, graph, edge_sets, **options)
+
+    return run
+
+
+def _without_branch_inputs() -> al.AnyModel:
+    hf, tokenizer = tiny_model("gpt2")
+    spec = al.registry().adapter("gpt2")
+    roles = {role: path for role, path in spec.roles.items() if role not in al.BRANCH_INPUT_ROLES}
+    return al.wrap(hf, tokenizer, adapter=dataclasses.replace(spec, name="gpt2-nodes-only", roles=roles))
+
+
+def _nodes_only_model_still_patches_nodes() -> None:
+    model = _without_branch_inputs()
+    with pytest.raises(al.CircuitGraphError, match=r"attn_in, mlp_in"):
+        al.path_patch(model, CLEAN, CORRUPT, senders="a0.h1", metric=al.metrics.logit_diff(7, 8))
+    result = al.patch(model, CLEAN, CORRUPT, role="z", over=("layer", "head"), metric=al.metrics.logit_diff(7, 8))
+    assert len(result.to_frame()) == model.n_layers * model.n_heads
+
+
+CIRCUITS = [
+    Case(
+        "path-patch-sender-after-receiver",
+        _path_patch(senders="a2.h0", receivers="attn1"),
+        al.EdgeOrderError,
+        (r"'a2\.h0'", r"attn1", r"later receivers or earlier senders"),
+    ),
+    Case(
+        "path-patch-unknown-node",
+        _path_patch(senders="a9.h0"),
+        al.CircuitGraphError,
+        (r"no node 'a9\.h0'", r"a0\.h0"),
+    ),
+    Case(
+        "path-patch-logits-as-sender",
+        _path_patch(senders="logits"),
+        al.CircuitGraphError,
+        (r"'logits' writes nothing", r"cannot send"),
+    ),
+    Case(
+        "path-patch-metric-not-a-metric",
+        _path_patch(metric=42),
+        al.MetricError,
+        (r"metric=42", r"al\.metrics"),
+    ),
+    Case("path-patch-no-metric", _path_patch(metric=None), al.MetricError, (r"need a metric", r"logit_diff")),
+    Case(
+        "path-patch-misspelt-metric", _path_patch(metric="logit_dif"), al.MetricError, (r"did you mean 'logit_diff'",)
+    ),
+    Case("path-patch-direction", _path_patch(direction="up"), al.OptionError, (r"direction='up'", r"'noise'")),
+    Case("path-patch-batch-size", _path_patch(batch_size=0), al.OptionError, (r"batch_size=0", r"positive")),
+    Case(
+        "path-patch-empty-senders",
+        _path_patch(senders=[]),
+        al.CircuitGraphError,
+        (r"senders=\[\]", r"node name"),
+    ),
+    Case(
+        "edge-the-graph-lacks",
+        _edge_metrics([["a1.h0->attn0"]]),
+        al.EdgeOrderError,
+        (r"'a1\.h0' \(layer 1\) does not come before 'attn0'",),
+    ),
+    Case(
+        "edge-not-an-edge",
+        _edge_metrics([["a0.h0 to mlp1"]]),
+        al.CircuitGraphError,
+        (r"cannot read 'a0\.h0 to mlp1' as an edge", r"'sender->receiver'"),
+    ),
+    Case(
+        "edge-mask-of-the-wrong-width",
+        _edge_metrics(torch.ones(2, 5)),
+        al.CircuitGraphError,
+        (r"\(2, 5\)", r"one column per edge"),
+    ),
+    Case(
+        "edge-metrics-ablation", _edge_metrics([[]], ablation="zero"), al.OptionError, (r"ablation='zero'", r"'mean'")
+    ),
+    Case("edge-metrics-metric", _edge_metrics([[]], metric="kl_div"), al.MetricError, (r"did you mean 'kl'",)),
+    Case(
+        "edge-metrics-graph-of-another-model",
+        _edge_metrics([[]], graph_of=zoo_gpt2),
+        al.CircuitGraphError,
+        (r"4 layers", r"build it from this model"),
+    ),
+    Case(
+        "graph-head-level-behind-a-post-norm",
+        lambda: al.component_graph(_tiny("gemma2"), "head"),
+        al.CircuitGraphError,
+        (r"'gemma2'", r"level='layer'"),
+    ),
+    Case("graph-of-an-adapter-without-branch-inputs", _nodes_only_model_still_patches_nodes, None),
+]
+
+
+# -- circuits: edge attribution --------------------------------------------------------------------
+CIRCUIT_IDS = (torch.tensor([[5, 17, 9, 23, 4]]), torch.tensor([[5, 17, 12, 23, 4]]))  # one token differs
+
+
+def _circuit(**options: object) -> Callable[[], object]:
+    return lambda: al.circuit(_tiny("gpt2"), *CIRCUIT_IDS, **{"metric": al.metrics.logit_diff(10, 11), **options})
+
+
+def _loaded_circuit_faithfulness(folder: Path) -> object:
+    path = _circuit(method="eap")().save(folder / "circuit.json")
+    return al.CircuitResult.load(path).faithfulness(ks=[1])
+
+
+CIRCUIT_ATTRIBUTION = [
+    Case(
+        "circuit-eap-with-a-metric-without-gradients",
+        _circuit(method="eap", metric=al.metrics.top1(10)),
+        al.MetricGradientError,
+        (r"metric 'top1' has no gradient", r"logit_diff", r"edge_patch_scores"),
+    ),
+    Case(
+        "circuit-eap-ig-with-a-rank-metric",
+        _circuit(method="eap-ig", metric=al.metrics.rank(10)),
+        al.MetricGradientError,
+        (r"metric 'rank' has no gradient",),
+    ),
+    Case("circuit-unknown-method", _circuit(method="acdc"), al.CircuitOptionError, (r"method='acdc'", r"'eap-ig'")),
+    Case("circuit-unknown-level", _circuit(level="neuron"), al.CircuitOptionError, (r"level='neuron'", r"'head'")),
+    Case("circuit-zero-steps", _circuit(method="eap-ig", steps=0), al.CircuitOptionError, (r"steps=0", r"at least 1")),
+    Case(
+        "circuit-prune-without-a-rule",
+        lambda: _circuit(method="eap")().prune(),
+        al.CircuitOptionError,
+        (r"threshold=", r"k="),
+    ),
+    Case(
+        "circuit-faithfulness-of-a-loaded-result",
+        in_a_folder(_loaded_circuit_faithfulness),
+        al.CircuitOptionError,
+        (r"loaded from a file", r"al.circuit"),
+    ),
+]
+
+
 CASES = [
     *LOADING_AND_ROLES,
     *EXPERIMENTS_AND_CLI,
@@ -1257,6 +1410,8 @@ CASES = [
     *CUSTOM_MODELS,
     *ACTIVATIONS_AND_PROBES,
     *ALIGNMENT_AND_NAMES,
+    *CIRCUITS,
+    *CIRCUIT_ATTRIBUTION,
 ]
 
 

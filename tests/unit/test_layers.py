@@ -41,6 +41,8 @@ ALLOWED: dict[str, set[str]] = {
     "engine": {"core"},
     # extraction, lens, DLA, patching, ablation, attribution, patterns, metrics, results
     "experiments": {"core", "engine"},
+    # the component graph and edge-level experiments, on roles, the engine and the experiments
+    "circuits": {"core", "engine", "experiments"},
     "datasets": {"core"},
     # the shipped models' names and directories ...
     "zoo": set(),

@@ -16,8 +16,8 @@ from anylens.sweep.experiments import EXPERIMENTS as SWEEP_EXPERIMENTS
 from anylens.testing import tiny
 
 #: Public names of ``anylens`` that are not experiments on prompts: the sweep runner, the two
-#: that take an activation cache, what reads stored activations (classes and a loader), and the
-#: prompt pair class.
+#: that take an activation cache, what reads stored activations (classes and a loader), the
+#: prompt pair class and result classes.
 NOT_ON_PROMPTS = {
     "Pair",
     "run",
@@ -26,7 +26,10 @@ NOT_ON_PROMPTS = {
     "ActivationCache",
     "Activations",
     "ProbeResult",
+    "CircuitResult",
     "load_activations",
+    "component_graph",  # a model's graph, built from its roles
+    "Hypothesis",  # what al.scrub tests
 }
 PUBLIC_EXPERIMENTS = sorted(name for name in al._LAZY if name not in NOT_ON_PROMPTS)
 #: Names the convention replaced.
@@ -44,6 +47,8 @@ INPUTS = {
     "steering_sweep": ["model", "prompts", "vector"],
     # a probe is about its labels, of prompts given with a model (prompts=) or of stored activations
     "probe": ["source", "labels"],
+    # a circuit hypothesis, tested over a dataset of prompts
+    "scrub": ["model", "hypothesis", "dataset"],
 }
 #: Options passed on to ``transformers``' generate (``do_sample``, ...), by keyword too.
 VAR_KEYWORD = inspect.Parameter.VAR_KEYWORD

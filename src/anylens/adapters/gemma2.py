@@ -26,6 +26,9 @@ GEMMA2 = AdapterSpec(
         "resid_pre": f"{_LAYER}.input",
         "resid_mid": f"{_LAYER}.pre_feedforward_layernorm.input",
         "resid_post": f"{_LAYER}.output",
+        "attn_in": f"{_LAYER}.input_layernorm.input",
+        "mixer_in": f"{_LAYER}.input_layernorm.input",
+        "mlp_in": f"{_LAYER}.pre_feedforward_layernorm.input",
         "attn_out": f"{_LAYER}.post_attention_layernorm.output",
         "mixer_out": f"{_LAYER}.post_attention_layernorm.output",  # the token-mixing sublayer: attention
         "mlp_out": f"{_LAYER}.post_feedforward_layernorm.output",

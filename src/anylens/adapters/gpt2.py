@@ -14,6 +14,9 @@ GPT2 = AdapterSpec(
         "resid_pre": "transformer.h.{i}.input",
         "resid_mid": "transformer.h.{i}.ln_2.input",
         "resid_post": "transformer.h.{i}.output",
+        "attn_in": "transformer.h.{i}.ln_1.input",
+        "mixer_in": "transformer.h.{i}.ln_1.input",
+        "mlp_in": "transformer.h.{i}.ln_2.input",
         "attn_out": "transformer.h.{i}.attn.output",
         "mixer_out": "transformer.h.{i}.attn.output",  # the token-mixing sublayer: attention
         "mlp_out": "transformer.h.{i}.mlp.output",

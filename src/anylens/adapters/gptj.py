@@ -17,6 +17,10 @@ GPTJ = AdapterSpec(
         "embed": "transformer.wte.output",
         "resid_pre": f"{_LAYER}.input",
         "resid_post": f"{_LAYER}.output",
+        # one ln_1 feeds both branches: they read one input, so edges reach the block, not a branch
+        "attn_in": f"{_LAYER}.ln_1.input",
+        "mixer_in": f"{_LAYER}.ln_1.input",
+        "mlp_in": f"{_LAYER}.ln_1.input",
         "attn_out": f"{_LAYER}.attn.output",
         "mixer_out": f"{_LAYER}.attn.output",  # the token-mixing sublayer: attention
         "mlp_out": f"{_LAYER}.mlp.output",

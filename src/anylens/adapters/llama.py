@@ -9,6 +9,9 @@ LLAMA_STYLE_ROLES = {
     "resid_pre": "model.layers.{i}.input",
     "resid_mid": "model.layers.{i}.post_attention_layernorm.input",
     "resid_post": "model.layers.{i}.output",
+    "attn_in": "model.layers.{i}.input_layernorm.input",
+    "mixer_in": "model.layers.{i}.input_layernorm.input",
+    "mlp_in": "model.layers.{i}.post_attention_layernorm.input",
     "attn_out": "model.layers.{i}.self_attn.output",
     "mixer_out": "model.layers.{i}.self_attn.output",  # the token-mixing sublayer: attention
     "mlp_out": "model.layers.{i}.mlp.output",

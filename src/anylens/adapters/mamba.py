@@ -13,6 +13,7 @@ MAMBA_STYLE_ROLES = {
     "embed": "backbone.embeddings.output",
     "resid_pre": "backbone.layers.{i}.input",
     "resid_post": "backbone.layers.{i}.output",
+    "mixer_in": "backbone.layers.{i}.norm.input",
     "mixer_out": "backbone.layers.{i}.mixer.output",
     "final_norm": "backbone.norm_f.output",
     "logits": "output.logits",

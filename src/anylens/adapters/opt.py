@@ -27,6 +27,9 @@ OPT = AdapterSpec(
         "resid_pre": f"{_LAYER}.input",
         "resid_mid": f"{_LAYER}.final_layer_norm.input|tokens",
         "resid_post": f"{_LAYER}.output",
+        "attn_in": f"{_LAYER}.self_attn_layer_norm.input",
+        "mixer_in": f"{_LAYER}.self_attn_layer_norm.input",
+        "mlp_in": f"{_LAYER}.final_layer_norm.input|tokens",
         "attn_out": f"{_LAYER}.self_attn.output",
         "mixer_out": f"{_LAYER}.self_attn.output",  # the token-mixing sublayer: attention
         "mlp_out": f"{_LAYER}.fc2.output|tokens",
@@ -42,7 +45,7 @@ OPT = AdapterSpec(
     variants=(
         Variant(
             when={"do_layer_norm_before": False},
-            drop=("resid_mid", "attn_out", "mixer_out", "mlp_out"),
+            drop=("resid_mid", "attn_out", "mixer_out", "mlp_out", "attn_in", "mixer_in", "mlp_in"),
             roles={
                 "embed": "model.decoder.project_in.output",
                 "final_norm": "model.decoder.project_out.output",

@@ -21,6 +21,9 @@ PHI3 = AdapterSpec(
         "resid_pre": f"{_LAYER}.input",
         "resid_mid": f"{_LAYER}.post_attention_layernorm.input",
         "resid_post": f"{_LAYER}.output",
+        "attn_in": f"{_LAYER}.input_layernorm.input",
+        "mixer_in": f"{_LAYER}.input_layernorm.input",
+        "mlp_in": f"{_LAYER}.post_attention_layernorm.input",
         "attn_out": f"{_LAYER}.self_attn.output",
         "mixer_out": f"{_LAYER}.self_attn.output",  # the token-mixing sublayer: attention
         "mlp_out": f"{_LAYER}.mlp.output",

@@ -267,3 +267,19 @@ class ActivationsWarning(AnylensWarning):
 
 class ProbeOptionError(AnylensError, ValueError):
     """A probe option that cannot be used: a test share outside (0, 1), prompts missing for a model."""
+
+
+class CircuitGraphError(AnylensError, LookupError):
+    """A component graph cannot be built, or a node or edge it does not have was asked for."""
+
+
+class EdgeOrderError(CircuitGraphError, ValueError):
+    """A sender that does not come before its receiver: no edge can carry it there."""
+
+
+class CircuitOptionError(AnylensError, ValueError):
+    """An option of a circuit experiment that cannot be used: an unknown method or level, steps below 1."""
+
+
+class MetricGradientError(MetricError):
+    """A metric with no gradient (top-1 accuracy, a rank) given to a gradient-based method (EAP)."""

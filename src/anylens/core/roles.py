@@ -21,7 +21,19 @@ LAYER_ROLES: tuple[str, ...] = (
     "v",
     "pattern",
     "mlp_post",
+    "attn_in",
+    "mlp_in",
+    "mixer_in",
 )
+
+#: Branch-input roles: what one sublayer reads from the residual stream, before its own norm.
+#: Reading gives the residual stream as that branch sees it; writing changes what that branch
+#: alone receives (the residual connection and the other branch keep the unwritten value), which
+#: is what edge-level experiments (path patching, circuits) need.
+BRANCH_INPUT_ROLES: tuple[str, ...] = ("attn_in", "mlp_in", "mixer_in")
+
+#: The sublayer output each branch input feeds.
+BRANCH_OUTPUT: dict[str, str] = {"attn_in": "attn_out", "mlp_in": "mlp_out", "mixer_in": "mixer_out"}
 
 ALL_ROLES: tuple[str, ...] = MODEL_ROLES + LAYER_ROLES
 
@@ -60,6 +72,9 @@ ROLE_SHAPES: dict[str, str] = {
     "v": "[batch, pos, n_kv_heads, d_head]",
     "pattern": "[batch, n_heads, query_pos, key_pos]",
     "mlp_post": "[batch, pos, d_mlp]",
+    "attn_in": "[batch, pos, d_model]",
+    "mlp_in": "[batch, pos, d_model]",
+    "mixer_in": "[batch, pos, d_model]",
 }
 
 ROLE_MEANINGS: dict[str, str] = {
@@ -79,11 +94,16 @@ ROLE_MEANINGS: dict[str, str] = {
     "v": "per-head value projections",
     "pattern": "attention probabilities",
     "mlp_post": "MLP hidden activations (neurons): input of the down projection",
+    "attn_in": "what the attention branch reads from the residual stream (input of its norm)",
+    "mlp_in": "what the MLP branch reads from the residual stream (input of its norm)",
+    "mixer_in": "what the token-mixing branch reads from the residual stream: attn_in, or the SSM mixer's",
 }
 
 #: The order in which a forward pass produces roles; reads in one trace must follow it.
 LAYER_ROLE_ORDER: tuple[str, ...] = (
     "resid_pre",
+    "attn_in",
+    "mixer_in",
     "q",
     "k",
     "v",
@@ -92,6 +112,7 @@ LAYER_ROLE_ORDER: tuple[str, ...] = (
     "attn_out",
     "mixer_out",  # the attention output where attention is the mixer
     "resid_mid",
+    "mlp_in",
     "mlp_post",
     "mlp_out",
     "resid_post",

@@ -23,6 +23,9 @@ LAYER_HOOK_ROLES: dict[str, str] = {
     "hook_attn_out": "attn_out",
     "mlp.hook_post": "mlp_post",
     "hook_mlp_out": "mlp_out",
+    # The MLP's input before its norm (use_hook_mlp_in). There is no ``hook_attn_in`` here:
+    # TransformerLens's is one copy of the stream per head, [batch, pos, n_heads, d_model].
+    "hook_mlp_in": "mlp_in",
 }
 
 #: Model-level hook name -> role. TransformerLens's ``ln_final.hook_normalized`` is taken before

@@ -22,7 +22,7 @@ import torch
 
 from ..core.errors import AnylensError
 from ..core.model import AnyModel
-from ..core.roles import residual_writers
+from ..core.roles import BRANCH_INPUT_ROLES, BRANCH_OUTPUT, residual_writers
 
 #: Absolute tolerance, relative to the reference magnitude (at least 1), for float32 equalities;
 #: the floor of every dtype's tolerance.
@@ -95,7 +95,7 @@ class CheckReport:
 
 
 def check(model: AnyModel, inputs: Any = None, *, write_layers: list[int] | None = None) -> CheckReport:
-    """Run the seven invariants of the adapter on ``model``; never raises for a failing adapter."""
+    """Run the invariants of the adapter on ``model``; never raises for a failing adapter."""
     dtype = compute_dtype(model)
     report = CheckReport(
         adapter=model.adapter.name,
@@ -110,6 +110,7 @@ def check(model: AnyModel, inputs: Any = None, *, write_layers: list[int] | None
             report.rows.append(CheckRow(f"read {role}", None, float("nan"), 0.0, False, message))
         _structural(model, values, report)
         _writes(model, ids, values, report, write_layers)
+        _branch_inputs(model, ids, values, report, write_layers)
     return report
 
 
@@ -261,6 +262,104 @@ def _logits_after_write(model: AnyModel, ids: torch.Tensor, role: str, layer: in
         access.write(layer, torch.zeros_like(current) if zero else current.clone())
         logits = logits_access.read(None).float().clone().save()
     return logits
+
+
+# -- invariant 8: branch inputs --------------------------------------------------------------
+#: Which branch runs first within a sequential block: the token mixer (0), then the MLP (1).
+_BRANCH_STAGE = {"attn_in": 0, "mixer_in": 0, "mlp_in": 1, "attn_out": 0, "mixer_out": 0, "mlp_out": 1}
+
+
+def _branch_reads(model: AnyModel, role: str, v: dict[str, Any], layer: int) -> torch.Tensor | None:
+    """What the branch of ``role`` must read at ``layer``: the stream before the block for the
+    token mixer and for the MLP of a parallel block, the stream after attention for the MLP of a
+    sequential block."""
+    if "resid_pre" not in v:
+        return None
+    if role != "mlp_in" or model.adapter.parallel:
+        return v["resid_pre"][layer]
+    if "resid_mid" in v:
+        return v["resid_mid"][layer]
+    mixer = "attn_out" if "attn_out" in v else "mixer_out"
+    return v["resid_pre"][layer] + v[mixer][layer] if mixer in v else None
+
+
+def _shares_input(model: AnyModel, role: str) -> bool:
+    """Whether the other branch reads through the same path (GPT-J: one norm feeds both)."""
+    path = model.adapter.roles.get(role)
+    return any(
+        model.adapter.roles.get(other) == path
+        for other in BRANCH_INPUT_ROLES
+        if _BRANCH_STAGE[other] != _BRANCH_STAGE[role]
+    )
+
+
+def _branch_inputs(
+    model: AnyModel, ids: torch.Tensor, v: dict[str, Any], report: CheckReport, layers: list[int] | None
+) -> None:
+    """8: a branch input reads the stream that branch sees, and writing it reaches that branch
+    alone: its output changes, the residual connection keeps the unwritten stream, and a branch
+    that does not read this one's output is unchanged."""
+    branches = [role for role in BRANCH_INPUT_ROLES if role in v]
+    for role in branches:
+        for i in range(model.n_layers):
+            want = _branch_reads(model, role, v, i)
+            if want is not None:
+                _compare(report, f"8 {role} == the stream its branch reads", i, v[role][i], want)
+    writers = [role for role in residual_writers(model.roles) if role in v]
+    if not ({"resid_pre", "resid_post"} <= v.keys() and writers):
+        return
+    chosen = sorted({0, model.n_layers // 2, model.n_layers - 1}) if layers is None else model.layers(layers)
+    written: set[str] = set()
+    for role in branches:
+        path = model.adapter.roles[role]
+        if path in written:  # attn_in and mixer_in are one path on attention models
+            continue
+        written.add(path)
+        for layer in chosen:
+            try:
+                after = _after_branch_write(model, ids, role, layer, writers)
+            except Exception as error:
+                message = f"{type(error).__name__}: {error}".replace("\n", " ")[:300]
+                report.rows.append(CheckRow(f"8 write {role}", layer, float("nan"), 0.0, False, message))
+                continue
+            own = BRANCH_OUTPUT[role]
+            own = own if own in after else ("attn_out" if own == "mixer_out" and "attn_out" in after else None)
+            if own is not None:
+                effect = float((after[own] - v[own][layer]).abs().max())
+                report.rows.append(
+                    CheckRow(f"8 write {role}: {own} changes", layer, effect, MIN_EFFECT, effect > MIN_EFFECT)
+                )
+            carried = after["resid_post"] - sum(after[w] for w in writers)
+            # A difference of stored values: its rounding scales with the largest of them.
+            magnitude = max(float(t.abs().max()) for t in after.values())
+            error = float((carried - v["resid_pre"][layer]).abs().max())
+            limit = tolerance(magnitude, report.eps)
+            label = f"8 write {role}: the residual keeps resid_pre"
+            report.rows.append(CheckRow(label, layer, error, limit, error <= limit))
+            for other in writers:
+                if other == own or _shares_input(model, role):
+                    continue
+                if model.adapter.parallel or _BRANCH_STAGE[other] < _BRANCH_STAGE[role]:
+                    _compare(report, f"8 write {role}: {other} unchanged", layer, after[other], v[other][layer])
+
+
+def _after_branch_write(
+    model: AnyModel, ids: torch.Tensor, role: str, layer: int, writers: list[str]
+) -> dict[str, torch.Tensor]:
+    """The layer's outputs after its branch input is replaced by the stream of reversed positions
+    (a different stream of the same scale: norms ignore a rescaling, so scaling would show nothing).
+    Outputs of an earlier branch are read before the write, to keep the reads in forward order."""
+    access = model.role(role)
+    before = [w for w in writers if _BRANCH_STAGE[w] < _BRANCH_STAGE[role]]
+    out: dict[str, torch.Tensor] = {}
+    with model.trace(ids):
+        for name in before:
+            out[name] = model.role(name).read(layer).float().clone().save()
+        current = access.read(layer)
+        access.write(layer, current.flip(1).clone())
+        for name in [w for w in writers if w not in before] + ["resid_post"]:
+            out[name] = model.role(name).read(layer).float().clone().save()
+    return out
 
 
 __all__ = [

@@ -68,6 +68,30 @@ class Report:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
 
+    def circuit(self, result: Any, k: int = 20, heading: str | None = None) -> None:
+        """A section for a :class:`~anylens.circuits.CircuitResult`: how it was scored, its ``k``
+        strongest edges as a table and as a graph, and its faithfulness curve where measured."""
+        meta = result.meta
+        self.section(heading or result.title, anchor="circuit")
+        self.paragraph(
+            f"{meta.get('method', '')} on {meta.get('pairs', '?')} prompt pairs, {meta.get('level', '')} level: "
+            f"{meta.get('graph_edges', len(result.frame))} edges scored in {meta.get('forwards', '?')} forward and "
+            f"{meta.get('backwards', '?')} backward passes. Metric {meta.get('metric', '')}: clean "
+            f"{meta.get('clean_metric', float('nan')):.3g}, corrupt {meta.get('corrupt_metric', float('nan')):.3g}. "
+            "A score estimates metric(edge corrupted) - metric(clean).",
+            css="note",
+        )
+        self.table(result.top(k)[["rank", "sender", "receiver", "score"]], table_id="circuit-edges")
+        self.figure(result.plot(k=k), f"the {k} strongest edges, layers bottom to top")
+        faithfulness = meta.get("faithfulness")
+        if faithfulness:
+            self.paragraph(
+                f"Faithfulness ({faithfulness['ablation']} ablation): the metric with only the top-k edges "
+                "carrying clean values; normalized 0 = no edge kept, 1 = every edge kept.",
+                css="note",
+            )
+            self.table(pd.DataFrame(faithfulness["curve"]), table_id="circuit-faithfulness")
+
     def to_html(self) -> str:
         intro = f"<p>{html.escape(self.intro)}</p>" if self.intro else ""
         return (

@@ -1,0 +1,81 @@
+"""Drawing a circuit: components placed by layer (bottom to top) and head, edges by score."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+#: Vertical offset of each stage within a layer's row: the token mixer at the row, the MLP above it.
+_STAGE_OFFSET = {0: 0.0, 1: 0.5}
+
+
+def node_position(name: str, meta: dict[str, Any]) -> tuple[float, float]:
+    """(x, y) of a node: y is its layer (the embedding at -1, the logits at n_layers), half a row
+    up for an MLP; heads of a layer spread along x, whole components at x = 0."""
+    node = meta["nodes"][name]
+    n_heads = 1 + max((n["head"] for n in meta["nodes"].values() if n["head"] is not None), default=0)
+    x = 0.0 if node["head"] is None else node["head"] - (n_heads - 1) / 2
+    if node["kind"] == "mlp":
+        x = (n_heads + 1) / 2  # MLPs to the right of the heads, so head edges into them stay visible
+    return x, node["layer"] + _STAGE_OFFSET.get(node["stage"], 0.0)
+
+
+def draw_circuit(frame: pd.DataFrame, meta: dict[str, Any], ax: Any = None, title: str = "") -> Any:
+    """The edges of ``frame`` on a new (or the given) matplotlib axes; returns the figure."""
+    import matplotlib
+
+    if ax is None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        height = 2.0 + 0.9 * (meta["n_layers"] + 2)
+        fig, ax = plt.subplots(figsize=(8, min(height, 14)))
+    else:
+        fig = ax.figure
+    bound = float(frame["score"].abs().max()) if len(frame) else 1.0
+    bound = bound or 1.0
+    used: set[str] = set()
+    for sender, receiver, score in zip(frame["sender"], frame["receiver"], frame["score"]):
+        (x0, y0), (x1, y1) = node_position(sender, meta), node_position(receiver, meta)
+        # A receiver is drawn just below the row of what it feeds, so edges point up into it.
+        y1 -= 0.18
+        strength = abs(score) / bound
+        colour = "#c0392b" if score > 0 else "#2c6fbb"
+        ax.annotate(
+            "",
+            xy=(x1, y1),
+            xytext=(x0, y0),
+            arrowprops={
+                "arrowstyle": "-|>",
+                "color": colour,
+                "alpha": 0.25 + 0.75 * strength,
+                "lw": 0.4 + 4.0 * strength,
+                "shrinkA": 6,
+                "shrinkB": 2,
+                "connectionstyle": "arc3,rad=0.08",
+            },
+        )
+        used.update((sender, receiver))
+    for name in sorted(used):
+        x, y = node_position(name, meta)
+        kind = meta["nodes"][name]["kind"]
+        receiver_only = kind in ("attn", "mixer", "block", "logits") and name not in set(frame["sender"])
+        if kind == "logits" or (receiver_only and kind != "mlp"):
+            y -= 0.18
+        ax.scatter([x], [y], s=160, color="#f4f6fa", edgecolors="#1d2433", zorder=3)
+        ax.annotate(name, (x, y), fontsize=7, ha="center", va="center", zorder=4)
+    n = meta["n_layers"]
+    ax.set_ylim(-1.6, n + 0.6)
+    ax.set_yticks(range(-1, n + 1))
+    ax.set_yticklabels(["embed"] + [f"layer {i}" for i in range(n)] + ["logits"], fontsize=8)
+    ax.set_xticks([])
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    ax.set_title(f"{title}\nred: corrupting the edge raises the metric; blue: lowers it", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["draw_circuit", "node_position"]
