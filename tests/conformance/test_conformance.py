@@ -248,7 +248,7 @@ def _models(family: str) -> tuple[al.AnyModel, torch.nn.Module]:
     return al.wrap(hf, tokenizer, adapter=TINY_ADAPTERS.get(family)), reference
 
 
-# -- (a) the seven invariants ----------------------------------------------------------------
+# -- (a) the invariants ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -124,10 +124,8 @@ def test_inference_reproduces_the_hand_written_adapters(family):
     hf, _ = tiny_family(family)
     hand = registry().resolve(hf).specialize(hf.config)
     inferred = infer.infer_outcome(hf).spec
-    # Inference does not look for branch inputs (attn_in, mlp_in, mixer_in): an inferred adapter
-    # serves every node-level experiment without them.
     assert {r: p.replace("|kv_heads", "|heads") for r, p in inferred.roles.items()} == {
-        r: p.replace("|kv_heads", "|heads") for r, p in hand.roles.items() if r not in al.BRANCH_INPUT_ROLES
+        r: p.replace("|kv_heads", "|heads") for r, p in hand.roles.items()
     }
     for fact in ("layers", "unembed", "out_proj", "logit_softcap", "parallel", "z_feeds_residual"):
         assert getattr(inferred, fact) == getattr(hand, fact), fact
@@ -223,6 +221,59 @@ def test_a_structure_that_defeats_inference_raises_a_typed_error_naming_candidat
     assert "Candidate 1: resid_pre=blocks.{i}.input, resid_post=blocks.{i}.output" in message
     assert "7 write zeros to resid_post: logits change" in message  # the invariant that failed
     assert "al.register_adapter" in message and "[adapter.roles]" in message  # how to write it as data
+
+
+class TapConfig(PretrainedConfig):
+    model_type = "anylens_tap_lm"
+
+    def __init__(self, vocab_size=400, hidden_size=32, num_hidden_layers=2, **kwargs):
+        self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
+        super().__init__(**kwargs)
+
+
+class TapBlock(nn.Module):
+    """The stream passes a module (``tap``) before both the residual add and the MLP, whose norm
+    sits inside it: ``tap``'s input looks like the MLP's branch input but is the residual's too."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.tap = nn.Identity()
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width)
+        )
+
+    def forward(self, x):
+        x = self.tap(x)
+        return x + self.mlp(x)
+
+
+class TapLM(StashLM):
+    config_class = TapConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.blocks = nn.ModuleList(TapBlock(config.hidden_size) for _ in range(config.num_hidden_layers))
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        hidden = self.embed(input_ids)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return CausalLMOutput(logits=self.head(self.norm(hidden)))
+
+
+def test_a_branch_input_that_is_also_the_residual_is_dropped_by_invariant_8():
+    outcome = infer.infer_outcome(TapLM(TapConfig()).eval())
+    assert outcome.anatomy.branch_inputs["mlp_in"].module == "tap"  # the candidate ...
+    assert outcome.spec.roles["mlp_out"] == "blocks.{i}.mlp.output"
+    assert "mlp_in" not in outcome.spec.roles  # ... whose write moved the residual too
+    model = al.wrap(TapLM(TapConfig()).eval(), tiny_tokenizer())
+    assert al.check(model).passed
+
+
+def test_invariant_8_rows_blame_their_branch_input():
+    assert infer._blamed_roles("8 write mlp_in: the residual keeps resid_pre", []) == ["mlp_in"]
+    assert infer._blamed_roles("8 attn_in == the stream its branch reads", []) == ["attn_in"]
 
 
 # -- the inferred map as data ----------------------------------------------------------------------

@@ -70,15 +70,16 @@ def schedule(model: AnyModel, graph: Graph) -> list[Step]:
     return steps
 
 
-def read_senders(model: AnyModel, step: Step) -> list[torch.Tensor]:
-    """The residual-stream writes of a step's senders, ``[batch, pos, d_model]`` each (in a trace)."""
-    value = model.role(step.role).read(step.layer)
-    if step.role != "z":
-        return [value]
-    # One head's write: its slice of z through its rows of the output projection.
-    W_O = model.W_O(step.layer).to(value.dtype)
-    per_head = torch.einsum("bphd,hdm->bphm", value, W_O)
-    return [per_head[:, :, node.head] for node in step.nodes]
+def write_key(node: Node) -> str:
+    """Where a sender's write is kept. A layer's heads share their ``z``: a head's write is its
+    slice of ``z`` through its rows of ``W_O``, taken only where an edge needs it, which keeps
+    ``n_heads`` times less than the writes themselves."""
+    return f"z{node.layer}" if node.kind == "head" else node.name
+
+
+def read_senders(model: AnyModel, step: Step) -> tuple[str, torch.Tensor]:
+    """What a step's senders write (``z`` for heads), under its :func:`write_key` (in a trace)."""
+    return write_key(step.nodes[0]), model.role(step.role).read(step.layer)
 
 
 def graph_roles(graph: Graph) -> list[str]:
@@ -91,17 +92,18 @@ def graph_roles(graph: Graph) -> list[str]:
 def record_senders(
     model: AnyModel, graph: Graph, ids: torch.Tensor, rows: int
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Every sender's write on ``ids`` (name -> ``[n, pos, d_model]``) and the final-position logits."""
+    """Every sender's write on ``ids`` by :func:`write_key` (``[n, pos, d_model]``, or a layer's
+    ``z`` for its heads) and the final-position logits."""
     steps = [step for step in schedule(model, graph) if step.kind == "send"]
-    outputs: dict[str, list[torch.Tensor]] = {node.name: [] for node in graph.senders}
+    outputs: dict[str, list[torch.Tensor]] = {}
     lasts = []
     for start in range(0, ids.shape[0], rows):
         with torch.no_grad(), model.trace(ids[start : start + rows]):
             for step in steps:
-                for node, value in zip(step.nodes, read_senders(model, step)):
-                    outputs[node.name].append(value.clone().save())
+                key, value = read_senders(model, step)
+                outputs.setdefault(key, []).append(value.clone().save())
             lasts.append(model.role("logits").read(None)[:, -1].clone().save())
-    return {name: torch.cat(parts) for name, parts in outputs.items()}, torch.cat(lasts)
+    return {key: torch.cat(parts) for key, parts in outputs.items()}, torch.cat(lasts)
 
 
 # -- the patched forward -----------------------------------------------------------------------
@@ -137,10 +139,14 @@ def run_rows(
 
     ``mode="fixed"``: a receiver reads its input plus ``sum_e c[e] (source_u - base_u)``;
     ``mode="ablate"``: its input plus ``sum_e c[e] (source_u - u's write in this row)``. ``source``
-    and ``base`` map sender names to ``[n_pairs or 1, pos, d_model]`` (one row broadcasts).
+    and ``base`` are writes as :func:`record_senders` returns them, ``[n_pairs or 1, ...]`` (one
+    row broadcasts).
     """
+    if mode not in ("fixed", "ablate") or (mode == "fixed") != (base is not None):
+        raise ValueError(f"mode={mode!r}: 'fixed' takes base writes, 'ablate' reads them in the run")
     steps = schedule(model, graph)
-    into = {r.name: [(graph.index(e), e.sender.name) for e in graph.edges_into(r)] for r in graph.receivers}
+    into = {r.name: [(graph.index(e), e.sender) for e in graph.edges_into(r)] for r in graph.receivers}
+    W_O = {layer: model.W_O(layer) for layer in sorted({n.layer for n in graph.senders if n.kind == "head"})}
     n_rows = rows.coefficients.shape[0]
     per_forward = rows_per_forward(model, graph, run_ids.shape[1], mode, batch_size, memory_budget)
     lasts = []
@@ -154,12 +160,14 @@ def run_rows(
             for step in steps:
                 if step.kind == "send":
                     if mode == "ablate":
-                        live.update((n.name, v) for n, v in zip(step.nodes, read_senders(model, step)))
+                        key, value = read_senders(model, step)
+                        live[key] = value
                     continue
                 receiver = step.nodes[0]
                 access = model.role(step.role)
                 current = access.read(step.layer)
-                delta = _delta(into[receiver.name], coefficients, pairs, index, source, base, live, mode, current)
+                edges = into[receiver.name]
+                delta = _delta(edges, coefficients, pairs, index, source, base, live, W_O, current)
                 if delta is not None:
                     access.write(step.layer, current + delta)
             lasts.append(model.role("logits").read(None)[:, -1].clone().save())
@@ -167,32 +175,38 @@ def run_rows(
 
 
 def _delta(
-    edges: list[tuple[int, str]],
+    edges: list[tuple[int, Node]],
     coefficients: torch.Tensor,
     pairs: torch.Tensor,
     source_index: torch.Tensor | None,
     source: dict[str, torch.Tensor],
     base: dict[str, torch.Tensor] | None,
     live: dict[str, torch.Tensor],
-    mode: str,
+    W_O: dict[int, torch.Tensor],
     current: torch.Tensor,
 ) -> torch.Tensor | None:
-    """What one receiver's input gains in each row of a chunk (None: nothing in any row)."""
+    """What one receiver's input gains in each row of a chunk (None: nothing in any row). Without
+    ``base``, the other write is the sender's in this forward (``live``)."""
     delta = None
     for index, sender in edges:
         weight = coefficients[:, index]
         if not bool(weight.any()):
             continue
-        src = _rows_of(source[sender], pairs if source_index is None else source_index[:, index], current)
-        other = _rows_of(base[sender], pairs, current) if mode == "fixed" else live[sender]
-        term = weight.to(current.dtype)[:, None, None] * (src - other)
+        key = write_key(sender)
+        src = _rows_of(source[key], pairs if source_index is None else source_index[:, index], current)
+        other = live[key] if base is None else _rows_of(base[key], pairs, current)
+        change = src - other if sender.kind != "head" else src[..., sender.head, :] - other[..., sender.head, :]
+        if sender.kind == "head":  # the head's slice of z through its rows of W_O
+            change = change @ W_O[sender.layer][sender.head].to(device=current.device, dtype=current.dtype)
+        term = weight.to(current.dtype)[:, None, None] * change
         delta = term if delta is None else delta + term
     return delta
 
 
-def _rows_of(values: torch.Tensor, pairs: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    values = values.to(device=like.device, dtype=like.dtype)
-    return values.expand(len(pairs), *values.shape[1:]) if values.shape[0] == 1 else values[pairs.to(values.device)]
+def _rows_of(values: torch.Tensor, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values`` of the given prompts (all rows of a single-prompt ``values``), as ``like``."""
+    picked = values.expand(len(rows), *values.shape[1:]) if values.shape[0] == 1 else values[rows.to(values.device)]
+    return picked.to(device=like.device, dtype=like.dtype)
 
 
 def rows_per_forward(
@@ -205,7 +219,7 @@ def rows_per_forward(
             raise OptionError(f"batch_size={batch_size!r}: give a positive whole number of rows per forward")
         return batch_size
     element = torch.finfo(model.dtype).bits // 8
-    held = len(graph.senders) if mode == "ablate" else 2
+    held = len({write_key(node) for node in graph.senders}) if mode == "ablate" else 2
     per_row = bytes_per_row(model, seq_len, last_only=True) + element * held * seq_len * model.d_model
     budget = PLANNED_SHARE * (default_budget(model) if memory_budget is None else int(memory_budget))
     cap = MAX_CPU_ROWS if model.device.type == "cpu" else MAX_DEVICE_ROWS
@@ -383,4 +397,5 @@ __all__ = [
     "run_rows",
     "schedule",
     "usable_metric",
+    "write_key",
 ]

@@ -308,6 +308,7 @@ def _components(model: torch.nn.Module, rec: Recording, anatomy: Anatomy, shape:
     anatomy.cores = {kind: core for kind, (_, core, _) in templates[0].items()}
     anatomy.attention = templates[0]["attn"][2] if "attn" in templates[0] else None
     _resid_mid(rec, anatomy, found, shape)
+    _branch_inputs(rec, anatomy, found, shape)
 
 
 def _resid_mid(rec: Recording, anatomy: Anatomy, found: dict, shape: torch.Size) -> None:
@@ -332,6 +333,35 @@ def _resid_mid(rec: Recording, anatomy: Anatomy, found: dict, shape: torch.Size)
         pieces.append(min(options, key=lambda o: o[:2])[2])
     if all(p == pieces[0] for p in pieces):
         anatomy.resid_mid = pieces[0]
+
+
+def _branch_inputs(rec: Recording, anatomy: Anatomy, found: dict, shape: torch.Size) -> None:
+    """attn_in / mlp_in / mixer_in: the input of the last module that runs before a branch's
+    sublayer, outside it, on the stream the branch reads (its norm), kept where every layer agrees.
+    The MLP reads ``resid_mid`` where there is one, else the block's input (a parallel block)."""
+    roles = {"attn": "attn_in", "mixer": "mixer_in", "mlp": "mlp_in"}
+    templates = []
+    for block, parts in found.items():
+        by_module = {relative(term.path, block): unit for term, _, unit in parts}
+        stream = rec.get(block).input.float()
+        mid = rec.get(f"{block}.{anatomy.resid_mid.module}") if anatomy.resid_mid else None
+        pieces = {}
+        for kind, piece in anatomy.components.items():
+            unit = by_module[piece.module]
+            want = stream if kind != "mlp" or mid is None else as_positions(mid.input, *shape)[0].float()
+            options = []
+            for call in rec.inside(block):
+                value, view = as_positions(call.input, *shape)
+                nested = f"{unit.path}.".startswith(f"{call.path}.") or call.path.startswith(f"{unit.path}.")
+                if call.calls == 1 and call.start < unit.start and not nested and close(value, want):
+                    options.append((call.start, Piece(relative(call.path, block), "input", view)))
+            if options:
+                pieces[roles[kind]] = max(options, key=lambda option: option[0])[1]
+        templates.append(pieces)
+    agreed = {role: piece for role, piece in templates[0].items() if all(t.get(role) == piece for t in templates)}
+    if "attn_in" in agreed and "mixer" not in anatomy.components:
+        agreed["mixer_in"] = agreed["attn_in"]  # attention is the token mixer
+    anatomy.branch_inputs = agreed
 
 
 # -- MLP neurons --------------------------------------------------------------------------------

@@ -96,6 +96,8 @@ def candidate_groups(anatomy: Anatomy) -> list[Group]:
         optional("components", [Option(roles, {"parallel": parallel})])
     if anatomy.resid_mid:
         optional("resid_mid", [Option({"resid_mid": anatomy.resid_mid.path(layer)})])
+    if anatomy.branch_inputs:  # verified by invariant 8
+        optional("branch_inputs", [Option({role: piece.path(layer) for role, piece in anatomy.branch_inputs.items()})])
     if anatomy.out_proj:
         feeds = anatomy.z_feeds_residual and "attn" in anatomy.components
         # z is verified by invariant 5 (z @ W_O == attn_out) or else by 6 (pattern @ v == z)
@@ -144,6 +146,9 @@ def build_spec(anatomy: Anatomy, groups: list[Group], choice: dict[str, int]) ->
     # roles whose only verifying invariant needs a role that this candidate lacks are left out
     if "attn_out" not in roles:
         roles.pop("resid_mid", None)  # invariant 3
+    if not {"attn_out", "mixer_out"} & roles.keys():  # invariant 8 writes need the branch outputs
+        for role in ("attn_in", "mlp_in", "mixer_in"):
+            roles.pop(role, None)
     if facts.get("qkv_needs_pattern") and "pattern" not in roles:
         for role in "qkv":
             roles.pop(role, None)
@@ -189,6 +194,9 @@ def _blamed_roles(invariant: str, failing: list[str]) -> list[str]:
         return ["final_norm"]
     if number == "5":
         return ["z"]
+    if number == "8":  # "8 attn_in == ..." or "8 write attn_in: ..."
+        words = invariant.split()
+        return [(words[2] if words[1] == "write" else words[1]).rstrip(":")]
     if number == "6":
         if "@ v" not in invariant:
             return ["pattern"]

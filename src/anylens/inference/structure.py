@@ -160,6 +160,7 @@ class Anatomy:
     heads: Heads | None = None
     components: dict[str, Piece] = field(default_factory=dict)  # kind (attn|mlp|mixer) -> piece
     resid_mid: Piece | None = None
+    branch_inputs: dict[str, Piece] = field(default_factory=dict)  # attn_in / mlp_in / mixer_in
     cores: dict[str, str] = field(default_factory=dict)  # kind -> relative path of the computing module
     attention: str | None = None  # relative path of the attention module
     out_proj: str | None = None  # relative path of its output projection
