@@ -135,7 +135,7 @@ def ablate(
     values = values.reshape(len(components), n_prompts)
     base = baseline[None, :].expand_as(values)
     columns = {"metric": values, "baseline": base, "value": values - base}
-    frame = sweep_frame(model, components, over, ids[0], columns, per_prompt)
+    frame = sweep_frame(model, components, over, ids, columns, per_prompt)
     meta = {
         "model": model.name,
         "adapter": model.adapter.name,

@@ -175,7 +175,7 @@ def attribute(
     estimate = _component_values(per_layer, components, runs.target_positions).float().cpu()  # [components, pairs]
     columns = {"metric": unpatched[None, :] + estimate, "estimate": estimate}
     normalizer = (clean_values, corrupt_values) if normalize else None
-    frame = sweep_frame(model, components, over, runs.patched[0], columns, per_prompt, normalizer)
+    frame = sweep_frame(model, components, over, runs.patched, columns, per_prompt, normalizer)
     meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
     meta.update(method="attribution patching", forwards=1 if fused else 2, backwards=1, components=len(components))
     return PatchResult("attribute", frame, meta, value="normalized" if normalize else "estimate")

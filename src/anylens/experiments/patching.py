@@ -211,7 +211,7 @@ def patch(
     values = values.reshape(len(components), n_pairs)
 
     normalizer = (clean_values, corrupt_values) if normalize else None
-    frame = sweep_frame(model, components, over, runs.patched[0], {"metric": values}, per_prompt, normalizer)
+    frame = sweep_frame(model, components, over, runs.patched, {"metric": values}, per_prompt, normalizer)
     meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
     meta.update(
         patches=stats.patches,
@@ -238,7 +238,8 @@ def sweep_frame(
 
     Each column is ``[n_components, n_prompts]`` and is averaged over prompts unless
     ``per_prompt``. ``normalize=(clean, corrupt)`` (each ``[n_prompts]``) adds ``normalized``,
-    computed from the averages (or per prompt).
+    computed from the averages (or per prompt). ``patched_ids`` are the patched run's tokens,
+    ``[T]`` or ``[n_prompts, T]``: per prompt, each row's ``token`` is its own prompt's.
     """
     if not per_prompt:
         columns = {name: value.mean(1, keepdim=True) for name, value in columns.items()}
@@ -255,8 +256,9 @@ def sweep_frame(
         data["head"] = each_row([c.head for c in components])
     if "pos" in over:
         data["pos"] = each_row([c.pos for c in components])
-        tokens = model.to_str_tokens(patched_ids)
-        data["token"] = each_row([tokens[c.pos] for c in components])
+        ids = patched_ids if patched_ids.dim() == 2 else patched_ids[None]
+        tokens = [model.to_str_tokens(row) for row in (ids if per_prompt else ids[:1])]
+        data["token"] = [tokens[p if per_prompt else 0][c.pos] for c in components for p in range(n_prompts)]
     if per_prompt:
         data["prompt"] = list(range(n_prompts)) * len(components)
     for name, value in columns.items():
