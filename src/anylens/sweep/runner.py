@@ -7,9 +7,12 @@ damaged ones with a warning, and finishes the rest; run it with different argume
 same directory, or on a model whose weights changed, and it refuses, naming what differs. A lost
 or damaged manifest is rebuilt from the chunks, which verify themselves.
 
-A resumed sweep's results are bit for bit those of an uninterrupted one: each prompt is computed
-alone, and patched runs are batched from a memory budget fixed for the machine
-(:func:`anylens.engine.steady_budget`), not from the memory free at the moment.
+Within a chunk, patching, ablation and attribution take every group of prompts of the same token
+lengths in one call (:meth:`~anylens.sweep.experiments.ExperimentSpec.run_chunk`), and the rows
+are split back per prompt. A resumed sweep's results are bit for bit those of an uninterrupted
+one: a chunk is always computed whole, so its groups are the same, and patched runs are batched
+from a memory budget fixed for the machine (:func:`anylens.engine.steady_budget`), not from the
+memory free at the moment.
 """
 
 from __future__ import annotations
