@@ -62,6 +62,19 @@ def test_the_weights_fingerprint_changes_with_the_weights_only(sampled):
     assert weights_fingerprint(first, limit)["sha256"] != weights_fingerprint(second, limit)["sha256"]
 
 
+def test_the_whole_fingerprint_is_the_sha256_of_names_dtypes_shapes_and_bytes():
+    """Computed here from copies of every tensor's bytes: a fingerprint recorded by an earlier
+    anylens must still match, whatever way the bytes reach the hash."""
+    import hashlib
+
+    model = tiny("gpt2")
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.hf.state_dict().items()):
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    assert weights_fingerprint(model)["sha256"] == digest.hexdigest()
+
+
 def _local_model(directory: Path, seed: int) -> str:
     """A tiny model saved as a local directory (what a user's fine-tuned checkpoint looks like)."""
     model = tiny("llama", seed=seed)
