@@ -83,6 +83,23 @@ def _local_model(directory: Path, seed: int) -> str:
     return str(directory)
 
 
+def test_a_new_models_fingerprint_taken_while_it_computes_is_recorded_before_its_chunks(tmp_path, calls):  # noqa: F811
+    source = _local_model(tmp_path / "model", seed=0)
+    expected = weights_fingerprint(al.load(source))
+    out = tmp_path / "sweep"
+    calls.fail_after = 1  # interrupted in its first chunk: nothing written but the model's entry
+    with pytest.raises(KeyboardInterrupt):
+        sweep(out, models=[source])
+    (entry,) = json.loads((out / MANIFEST).read_text())["models"].values()
+    assert "weights" not in entry and not list(out.glob("chunks/*/*.json"))
+    calls.fail_after = None
+    sweep(out, models=[source])
+    (entry,) = json.loads((out / MANIFEST).read_text())["models"].values()
+    assert entry["weights"] == expected
+    chunks = [json.loads(path.read_text()) for path in out.glob("chunks/*/*.json")]
+    assert chunks and all(chunk["identity"]["weights"] == expected for chunk in chunks)
+
+
 def test_a_resume_on_changed_weights_is_refused_and_fresh_starts_over(tmp_path, calls):  # noqa: F811
     source = _local_model(tmp_path / "model", seed=0)
     out = tmp_path / "sweep"
