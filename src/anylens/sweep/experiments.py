@@ -382,20 +382,23 @@ def pair_meta(
         if key.endswith("_per_prompt") and isinstance(value, list) and len(value) == n_prompts:
             own[key] = [value[position]]
             own[key.removesuffix("_per_prompt")] = float(value[position])  # the mean over one prompt
+    tokens: dict[str, list[str]] = {}
+
+    def tokens_of(text: str) -> list[str]:
+        if text not in tokens:
+            tokens[text] = model.to_str_tokens(model.tokenizer(text, return_tensors="pt")["input_ids"][0])
+        return tokens[text]
+
     sides = {"clean_tokens": item.clean, "corrupt_tokens": item.corrupt}
     for key, text in sides.items():
         if key in meta and text is not None:
-            own[key] = _tokens(model, text)
+            own[key] = tokens_of(text)
     if "tokens" in meta:  # the tokens of the run the rows' positions belong to
         patched = item.corrupt if meta.get("direction") == "denoise" and item.corrupt is not None else item.clean
-        own["tokens"] = _tokens(model, patched)
+        own["tokens"] = tokens_of(patched)
     if "metric_spec" in meta and metric is not None:
         own["metric_spec"] = repr(metric)
     return own
-
-
-def _tokens(model: AnyModel, text: str) -> list[str]:
-    return model.to_str_tokens(model.tokenizer(text, return_tensors="pt")["input_ids"][0])
 
 
 def tidy(result: Result, prompt: int | Sequence[int], item: Item | Sequence[Item]) -> pd.DataFrame:
