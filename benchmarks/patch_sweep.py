@@ -756,6 +756,9 @@ def pairs_section(model, args, budget: int, log) -> list[str]:
         f"### (v) sweeps over many prompt pairs of {LENGTH} tokens; al.run and al.patch with a sweep's default "
         f"memory_budget, {budget // 2**20} MiB",
         "",
+        "CPU s: the process's CPU time (time.process_time), which other tenants of a shared machine disturb far "
+        "less than the wall clock; al.run's includes the weights fingerprint, hashed on a thread of its own.",
+        "",
         f"al.run's fixed cost per model, whatever the pairs: the weights fingerprint, {secs(fingerprint)} s here. "
         f"{library}.",
         "",
@@ -787,12 +790,15 @@ def pair_sweep(model, plain, sweeping, pairs, role, over, args, budget: int, log
     for name in ("run", "patch"):  # warm-up; the loops of plain hooks have nothing to warm up
         variants[name]()()
     peaks: dict[str, list[int]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     chunk_seconds: list[float] = []
 
     def measured(name: str, fn: Callable[[], object]) -> Callable[[], object]:
         def run() -> object:
             holder: dict[str, object] = {}
+            start = time.process_time()
             rise, _, _ = peak_rise(lambda: holder.setdefault("value", fn()))
+            cpu[name].append(time.process_time() - start)
             peaks[name].append(rise)
             if name == "run":
                 chunk_seconds.append(sweeping.chunk_seconds)
@@ -802,16 +808,18 @@ def pair_sweep(model, plain, sweeping, pairs, role, over, args, budget: int, log
 
     results = time_variants({n: measured(n, f) for n, f in variants.items()}, args.repeats, log)
     base = results["patch"]["median"]
+    cpu_base = statistics.median(cpu["patch"])
     lines = [
-        "| variant | median s | min-max s | per pair s | time / al.patch | peak rise MiB |",
-        "|---|---|---|---|---|---|",
+        "| variant | median s | min-max s | time / al.patch | CPU s | CPU per pair s | CPU / al.patch "
+        "| peak rise MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, label in PAIR_LABELS.items():
         if name in results:
-            r = results[name]
+            r, used = results[name], statistics.median(cpu[name])
             lines.append(
-                f"| {label} | {secs(r['median'])} | {secs(r['min'])}-{secs(r['max'])} | "
-                f"{secs(r['median'] / n_pairs)} | {r['median'] / base:.2f} | {max(peaks[name]) / 2**20:.0f} |"
+                f"| {label} | {secs(r['median'])} | {secs(r['min'])}-{secs(r['max'])} | {r['median'] / base:.2f} | "
+                f"{secs(used)} | {secs(used / n_pairs)} | {used / cpu_base:.2f} | {max(peaks[name]) / 2**20:.0f} |"
             )
     chunks = statistics.median(chunk_seconds)
     lines += [
