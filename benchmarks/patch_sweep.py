@@ -612,14 +612,14 @@ WORDS = [
 ]
 
 
-def text_pairs(n_pairs: int, seed: int = 2) -> list[tuple[str, str]]:
-    """``n_pairs`` (clean, corrupt) texts of ``LENGTH`` one-token words, differing at ``DIFFERENT``."""
+def text_pairs(n_pairs: int, seed: int = 2, different: tuple[int, ...] = DIFFERENT) -> list[tuple[str, str]]:
+    """``n_pairs`` (clean, corrupt) texts of ``LENGTH`` one-token words, differing at ``different``."""
     generator = torch.Generator().manual_seed(seed)
     pairs = []
     for _ in range(n_pairs):
         clean = [WORDS[i] for i in torch.randint(0, len(WORDS), (LENGTH,), generator=generator)]
         corrupt = list(clean)
-        for pos in DIFFERENT:
+        for pos in different:
             corrupt[pos] = WORDS[
                 (WORDS.index(clean[pos]) + 1 + int(torch.randint(0, len(WORDS) - 1, (1,), generator=generator)))
                 % len(WORDS)
@@ -764,8 +764,9 @@ def pairs_section(model, args, budget: int, log) -> list[str]:
         "",
     ]
     sweeps = (("resid_pre", ("layer", "pos"), n_layers * LENGTH), ("z", ("layer", "head"), n_layers * n_heads))
+    lines += [f"corrupt prompts differ at positions {list(args.differ)}", ""]
     for n_pairs in args.pairs:
-        pairs = text_pairs(n_pairs)
+        pairs = text_pairs(n_pairs, different=tuple(args.differ))
         for role, over, n_components in sweeps:
             title = f"{role}, {' x '.join(over)}: {n_components} components x {n_pairs} pairs"
             log(f"(v) {title}")
@@ -864,6 +865,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--tl-pairs", type=int, help="run the TransformerLens-style loop of (v) up to this many pairs (default: all)"
+    )
+    parser.add_argument(
+        "--differ",
+        type=int,
+        nargs="+",
+        default=list(DIFFERENT),
+        help=f"positions where the corrupt prompts of (v) differ (default {' '.join(map(str, DIFFERENT))}; "
+        "IOI-style pairs differ late, e.g. 12)",
     )
     parser.add_argument("--pairs-only", action="store_true", help="only the sweeps over many pairs (v)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements (iv)")
