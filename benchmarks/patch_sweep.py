@@ -12,9 +12,14 @@ of its own copy, (c) on an unwrapped Hugging Face model (:class:`Plain`).
 
 Sweeps: (i) ``resid_pre`` over layer x position (192 patches), (ii) ``z`` over layer x head
 (144 patches), (iii) attribution patching (``al.attribute`` vs hooks + autograd vs the patching
-loop it approximates), (iv) peak memory of each, and of anylens over 10 and 100 prompt pairs
-under a ``memory_budget``. Times are medians over ``--repeats`` after a warm-up; the variants
-take turns within each repeat so that a change in machine load hits them alike.
+loop it approximates), (iv) peak memory of each, and of anylens over many prompt pairs under a
+``memory_budget``, (v) sweeps over ``--pairs N`` prompt pairs of one length (``resid_pre``
+layer x position and ``z`` layer x head): ``al.run`` (a sweep on disk), ``al.patch`` on the list,
+a TransformerLens-style batched loop with plain torch hooks (one forward per component over all
+corrupt prompts, every position's logits, as ``get_act_patch_*`` runs) and the naive loop (one
+forward per component per pair), with per-pair cost and peak memory. Times are medians over
+``--repeats`` after a warm-up; the variants take turns within each repeat so that a change in
+machine load hits them alike.
 
 Peak memory is the rise of the resident set (Linux ``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``; psutil sampling where that is not allowed) over the resident set
@@ -24,6 +29,7 @@ just before the variant runs, each variant in a fresh subprocess after one unpat
     python benchmarks/patch_sweep.py --quick --repeats 2 # a small model, for a quick look
     python benchmarks/patch_sweep.py --shape host-bound  # tiny widths: overhead-bound, as on a GPU
     python benchmarks/patch_sweep.py --device cuda       # on a GPU (memory: its allocated peak)
+    python benchmarks/patch_sweep.py --pairs-only --pairs 1 16 64 --repeats 1  # only (v)
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import nnsight
 import torch
 
 import anylens as al
-from anylens.engine import rows_for_budget
+from anylens.engine import rows_for_budget, steady_budget
 from anylens.tiny import tiny_tokenizer
 
 LENGTH = 16
@@ -596,6 +602,239 @@ def memory_section(args, budget: int, log) -> list[str]:
     return lines
 
 
+# -- (v) sweeps over many prompt pairs ----------------------------------------------------------
+#: Words that are one token each for the tiny tokenizer: prompts of them tokenize word by word,
+#: so every prompt of ``LENGTH`` words has ``LENGTH`` tokens (``al.run`` takes prompts as text).
+WORDS = [
+    *("Colosseum", "Eiffel", "France", "Italy", "John", "Mary", "Paris", "Rome", "The", "Tower", "a", "and"),
+    *("capital", "cat", "dog", "drink", "gave", "in", "is", "log", "mat", "of", "on", "sat", "store", "the"),
+    *("to", "went"),
+]
+
+
+def text_pairs(n_pairs: int, seed: int = 2, different: tuple[int, ...] = DIFFERENT) -> list[tuple[str, str]]:
+    """``n_pairs`` (clean, corrupt) texts of ``LENGTH`` one-token words, differing at ``different``."""
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n_pairs):
+        clean = [WORDS[i] for i in torch.randint(0, len(WORDS), (LENGTH,), generator=generator)]
+        corrupt = list(clean)
+        for pos in different:
+            corrupt[pos] = WORDS[
+                (WORDS.index(clean[pos]) + 1 + int(torch.randint(0, len(WORDS) - 1, (1,), generator=generator)))
+                % len(WORDS)
+            ]
+        pairs.append(("".join(" " + w for w in clean), "".join(" " + w for w in corrupt)))
+    return pairs
+
+
+def tokens_of(model, texts: list[str]) -> torch.Tensor:
+    ids = torch.stack([model.tokenizer(text, return_tensors="pt")["input_ids"][0] for text in texts])
+    assert ids.shape[1] == LENGTH, f"a prompt is not {LENGTH} tokens"
+    return ids.to(DEVICE)
+
+
+class Sweeping:
+    """``al.run`` on the benchmark's own model object: the sweep's loader hands it over instead of
+    loading a source (so the model is built once), and each run writes a fresh directory."""
+
+    def __init__(self, model, budget: int):
+        import tempfile
+
+        import anylens.sweep.runner as runner
+
+        self.model, self.budget, self.runner = model, budget, runner
+        self.root = Path(tempfile.mkdtemp(prefix="patch_sweep_"))
+        self.count = 0
+        runner.load_source = lambda source, dtype=None, device=None: self.model
+        runner._release = lambda model: None  # the benchmark keeps its model
+
+    def __call__(self, pairs, role: str, over: tuple[str, ...], chunk_size: int) -> Callable[[], torch.Tensor]:
+        self.count += 1
+        out = self.root / f"run{self.count}"
+        result = al.run(
+            "patch",
+            models=["benchmark-model"],
+            prompts=pairs,
+            out=out,
+            chunk_size=chunk_size,
+            quiet=True,
+            role=role,
+            over=over,
+            metric=METRIC,
+            memory_budget=self.budget,
+        )
+        self.chunk_seconds = sum(entry["seconds"] for entry in result.manifest["chunks"].values())
+        columns = over[1]
+
+        def lay_out() -> torch.Tensor:  # [layer, x, pair], as the other variants give it
+            table = result.frame.pivot_table(index=["layer", columns], columns="prompt", values="metric")
+            n_layers = table.index.get_level_values(0).nunique()
+            return torch.tensor(table.to_numpy(), dtype=torch.float32).view(n_layers, -1, len(pairs))
+
+        return lay_out
+
+
+def listed_patch(model, clean, corrupt, role: str, over: tuple[str, ...], budget: int) -> Callable[[], torch.Tensor]:
+    result = al.patch(model, clean, corrupt, role=role, over=over, metric=METRIC, per_prompt=True, memory_budget=budget)
+
+    def lay_out() -> torch.Tensor:
+        table = result.to_frame().pivot_table(index=["layer", over[1]], columns="prompt", values="metric")
+        n_layers = table.index.get_level_values(0).nunique()
+        return torch.tensor(table.to_numpy(), dtype=torch.float32).view(n_layers, -1, clean.shape[0])
+
+    return lay_out
+
+
+def tl_style(model, clean, corrupt, role: str) -> torch.Tensor:
+    """What TransformerLens's ``get_act_patch_resid_pre`` / ``get_act_patch_attn_head_out_all_pos``
+    do, with plain torch hooks: the clean run's activations cached, then for every component one
+    forward over all corrupt prompts, each row patched from its own clean prompt, every position's
+    logits computed. ``[layer, x, pair]``."""
+    hf = model.hf
+    n_layers, n_heads, d_head = shape(model)
+    n_pairs = clean.shape[0]
+    if role == "resid_pre":
+        modules, columns = list(hf.transformer.h), LENGTH
+    else:
+        modules, columns = [block.attn.c_proj for block in hf.transformer.h], n_heads
+    acts, _ = record_inputs(hf, modules, clean)
+    out = torch.empty(n_layers, columns, n_pairs)
+    for layer in range(n_layers):
+        for column in range(columns):
+
+            def hook(module, args, kwargs, source=acts[layer], column=column):
+                value = _hidden(args, kwargs).clone()
+                if role == "resid_pre":
+                    value[:, column] = source[:, column]
+                else:
+                    heads = value.view(n_pairs, LENGTH, n_heads, d_head)
+                    heads[:, :, column] = source.view(n_pairs, LENGTH, n_heads, d_head)[:, :, column]
+                return _replace(args, kwargs, value)
+
+            handle = modules[layer].register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                with torch.no_grad():
+                    logits = hf(input_ids=corrupt).logits
+            finally:
+                handle.remove()
+            out[layer, column] = logit_diff(logits[:, -1]).cpu()
+    return out
+
+
+def naive_pairs(plain, clean, corrupt, role: str) -> torch.Tensor:
+    """The naive loop of (a), pair by pair: one nnsight trace per component per pair."""
+    loop = naive_resid if role == "resid_pre" else naive_z
+    return torch.stack([loop(plain, clean[i : i + 1], corrupt[i : i + 1]) for i in range(clean.shape[0])], -1)
+
+
+PAIR_LABELS = {
+    "run": "al.run (sweep on disk)",
+    "patch": "al.patch on the list",
+    "tl": "TransformerLens-style batched hooks",
+    "naive": "naive loop",
+}
+
+
+def pairs_section(model, args, budget: int, log) -> list[str]:
+    """(v): every variant over ``--pairs N`` prompt pairs, for resid_pre and z."""
+    from anylens.sweep.fingerprint import weights_fingerprint
+
+    plain = plain_copies(model)
+    sweeping = Sweeping(model, budget)
+    n_layers, n_heads, _ = shape(model)
+    start = time.perf_counter()
+    weights_fingerprint(model)
+    fingerprint = time.perf_counter() - start
+    try:
+        import transformer_lens  # noqa: F401
+
+        library = "transformer_lens is installed, but its models are not this model: its get_act_patch_* is not timed"
+    except ImportError:
+        library = "transformer_lens is not installed here: its own get_act_patch_* is not timed"
+    lines = [
+        f"### (v) sweeps over many prompt pairs of {LENGTH} tokens; al.run and al.patch with a sweep's default "
+        f"memory_budget, {budget // 2**20} MiB",
+        "",
+        "CPU s: the process's CPU time (time.process_time), which other tenants of a shared machine disturb far "
+        "less than the wall clock; al.run's includes the weights fingerprint, hashed on a thread of its own.",
+        "",
+        f"al.run's fixed cost per model, whatever the pairs: the weights fingerprint, {secs(fingerprint)} s here. "
+        f"{library}.",
+        "",
+    ]
+    sweeps = (("resid_pre", ("layer", "pos"), n_layers * LENGTH), ("z", ("layer", "head"), n_layers * n_heads))
+    lines += [f"corrupt prompts differ at positions {list(args.differ)}", ""]
+    for n_pairs in args.pairs:
+        pairs = text_pairs(n_pairs, different=tuple(args.differ))
+        for role, over, n_components in sweeps:
+            title = f"{role}, {' x '.join(over)}: {n_components} components x {n_pairs} pairs"
+            log(f"(v) {title}")
+            lines += [f"#### {title}", ""]
+            lines += pair_sweep(model, plain, sweeping, pairs, role, over, args, budget, log)
+    return lines
+
+
+def pair_sweep(model, plain, sweeping, pairs, role, over, args, budget: int, log) -> list[str]:
+    """One table of (v): the variants on ``pairs``, timed, with their peak memory."""
+    n_pairs = len(pairs)
+    clean = tokens_of(model, [c for c, _ in pairs])
+    corrupt = tokens_of(model, [c for _, c in pairs])
+    variants: dict[str, Callable[[], object]] = {
+        "run": lambda: sweeping(pairs, role, over, chunk_size=n_pairs),  # one chunk: its calls are the engine's
+        "patch": lambda: listed_patch(model, clean, corrupt, role, over, budget),
+    }
+    if args.tl_pairs is None or n_pairs <= args.tl_pairs:
+        variants["tl"] = lambda: tl_style(plain, clean, corrupt, role)
+    if n_pairs <= args.naive_pairs:
+        variants["naive"] = lambda: naive_pairs(plain, clean, corrupt, role)
+    for name in ("run", "patch"):  # warm-up; the loops of plain hooks have nothing to warm up
+        variants[name]()()
+    peaks: dict[str, list[int]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    chunk_seconds: list[float] = []
+
+    def measured(name: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            holder: dict[str, object] = {}
+            start = time.process_time()
+            rise, _, _ = peak_rise(lambda: holder.setdefault("value", fn()))
+            cpu[name].append(time.process_time() - start)
+            peaks[name].append(rise)
+            if name == "run":
+                chunk_seconds.append(sweeping.chunk_seconds)
+            return holder["value"]
+
+        return run
+
+    results = time_variants({n: measured(n, f) for n, f in variants.items()}, args.repeats, log)
+    base = results["patch"]["median"]
+    cpu_base = statistics.median(cpu["patch"])
+    lines = [
+        "| variant | median s | min-max s | time / al.patch | CPU s | CPU per pair s | CPU / al.patch "
+        "| peak rise MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, label in PAIR_LABELS.items():
+        if name in results:
+            r, used = results[name], statistics.median(cpu[name])
+            lines.append(
+                f"| {label} | {secs(r['median'])} | {secs(r['min'])}-{secs(r['max'])} | {r['median'] / base:.2f} | "
+                f"{secs(used)} | {secs(used / n_pairs)} | {used / cpu_base:.2f} | {max(peaks[name]) / 2**20:.0f} |"
+            )
+    chunks = statistics.median(chunk_seconds)
+    lines += [
+        "",
+        f"al.run: {secs(chunks)} s in its chunk (median), the rest opening the sweep, fingerprinting the weights "
+        f"and writing; chunk / al.patch = {chunks / base:.2f}",
+    ]
+    for other in ("run", "tl", "naive"):
+        if other in results:
+            diff = (results[other]["value"] - results["patch"]["value"]).abs().max().item()
+            lines.append(f"max abs difference, {PAIR_LABELS[other]} vs al.patch: {diff:.2e}")
+    return lines + [""]
+
+
 # -- main -------------------------------------------------------------------------------------
 def machine() -> str:
     cpu = "unknown CPU"
@@ -618,7 +857,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--budget-mb", type=int, default=256, help="memory_budget of the many-pair sweeps, MiB")
-    parser.add_argument("--pairs", type=int, nargs="*", default=[10, 100], help="prompt pairs of the memory sweeps")
+    parser.add_argument(
+        "--pairs", type=int, nargs="*", default=[1, 16, 64], help="prompt pairs of the sweeps of (iv) and (v)"
+    )
+    parser.add_argument(
+        "--naive-pairs", type=int, default=1, help="run the naive loop of (v) up to this many pairs (default 1)"
+    )
+    parser.add_argument(
+        "--tl-pairs", type=int, help="run the TransformerLens-style loop of (v) up to this many pairs (default: all)"
+    )
+    parser.add_argument(
+        "--differ",
+        type=int,
+        nargs="+",
+        default=list(DIFFERENT),
+        help=f"positions where the corrupt prompts of (v) differ (default {' '.join(map(str, DIFFERENT))}; "
+        "IOI-style pairs differ late, e.g. 12)",
+    )
+    parser.add_argument("--pairs-only", action="store_true", help="only the sweeps over many pairs (v)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements (iv)")
     parser.add_argument("--memory-only", action="store_true", help="only the memory measurements (iv)")
     parser.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (default cpu)")
@@ -650,10 +906,12 @@ def main() -> None:
     )
     lines.append("")
 
-    if not args.memory_only:
+    if not args.memory_only and not args.pairs_only:
         lines += timing_sections(model, clean, corrupt, cap, args.repeats, log)
-    if not args.no_memory:
+    if not args.no_memory and not args.pairs_only:
         lines += memory_section(args, budget, log)
+    if not args.memory_only:
+        lines += pairs_section(model, args, steady_budget(model), log)  # what a sweep uses by default
     lines.append(f"machine at end: {machine()}")
     lines.append(f"whole benchmark: {time.perf_counter() - start:.0f} s")
     print("\n".join(lines))

@@ -188,3 +188,22 @@ def test_invalid_sweeps_say_what_to_do():
         al.patch(model, clean, corrupt, metric=METRIC, direction="sideways")
     with pytest.raises(al.MissingRoleError):
         al.patch(model, clean, corrupt, role="no_such_role", metric=METRIC)
+
+
+@pytest.mark.parametrize("experiment", ["patch", "ablate", "attribute"])
+def test_per_prompt_rows_name_their_own_prompts_token(experiment):
+    """Two prompt pairs that differ at every position: each row's token is its own prompt's,
+    read from the token ids (for ablate the prompts themselves, else the patched corrupt run)."""
+    model = model_of(ANY_FAMILY)
+    clean, corrupt = prompt_pairs(seed=3, different=(0, 1, 2, 3, 4, 5))
+    if experiment == "ablate":
+        result = al.ablate(model, clean, role="resid_pre", over=("layer", "pos"), metric=METRIC, per_prompt=True)
+        patched = clean
+    else:
+        run = al.patch if experiment == "patch" else al.attribute
+        result = run(model, clean, corrupt, role="resid_pre", over=("layer", "pos"), metric=METRIC, per_prompt=True)
+        patched = corrupt
+    frame = result.frame
+    assert set(frame["prompt"]) == {0, 1} and (patched[0] != patched[1]).all()
+    expected = [model.tokenizer.decode([int(patched[p, pos])]) for p, pos in zip(frame["prompt"], frame["pos"])]
+    assert list(frame["token"]) == expected

@@ -513,7 +513,7 @@ def test_memory_budget_reaches_the_experiment_but_not_the_configuration(tmp_path
     out = tmp_path / "patch"
     argv = ["run", "patch", "--models", "tiny:gpt2", "--dataset", "factual", "--n", "2", "--out", str(out), "--quiet"]
     assert run_cli(_parse([*argv, "--memory-budget", "64MiB", "--set", "batch_size=3"])) == 0
-    assert budgets == [64 * 2**20] * 2
+    assert budgets and set(budgets) == {64 * 2**20}  # a call per token length of the two pairs
     assert "memory_budget" not in json.loads((out / MANIFEST).read_text())["config"]["options"]
     first = load_results(out)
     # A rerun with another budget resumes the same sweep (the results do not depend on it).

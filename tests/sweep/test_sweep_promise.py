@@ -62,12 +62,42 @@ def test_the_weights_fingerprint_changes_with_the_weights_only(sampled):
     assert weights_fingerprint(first, limit)["sha256"] != weights_fingerprint(second, limit)["sha256"]
 
 
+def test_the_whole_fingerprint_is_the_sha256_of_names_dtypes_shapes_and_bytes():
+    """Computed here from copies of every tensor's bytes: a fingerprint recorded by an earlier
+    anylens must still match, whatever way the bytes reach the hash."""
+    import hashlib
+
+    model = tiny("gpt2")
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.hf.state_dict().items()):
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    assert weights_fingerprint(model)["sha256"] == digest.hexdigest()
+
+
 def _local_model(directory: Path, seed: int) -> str:
     """A tiny model saved as a local directory (what a user's fine-tuned checkpoint looks like)."""
     model = tiny("llama", seed=seed)
     model.hf.save_pretrained(directory)
     model.tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+def test_a_new_models_fingerprint_taken_while_it_computes_is_recorded_before_its_chunks(tmp_path, calls):  # noqa: F811
+    source = _local_model(tmp_path / "model", seed=0)
+    expected = weights_fingerprint(al.load(source))
+    out = tmp_path / "sweep"
+    calls.fail_after = 1  # interrupted in its first chunk: nothing written but the model's entry
+    with pytest.raises(KeyboardInterrupt):
+        sweep(out, models=[source])
+    (entry,) = json.loads((out / MANIFEST).read_text())["models"].values()
+    assert "weights" not in entry and not list(out.glob("chunks/*/*.json"))
+    calls.fail_after = None
+    sweep(out, models=[source])
+    (entry,) = json.loads((out / MANIFEST).read_text())["models"].values()
+    assert entry["weights"] == expected
+    chunks = [json.loads(path.read_text()) for path in out.glob("chunks/*/*.json")]
+    assert chunks and all(chunk["identity"]["weights"] == expected for chunk in chunks)
 
 
 def test_a_resume_on_changed_weights_is_refused_and_fresh_starts_over(tmp_path, calls):  # noqa: F811
@@ -170,7 +200,7 @@ def test_a_patch_sweep_batches_from_a_fixed_budget_not_from_free_memory(tmp_path
     result = al.run(
         "patch", models=["tiny:gpt2"], dataset="factual", n=2, out=tmp_path, quiet=True, metric="logit_diff"
     )
-    assert budgets == [FIXED_BUDGET_BYTES] * 2 == [2 * 2**30] * 2
+    assert budgets and set(budgets) == {FIXED_BUDGET_BYTES} == {2 * 2**30}  # every call, one per token length
     execution = result.manifest["models"]["00-tiny-gpt2"]["execution"]
     assert execution == {"memory_budget": 2 * 2**30, "batch_size": None}
 

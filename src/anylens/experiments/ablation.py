@@ -144,7 +144,7 @@ def ablate(
     stats, recorded_reuse = steps[0].stats, steps[0].reuse
     base = baseline[None, :].expand_as(values)
     columns = {"metric": values, "baseline": base, "value": values - base}
-    frame = sweep_frame(model, components, over, ids[0], columns, per_prompt, labels=labels)
+    frame = sweep_frame(model, components, over, ids, columns, per_prompt, labels=labels)
     meta = {
         "model": model.name,
         "adapter": model.adapter.name,

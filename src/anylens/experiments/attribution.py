@@ -181,7 +181,7 @@ def attribute(
 
     columns = {"metric": unpatched[None, :] + estimate, "estimate": estimate}
     normalizer = (clean_values, corrupt_values) if normalize else None
-    frame = sweep_frame(model, components, over, runs.patched[0], columns, per_prompt, normalizer, runs.labels)
+    frame = sweep_frame(model, components, over, runs.patched, columns, per_prompt, normalizer, runs.labels)
     meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
     forwards = sum(1 if m.fused else 2 for m in steps)
     meta.update(method="attribution patching", forwards=forwards, backwards=len(steps), components=len(components))

@@ -173,9 +173,7 @@ def patch(
     )
     stats, reused = steps[0].stats, steps[0].reuse
     normalizer = (clean_values, corrupt_values) if normalize else None
-    frame = sweep_frame(
-        model, components, over, runs.patched[0], {"metric": values}, per_prompt, normalizer, runs.labels
-    )
+    frame = sweep_frame(model, components, over, runs.patched, {"metric": values}, per_prompt, normalizer, runs.labels)
     meta = sweep_meta(model, role, over, metric, runs, clean_values, corrupt_values, align)
     meta.update(
         patches=sum(m.stats.patches for m in steps),
@@ -301,8 +299,9 @@ def sweep_frame(
 
     Each column is ``[n_components, n_prompts]`` and is averaged over prompts unless
     ``per_prompt``. ``normalize=(clean, corrupt)`` (each ``[n_prompts]``) adds ``normalized``,
-    computed from the averages (or per prompt). ``labels`` names positions (``pos_label``; the
-    token where a position has no name).
+    computed from the averages (or per prompt). ``patched_ids`` are the patched run's tokens,
+    ``[T]`` or ``[n_prompts, T]``: per prompt, each row's ``token`` is its own prompt's.
+    ``labels`` names positions (``pos_label``; the token where a position has no name).
     """
     if not per_prompt:
         columns = {name: value.mean(1, keepdim=True) for name, value in columns.items()}
@@ -319,11 +318,15 @@ def sweep_frame(
         data["head"] = each_row([c.head for c in components])
     if "pos" in over:
         data["pos"] = each_row([c.pos for c in components])
-        tokens = model.to_str_tokens(patched_ids)
-        data["token"] = each_row([tokens[c.pos] for c in components])
+        ids = patched_ids if patched_ids.dim() == 2 else patched_ids[None]
+        tokens = [model.to_str_tokens(row) for row in (ids if per_prompt else ids[:1])]
+        data["token"] = [tokens[p if per_prompt else 0][c.pos] for c in components for p in range(n_prompts)]
         # The name a position was asked for by, else its token: how rows of prompts of different
         # lengths are matched (sweep aggregates group by it).
-        data["pos_label"] = each_row([(labels or {}).get(c.pos, tokens[c.pos]) for c in components])
+        names = labels or {}
+        data["pos_label"] = [
+            names.get(c.pos, tokens[p if per_prompt else 0][c.pos]) for c in components for p in range(n_prompts)
+        ]
     if per_prompt:
         data["prompt"] = list(range(n_prompts)) * len(components)
     for name, value in columns.items():

@@ -138,10 +138,14 @@ class Result:
                 "with per_prompt=True to keep a row per prompt, then take .summary()"
             )
         by = [c for c in self.frame.columns if c in DIMENSIONS and c != "prompt"]
-        by += [c for c in ("token",) if c in self.frame.columns]
+        if "pos" in by and named_positions(self.frame):  # a name's rows, wherever it sits in each prompt
+            by = ["pos_label" if c == "pos" else c for c in by]
         values = self.frame[self.value].astype(float)
         grouped = values.groupby([self.frame[c] for c in by], dropna=False, sort=True)
         grouped = grouped.agg(["mean", "std", "count"]).reset_index()
+        if "token" in self.frame.columns and "pos" in by:  # the first prompt's token, to read rows by
+            first = self.frame.groupby(by, dropna=False, sort=True)["token"].first().to_numpy()
+            grouped.insert(by.index("pos") + 1, "token", first)
         tests = component_statistics(self.frame, by, self.value, alpha, n_resamples or N_RESAMPLES, seed)
         frame = grouped.assign(**{column: tests[column].to_numpy() for column in STAT_COLUMNS})
         meta = dict(self.meta, statistics={"of": self.value, "alpha": alpha, "seed": seed})
@@ -201,6 +205,13 @@ class Result:
 
     def __repr__(self) -> str:
         return f"<Result {self.title}: {len(self.frame)} rows over {self.dims}>"
+
+
+def named_positions(frame: pd.DataFrame) -> bool:
+    """Whether positions were asked for by name: some ``pos_label`` is not its row's token."""
+    if "pos_label" not in frame.columns or "token" not in frame.columns:
+        return False
+    return bool((frame["pos_label"].astype(str) != frame["token"].astype(str)).any())
 
 
 def _jsonable(value: Any) -> Any:

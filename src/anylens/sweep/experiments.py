@@ -1,10 +1,12 @@
 """What the sweep runner knows about each experiment: where it lives and how it eats a chunk.
 
 A sweep feeds an experiment *items*: a prompt, or a clean/corrupt pair with its answer and
-distractor. Experiments are called once per item, so every row of the sweep belongs to one
-prompt (the ``prompt`` column): prompts of different token lengths never have to share a batch,
-positions keep their meaning within each prompt, and :func:`anylens.sweep.aggregate` can report
-the spread over prompts, not only a mean.
+distractor. Every row of the sweep belongs to one prompt (the ``prompt`` column): prompts of
+different token lengths never share a batch, positions keep their meaning within each prompt,
+and :func:`anylens.sweep.aggregate` can report the spread over prompts, not only a mean.
+Experiments that batch across prompts (patching, ablation, attribution) are called once per group
+of a chunk's items that may share a batch (:func:`batch_key`), with ``per_prompt=True``, and
+their rows are split back per prompt; the others are called once per item.
 
 A metric given by name (``metric="logit_diff"``) is built per item from its answer and
 distractor, which is how one sweep runs over a dataset whose answers differ prompt to prompt.
@@ -22,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from ..core.errors import MetricError
@@ -108,8 +111,9 @@ def as_items(prompts: Sequence[Any]) -> list[Item]:
 METRIC_FIELDS = metrics.NAMED
 
 
-def item_metric(value: Any, item: Item, words: bool = False) -> Any:
-    """``value`` itself, or for a metric name the metric built from this item's words.
+def item_metric(value: Any, item: Item | Sequence[Item], words: bool = False) -> Any:
+    """``value`` itself, or for a metric name the metric built from this item's words (from
+    several items': one word per item where they differ).
 
     With ``words`` (an experiment that takes target words as its metric), a string that is not
     a metric name is a target word and passes unchanged.
@@ -186,6 +190,19 @@ def _ablate_reference(model: AnyModel, item: Item, options: dict[str, Any], grou
     return {"reference": group if options.get("method") == "mean" else [p for p in group if p != item.clean]}
 
 
+def _not_resampled(options: dict[str, Any]) -> bool:
+    # Resampling draws each prompt's source with a seeded generator: one draw per call, so a
+    # batch of prompts would draw other sources than the same prompts one at a time.
+    return options.get("method", "zero") != "resample"
+
+
+def batch_key(model: AnyModel, item: Item, options: dict[str, Any]) -> tuple[Any, ...]:
+    """Items of a chunk with equal keys are computed in one call: the token lengths of their
+    clean and corrupt prompts (a batch holds prompts of one length, positions matched up)."""
+    corrupt = None if item.corrupt is None else _token_length(model, item.corrupt)
+    return (_token_length(model, item.clean), corrupt)
+
+
 @dataclass(frozen=True)
 class ExperimentSpec:
     """An experiment as the sweep sees it.
@@ -209,6 +226,12 @@ class ExperimentSpec:
     prepare: Callable[[AnyModel, Sequence[Item], dict[str, Any]], Any] | None = None
     #: ... and turns that into the options of one item's call.
     per_item: Callable[[AnyModel, Item, dict[str, Any], Any], dict[str, Any]] | None = None
+    #: The experiment takes a list of prompts and keeps a row per prompt with ``per_prompt=True``
+    #: (a ``prompt`` column), giving each prompt the rows it gives that prompt alone. Items that
+    #: share a :func:`batch_key` (and their per-item options) are then computed in one call ...
+    batches: bool = False
+    #: ... unless these options rule it out.
+    batches_with: Callable[[dict[str, Any]], bool] | None = None
 
     def function(self) -> Callable[..., Any]:
         # Looked up on every use, so that a monkeypatched experiment is the one that runs.
@@ -251,6 +274,30 @@ class ExperimentSpec:
         self, function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any
     ) -> Result:
         """The experiment on one item."""
+        own = self.item_options(function, model, item, options, context)
+        return function(model, *self.inputs([item], own, single=True), **own)
+
+    def inputs(self, items: Sequence[Item], options: dict[str, Any], single: bool = False) -> tuple[Any, ...]:
+        """The prompt arguments of a call on ``items``: texts, or where positions are asked for by
+        name, each item with its names (``{"clean", "corrupt", "positions"}`` on both sides)."""
+        named = _names_positions(options.get("positions"))
+
+        def side(item: Item, text: str | None) -> Any:
+            if named and item.positions:
+                return {"clean": item.clean, "corrupt": item.corrupt, "positions": item.positions}
+            return text
+
+        clean = [side(item, item.clean) for item in items]
+        corrupt = [side(item, item.corrupt) for item in items]
+        if single:
+            clean, corrupt = clean[0], corrupt[0]
+        return (clean, corrupt) if self.needs_pairs else (clean,)
+
+    def item_options(
+        self, function: Callable[..., Any], model: AnyModel, item: Item, options: dict[str, Any], context: Any
+    ) -> dict[str, Any]:
+        """The options of the call on ``item``: a metric by name built from its words, and what
+        ``per_item`` adds."""
         if self.needs_pairs and item.corrupt is None:
             raise SweepConfigError(
                 f"{self.name} compares a clean and a corrupt prompt; {item.clean!r} has no corrupt prompt"
@@ -268,22 +315,76 @@ class ExperimentSpec:
             )
         if self.per_item is not None:
             options.update(self.per_item(model, item, options, context))
-        inputs = (item.clean, item.corrupt) if self.needs_pairs else (item.clean,)
-        if item.positions and _names_positions(options.get("positions")):  # the item goes with its names
-            named = {"clean": item.clean, "corrupt": item.corrupt, "positions": item.positions}
-            inputs = (named, named) if self.needs_pairs else (named,)
-        return function(model, *inputs, **options)
+        return options
+
+    def groups(self, model: AnyModel, items: Sequence[Item], options: dict[str, Any]) -> list[list[int]]:
+        """The items (indices) computed together, in the order of their first item."""
+        if not self.batches or (self.batches_with is not None and not self.batches_with(options)):
+            return [[index] for index in range(len(items))]
+        groups: dict[Any, list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault(batch_key(model, item, options), []).append(index)
+        return list(groups.values())
 
     def run_chunk(
         self, model: AnyModel, items: Sequence[Item], options: dict[str, Any], context: Any = None
     ) -> ChunkOutput:
         function = self.function()
-        frames, metas = [], []
-        for index, item in enumerate(items):
-            result = self.call(function, model, item, options, context)
-            frames.append(tidy(result, index, item))
-            metas.append(dict(result.meta))
-        return ChunkOutput(pd.concat(frames, ignore_index=True), metas)
+        frames: list[pd.DataFrame] = []
+        metas: list[dict[str, Any]] = [{} for _ in items]
+        for group in self.groups(model, items, options):
+            if not self.batches:
+                (index,) = group
+                result = self.call(function, model, items[index], options, context)
+                frames.append(tidy(result, index, items[index]))
+                metas[index] = dict(result.meta)
+                continue
+            for part in self._shared_options(function, model, items, group, options, context):
+                frames.append(self._run_group(function, model, items, part, options, context, metas))
+        frame = pd.concat(frames, ignore_index=True)
+        # Prompt by prompt, each prompt's rows in the order its own call gives them.
+        frame = frame.sort_values("prompt", kind="stable", ignore_index=True)
+        return ChunkOutput(frame, metas)
+
+    def _shared_options(
+        self,
+        function: Callable[..., Any],
+        model: AnyModel,
+        items: Sequence[Item],
+        group: list[int],
+        options: dict[str, Any],
+        context: Any,
+    ) -> list[list[int]]:
+        """``group`` split where per-item options other than the metric differ (an ablation's
+        reference batch): only prompts that would be called alike share a call."""
+        parts: dict[str, list[int]] = {}
+        for index in group:
+            own = self.item_options(function, model, items[index], options, context)
+            own.pop("metric", None)
+            parts.setdefault(repr(sorted(own.items())), []).append(index)
+        return list(parts.values())
+
+    def _run_group(
+        self,
+        function: Callable[..., Any],
+        model: AnyModel,
+        items: Sequence[Item],
+        group: list[int],
+        options: dict[str, Any],
+        context: Any,
+        metas: list[dict[str, Any]],
+    ) -> pd.DataFrame:
+        """One call on the items of ``group``; fills their metas and returns their tidy rows."""
+        chosen = [items[index] for index in group]
+        call_options = self.item_options(function, model, chosen[0], options, context)
+        if isinstance(options.get("metric"), str):  # a metric by name: one word per pair
+            call_options["metric"] = item_metric(canonical(function, options)["metric"], chosen)
+        call_options["per_prompt"] = True
+        result = function(model, *self.inputs(chosen, call_options), **call_options)
+        for position, index in enumerate(group):
+            own_metric = self.item_options(function, model, items[index], options, context).get("metric")
+            metas[index] = pair_meta(model, result.meta, position, len(group), items[index], own_metric)
+        return tidy(result, group, chosen)
 
 
 def _names_positions(positions: Any) -> bool:
@@ -292,11 +393,50 @@ def _names_positions(positions: Any) -> bool:
     )
 
 
-def tidy(result: Result, prompt: int, item: Item) -> pd.DataFrame:
-    """One call's frame with the sweep's columns: ``prompt``, ``value``, ``pos_from_end``, ``target_role``."""
-    # One prompt per call: an experiment's own prompt index is always 0 here, the sweep's is global.
-    frame = result.to_frame().drop(columns=["model", "prompt"], errors="ignore")
-    frame.insert(0, "prompt", prompt)
+def pair_meta(
+    model: AnyModel, meta: dict[str, Any], position: int, n_prompts: int, item: Item, metric: Any
+) -> dict[str, Any]:
+    """The meta of one prompt of a call on ``n_prompts``: what the call gives that prompt alone,
+    except for the call's counts (``patches``, ``forwards``, ...), which ``call_prompts`` qualifies."""
+    own = dict(meta, n_prompts=1, call_prompts=n_prompts)
+    for key, value in meta.items():
+        if key.endswith("_per_prompt") and isinstance(value, list) and len(value) == n_prompts:
+            own[key] = [value[position]]
+            own[key.removesuffix("_per_prompt")] = float(value[position])  # the mean over one prompt
+    tokens: dict[str, list[str]] = {}
+
+    def tokens_of(text: str) -> list[str]:
+        if text not in tokens:
+            tokens[text] = model.to_str_tokens(model.tokenizer(text, return_tensors="pt")["input_ids"][0])
+        return tokens[text]
+
+    sides = {"clean_tokens": item.clean, "corrupt_tokens": item.corrupt}
+    for key, text in sides.items():
+        if key in meta and text is not None:
+            own[key] = tokens_of(text)
+    if "tokens" in meta:  # the tokens of the run the rows' positions belong to
+        patched = item.corrupt if meta.get("direction") == "denoise" and item.corrupt is not None else item.clean
+        own["tokens"] = tokens_of(patched)
+    if "metric_spec" in meta and metric is not None:
+        own["metric_spec"] = repr(metric)
+    return own
+
+
+def tidy(result: Result, prompt: int | Sequence[int], item: Item | Sequence[Item]) -> pd.DataFrame:
+    """One call's frame with the sweep's columns: ``prompt``, ``value``, ``pos_from_end``, ``target_role``.
+
+    A call on one item gives its index and item; a call on several (``per_prompt=True``, whose
+    frame's ``prompt`` column counts the call's prompts) gives their indices and items.
+    """
+    frame = result.to_frame().drop(columns=["model"], errors="ignore")
+    if isinstance(prompt, int):
+        # One prompt per call: an experiment's own prompt index is always 0 here, the sweep's is global.
+        local = np.zeros(len(frame), dtype=np.int64)
+        prompt, item = [prompt], [item]
+        frame = frame.drop(columns=["prompt"], errors="ignore")
+    else:
+        local = frame.pop("prompt").to_numpy()
+    frame.insert(0, "prompt", np.asarray(prompt, dtype=np.int64)[local])
     if isinstance(result.meta.get("role"), str) and "role" not in frame.columns:
         frame["role"] = result.meta["role"]  # which role this model used, where role= was a list
     if result.value != "value" and result.value in frame.columns:
@@ -304,10 +444,10 @@ def tidy(result: Result, prompt: int, item: Item) -> pd.DataFrame:
     tokens = result.meta.get("tokens")
     if "pos" in frame.columns and isinstance(tokens, list):
         # Prompts differ in length; the distance from the end lines up their last tokens.
-        frame["pos_from_end"] = frame["pos"] - len(tokens)
-    if "target" in frame.columns and item.answer is not None:
-        roles = {item.answer: "answer", item.distractor: "distractor"}
-        frame["target_role"] = [roles.get(t, "other") for t in frame["target"]]
+        frame["pos_from_end"] = frame["pos"] - len(tokens)  # one length per call
+    if "target" in frame.columns and any(i.answer is not None for i in item):
+        roles = [{i.answer: "answer", i.distractor: "distractor"} if i.answer is not None else {} for i in item]
+        frame["target_role"] = [roles[p].get(t, "other") for p, t in zip(local, frame["target"])]
     return frame
 
 
@@ -315,10 +455,16 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
     spec.name: spec
     for spec in (
         ExperimentSpec("logit_lens", "anylens.experiments.logit_lens", "logit_lens", metric_words=True),
-        ExperimentSpec("patch", "anylens.experiments.patching", "patch", needs_pairs=True),
-        ExperimentSpec("attribute", "anylens.experiments.attribution", "attribute", needs_pairs=True),
+        ExperimentSpec("patch", "anylens.experiments.patching", "patch", needs_pairs=True, batches=True),
+        ExperimentSpec("attribute", "anylens.experiments.attribution", "attribute", needs_pairs=True, batches=True),
         ExperimentSpec(
-            "ablate", "anylens.experiments.ablation", "ablate", prepare=_prepare_ablate, per_item=_ablate_reference
+            "ablate",
+            "anylens.experiments.ablation",
+            "ablate",
+            prepare=_prepare_ablate,
+            per_item=_ablate_reference,
+            batches=True,
+            batches_with=_not_resampled,
         ),
         ExperimentSpec("attention_patterns", "anylens.experiments.patterns", "attention_patterns"),
         ExperimentSpec("head_scores", "anylens.experiments.patterns", "head_scores"),
@@ -353,9 +499,11 @@ __all__ = [
     "Item",
     "as_item",
     "as_items",
+    "batch_key",
     "check_metric",
     "experiment",
     "item_metric",
     "item_words",
+    "pair_meta",
     "tidy",
 ]

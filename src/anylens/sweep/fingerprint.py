@@ -27,10 +27,11 @@ FULL_HASH_BYTES = 1 << 30
 SAMPLES_PER_TENSOR = 4096
 
 
-def _raw_bytes(tensor: torch.Tensor) -> bytes:
-    # Viewed as bytes, any dtype (bfloat16 included, which numpy lacks) hashes as stored.
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    # Viewed as bytes, any dtype (bfloat16 included, which numpy lacks) hashes as stored; hashed
+    # in place, since a copy of every weight costs as long as hashing it.
     flat = tensor.detach().contiguous().reshape(-1)
-    return flat.view(torch.uint8).cpu().numpy().tobytes()
+    return memoryview(flat.view(torch.uint8).cpu().numpy())
 
 
 def weights_fingerprint(model: AnyModel, full_hash_bytes: int = FULL_HASH_BYTES) -> dict[str, Any]:

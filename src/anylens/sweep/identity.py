@@ -89,9 +89,10 @@ def prompts_sha256(items: Sequence[Item]) -> str:
     return sha256_bytes(canonical_json([item.record() for item in items]))
 
 
-def model_identity(model: AnyModel, source: str) -> dict[str, Any]:
+def model_identity(model: AnyModel, source: str, weights: bool = True) -> dict[str, Any]:
     """What tells two loads of a source apart: adapter, architecture, size, a config hash, and a
-    fingerprint of the weights (:func:`anylens.sweep.fingerprint.weights_fingerprint`)."""
+    fingerprint of the weights (:func:`anylens.sweep.fingerprint.weights_fingerprint`), unless
+    ``weights=False`` (whoever asks takes it apart)."""
     settings = model.config.to_dict() if hasattr(model.config, "to_dict") else {}  # a plain model may have none
     config = {k: v for k, v in settings.items() if not k.startswith("_") and k != "transformers_version"}
     return {
@@ -100,8 +101,7 @@ def model_identity(model: AnyModel, source: str) -> dict[str, Any]:
         "architecture": type(model.hf).__name__,
         "parameters": int(sum(p.numel() for p in model.hf.parameters())),
         "config_sha256": sha256_bytes(canonical_json(config)),
-        "weights": weights_fingerprint(model),
-    }
+    } | ({"weights": weights_fingerprint(model)} if weights else {})
 
 
 __all__ = ["describe", "differences", "environment", "model_identity", "normalize", "prompts_sha256"]

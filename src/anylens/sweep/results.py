@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..experiments.results import named_positions
 from ..experiments.statistics import ALPHA, N_RESAMPLES, STAT_COLUMNS, component_statistics
 from .store import Store, load_results
 
@@ -115,7 +116,7 @@ def aggregate(
         raise KeyError(f"no column {value!r} to aggregate; columns: {list(frame.columns)}")
     if by is None:
         by = [c for c in COMPONENT_COLUMNS if c in frame.columns and frame[c].notna().any()]
-        if _named_positions(frame):  # one row per name, whatever position it has in each prompt
+        if named_positions(frame):  # one row per name, whatever position it has in each prompt
             by = ["pos_label" if c == "pos" else c for c in by]
     by = [by] if isinstance(by, str) else list(by)
     missing = [c for c in by if c not in frame.columns]
@@ -136,13 +137,6 @@ def aggregate(
     for column in STAT_COLUMNS:  # the same groups in the same order
         grouped[column] = tests[column].to_numpy()
     return grouped.reset_index(drop=True)
-
-
-def _named_positions(frame: pd.DataFrame) -> bool:
-    """Whether positions were asked for by name: some ``pos_label`` is not its row's token."""
-    if "pos_label" not in frame.columns or "token" not in frame.columns:
-        return False
-    return bool((frame["pos_label"].astype(str) != frame["token"].astype(str)).any())
 
 
 __all__ = ["COMPONENT_COLUMNS", "Z95", "SweepResult", "aggregate"]

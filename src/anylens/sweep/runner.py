@@ -7,9 +7,12 @@ damaged ones with a warning, and finishes the rest; run it with different argume
 same directory, or on a model whose weights changed, and it refuses, naming what differs. A lost
 or damaged manifest is rebuilt from the chunks, which verify themselves.
 
-A resumed sweep's results are bit for bit those of an uninterrupted one: each prompt is computed
-alone, and patched runs are batched from a memory budget fixed for the machine
-(:func:`anylens.engine.steady_budget`), not from the memory free at the moment.
+Within a chunk, patching, ablation and attribution take every group of prompts of the same token
+lengths in one call (:meth:`~anylens.sweep.experiments.ExperimentSpec.run_chunk`), and the rows
+are split back per prompt. A resumed sweep's results are bit for bit those of an uninterrupted
+one: a chunk is always computed whole, so its groups are the same, and patched runs are batched
+from a memory budget fixed for the machine (:func:`anylens.engine.steady_budget`), not from the
+memory free at the moment.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +32,7 @@ from ..core.errors import SweepModelError
 from . import experiments as experiments_
 from .checks import check_models, check_out, check_roles, explicit_items
 from .experiments import Item, as_items
+from .fingerprint import weights_fingerprint
 from .identity import describe, differences, environment, model_identity, normalize, prompts_sha256
 from .results import SweepResult
 from .store import (
@@ -199,6 +204,8 @@ class _Sweep:
         self.result = SweepResult(store.root, spec.name, list(config["models"]))
         #: Written into every chunk, so that a chunk can show which sweep it belongs to.
         self.config_sha256 = sha256_bytes(canonical_json(config))
+        #: The fingerprint of the current model's weights while it is being taken (register_model).
+        self.weights: Future[dict[str, Any]] | None = None
 
     # manifest
     def open_manifest(self, fresh: bool = False) -> dict[str, Any]:
@@ -367,12 +374,24 @@ class _Sweep:
                     overall.update()
             finally:
                 bar.close()
+            self.record_weights(plan)
         finally:
+            if self.weights is not None:  # interrupted: let the hashing finish, record nothing
+                self.weights.exception()
+                self.weights = None
             _release(model)
 
     def register_model(self, plan: _ModelPlan, model: AnyModel) -> list[Item]:
-        """Record the model's identity and prompts, or refuse if they changed since the chunks on disk."""
-        identity = model_identity(model, plan.source)
+        """Record the model's identity and prompts, or refuse if they changed since the chunks on disk.
+
+        The weights of a model with finished chunks are checked here, before anything is computed.
+        A new model's fingerprint is taken on a thread while its first chunk computes (hashing
+        releases the GIL; on GPT-2 small it takes about half a second) and recorded before that
+        chunk is written (:meth:`record_weights`), since every chunk file carries it.
+        """
+        recorded = self.manifest["models"].get(plan.dirname)
+        check_now = recorded is not None and recorded.get("weights") is not None
+        identity = model_identity(model, plan.source, weights=check_now)
         if self.explicit is not None:
             items = self.explicit
         else:
@@ -384,7 +403,6 @@ class _Sweep:
             prompts_sha256=prompts_sha256(items),
             n_chunks=math.ceil(len(items) / self.config["chunk_size"]),
         )
-        recorded = self.manifest["models"].get(plan.dirname)
         if recorded is not None:
             described = {k: v for k, v in identity.items() if k != "weights"}  # weights: checked apart
             lines = differences({k: recorded.get(k) for k in described}, described)
@@ -394,18 +412,27 @@ class _Sweep:
                     + "\n  ".join(lines)
                     + f"\nchoose another out, or start over: fresh=True (anylens run --fresh) or delete {self.store.root}."
                 )
-            self._check_weights(plan, recorded, identity["weights"])
         else:
             self.manifest["models"][plan.dirname] = identity
             self.save()
+        if check_now:
+            self._check_weights(plan, recorded, identity["weights"])
+        else:  # a new model, or one recorded without a fingerprint (by an older anylens, or killed early)
+            hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anylens-fingerprint")
+            self.weights = hashing.submit(weights_fingerprint, model)
+            hashing.shutdown(wait=False)  # its thread ends with the hashing
         return items
+
+    def record_weights(self, plan: _ModelPlan) -> None:
+        """The fingerprint begun by :meth:`register_model`, waited for and recorded."""
+        if self.weights is not None:
+            weights, self.weights = self.weights.result(), None
+            self.manifest["models"][plan.dirname]["weights"] = weights
+            self.save()
 
     def _check_weights(self, plan: _ModelPlan, recorded: dict[str, Any], weights: dict[str, Any]) -> None:
         before = recorded.get("weights")
-        if before is None:  # recorded by an anylens that took no fingerprint: take it now
-            recorded["weights"] = weights
-            self.save()
-        elif before != weights:
+        if before != weights:
             raise SweepWeightsChangedError(
                 f"the weights of model {plan.source!r} changed since its finished chunks in {self.store.root} were "
                 f"computed ({before.get('method')} {str(before.get('sha256'))[:16]} on disk, {weights['method']} "
@@ -447,6 +474,7 @@ class _Sweep:
         start, stop = chunk * size, min((chunk + 1) * size, len(items))
         began = time.perf_counter()
         output = self.spec.run_chunk(model, items[start:stop], self.model_options, context)
+        self.record_weights(plan)  # every chunk file carries the model's identity, weights included
         frame = output.frame
         frame["prompt"] = frame["prompt"] + start
         frame.insert(0, "chunk", chunk)
