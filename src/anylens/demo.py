@@ -65,15 +65,14 @@ def circuit_level(model: Any) -> str:
     """The finest component graph ``model`` has: "head" where the head-level graph builds and has
     heads, else "layer" (an SSM's head-level graph is its layer-level one). An adapter without the
     roles of any graph gets the graph's ``CircuitGraphError``, naming the roles to add."""
-    from .circuits import component_graph
-    from .core.errors import CircuitGraphError
+    import anylens as al
 
     try:
-        if any(node.kind == "head" for node in component_graph(model, "head").senders):
+        if any(node.kind == "head" for node in al.component_graph(model, "head").senders):
             return "head"
-    except CircuitGraphError:
+    except al.CircuitGraphError:
         pass
-    component_graph(model, "layer")
+    al.component_graph(model, "layer")
     return "layer"
 
 
@@ -90,8 +89,6 @@ def faithful_size(result: Any, target: float = CIRCUIT_TARGET) -> int | None:
     edge, then at up to ``CIRCUIT_REFINE`` sizes between the last size below ``target`` and the first
     reaching it; return the smallest size tried that reaches ``target`` (None if none does). The
     curve stays in ``result.meta["faithfulness"]``."""
-    from .circuits.plot import smallest_reaching
-
     curve = result.faithfulness()  # every size in one batched run of edge-ablated forwards
     k = smallest_reaching(curve, target)
     if k is None:
@@ -104,6 +101,12 @@ def faithful_size(result: Any, target: float = CIRCUIT_TARGET) -> int | None:
     return smallest_reaching(curve, target)
 
 
+def smallest_reaching(curve: pd.DataFrame, target: float) -> int | None:
+    """The smallest ``k`` of a faithfulness curve whose normalized value reaches ``target``."""
+    reached = curve.loc[curve["normalized"] >= target, "k"]
+    return int(reached.min()) if len(reached) else None
+
+
 def _component_label(row: pd.Series) -> str:
     if "head" in row and not pd.isna(row.get("head")):
         return f"head {int(row['layer'])}.{int(row['head'])}"
@@ -113,8 +116,6 @@ def _component_label(row: pd.Series) -> str:
 def study(source: str, progress: Any = None) -> tuple[dict[str, Any], list[tuple[Any, str]]]:
     """Run the demo's experiments on one model: its summary row and its figures with captions."""
     import anylens as al
-
-    from .core.errors import CircuitGraphError
 
     def step(label: str) -> None:
         if progress is not None:
@@ -161,7 +162,7 @@ def study(source: str, progress: Any = None) -> tuple[dict[str, Any], list[tuple
 
     try:
         circuit, no_circuit = ioi_circuit(model, clean, corrupt, metric), ""
-    except CircuitGraphError as error:  # the adapter lacks branch inputs: the rest of the demo still runs
+    except al.CircuitGraphError as error:  # the adapter lacks branch inputs: the rest of the demo still runs
         circuit, no_circuit = None, str(error)
     step("circuit (EAP-IG)")
     k_target = faithful_size(circuit) if circuit is not None else None
