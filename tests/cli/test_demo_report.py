@@ -185,3 +185,17 @@ def test_report_renders_in_chromium_with_every_heatmap_loaded(report, tmp_path):
     )
     assert screenshot.stat().st_size > 10_000
     shutil.copy(screenshot, report.parent / "report.png")  # kept next to the report for a person to look at
+
+
+def test_small_models_run_on_one_thread_and_the_count_is_restored():
+    from anylens.demo import _threads_for
+    from anylens.testing import tiny
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with _threads_for(tiny("gpt2")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
