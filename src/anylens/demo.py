@@ -1,16 +1,18 @@
 """``anylens demo``: the same experiments on four architectures, one HTML report.
 
 For every model it runs the logit lens and a layer x position residual patching sweep on a
-factual-recall prompt, and component-level patching plus attribution patching on IOI prompts.
-The component role is chosen from what the model has — per-head ``z`` where there are heads,
-``mixer_out`` per layer for an SSM — never from the architecture's name.
+factual-recall prompt, and component-level patching, attribution patching and an EAP-IG circuit
+with its faithfulness curve on IOI prompts. The component role is chosen from what the model has —
+per-head ``z`` where there are heads, ``mixer_out`` per layer for an SSM — and the circuit's level
+from what the component graph offers, never from the architecture's name.
 """
 
 from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,18 @@ COMPONENT_ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attn_out", ("layer",)),
 )
 N_IOI = 8
+#: Models below this many parameters run on one torch thread (see ``_threads_for``).
+SMALL_MODEL_PARAMETERS = 10_000_000
+#: The IOI circuit: EAP-IG steps (on the zoo more add nothing, docs/circuits.md), the share of the
+#: logit difference a circuit must keep, the most sizes tried between the last doubling below that
+#: share and the first above it, and the edges drawn in the report.
+CIRCUIT_STEPS = 5
+CIRCUIT_TARGET = 0.8
+CIRCUIT_REFINE = 7
+CIRCUIT_PLOT_EDGES = 20
+#: Progress steps per model: logit lens, residual patching, component patching, attribution,
+#: circuit, faithfulness, summary.
+STEPS_PER_MODEL = 7
 
 
 def component_role(model: Any) -> tuple[str, tuple[str, ...]]:
@@ -50,6 +64,52 @@ def demo_ioi_pairs(tokenizer: Any) -> list:
     return ioi_pairs(tokenizer, N_IOI, seed=0, templates=IOI_TEMPLATES[:1])
 
 
+def circuit_level(model: Any) -> str:
+    """The finest component graph ``model`` has: "head" where the head-level graph builds and has
+    heads, else "layer" (an SSM's head-level graph is its layer-level one). An adapter without the
+    roles of any graph gets the graph's ``CircuitGraphError``, naming the roles to add."""
+    import anylens as al
+
+    try:
+        if any(node.kind == "head" for node in al.component_graph(model, "head").senders):
+            return "head"
+    except al.CircuitGraphError:
+        pass
+    al.component_graph(model, "layer")
+    return "layer"
+
+
+def ioi_circuit(model: Any, clean: list[str], corrupt: list[str], metric: Any) -> Any:
+    """An EAP-IG circuit on the IOI pairs at the finest level the model's graph offers."""
+    import anylens as al
+
+    level = circuit_level(model)
+    return al.circuit(model, clean, corrupt, metric=metric, method="eap-ig", level=level, steps=CIRCUIT_STEPS)
+
+
+def faithful_size(result: Any, target: float = CIRCUIT_TARGET) -> int | None:
+    """Measure ``result``'s faithfulness curve (corrupt ablation) at 1, 2, 4, ... edges and every
+    edge, then at up to ``CIRCUIT_REFINE`` sizes between the last size below ``target`` and the first
+    reaching it; return the smallest size tried that reaches ``target`` (None if none does). The
+    curve stays in ``result.meta["faithfulness"]``."""
+    curve = result.faithfulness()  # every size in one batched run of edge-ablated forwards
+    k = smallest_reaching(curve, target)
+    if k is None:
+        return None
+    low = max((int(size) for size in curve["k"] if size < k), default=0)
+    between = {int(size) for size in np.linspace(low + 1, k - 1, CIRCUIT_REFINE).round()} if k - low > 1 else set()
+    if not between:
+        return k
+    curve = result.faithfulness(ks=sorted({int(size) for size in curve["k"]} | between))
+    return smallest_reaching(curve, target)
+
+
+def smallest_reaching(curve: pd.DataFrame, target: float) -> int | None:
+    """The smallest ``k`` of a faithfulness curve whose normalized value reaches ``target``."""
+    reached = curve.loc[curve["normalized"] >= target, "k"]
+    return int(reached.min()) if len(reached) else None
+
+
 def _component_label(row: pd.Series) -> str:
     if "head" in row and not pd.isna(row.get("head")):
         return f"head {int(row['layer'])}.{int(row['head'])}"
@@ -66,6 +126,29 @@ def study(source: str, progress: Any = None) -> tuple[dict[str, Any], list[tuple
             progress.update(1)
 
     model = al.load(source)
+    with _threads_for(model):
+        return _experiments(model, source, step)
+
+
+@contextmanager
+def _threads_for(model: Any) -> Iterator[None]:
+    """One torch thread for a small model, restored afterwards: its forwards are per-operation
+    overhead, where a second thread only contends (on a busy 2-core machine the demo's circuit
+    steps took 55 s with two threads, 2 s with one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if sum(p.numel() for p in model.hf.parameters()) < SMALL_MODEL_PARAMETERS:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _experiments(model: Any, source: str, step: Callable[[str], None]) -> tuple[dict[str, Any], list[tuple[Any, str]]]:
+    import anylens as al
+
     fact = _factual_pair(model)
     ioi = demo_ioi_pairs(model.tokenizer)
     figures: list[tuple[Any, str]] = []
@@ -103,6 +186,15 @@ def study(source: str, progress: Any = None) -> tuple[dict[str, Any], list[tuple
     figures.append((patched.plot(), f"IOI: {role} patching over {' x '.join(over)} (normalised logit difference)"))
     figures.append((attributed.plot(), f"IOI: attribution patching estimate for {role} over {' x '.join(over)}"))
 
+    try:
+        circuit, no_circuit = ioi_circuit(model, clean, corrupt, metric), ""
+    except al.CircuitGraphError as error:  # the adapter lacks branch inputs: the rest of the demo still runs
+        circuit, no_circuit = None, str(error)
+    step("circuit (EAP-IG)")
+    k_target = faithful_size(circuit) if circuit is not None else None
+    step("faithfulness")
+    top_edge = circuit.top(1).iloc[0] if circuit is not None else None
+
     exact = patched.frame.sort_values(list(over))["metric"].to_numpy()
     estimate = attributed.frame.sort_values(list(over))["metric"].to_numpy()
     correlation = float(np.corrcoef(exact, estimate)[0, 1]) if exact.std() > 0 and estimate.std() > 0 else float("nan")
@@ -122,13 +214,19 @@ def study(source: str, progress: Any = None) -> tuple[dict[str, Any], list[tuple
         "top component": _component_label(best_component),
         "top component score": float(best_component[patched.value]),
         "attribution vs patching r": correlation,
+        "circuit level": circuit.meta["level"] if circuit is not None else None,
+        "graph edges": circuit.meta["graph_edges"] if circuit is not None else None,
+        f"circuit edges for {CIRCUIT_TARGET:.0%}": k_target,
+        "top circuit edge": f"{top_edge['sender']}->{top_edge['receiver']}" if top_edge is not None else None,
     }
     summary["_prompts"] = (
         f"Factual prompt {fact.clean!r} (answer {fact.answer!r}; counterfactual {fact.corrupt!r}). "
         f"IOI: {len(ioi)} pairs such as {ioi[0].clean!r} -> {ioi[0].answer!r}, corrupted to {ioi[0].corrupt!r}."
     )
+    if circuit is not None:
+        circuit.model = None  # the report needs only the scores and the curve: let the model go
+    summary["_circuit"], summary["_no_circuit"] = circuit, no_circuit
     step("summary")
-    del model
     return summary, figures
 
 
@@ -158,13 +256,14 @@ def run_demo(models: Sequence[str] = DEFAULT_MODELS, out: str | Path = "anylens-
     report = Report(
         "anylens demo: one set of experiments, several architectures",
         intro=(
-            "The same role-based experiments — logit lens, residual-stream patching, component patching and "
-            "attribution patching — run unchanged on every model below. Patching scores are normalised: "
-            "0 is the corrupt run's behaviour, 1 the clean run's."
+            "The same role-based experiments — logit lens, residual-stream patching, component patching, "
+            "attribution patching and an edge-level IOI circuit (EAP-IG) with its faithfulness curve — run "
+            "unchanged on every model below. Patching scores and faithfulness are normalised: 0 is the "
+            "corrupt run's behaviour, 1 the clean run's."
         ),
     )
     summaries, studies = [], []
-    with tqdm(total=5 * len(models), desc="anylens demo", disable=quiet, unit="step") as progress:
+    with tqdm(total=STEPS_PER_MODEL * len(models), desc="anylens demo", disable=quiet, unit="step") as progress:
         for source in models:
             summary, figures = study(source, progress)
             summaries.append(summary)
@@ -177,6 +276,16 @@ def run_demo(models: Sequence[str] = DEFAULT_MODELS, out: str | Path = "anylens-
         report.paragraph(summary.pop("_prompts"), css="note")
         for figure, caption in figures:
             report.figure(figure, caption)
+        circuit, no_circuit = summary.pop("_circuit"), summary.pop("_no_circuit")
+        if circuit is not None:
+            report.circuit(
+                circuit,
+                k=CIRCUIT_PLOT_EDGES,
+                heading=f"{source}: IOI circuit ({circuit.meta['level']} level, EAP-IG)",
+                anchor=f"{source}-circuit",
+            )
+        else:
+            report.paragraph(f"No circuit for {source}: {no_circuit}", css="note")
     elapsed = time.perf_counter() - start
     report.section("Versions")
     report.table(pd.DataFrame([versions()]), table_id="versions")

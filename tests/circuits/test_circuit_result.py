@@ -119,3 +119,36 @@ def test_clean_and_corrupt_metrics_match_plain_forwards_also_for_kl():
     assert kl > 1e-4
     assert result.corrupt_metric == pytest.approx(kl, rel=1e-4)
     assert result.clean_metric == pytest.approx(0.0, abs=1e-6)
+
+
+def test_plot_faithfulness_draws_the_curve_and_marks_the_smallest_k_reaching_the_target(result):
+    """A hand-made curve that dips after reaching the target: the mark is on the first k reaching it."""
+    curve = {"k": [1, 2, 4, 8], "fraction": [0.0] * 4, "metric": [0.0] * 4, "normalized": [0.1, 0.85, 0.7, 0.9]}
+    meta = dict(result.meta, faithfulness={"ablation": "corrupt", "none": 0.0, "all": 1.0, "curve": curve})
+    measured = al.CircuitResult(result.experiment, result.to_frame(), meta, result.value)
+    ax = measured.plot_faithfulness(target=0.8).axes[0]
+    xs, ys = ax.lines[0].get_data()
+    assert list(xs) == curve["k"] and list(ys) == curve["normalized"]
+    assert [tuple(point) for point in ax.collections[0].get_offsets()] == [(2, 0.85)]
+    assert [line.get_ydata()[0] for line in ax.lines[1:]] == [1.0, 0.0, 0.8]
+    assert not measured.plot_faithfulness(target=0.95).axes[0].collections  # no size reaches 0.95
+
+    unmeasured = al.CircuitResult(
+        result.experiment, result.to_frame(), {k: v for k, v in meta.items() if k != "faithfulness"}, result.value
+    )
+    with pytest.raises(al.CircuitOptionError, match="faithfulness"):
+        unmeasured.plot_faithfulness()
+
+
+def test_report_holds_several_circuits_under_their_own_anchors(result, tmp_path):
+    from anylens.viz.report import Report
+
+    result.faithfulness(ks=[1, 4])
+    report = Report("circuits")
+    report.circuit(result, k=5, anchor="first")
+    report.circuit(result, k=5, anchor="second")
+    html = report.write(tmp_path / "report.html").read_text()
+    for anchor in ("first", "second"):
+        for suffix in ("", "-edges", "-faithfulness"):
+            assert html.count(f'id="{anchor}{suffix}"') == 1
+    assert html.count("<img") == 4  # per circuit: the graph and the faithfulness curve

@@ -1,4 +1,5 @@
-"""Drawing a circuit: components placed by layer (bottom to top) and head, edges by score."""
+"""Drawing a circuit: components placed by layer (bottom to top) and head, edges by score; and its
+faithfulness curve."""
 
 from __future__ import annotations
 
@@ -78,4 +79,47 @@ def draw_circuit(frame: pd.DataFrame, meta: dict[str, Any], ax: Any = None, titl
     return fig
 
 
-__all__ = ["draw_circuit", "node_position"]
+def smallest_reaching(curve: pd.DataFrame, target: float) -> int | None:
+    """The smallest ``k`` of a faithfulness curve whose ``normalized`` is at least ``target``
+    (None when no size tried reaches it)."""
+    reached = curve.loc[curve["normalized"] >= target, "k"]
+    return int(reached.min()) if len(reached) else None
+
+
+def draw_faithfulness(curve: pd.DataFrame, ax: Any = None, title: str = "", target: float | None = 0.8) -> Any:
+    """Normalized faithfulness against the number of edges kept (log scale: the sizes tried
+    usually double), with ``target`` as a dashed line and the smallest ``k`` reaching it marked."""
+    import matplotlib
+
+    if ax is None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+    else:
+        fig = ax.figure
+    curve = curve.sort_values("k")
+    ax.plot(curve["k"], curve["normalized"], marker="o", markersize=4, color="#1d2433", lw=1.4)
+    ax.axhline(1.0, color="#8a94a6", lw=0.8)
+    ax.axhline(0.0, color="#8a94a6", lw=0.8)
+    if target is not None:
+        ax.axhline(target, color="#c0392b", lw=0.9, ls="--")
+        k = smallest_reaching(curve, target)
+        if k is not None:
+            value = float(curve.loc[curve["k"] == k, "normalized"].iloc[0])
+            ax.scatter([k], [value], s=70, facecolors="none", edgecolors="#c0392b", zorder=3)
+            ax.annotate(f"{k} edges: {value:.2f}", (k, value), xytext=(12, -24), textcoords="offset points", fontsize=8)
+    if (curve["k"] > 0).all():
+        from matplotlib.ticker import StrMethodFormatter
+
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 2, 4, ... rather than powers of two
+    ax.set_xlabel("edges kept (top k by |score|)", fontsize=9)
+    ax.set_ylabel("normalized metric", fontsize=9)
+    ax.set_title(f"{title}\n0: no edge kept, 1: every edge kept", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["draw_circuit", "draw_faithfulness", "node_position", "smallest_reaching"]

@@ -161,6 +161,19 @@ class CircuitResult(Result):
         frame = self.frame if k is None else self.top(k)
         return draw_circuit(frame, self.meta, ax=ax, title=title or self.title)
 
+    def plot_faithfulness(self, target: float | None = 0.8, ax: Any = None, title: str | None = None) -> Any:
+        """The curve :meth:`faithfulness` measured last (kept in ``meta``, so a loaded result
+        plots it too): normalized metric against ``k``, with the smallest ``k`` reaching
+        ``target`` marked (None: no mark)."""
+        from .plot import draw_faithfulness
+
+        faithfulness = self.meta.get("faithfulness")
+        if not faithfulness:
+            raise CircuitOptionError("no faithfulness curve measured yet: call result.faithfulness(ks=[...]) first")
+        curve = pd.DataFrame(faithfulness["curve"])
+        heading = title or f"{self.title} · faithfulness ({faithfulness['ablation']} ablation)"
+        return draw_faithfulness(curve, ax=ax, title=heading, target=target)
+
     @property
     def title(self) -> str:
         parts = [f"circuit ({self.meta.get('method', '')})", self.meta.get("model", ""), self.meta.get("metric", "")]

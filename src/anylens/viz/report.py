@@ -68,11 +68,13 @@ class Report:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
 
-    def circuit(self, result: Any, k: int = 20, heading: str | None = None) -> None:
+    def circuit(self, result: Any, k: int = 20, heading: str | None = None, anchor: str = "circuit") -> None:
         """A section for a :class:`~anylens.circuits.CircuitResult`: how it was scored, its ``k``
-        strongest edges as a table and as a graph, and its faithfulness curve where measured."""
+        strongest edges as a table and as a graph, and its faithfulness curve (table and plot)
+        where measured. ``anchor`` is the section's id and prefixes its tables' ids
+        (``{anchor}-edges``, ``{anchor}-faithfulness``), so one report can hold several circuits."""
         meta = result.meta
-        self.section(heading or result.title, anchor="circuit")
+        self.section(heading or result.title, anchor=anchor)
         self.paragraph(
             f"{meta.get('method', '')} on {meta.get('pairs', '?')} prompt pairs, {meta.get('level', '')} level: "
             f"{meta.get('graph_edges', len(result.frame))} edges scored in {meta.get('forwards', '?')} forward and "
@@ -81,7 +83,7 @@ class Report:
             "A score estimates metric(edge corrupted) - metric(clean).",
             css="note",
         )
-        self.table(result.top(k)[["rank", "sender", "receiver", "score"]], table_id="circuit-edges")
+        self.table(result.top(k)[["rank", "sender", "receiver", "score"]], table_id=f"{anchor}-edges")
         self.figure(result.plot(k=k), f"the {k} strongest edges, layers bottom to top")
         faithfulness = meta.get("faithfulness")
         if faithfulness:
@@ -90,7 +92,11 @@ class Report:
                 "carrying clean values; normalized 0 = no edge kept, 1 = every edge kept.",
                 css="note",
             )
-            self.table(pd.DataFrame(faithfulness["curve"]), table_id="circuit-faithfulness")
+            self.table(pd.DataFrame(faithfulness["curve"]), table_id=f"{anchor}-faithfulness")
+            self.figure(
+                result.plot_faithfulness(),
+                "faithfulness against the number of edges kept; the dashed line at 0.8 marks the smallest k reaching it",
+            )
 
     def to_html(self) -> str:
         intro = f"<p>{html.escape(self.intro)}</p>" if self.intro else ""
