@@ -361,15 +361,46 @@ def edge_patch_scores(
     mask = torch.zeros(len(chosen), len(graph))
     for row, edge in enumerate(chosen):
         mask[row, graph.index(edge)] = 1.0
+    patched = patch_edge_rows(model, graph, clean, corrupt, mask, batch_size, memory_budget)
+    last, clean_last, edge_rows = patched.last, patched.run_last, patched.rows
+    every_pair = torch.arange(n_pairs)
+    clean_value = score_rows(metric, model, clean_last, every_pair, n_pairs, clean_last).float().cpu()
+    values = score_rows(metric, model, last, edge_rows.pair_of_row, n_pairs, clean_last).float().cpu()
+    return (values.reshape(len(chosen), n_pairs) - clean_value[None]).mean(1)
+
+
+@dataclass
+class PatchedRows:
+    """The last-position outputs of fixed-delta rows and of the two unpatched runs."""
+
+    last: torch.Tensor  # [rows * pairs, ...], row-major
+    run_last: torch.Tensor  # the run being patched, unpatched
+    other_last: torch.Tensor  # the run the senders' values come from
+    rows: EdgeRows
+
+
+def patch_edge_rows(
+    model: AnyModel,
+    graph: Graph,
+    run_ids: torch.Tensor,
+    other_ids: torch.Tensor,
+    mask: torch.Tensor,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+) -> PatchedRows:
+    """Each row of ``mask`` ``[rows, edges]`` run on every pair of ``run_ids``: the row's edges
+    carry their senders' writes from ``other_ids`` (fixed deltas: path patching, single edges)."""
+    n_pairs = run_ids.shape[0]
     with model.operation_hooks_only_for(graph_roles(graph)):
-        rows = rows_per_forward(model, graph, clean.shape[1], "fixed", batch_size, memory_budget)
-        base, clean_last = record_senders(model, graph, clean, rows)
-        source, _ = record_senders(model, graph, corrupt, rows)
-        edge_rows = EdgeRows(mask.repeat_interleave(n_pairs, 0), torch.arange(n_pairs).repeat(len(chosen)))
+        per_forward = rows_per_forward(model, graph, run_ids.shape[1], "fixed", batch_size, memory_budget)
+        base, run_last = record_senders(model, graph, run_ids, per_forward)
+        source, other_last = record_senders(model, graph, other_ids, per_forward)
+        # Rows are row-major: row = mask row * n_pairs + pair.
+        edge_rows = EdgeRows(mask.repeat_interleave(n_pairs, 0), torch.arange(n_pairs).repeat(mask.shape[0]))
         last = run_rows(
             model,
             graph,
-            clean,
+            run_ids,
             edge_rows,
             mode="fixed",
             source=source,
@@ -377,10 +408,7 @@ def edge_patch_scores(
             batch_size=batch_size,
             memory_budget=memory_budget,
         )
-    every_pair = torch.arange(n_pairs)
-    clean_value = score_rows(metric, model, clean_last, every_pair, n_pairs, clean_last).float().cpu()
-    values = score_rows(metric, model, last, edge_rows.pair_of_row, n_pairs, clean_last).float().cpu()
-    return (values.reshape(len(chosen), n_pairs) - clean_value[None]).mean(1)
+    return PatchedRows(last, run_last, other_last, edge_rows)
 
 
 __all__ = [
@@ -390,6 +418,7 @@ __all__ = [
     "edge_mask",
     "edge_metrics",
     "edge_patch_scores",
+    "patch_edge_rows",
     "graph_roles",
     "read_senders",
     "record_senders",

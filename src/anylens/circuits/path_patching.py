@@ -21,7 +21,7 @@ from ..core.errors import CircuitGraphError, EdgeOrderError, OptionError
 from ..engine.metric_rows import score_rows
 from ..experiments.patching import DIRECTIONS
 from ..experiments.results import Result
-from .edges import EdgeRows, graph_roles, pair_ids, record_senders, rows_per_forward, run_rows, usable_metric
+from .edges import pair_ids, patch_edge_rows, usable_metric
 from .graph import HEAD_NAME, Graph, Node, component_graph
 
 if TYPE_CHECKING:
@@ -86,22 +86,8 @@ def path_patch(
     mask = torch.stack(rows)
 
     run_ids, other_ids = (clean_ids, corrupt_ids) if direction == "noise" else (corrupt_ids, clean_ids)
-    with model.operation_hooks_only_for(graph_roles(graph)):
-        per_forward = rows_per_forward(model, graph, run_ids.shape[1], "fixed", batch_size, memory_budget)
-        base, run_last = record_senders(model, graph, run_ids, per_forward)
-        source, other_last = record_senders(model, graph, other_ids, per_forward)
-        edge_rows = EdgeRows(mask.repeat_interleave(n_pairs, 0), torch.arange(n_pairs).repeat(len(rows)))
-        last = run_rows(
-            model,
-            graph,
-            run_ids,
-            edge_rows,
-            mode="fixed",
-            source=source,
-            base=base,
-            batch_size=batch_size,
-            memory_budget=memory_budget,
-        )
+    patched = patch_edge_rows(model, graph, run_ids, other_ids, mask, batch_size, memory_budget)
+    last, run_last, other_last, edge_rows = patched.last, patched.run_last, patched.other_last, patched.rows
     clean_last, corrupt_last = (run_last, other_last) if direction == "noise" else (other_last, run_last)
     every_pair = torch.arange(n_pairs)
     clean_values = score_rows(metric, model, clean_last, every_pair, n_pairs, clean_last).float().cpu()
