@@ -1286,6 +1286,20 @@ def _nodes_only_model_still_patches_nodes() -> None:
 
 CIRCUITS = [
     Case(
+        "circuit-on-pairs-of-different-lengths",
+        lambda: al.circuit(zoo_gpt2(), CLEAN, LONGER, metric=al.metrics.logit_diff(" Paris", " Rome")),
+        al.PromptError,
+        (r"6 tokens and corrupt prompts 7", r"take no align", r"al.show_alignment"),
+    ),
+    Case(
+        "path-patch-on-pairs-of-different-lengths",
+        lambda: al.path_patch(
+            zoo_gpt2(), CLEAN, LONGER, senders="a0.h1", metric=al.metrics.logit_diff(" Paris", " Rome")
+        ),
+        al.PromptError,
+        (r"one token length", r"take no align"),
+    ),
+    Case(
         "path-patch-sender-after-receiver",
         _path_patch(senders="a2.h0", receivers="attn1"),
         al.EdgeOrderError,

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.errors import CircuitGraphError, MetricError, OptionError
+from ..core.errors import CircuitGraphError, MetricError, OptionError, PromptError
 from ..engine.memory import MAX_CPU_ROWS, MAX_DEVICE_ROWS, PLANNED_SHARE, bytes_per_row, default_budget
 from ..engine.metric_rows import score_rows
 from ..experiments import metrics as metrics_
-from ..experiments.prompts import paired
+from ..experiments.prompts import paired, tokenize_aligned
 from .graph import Edge, Graph, Node
 
 if TYPE_CHECKING:
@@ -267,8 +267,22 @@ def _is_pair(value: Any) -> bool:
     return isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, (str, Node)) for v in value)
 
 
+def same_length_pairs(model: AnyModel, clean: Any, corrupt: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean and corrupt token ids of one length: an edge carries a write position by position,
+    so circuits take no ``align`` (the error says what to do instead)."""
+    clean_ids, corrupt_ids = tokenize_aligned(model, clean), tokenize_aligned(model, corrupt, "corrupt")
+    if clean_ids.shape[1] != corrupt_ids.shape[1]:
+        raise PromptError(
+            f"clean prompts have {clean_ids.shape[1]} tokens and corrupt prompts {corrupt_ids.shape[1]}: circuit "
+            "experiments carry each sender's write position by position, so they need pairs of one token length "
+            "and take no align. Rephrase one prompt (al.show_alignment shows where they differ), or find the "
+            "positions first with al.patch(..., align='auto')"
+        )
+    return paired(model, clean_ids, corrupt_ids)
+
+
 def pair_ids(model: AnyModel, clean: Any, corrupt: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    clean_ids, corrupt_ids = paired(model, clean, corrupt)
+    clean_ids, corrupt_ids = same_length_pairs(model, clean, corrupt)
     n = max(clean_ids.shape[0], corrupt_ids.shape[0])
     return clean_ids.expand(n, -1).to(model.device), corrupt_ids.expand(n, -1).to(model.device)
 

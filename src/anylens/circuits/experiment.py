@@ -8,8 +8,9 @@ import pandas as pd
 
 from ..core.errors import CircuitOptionError
 from ..experiments import metrics as metrics_
-from ..experiments.prompts import Prompts, paired
+from ..experiments.prompts import Prompts
 from .eap import METHODS, edge_attribution
+from .edges import same_length_pairs
 from .graph import LEVELS, Graph, component_graph
 from .result import CircuitResult, _ranks
 
@@ -42,7 +43,7 @@ def circuit(
     if level not in LEVELS:
         raise CircuitOptionError(f"level={level!r}: use one of {', '.join(map(repr, LEVELS))}")
     metric = metrics_.resolve(metric, clean)
-    clean_ids, corrupt_ids = paired(model, clean, corrupt)
+    clean_ids, corrupt_ids = same_length_pairs(model, clean, corrupt)
     n_pairs = max(clean_ids.shape[0], corrupt_ids.shape[0])
     clean_ids, corrupt_ids = clean_ids.expand(n_pairs, -1), corrupt_ids.expand(n_pairs, -1)
     graph = component_graph(model, level)
