@@ -1223,6 +1223,18 @@ ALIGNMENT_AND_NAMES: list[Case] = [
         (r"clean prompt marks \['C'\] and the corrupt prompt \['D'\]", r"mark the same names in both"),
     ),
     Case(
+        "mark-not-closed",
+        lambda: al.pair(zoo_gpt2(), "The capital of [C:France is", "The capital of [C:Italy is"),
+        al.PositionNameError,
+        (r"'\[C:France is'", r"not closed or names no words", r"\[NAME:words\]"),
+    ),
+    Case(
+        "mark-naming-no-words",
+        lambda: al.pair(zoo_gpt2(), "The capital of [C:] France is", "The capital of [C:] Italy is"),
+        al.PositionNameError,
+        (r"not closed or names no words",),
+    ),
+    Case(
         "name-marked-twice",
         lambda: al.pair(zoo_gpt2(), "[C:The] capital of [C:France] is", "[C:The] capital of [C:Italy] is"),
         al.PositionNameError,

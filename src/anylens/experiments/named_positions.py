@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 #: ``[NAME:words]``: a name (a letter or underscore, then letters, digits, ``_``, ``+``, ``-``) and
 #: the words it names. Other brackets are text.
 MARK = re.compile(r"\[([A-Za-z_][\w+\-]*):([^\[\]]+)\]")
+#: What is left of a mark that is not closed or names no words: almost surely a typing slip.
+BROKEN_MARK = re.compile(r"\[[A-Za-z_][\w+\-]*:")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,13 @@ def unmark(text: str) -> tuple[str, dict[str, tuple[int, int]]]:
         pieces += [literal, words]
         length, last = start + len(words), match.end()
     pieces.append(text[last:])
+    for literal in pieces[::2]:  # the text between marks
+        broken = BROKEN_MARK.search(literal)
+        if broken:
+            raise PositionNameError(
+                f"{text!r} has {literal[broken.start() :][:20]!r}, a mark that is not closed or names no words: "
+                "write [NAME:words], e.g. 'When [IO:Mary] and John'"
+            )
     return "".join(pieces), spans
 
 
