@@ -93,21 +93,15 @@ def faithful_size(result: Any, target: float = CIRCUIT_TARGET) -> int | None:
     reaching it; return the smallest size tried that reaches ``target`` (None if none does). The
     curve stays in ``result.meta["faithfulness"]``."""
     curve = result.faithfulness()  # every size in one batched run of edge-ablated forwards
-    k = smallest_reaching(curve, target)
+    k = result.smallest_faithful(target)
     if k is None:
         return None
     low = max((int(size) for size in curve["k"] if size < k), default=0)
     between = {int(size) for size in np.linspace(low + 1, k - 1, CIRCUIT_REFINE).round()} if k - low > 1 else set()
     if not between:
         return k
-    curve = result.faithfulness(ks=sorted({int(size) for size in curve["k"]} | between))
-    return smallest_reaching(curve, target)
-
-
-def smallest_reaching(curve: pd.DataFrame, target: float) -> int | None:
-    """The smallest ``k`` of a faithfulness curve whose normalized value reaches ``target``."""
-    reached = curve.loc[curve["normalized"] >= target, "k"]
-    return int(reached.min()) if len(reached) else None
+    result.faithfulness(ks=sorted({int(size) for size in curve["k"]} | between))
+    return result.smallest_faithful(target)
 
 
 def _component_label(row: pd.Series) -> str:

@@ -132,12 +132,16 @@ def test_plot_faithfulness_draws_the_curve_and_marks_the_smallest_k_reaching_the
     assert [tuple(point) for point in ax.collections[0].get_offsets()] == [(2, 0.85)]
     assert [line.get_ydata()[0] for line in ax.lines[1:]] == [1.0, 0.0, 0.8]
     assert not measured.plot_faithfulness(target=0.95).axes[0].collections  # no size reaches 0.95
+    assert measured.smallest_faithful(0.8) == 2 and measured.smallest_faithful(0.88) == 8
+    assert measured.smallest_faithful(0.95) is None
 
     unmeasured = al.CircuitResult(
         result.experiment, result.to_frame(), {k: v for k, v in meta.items() if k != "faithfulness"}, result.value
     )
     with pytest.raises(al.CircuitOptionError, match="faithfulness"):
         unmeasured.plot_faithfulness()
+    with pytest.raises(al.CircuitOptionError, match="faithfulness"):
+        unmeasured.smallest_faithful()
 
 
 def test_report_holds_several_circuits_under_their_own_anchors(result, tmp_path):

@@ -149,6 +149,16 @@ class CircuitResult(Result):
         }
         return curve
 
+    def smallest_faithful(self, target: float = 0.8) -> int | None:
+        """The smallest ``k`` of the curve :meth:`faithfulness` measured last whose normalized value
+        reaches ``target`` (None when no size tried reaches it)."""
+        from .plot import smallest_reaching
+
+        faithfulness = self.meta.get("faithfulness")
+        if not faithfulness:
+            raise CircuitOptionError("no faithfulness curve measured yet: call result.faithfulness(ks=[...]) first")
+        return smallest_reaching(pd.DataFrame(faithfulness["curve"]), target)
+
     # -- plotting -------------------------------------------------------------------------------
     def plot(self, k: int | None = 40, ax: Any = None, title: str | None = None) -> Any:  # type: ignore[override]
         """The circuit as a graph, layers bottom to top: the embedding at the bottom, the logits at
