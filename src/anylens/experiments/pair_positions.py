@@ -185,15 +185,21 @@ def _name_position(name: str, item: Any, side: int, length: int, text: Any) -> i
     return names[name]
 
 
+def asks_by_name(positions: Any) -> bool:
+    """Whether ``positions`` names a position (a name, or a list holding one)."""
+    entries = [positions] if isinstance(positions, str) else positions
+    return isinstance(entries, (list, tuple)) and any(isinstance(e, str) for e in entries)
+
+
 def named_indices(prompts: Any, positions: Any, length: int) -> tuple[Any, dict[int, str]]:
     """``positions`` with each name replaced by the index the prompts (their clean side) give it,
     and index -> name, for an experiment that runs prompts of one length as one batch.
 
     A name must be at the same position in every prompt of the batch; positions without names
     pass unchanged (the experiment checks them)."""
-    entries = [positions] if isinstance(positions, str) else positions
-    if not isinstance(entries, (list, tuple)) or not any(isinstance(e, str) for e in entries):
+    if not asks_by_name(positions):
         return positions, {}
+    entries = [positions] if isinstance(positions, str) else positions
     items = _items(prompts)
     texts = [None if isinstance(item, torch.Tensor) else _text(item, "clean") for item in items]
     resolved, labels = [], {}
@@ -233,7 +239,7 @@ def resolve_pair(model: AnyModel, tokens: PairTokens, direction: str, align: Any
     """Which positions of this pair are patched from where, for ``positions`` (None: every paired one)."""
     denoise = direction == "denoise"
     entries = [positions] if isinstance(positions, str) else positions
-    named = isinstance(entries, (list, tuple)) and any(isinstance(e, str) for e in entries)
+    named = asks_by_name(positions)
     t_target = len(tokens.corrupt if denoise else tokens.clean)
     alignment = None
     if not named or not all(isinstance(e, str) for e in entries):
@@ -291,6 +297,7 @@ def resolve_pair(model: AnyModel, tokens: PairTokens, direction: str, align: Any
 
 __all__ = [
     "END",
+    "asks_by_name",
     "PairPositions",
     "PairTokens",
     "defined_names",

@@ -29,6 +29,7 @@ import pandas as pd
 
 from ..core.errors import MetricError
 from ..experiments import metrics
+from ..experiments.pair_positions import asks_by_name
 from ..experiments.renamed import canonical
 from .store import SweepConfigError
 
@@ -280,7 +281,7 @@ class ExperimentSpec:
     def inputs(self, items: Sequence[Item], options: dict[str, Any], single: bool = False) -> tuple[Any, ...]:
         """The prompt arguments of a call on ``items``: texts, or where positions are asked for by
         name, each item with its names (``{"clean", "corrupt", "positions"}`` on both sides)."""
-        named = _names_positions(options.get("positions"))
+        named = asks_by_name(options.get("positions"))
 
         def side(item: Item, text: str | None) -> Any:
             if named and item.positions:
@@ -385,12 +386,6 @@ class ExperimentSpec:
             own_metric = self.item_options(function, model, items[index], options, context).get("metric")
             metas[index] = pair_meta(model, result.meta, position, len(group), items[index], own_metric)
         return tidy(result, group, chosen)
-
-
-def _names_positions(positions: Any) -> bool:
-    return isinstance(positions, str) or (
-        isinstance(positions, (list, tuple)) and any(isinstance(p, str) for p in positions)
-    )
 
 
 def pair_meta(
