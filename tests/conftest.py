@@ -1,4 +1,4 @@
-"""Test-suite settings, and the ``family`` fixture.
+"""Test-suite settings, the ``family`` fixture, and ``zoo`` (the shipped zoo models, loaded once per module).
 
 One torch thread per process: the tiny models spend their time in per-op overhead, where
 threads only contend (a tiny forward goes from ~6 ms to hundreds of ms on a busy 2-core
@@ -10,6 +10,9 @@ A test that takes ``family`` (directly or through a fixture) runs once per tiny 
 for a role it cannot have. ``--family NAME`` (repeatable) restricts every family parametrization,
 including those built with tests/families.py, to the named families.
 """
+
+from collections.abc import Callable
+from typing import Any
 
 import families
 import pytest
@@ -57,6 +60,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def family(request: pytest.FixtureRequest) -> str:
     """A tiny family name (see tests/families.py); module scope so that model fixtures may be too."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def zoo() -> Callable[[str], Any]:
+    """``zoo(name)``: the shipped zoo model ``zoo:<name>``, loaded once per test module."""
+    import anylens as al
+
+    loaded: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in loaded:
+            loaded[name] = al.load(f"zoo:{name}")
+        return loaded[name]
+
+    return get
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -22,18 +22,6 @@ pytestmark = pytest.mark.slow
 ZOO_MODELS = ["gpt2", "llama", "mistral", "mamba"]
 
 
-@pytest.fixture(scope="module")
-def zoo():
-    loaded: dict[str, al.AnyModel] = {}
-
-    def get(name: str) -> al.AnyModel:
-        if name not in loaded:
-            loaded[name] = al.load(f"zoo:{name}")
-        return loaded[name]
-
-    return get
-
-
 def _ioi(model):
     pairs = demo_ioi_pairs(model.tokenizer)
     clean, corrupt = [p.clean for p in pairs], [p.corrupt for p in pairs]

@@ -21,18 +21,6 @@ ZOO_MODELS = ["gpt2", "llama", "mistral", "mamba"]
 ATTENTION_MODELS = ["gpt2", "llama", "mistral"]
 
 
-@pytest.fixture(scope="module")
-def zoo():
-    loaded: dict[str, al.AnyModel] = {}
-
-    def get(name: str) -> al.AnyModel:
-        if name not in loaded:
-            loaded[name] = al.load(f"zoo:{name}")
-        return loaded[name]
-
-    return get
-
-
 @pytest.mark.parametrize("name", ATTENTION_MODELS)
 def test_induction_head_builds_on_an_earlier_previous_token_head(zoo, name):
     # Both scores on fresh repeated sequences of the induction task's made-up words.
