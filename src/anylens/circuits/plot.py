@@ -7,6 +7,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..experiments.results import figure_and_axes
+
 #: Vertical offset of each stage within a layer's row: the token mixer at the row, the MLP above it.
 _STAGE_OFFSET = {0: 0.0, 1: 0.5}
 
@@ -24,17 +26,7 @@ def node_position(name: str, meta: dict[str, Any]) -> tuple[float, float]:
 
 def draw_circuit(frame: pd.DataFrame, meta: dict[str, Any], ax: Any = None, title: str = "") -> Any:
     """The edges of ``frame`` on a new (or the given) matplotlib axes; returns the figure."""
-    import matplotlib
-
-    if ax is None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        height = 2.0 + 0.9 * (meta["n_layers"] + 2)
-        fig, ax = plt.subplots(figsize=(8, min(height, 14)))
-    else:
-        fig = ax.figure
+    fig, ax = figure_and_axes(ax, (8, min(2.0 + 0.9 * (meta["n_layers"] + 2), 14)))
     bound = float(frame["score"].abs().max()) if len(frame) else 1.0
     bound = bound or 1.0
     used: set[str] = set()
@@ -89,16 +81,7 @@ def smallest_reaching(curve: pd.DataFrame, target: float) -> int | None:
 def draw_faithfulness(curve: pd.DataFrame, ax: Any = None, title: str = "", target: float | None = 0.8) -> Any:
     """Normalized faithfulness against the number of edges kept (log scale: the sizes tried
     usually double), with ``target`` as a dashed line and the smallest ``k`` reaching it marked."""
-    import matplotlib
-
-    if ax is None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-    else:
-        fig = ax.figure
+    fig, ax = figure_and_axes(ax, (6, 3.6))
     curve = curve.sort_values("k")
     ax.plot(curve["k"], curve["normalized"], marker="o", markersize=4, color="#1d2433", lw=1.4)
     ax.axhline(1.0, color="#8a94a6", lw=0.8)

@@ -24,7 +24,7 @@ from .extraction import cache, decompose_resid
 from .metrics import LogitDiff, Metric, named, target_ids
 from .prompts import Prompts
 from .renamed import renamed
-from .results import Result
+from .results import Result, figure_and_axes
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -121,17 +121,8 @@ class DLAResult(Result):
 
     def plot(self, ax: Any = None, title: str | None = None, **_: Any) -> Any:
         """A horizontal bar per component (mean over prompts), in forward order."""
-        import matplotlib
-
-        if ax is None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
         means = self.frame.groupby("component", sort=False)["value"].mean()
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(6, min(14, 1.5 + 0.22 * len(means))))
-        else:
-            fig = ax.figure
+        fig, ax = figure_and_axes(ax, (6, min(14, 1.5 + 0.22 * len(means))))
         colours = ["tab:red" if v < 0 else "tab:blue" for v in means.to_numpy()]
         ax.barh(range(len(means)), means.to_numpy(), color=colours)
         ax.set_yticks(range(len(means)))

@@ -21,7 +21,7 @@ import torch
 
 from ..core.errors import LabelError, LayerIndexError, MissingRoleError, ProbeOptionError
 from .activation_store import Activations
-from .results import Result
+from .results import Result, figure_and_axes
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -54,16 +54,7 @@ class ProbeResult(Result):
     def plot(self, ax: Any = None, title: str | None = None, **_: Any) -> Any:
         """Accuracy by layer, one line per role, the shuffled-label control dashed, the majority
         class dotted."""
-        import matplotlib
-
-        if ax is None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(6.5, 3.6))
-        else:
-            fig = ax.figure
+        fig, ax = figure_and_axes(ax, (6.5, 3.6))
         frame = self.frame[self.frame["layer"].notna()]
         for role, rows in frame.groupby("role", sort=False):
             rows = rows.sort_values("layer")

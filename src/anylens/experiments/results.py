@@ -68,25 +68,16 @@ class Result:
         ``significant=True`` marks with ``*`` the cells whose ``significant`` column is true (a
         :meth:`summary`, or a sweep's aggregate, has one).
         """
-        import matplotlib
-
         if significant and "significant" not in self.frame.columns:
             raise StatisticsError(
                 f"this {self.experiment} result has no 'significant' column to mark: take result.summary() of a "
                 "result with per_prompt=True (or a sweep's aggregate) and plot that"
             )
-        if ax is None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
         index, columns = self._axes(index, columns)
         table = self.pivot(index, columns)
-        if ax is None:
-            width = min(16, 2.5 + 0.55 * max(len(table.columns), 4))
-            height = min(12, 1.8 + 0.35 * max(len(table.index), 4))
-            fig, ax = plt.subplots(figsize=(width, height))
-        else:
-            fig = ax.figure
+        width = min(16, 2.5 + 0.55 * max(len(table.columns), 4))
+        height = min(12, 1.8 + 0.35 * max(len(table.index), 4))
+        fig, ax = figure_and_axes(ax, (width, height))
         data = table.to_numpy(dtype=float)
         bound = float(abs(data[~pd.isna(data)]).max()) if data.size and (~pd.isna(data)).any() else 1.0
         diverging = (data[~pd.isna(data)] < 0).any() if data.size else False
@@ -205,6 +196,19 @@ class Result:
 
     def __repr__(self) -> str:
         return f"<Result {self.title}: {len(self.frame)} rows over {self.dims}>"
+
+
+def figure_and_axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """``ax``'s figure and ``ax``, or a new figure of ``figsize`` with one axes; without a given
+    ``ax`` matplotlib draws headless (Agg) unless a backend was already chosen."""
+    if ax is not None:
+        return ax.figure, ax
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)
 
 
 def named_positions(frame: pd.DataFrame) -> bool:
