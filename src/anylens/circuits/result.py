@@ -17,14 +17,14 @@ import pandas as pd
 import torch
 
 from ..core.errors import CircuitOptionError
-from ..experiments.results import Result
+from ..experiments.results import ComparesRuns, Result
 from .graph import Graph
 
 ABLATIONS = ("corrupt", "mean")
 
 
 @dataclass(repr=False)
-class CircuitResult(Result):
+class CircuitResult(ComparesRuns, Result):
     """Edge scores of a circuit experiment; see the module."""
 
     model: Any = field(default=None, compare=False)
@@ -34,14 +34,6 @@ class CircuitResult(Result):
     metric: Any = field(default=None, compare=False)
 
     # -- views ----------------------------------------------------------------------------------
-    @property
-    def clean_metric(self) -> float:
-        return self.meta["clean_metric"]
-
-    @property
-    def corrupt_metric(self) -> float:
-        return self.meta["corrupt_metric"]
-
     @property
     def edges(self) -> list[str]:
         """The edges, ``"sender->receiver"``, in the frame's order."""

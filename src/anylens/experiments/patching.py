@@ -32,7 +32,7 @@ from .answers import teacher_forcing
 from .pair_groups import group_pairs, run_in_groups
 from .prompts import Prompts, paired
 from .renamed import renamed
-from .results import Result
+from .results import ComparesRuns, Result
 
 if TYPE_CHECKING:
     from ..core.model import AnyModel
@@ -41,21 +41,13 @@ DIRECTIONS = ("denoise", "noise")
 
 
 @dataclass(repr=False)
-class PatchResult(Result):
+class PatchResult(ComparesRuns, Result):
     """A patching (or attribution) sweep: one row per component, with the metric and its score.
 
     Columns: the swept dimensions (``layer``, ``head``, ``pos``), ``token`` at ``pos`` in the run
     being patched, ``metric`` (the patched run's metric, averaged over prompt pairs) and
     ``normalized`` = (metric - corrupt) / (clean - corrupt): 0 is corrupt behaviour, 1 clean.
     """
-
-    @property
-    def clean_metric(self) -> float:
-        return self.meta["clean_metric"]
-
-    @property
-    def corrupt_metric(self) -> float:
-        return self.meta["corrupt_metric"]
 
 
 @dataclass

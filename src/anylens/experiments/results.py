@@ -198,6 +198,20 @@ class Result:
         return f"<Result {self.title}: {len(self.frame)} rows over {self.dims}>"
 
 
+class ComparesRuns:
+    """A result of a clean and a corrupt run: their metrics, as its ``meta`` records them."""
+
+    meta: dict[str, Any]
+
+    @property
+    def clean_metric(self) -> float:
+        return self.meta["clean_metric"]
+
+    @property
+    def corrupt_metric(self) -> float:
+        return self.meta["corrupt_metric"]
+
+
 def figure_and_axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
     """``ax``'s figure and ``ax``, or a new figure of ``figsize`` with one axes; without a given
     ``ax`` matplotlib draws headless (Agg) unless a backend was already chosen."""
