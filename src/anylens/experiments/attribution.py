@@ -161,7 +161,7 @@ def attribute(
             normalize=normalize, value=value, role=role, direction=direction, layers=layers, positions=positions,
             verify=verify,
         )  # fmt: skip
-    runs = prepare_pairs(model, clean, corrupt, direction, align, positions)
+    runs = prepare_pairs(model, clean, corrupt, direction, align, positions, grouping)
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 

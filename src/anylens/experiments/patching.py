@@ -29,7 +29,7 @@ from ..engine import (
 from . import metrics as metrics_
 from .alignment import AUTO
 from .answers import teacher_forcing
-from .pair_groups import group_pairs, run_in_groups
+from .pair_groups import Grouping, group_pairs, run_in_groups
 from .prompts import Prompts, paired
 from .renamed import renamed
 from .results import ComparesRuns, Result
@@ -82,15 +82,18 @@ def prepare_pairs(
     direction: str = "denoise",
     align: Any = None,
     positions: Any = None,
+    grouping: Grouping | None = None,
 ) -> PairedRuns:
     """Tokenize prompt pairs and work out which positions are patched from where.
 
     Every pair must patch the same positions (see :mod:`.pair_positions`); ``patch`` and
-    ``attribute`` split a list whose pairs do not into groups first (:mod:`.pair_groups`).
+    ``attribute`` split a list whose pairs do not into groups first (:mod:`.pair_groups`) and
+    pass that ``grouping`` on, so that the pairs are not resolved a second time.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r}: use 'denoise' (clean into corrupt) or 'noise' (corrupt into clean)")
-    grouping = group_pairs(model, clean, corrupt, direction, align, positions)
+    if grouping is None:
+        grouping = group_pairs(model, clean, corrupt, direction, align, positions)
     if len(grouping.groups) > 1:
         raise PromptError(
             f"these prompt pairs fall into {len(grouping.groups)} groups of different token lengths or patched "
@@ -156,7 +159,7 @@ def patch(
             patch, model, clean, corrupt, grouping, metric=metric, align=align, over=over, per_prompt=per_prompt,
             normalize=normalize, value=value, **options,
         )  # fmt: skip
-    runs = prepare_pairs(model, clean, corrupt, direction, align, positions)
+    runs = prepare_pairs(model, clean, corrupt, direction, align, positions, grouping)
     layer_list = model.layers(layers)
     components = enumerate_components(model, role, over, layer_list, runs.target_positions)
 
