@@ -340,29 +340,22 @@ class ExperimentSpec:
                 frames.append(tidy(result, index, items[index]))
                 metas[index] = dict(result.meta)
                 continue
-            for part in self._shared_options(function, model, items, group, options, context):
-                frames.append(self._run_group(function, model, items, part, options, context, metas))
+            own = {index: self.item_options(function, model, items[index], options, context) for index in group}
+            for part in self._shared_options(group, own):
+                frames.append(self._run_group(function, model, items, part, options, own, metas))
         frame = pd.concat(frames, ignore_index=True)
         # Prompt by prompt, each prompt's rows in the order its own call gives them.
         frame = frame.sort_values("prompt", kind="stable", ignore_index=True)
         return ChunkOutput(frame, metas)
 
-    def _shared_options(
-        self,
-        function: Callable[..., Any],
-        model: AnyModel,
-        items: Sequence[Item],
-        group: list[int],
-        options: dict[str, Any],
-        context: Any,
-    ) -> list[list[int]]:
-        """``group`` split where per-item options other than the metric differ (an ablation's
-        reference batch): only prompts that would be called alike share a call."""
+    @staticmethod
+    def _shared_options(group: list[int], own: dict[int, dict[str, Any]]) -> list[list[int]]:
+        """``group`` split where per-item options (``own``) other than the metric differ (an
+        ablation's reference batch): only prompts that would be called alike share a call."""
         parts: dict[str, list[int]] = {}
         for index in group:
-            own = self.item_options(function, model, items[index], options, context)
-            own.pop("metric", None)
-            parts.setdefault(repr(sorted(own.items())), []).append(index)
+            alike = {name: value for name, value in own[index].items() if name != "metric"}
+            parts.setdefault(repr(sorted(alike.items())), []).append(index)
         return list(parts.values())
 
     def _run_group(
@@ -372,19 +365,19 @@ class ExperimentSpec:
         items: Sequence[Item],
         group: list[int],
         options: dict[str, Any],
-        context: Any,
+        own: dict[int, dict[str, Any]],
         metas: list[dict[str, Any]],
     ) -> pd.DataFrame:
-        """One call on the items of ``group``; fills their metas and returns their tidy rows."""
+        """One call on the items of ``group`` (``own``: each item's options); fills their metas and
+        returns their tidy rows."""
         chosen = [items[index] for index in group]
-        call_options = self.item_options(function, model, chosen[0], options, context)
+        call_options = dict(own[group[0]])
         if isinstance(options.get("metric"), str):  # a metric by name: one word per pair
             call_options["metric"] = item_metric(canonical(function, options)["metric"], chosen)
         call_options["per_prompt"] = True
         result = function(model, *self.inputs(chosen, call_options), **call_options)
         for position, index in enumerate(group):
-            own_metric = self.item_options(function, model, items[index], options, context).get("metric")
-            metas[index] = pair_meta(model, result.meta, position, len(group), items[index], own_metric)
+            metas[index] = pair_meta(model, result.meta, position, len(group), items[index], own[index].get("metric"))
         return tidy(result, group, chosen)
 
 
